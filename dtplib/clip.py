@@ -1,0 +1,226 @@
+"""open_clip and timm registration of DTP-ViT, and weight transfer from a plain CLIP ViT.
+
+Route (DESIGN.md): each variant is a timm model name (`@register_model`-style entrypoint building a
+`DTPVisionTransformer`), and an open_clip config points at it with `timm_model_name`, `timm_pool: ""` and
+`timm_proj: "linear"` (open_clip's bias-free projection, the same as a CLIP ViT's `proj`). open_clip 3.3.0
+has no `timm_model_kwargs`, so there is one timm name per variant; other hyper-parameters are reached by
+building the named model and swapping `model.visual.trunk` (`create_model_and_transforms(**overrides)`).
+
+The configs are added to open_clip's registry in memory at import (one table below is the single source of
+truth), so `open_clip.create_model_and_transforms(name)` and `open_clip.get_tokenizer(name)` work unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import open_clip
+import timm
+import torch
+from open_clip import factory as open_clip_factory
+from timm.models import register_model
+from timm.models.vision_transformer import _convert_openai_clip
+
+from .model import DTPConfig, DTPVisionTransformer, get_tower
+
+TEXT_B = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
+TEXT_TI = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A ViT size: the plain open_clip peer and the DTP tower share these numbers."""
+
+    name: str  # open_clip name of the plain ViT peer
+    timm_prefix: str  # prefix of the timm names of the DTP towers
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    embed_dim: int  # CLIP embedding size
+    text: dict
+    split: tuple[int, int]  # pre_layers, short_layers without upsampling
+    split_up: tuple[int, int, int]  # pre, short, post with upsampling
+
+    @property
+    def heads(self) -> int:
+        return self.width // 64  # open_clip's default head width
+
+
+ARCHS = {
+    "ViT-B-32": Arch("ViT-B-32", "dtp_vit_base_patch32_clip_224", 224, 32, 768, 12, 512, TEXT_B, (2, 10), (2, 8, 2)),
+    "ViT-B-16": Arch("ViT-B-16", "dtp_vit_base_patch16_clip_224", 224, 16, 768, 12, 512, TEXT_B, (2, 10), (2, 8, 2)),
+    "ViT-Ti-8-64": Arch("ViT-Ti-8-64", "dtp_vit_tiny_patch8_clip_64", 64, 8, 192, 6, 128, TEXT_TI, (2, 4), (2, 2, 2)),
+}
+COMPRESSIONS = (1, 2, 4, 10)  # registered ratios; any other ratio >= 1 via create_model_and_transforms
+
+
+def variant_names() -> list[str]:
+    """Every open_clip name this module registers (DTP variants and the Ti peer)."""
+    names = []
+    for arch in ARCHS.values():
+        for c in COMPRESSIONS:
+            names.append(dtp_name(arch.name, c, False))
+            if c > 1:
+                names.append(dtp_name(arch.name, c, True))
+    return names + ["ViT-Ti-8-64"]
+
+
+def dtp_name(arch: str, compression: float, upsample: bool) -> str:
+    """open_clip name of a DTP variant: ViT-B-32, 4, False -> DTP-ViT-B-32-4x."""
+    return f"DTP-{arch}-{compression:g}x" + ("-up" if upsample else "")
+
+
+def tower_config(arch: Arch, compression: float, upsample: bool) -> DTPConfig:
+    if upsample:
+        pre, short, post = arch.split_up
+        return DTPConfig(compression=compression, pre_layers=pre, short_layers=short, post_layers=post,
+                         upsample=True)
+    return DTPConfig(compression=compression, pre_layers=arch.split[0], short_layers=arch.split[1])
+
+
+def build_tower(arch: Arch, dtp: DTPConfig, **kwargs) -> DTPVisionTransformer:
+    return DTPVisionTransformer(dtp=dtp, img_size=arch.image_size, patch_size=arch.patch_size,
+                                embed_dim=arch.width, depth=arch.depth, num_heads=arch.heads, **kwargs)
+
+
+def _timm_entrypoint(arch: Arch, compression: int, upsample: bool):
+    """A timm entrypoint for one variant (timm registers a function by its __name__ and __module__)."""
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> DTPVisionTransformer:
+        if pretrained:
+            raise ValueError("DTP-ViT has no timm pretrained weights; load a CLIP ViT with dtplib.load_vit_weights")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        dtp = kwargs.pop("dtp", None) or tower_config(arch, compression, upsample)
+        return build_tower(arch, dtp, **kwargs)
+
+    entrypoint.__name__ = f"{arch.timm_prefix}_{compression}x" + ("_up" if upsample else "")
+    entrypoint.__qualname__ = entrypoint.__name__
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"DTP-ViT tower, {arch.name} sizes, {compression}x target compression."
+    return entrypoint
+
+
+def _open_clip_config(arch: Arch, timm_name: str | None) -> dict:
+    if timm_name is None:  # the plain open_clip ViT
+        vision = {"image_size": arch.image_size, "layers": arch.depth, "width": arch.width,
+                  "patch_size": arch.patch_size, "head_width": 64}
+    else:
+        vision = {"image_size": arch.image_size, "timm_model_name": timm_name, "timm_model_pretrained": False,
+                  "timm_pool": "", "timm_proj": "linear"}
+    return {"embed_dim": arch.embed_dim, "vision_cfg": vision, "text_cfg": dict(arch.text)}
+
+
+def register() -> None:
+    """Add every variant to timm's and open_clip's registries (idempotent; done at `import dtplib`)."""
+    module = sys.modules[__name__]
+    for arch in ARCHS.values():
+        for c in COMPRESSIONS:
+            for up in (False, True) if c > 1 else (False,):
+                fn = _timm_entrypoint(arch, c, up)
+                if not timm.is_model(fn.__name__):
+                    setattr(module, fn.__name__, fn)
+                    register_model(fn)
+                open_clip_factory._MODEL_CONFIGS[dtp_name(arch.name, c, up)] = _open_clip_config(arch, fn.__name__)
+    open_clip_factory._MODEL_CONFIGS.setdefault("ViT-Ti-8-64", _open_clip_config(ARCHS["ViT-Ti-8-64"], None))
+
+
+_OPEN_CLIP_KWARGS = {"pretrained", "precision", "device", "jit", "force_quick_gelu", "force_custom_text",
+                     "force_patch_dropout", "force_image_size", "force_preprocess_cfg", "cache_dir", "output_dict",
+                     "aug_cfg", "image_mean", "image_std", "image_interpolation", "image_resize_mode",
+                     "force_context_length", "pretrained_image", "pretrained_hf", "load_weights"}
+
+
+def create_model_and_transforms(arch: str = "ViT-B-32", compression: float = 4, upsample: bool = False,
+                                **overrides):
+    """open_clip's `(model, preprocess_train, preprocess_val)` for a DTP-ViT CLIP.
+
+    `overrides` may hold DTPConfig fields (pre_layers, temperature, pool, ...) and open_clip's
+    create_model_and_transforms keyword arguments (precision, device, ...). compression=1 is the plain ViT
+    on the same code path. Any ratio >= 1 works; 1, 2, 4 and 10 also have registered names.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    dtp_fields = {f.name for f in fields(DTPConfig)}
+    unknown = set(overrides) - dtp_fields - _OPEN_CLIP_KWARGS
+    if unknown:
+        raise ValueError(f"unknown keyword(s) {sorted(unknown)}: not a DTPConfig field nor an open_clip option")
+    spec = ARCHS[arch]
+    dtp = tower_config(spec, compression, upsample)
+    dtp_overrides = {k: v for k, v in overrides.items() if k in dtp_fields}
+    dtp = DTPConfig(**{**dtp.__dict__, **dtp_overrides})
+    dtp.validate(spec.depth)
+    base_compression = compression if compression in COMPRESSIONS else (2 if compression > 1 else 1)
+    base_upsample = upsample if base_compression > 1 else False
+    open_clip_kwargs = {k: v for k, v in overrides.items() if k in _OPEN_CLIP_KWARGS}
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        dtp_name(arch, base_compression, base_upsample), **open_clip_kwargs)
+    if dtp != get_tower(model).dtp:  # a ratio or split that has no registered name: rebuild the tower
+        old = model.visual.trunk
+        new = build_tower(spec, dtp).to(device=old.pos_embed.device, dtype=old.pos_embed.dtype)
+        new.load_state_dict(old.state_dict(), strict=False)  # identical ViT parameters; the predictor is new
+        model.visual.trunk = new
+    return model, preprocess_train, preprocess_val
+
+
+@dataclass
+class LoadReport:
+    """What `load_vit_weights` copied into the model and what it left at initialisation."""
+
+    loaded: list[str]
+    left: list[str]
+
+
+def read_state_dict(checkpoint: str | Path | dict) -> dict[str, torch.Tensor]:
+    """A state dict from an open_clip checkpoint file or dict (optional `state_dict` key, `module.` prefix)."""
+    if isinstance(checkpoint, (str, Path)):
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            checkpoint = load_file(str(path))
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"a checkpoint must be a state dict, got {type(checkpoint).__name__}")
+    state = checkpoint.get("state_dict", checkpoint)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_vit_weights(model: torch.nn.Module, checkpoint: str | Path | dict) -> LoadReport:
+    """Load a plain CLIP ViT (open_clip layout) into a DTP-ViT CLIP; the boundary predictor stays new.
+
+    The text tower and logit scale load as they are; every tensor of the ViT image tower is mapped onto the
+    DTP tower (conv1 -> patch_embed.proj, resblocks -> blocks, ln_pre/ln_post -> norm_pre/norm, proj -> the
+    open_clip head). Raises ValueError if a ViT tensor has no place or a shape differs.
+    """
+    state = read_state_dict(checkpoint)
+    tower = get_tower(model)
+    visual_prefix = next(name for name, module in model.named_modules() if module is tower).removesuffix("trunk")
+    if "visual.proj" not in state or "visual.conv1.weight" not in state:
+        raise ValueError("checkpoint has no open_clip ViT image tower (visual.conv1.weight / visual.proj missing)")
+    mapped = {k: v for k, v in state.items() if not k.startswith("visual.")}
+    converted = _convert_openai_clip(state, tower, prefix="visual.")
+    converted.pop("head.bias")  # timm's head has a bias; open_clip's projection has none
+    mapped[f"{visual_prefix}head.proj.weight"] = converted.pop("head.weight")
+    mapped.update({f"{visual_prefix}trunk.{k}": v for k, v in converted.items()})
+
+    target = model.state_dict()
+    unplaced = sorted(k for k in mapped if k not in target)
+    if unplaced:
+        raise ValueError(f"checkpoint tensors with no place in the DTP-ViT CLIP: {unplaced[:8]}"
+                         f"{' ...' if len(unplaced) > 8 else ''} (is it a ViT of the same depth?)")
+    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in mapped.items()
+                  if v.shape != target[k].shape]
+    if mismatched:
+        raise ValueError(f"shape mismatch (checkpoint vs model), is it the same ViT size? {mismatched[:4]}")
+    left = sorted(set(target) - set(mapped))
+    not_predictor = [k for k in left if ".predictor." not in k]
+    if not_predictor:
+        raise ValueError(f"checkpoint lacks tensors of the model: {not_predictor[:8]}")
+    model.load_state_dict({**target, **mapped}, strict=True)
+    return LoadReport(loaded=sorted(mapped), left=left)

@@ -1,0 +1,42 @@
+"""Shared fixtures: real photos from ../shared/data, and quiet, offline defaults."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dtplib.utils import SHARED_DATA  # noqa: E402
+
+FLICKR = SHARED_DATA / "flickr8k"
+
+
+def flickr_photos(n: int) -> list[Path]:
+    files = sorted((FLICKR / "images").glob("*.jpg"))[:n]
+    if len(files) < n:
+        raise FileNotFoundError(f"need {n} photos under {FLICKR / 'images'} (../shared/data beside the repo)")
+    return files
+
+
+def flickr_captions(files: list[Path]) -> list[str]:
+    """First caption of each photo, from captions.tsv (image<TAB>caption)."""
+    wanted, captions = {f.name for f in files}, {}
+    for line in (FLICKR / "captions.tsv").read_text().splitlines():
+        name, _, caption = line.partition("\t")
+        if name in wanted and name not in captions:
+            captions[name] = caption
+    return [captions[f.name] for f in files]
+
+
+def load_images(files: list[Path], preprocess) -> torch.Tensor:
+    return torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files])  # B x 3 x H x W
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
