@@ -393,20 +393,3 @@ def test_bench_command_appends_a_results_row(tmp_path, capsys):
     assert [row["workers"] for row in rows] == ["0", "1"]
     assert all(float(row["images_per_s"]) > 0 and row["hardware"] and row["batch_size"] == "16"
                for row in rows)
-
-
-@pytest.mark.slow
-def test_notebook_runs_headless(tmp_path):
-    import nbformat
-    import papermill
-
-    notebook = REPO_ROOT / "notebooks" / "01_data_prep.ipynb"
-    source = nbformat.read(notebook, as_version=4)
-    code = [cell for cell in source.cells if cell.cell_type == "code"]
-    assert "parameters" in code[0].metadata.get("tags", []) and not any(c.get("outputs") for c in code)
-    out_dir = tmp_path / "nb"
-    papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"), cwd=str(REPO_ROOT),
-                               parameters={"out_dir": str(out_dir)}, kernel_name="python3",
-                               progress_bar=False)
-    assert (out_dir / "samples.png").is_file() and (out_dir / "caption_lengths.png").is_file()
-    assert json.loads((out_dir / "url_shards" / "summary.json").read_text())["successes"] > 0

@@ -1,0 +1,47 @@
+"""`make demo`: run every numbered notebook headless with papermill on the embedded sample, CPU-sized.
+
+Executed notebooks and their tables and figures land in results/demo/ (ignored by git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import papermill
+
+from .utils import REPO_ROOT, repo_path
+
+
+def run_notebooks(out: str = "results/demo", only: list[str] | None = None) -> list[tuple[str, float]]:
+    """Execute notebooks/NN_*.ipynb in order; each writes its outputs to <out>/<notebook name>/."""
+    out_root = repo_path(out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for notebook in sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        if only and notebook.stem not in only:
+            continue
+        start = time.perf_counter()
+        print(f"running {notebook.relative_to(REPO_ROOT)} ...", flush=True)
+        papermill.execute_notebook(str(notebook), str(out_root / notebook.name), cwd=str(REPO_ROOT / "notebooks"),
+                                   parameters={"out_dir": str(out_root / notebook.stem)}, kernel_name="python3",
+                                   progress_bar=False)
+        timings.append((notebook.stem, time.perf_counter() - start))
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="results/demo", help="where executed notebooks and outputs go")
+    parser.add_argument("--only", nargs="*", help="notebook names (e.g. 02_model) to run instead of all")
+    args = parser.parse_args()
+    timings = run_notebooks(args.out, args.only)
+    out_root = repo_path(args.out)
+    print("\nDemo finished. Executed notebooks and their outputs:")
+    for name, seconds in timings:
+        outputs = sorted(p.name for p in (out_root / name).glob("*")) if (out_root / name).is_dir() else []
+        print(f"  {out_root / (name + '.ipynb')}  ({seconds:.0f} s)  -> {out_root / name}/: {', '.join(outputs)}")
+
+
+if __name__ == "__main__":
+    main()
