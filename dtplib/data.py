@@ -341,7 +341,7 @@ def split_shards(out: str | Path, split: str = "train") -> str:
 def from_urls(url_list: str | Path, out: str | Path, *, url_col: str = "url", caption_col: str = "caption",
               input_format: str | None = None, image_size: int = 256, resize_mode: str = "keep_ratio",
               processes: int = 2, threads: int = 32, shard_size: int = 10000, timeout: int = 10,
-              retries: int = 0, extra_columns: Sequence[str] | None = None) -> dict:
+              retries: int = 0, extra_columns: Sequence[str] | None = None, overwrite: bool = False) -> dict:
     """Download a URL list (a parquet/csv/tsv file, or a folder of them) into webdataset shards with
     img2dataset, then write OUT/summary.{csv,json} and OUT/sizes.json from its per-shard stats; returns
     the summary.
@@ -352,6 +352,7 @@ def from_urls(url_list: str | Path, out: str | Path, *, url_col: str = "url", ca
     """
     url_list, out = Path(url_list), Path(out)
     table = _check_url_list(url_list, input_format, [url_col, caption_col, *(extra_columns or [])])
+    _prepare_download_dir(out, overwrite)
     input_format = input_format or table.suffix.lstrip(".")
     os.environ.setdefault("WANDB_MODE", "disabled")  # img2dataset imports wandb at import time
     import img2dataset
@@ -365,6 +366,17 @@ def from_urls(url_list: str | Path, out: str | Path, *, url_col: str = "url", ca
         enable_wandb=False,
     )
     return summarize_downloads(out)
+
+
+def _prepare_download_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to download into a folder that already holds a download (img2dataset would resume into it and
+    trip on our summary files); with `overwrite`, remove only what img2dataset and from_urls write there."""
+    ours = [p for pattern in ("*.tar", "*.parquet", "*_stats.json", "sizes.json", "summary.csv", "summary.json",
+                              "_tmp") for p in out.glob(pattern)] if out.is_dir() else []
+    if ours and not overwrite:
+        raise FileExistsError(f"{out} already holds a download ({ours[0].name}); pass --overwrite to replace it")
+    for p in ours:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _check_url_list(url_list: Path, input_format: str | None, columns: Sequence[str]) -> Path:
@@ -911,6 +923,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--timeout", type=int, default=10, help="seconds per download")
     p.add_argument("--retries", type=int, default=0)
     p.add_argument("--extra-columns", default="", help="comma-separated columns to keep in json (e.g. NSFW)")
+    p.add_argument("--overwrite", action="store_true", help="replace a download already in --out")
 
     p = commands.add_parser("bench", help="images/s of the training loader over shards")
     p.add_argument("shards", help="brace pattern, e.g. /tmp/f8k/train/{000000..000006}.tar, or a folder")
@@ -936,7 +949,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             input_format=args.input_format, image_size=args.image_size,
                             resize_mode=args.resize_mode, processes=args.processes, threads=args.threads,
                             shard_size=args.shard_size, timeout=args.timeout, retries=args.retries,
-                            extra_columns=extra)
+                            extra_columns=extra, overwrite=args.overwrite)
         print(json.dumps(summary, indent=1))
     else:
         result = bench(args.shards, args.workers, args.batch_size, args.image_size, args.warmup, args.batches)

@@ -242,6 +242,11 @@ def test_from_urls_with_local_http_server(tmp_path):
             writer.writerow([f"{server.url}/corrupt.jpg", "a corrupt file"])
         summary = data.from_urls(url_list, tmp_path / "shards", image_size=64, processes=1, threads=4,
                                  shard_size=100, timeout=5)
+        with pytest.raises(FileExistsError, match="already holds a download"):  # before any download
+            data.from_urls(url_list, tmp_path / "shards")
+        again = data.from_urls(url_list, tmp_path / "shards", image_size=64, processes=1, threads=4,
+                               shard_size=100, timeout=5, overwrite=True)
+        assert again["successes"] == summary["successes"]
         port = int(server.url.rsplit(":", 1)[1])
     assert server.process.poll() is not None  # the server is stopped
     with pytest.raises(OSError):
