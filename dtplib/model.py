@@ -271,7 +271,7 @@ class DTPVisionTransformer(VisionTransformer):
         full = torch.cat([short[:, :1], upsample(short[:, 1:], weights)], dim=1) + x  # B x (1+N) x D, residual
         return self.run_blocks(post_blocks, full), None
 
-    def forward_head(self, x: torch.Tensor, keep: torch.Tensor | None = None, pre_logits: bool = False):
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, keep: torch.Tensor | None = None):
         """Pool (CLS or masked mean over real tokens), then norm, then the head (Identity inside open_clip)."""
         if self.dtp.pool == "tok":
             x = x[:, 0]  # B x D
@@ -286,7 +286,7 @@ class DTPVisionTransformer(VisionTransformer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, keep = self.forward_features(x)
-        return self.forward_head(x, keep)
+        return self.forward_head(x, keep=keep)
 
     def record(self, boundaries: torch.Tensor, probs: torch.Tensor) -> None:
         if not self.tracers:
