@@ -305,16 +305,18 @@ def from_captions(images: str | Path, captions: str | Path, out: str | Path, *, 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse to mix new shards with old ones; with `overwrite`, remove only what from_captions writes."""
-    ours = [out / name for name in (*SPLITS, "stats.json", "LICENSES.tsv")]
-    existing = [p for p in ours if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds shards ({existing[0].name}); pass --overwrite to replace")
-    for p in existing:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+    _replace_outputs(out, (*SPLITS, "stats.json", "LICENSES.tsv"), overwrite, "shards")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _replace_outputs(out: Path, patterns: Sequence[str], overwrite: bool, what: str) -> None:
+    """Raise if `out` holds files matching `patterns` (a previous run's output), or remove them with
+    `overwrite`; anything else in the folder is left alone."""
+    existing = [p for pattern in patterns for p in out.glob(pattern)] if out.is_dir() else []
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds {what} ({existing[0].name}); pass --overwrite to replace")
+    for p in existing:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _brace(names: Sequence[str]) -> str:
@@ -371,12 +373,8 @@ def from_urls(url_list: str | Path, out: str | Path, *, url_col: str = "url", ca
 def _prepare_download_dir(out: Path, overwrite: bool) -> None:
     """Refuse to download into a folder that already holds a download (img2dataset would resume into it and
     trip on our summary files); with `overwrite`, remove only what img2dataset and from_urls write there."""
-    ours = [p for pattern in ("*.tar", "*.parquet", "*_stats.json", "sizes.json", "summary.csv", "summary.json",
-                              "_tmp") for p in out.glob(pattern)] if out.is_dir() else []
-    if ours and not overwrite:
-        raise FileExistsError(f"{out} already holds a download ({ours[0].name}); pass --overwrite to replace it")
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    _replace_outputs(out, ("*.tar", "*.parquet", "*_stats.json", "sizes.json", "summary.csv", "summary.json",
+                           "_tmp"), overwrite, "a download")
 
 
 def _check_url_list(url_list: Path, input_format: str | None, columns: Sequence[str]) -> Path:

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import papermill
 
 from .utils import REPO_ROOT, repo_path
+
+
+def run_notebook(notebook: Path, executed: Path, parameters: dict) -> None:
+    """Execute one notebook headless as a user would open it: from notebooks/, with the venv's python3 kernel."""
+    papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
+                               cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
 
 
 def run_notebooks(out: str = "results/demo", only: list[str] | None = None) -> list[tuple[str, float]]:
@@ -23,9 +30,7 @@ def run_notebooks(out: str = "results/demo", only: list[str] | None = None) -> l
             continue
         start = time.perf_counter()
         print(f"running {notebook.relative_to(REPO_ROOT)} ...", flush=True)
-        papermill.execute_notebook(str(notebook), str(out_root / notebook.name), cwd=str(REPO_ROOT / "notebooks"),
-                                   parameters={"out_dir": str(out_root / notebook.stem)}, kernel_name="python3",
-                                   progress_bar=False)
+        run_notebook(notebook, out_root / notebook.name, {"out_dir": str(out_root / notebook.stem)})
         timings.append((notebook.stem, time.perf_counter() - start))
     return timings
 

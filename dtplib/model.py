@@ -243,15 +243,19 @@ class DTPVisionTransformer(VisionTransformer):
             loss = loss + boundary_loss(close_last_segment(deterministic), self.dtp.prior)
         return boundaries, probs, loss
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens after the last layer (B x T x D) and, when they are segments, their validity mask (B x T)."""
+    def forward_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Images to CLS + patch tokens after the full-length pre-layers: B x 3 x H x W -> B x (1+N) x D."""
         self.check_input(x)
         x = self.patch_embed(x)  # B x N x D
         x = self._pos_embed(x)  # B x (1+N) x D
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        pre_blocks, short_blocks, post_blocks = self.stages
-        x = self.run_blocks(pre_blocks, x)
+        return self.run_blocks(self.stages[0], x)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens after the last layer (B x T x D) and, when they are segments, their validity mask (B x T)."""
+        x = self.forward_pre(x)  # B x (1+N) x D
+        _, short_blocks, post_blocks = self.stages
         if self.predictor is None:
             x = self.run_blocks(short_blocks, x)
             self.record_plain(x)
@@ -415,8 +419,7 @@ def fit_boundary_prior(model: nn.Module, images: torch.Tensor, steps: int = 300,
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)  # settles the sampled rate at the end
     was_training = tower.training
     with torch.no_grad():  # the frozen pre-layers' output does not change: compute it once
-        tokens = tower.norm_pre(tower.patch_drop(tower._pos_embed(tower.patch_embed(images))))
-        patches = tower.run_blocks(tower.stages[0], tokens)[:, 1:]  # B x N x D
+        patches = tower.forward_pre(images)[:, 1:]  # B x N x D
     history = []
     tower.train()
     for step in range(steps):

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import nbformat
-import papermill
 import pytest
 
+from dtplib.demo import run_notebook
 from dtplib.utils import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
@@ -42,7 +42,6 @@ def test_notebook_is_committed_clean_with_one_parameters_cell(notebook: Path):
 def test_notebook_runs_under_papermill(notebook: Path, tmp_path: Path):
     out_dir = tmp_path / "out"
     parameters = {**SMOKE.get(notebook.stem, {}), "out_dir": str(out_dir)}
-    papermill.execute_notebook(str(notebook), str(tmp_path / notebook.name), parameters=parameters,
-                               cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
+    run_notebook(notebook, tmp_path / notebook.name, parameters)
     for name in OUTPUTS.get(notebook.stem, []):
         assert (out_dir / name).is_file() and (out_dir / name).stat().st_size > 0, f"{notebook.stem}: no {name}"
