@@ -161,22 +161,30 @@ def fit_prior_and_measure(compression: int) -> tuple[float, float]:
     return eval_ratio, dtplib.realised_compression(model, images)
 
 
-@pytest.mark.parametrize("compression", [2, 4])
+@pytest.mark.parametrize("compression", [2, 4, 10])
 def test_boundary_prior_alone_reaches_target(compression):
     eval_ratio, train_ratio = fit_prior_and_measure(compression)
     assert eval_ratio == pytest.approx(compression, rel=0.10)  # the deterministic budget FLOPs are reported at
     assert train_ratio == pytest.approx(compression, rel=0.10)  # the sampled budget training runs at
 
 
-def test_boundary_prior_alone_at_10x_known_gap():
-    """Known gap (issue 2 stays open): on Ti's 64-patch grid the prior-only fit settles near 12x, not 10x.
+def test_boundary_loss_is_binomial_on_the_batch_total():
+    """Nawrot's per-image prior for one image; for a batch, its minimum sits at N*p per image, not at the mode."""
+    boundaries = (torch.rand(1, 64) < 0.1).float()
+    per_image = torch.distributions.Binomial(64, torch.tensor(0.1)).log_prob(boundaries.sum())
+    torch.testing.assert_close(dtplib.boundary_loss(boundaries, 0.1), -per_image / 64)
 
-    What holds and is checked: the fit moves far from the untrained ~2x, and eval agrees with training
-    (with Nawrot's single prior term, eval was 20x while training ran at 4.4x).
-    """
-    eval_ratio, train_ratio = fit_prior_and_measure(10)
-    assert eval_ratio == pytest.approx(10, rel=0.25)
-    assert eval_ratio == pytest.approx(train_ratio, rel=0.10)
+    def slope(per_image_count, batch):  # d loss / d count, through a straight-through-like continuous count
+        boundaries = torch.full((batch, 64), per_image_count / 64, requires_grad=True)
+        dtplib.boundary_loss(boundaries, 0.1).backward()
+        return boundaries.grad[0, 0].item()
+
+    assert slope(6.3, batch=64) < 0 < slope(6.5, batch=64)  # minimum within 0.1 of N*p = 6.4
+    assert slope(6.3, batch=1) > 0  # one image: the mode, (N+1)p - 1/2 = 6.0
+    batch = (torch.rand(8, 64) < 0.1).float()  # Nawrot's per-image form, kept as prior_scope="image"
+    counts = batch.sum(-1)
+    expected = -torch.distributions.Binomial(64, torch.tensor(0.1)).log_prob(counts).mean() / 64
+    torch.testing.assert_close(dtplib.boundary_loss(batch, 0.1, per_image=True), expected)
 
 
 def test_grad_checkpointing_gives_same_gradients(ti_images):
@@ -221,6 +229,7 @@ def test_create_model_and_transforms_overrides():
     (dict(compression=4, pre_layers=3), "does not add up to depth=6"),
     (dict(compression=4, post_layers=1, short_layers=3), "needs upsample=True"),
     (dict(compression=4, pool="max"), "pool must be"),
+    (dict(compression=4, prior_scope="sequence"), "prior_scope must be"),
 ])
 def test_bad_hyper_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -14,10 +14,12 @@ NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 SMOKE = {
     "01_data_prep": {},
     "02_model": {"compressions": [1, 4], "num_images": 8, "prior_steps": 30},
+    "03_train": {"epochs": 1, "batch_size": 16, "zeroshot_max_per_class": 2},
 }
 OUTPUTS = {
     "01_data_prep": ["samples.png", "caption_lengths.png", "url_shards/summary.json"],
     "02_model": ["variants.csv", "prior_fit.csv"],
+    "03_train": ["training_curves.png", "epochs.csv"],
 }
 
 

@@ -1,0 +1,203 @@
+"""Training loop on real components: Flickr8k photos and captions in real webdataset shards, real open_clip
+models and loss, real torchrun/gloo processes and a real SIGKILL."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from conftest import flickr_captions, flickr_photos
+
+from dtplib import evaluate, train
+from dtplib.model import get_tower
+from dtplib.utils import REPO_ROOT
+
+TI_4X = ["--model", "ViT-Ti-8-64", "--compression", "4"]
+QUIET = ["--workers", "0", "--report-to", "none", "--threads", "1"]
+
+
+def write_shards(folder: Path, photos: list[Path], per_shard: int) -> str:
+    """Real Flickr8k photos with their first caption, as webdataset shards with a sizes.json (as from_captions)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = flickr_captions(photos)
+    sizes = {}
+    for index in range(0, len(photos), per_shard):
+        name = f"{index // per_shard:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as sink:
+            for photo, caption in zip(photos[index:index + per_shard], captions[index:index + per_shard], strict=True):
+                sink.write({"__key__": photo.stem, "jpg": photo.read_bytes(), "txt": caption,
+                            "json": {"captions": [caption]}})
+        sizes[name] = len(photos[index:index + per_shard])
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    return str(folder / f"{{000000..{len(sizes) - 1:06d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def shards32(tmp_path_factory) -> str:
+    """32 pairs in two shards of 16: one global batch of 32, or one batch of 16 per rank with two ranks."""
+    return write_shards(tmp_path_factory.mktemp("shards32"), flickr_photos(32), per_shard=16)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run(tmp_path: Path, shards: str, *flags: str, name: str = "run") -> dict:
+    return train.main(["--train-data", shards, "--logs", str(tmp_path), "--name", name, *QUIET, *flags])
+
+
+def test_tiny_run_loss_decreases(tmp_path, shards32):
+    """Ti-4x overfits 32 real pairs: the contrastive loss falls well below chance (log 32) and every output exists."""
+    result = run(tmp_path, shards32, *TI_4X, "--batch-size", "32", "--epochs", "12", "--lr", "5e-4",
+                 "--warmup", "2", "--wd", "0.0")
+    steps = read_csv(result["run_dir"] / "steps.csv")
+    contrastive = [float(r["contrastive_loss"]) for r in steps]
+    assert len(steps) == 12
+    assert contrastive[0] == pytest.approx(torch.log(torch.tensor(32.0)).item(), abs=0.15)  # chance at init
+    assert sum(contrastive[-3:]) / 3 < contrastive[0] - 0.5
+    assert all(1 <= float(r["compression"]) <= 64 for r in steps)
+    epochs = read_csv(result["run_dir"] / "epochs.csv")
+    assert [r["first_epoch"] for r in epochs[:2]] == ["True", "False"]
+    params = json.loads((result["run_dir"] / "params.json").read_text())
+    assert params["total_steps"] == 12 and params["hardware"] and params["dtype"] == "fp32"
+    assert (result["run_dir"] / "checkpoints" / "epoch_12.pt").is_file()
+    state = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)  # loads without pickle
+    assert state["epoch"] == 12 and state["step"] == 12 and "visual.trunk.predictor.fc1.weight" in state["state_dict"]
+
+
+def test_resume_reaches_the_same_next_loss(tmp_path, shards32):
+    """Interrupted after epoch 2 and resumed == uninterrupted, step for step (CPU, fixed seed)."""
+    flags = [*TI_4X, "--batch-size", "16", "--epochs", "3", "--lr", "1e-3", "--warmup", "2", "--seed", "3"]
+    full = run(tmp_path, shards32, *flags, name="full")
+    run(tmp_path, shards32, *flags, "--max-steps", "4", name="cut")  # two epochs of 2 steps, then stops
+    assert len(read_csv(tmp_path / "cut" / "steps.csv")) == 4
+    run(tmp_path, shards32, *flags, "--resume", "latest", name="cut")
+    expected = read_csv(full["run_dir"] / "steps.csv")
+    resumed = read_csv(tmp_path / "cut" / "steps.csv")
+    assert [r["step"] for r in resumed] == [str(i) for i in range(6)]
+    for a, b in zip(expected, resumed, strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5), (a, b)
+        assert a["compression"] == b["compression"]
+
+
+def test_sigkill_mid_epoch_resumes_from_last_checkpoint(tmp_path):
+    """A run killed with SIGKILL mid-epoch resumes with `--resume latest` from its last whole checkpoint."""
+    shards = write_shards(tmp_path / "shards", flickr_photos(64), per_shard=32)
+    argv = [sys.executable, "-m", "dtplib.train", "--train-data", shards, "--logs", str(tmp_path), "--name", "k",
+            *QUIET, *TI_4X, "--batch-size", "8", "--epochs", "4", "--warmup", "1"]
+    latest = tmp_path / "k" / "checkpoints" / "epoch_latest.pt"
+    process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not latest.exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        assert latest.exists(), "no checkpoint was written"
+        time.sleep(1.0)  # into the second epoch (8 steps of about 0.1-0.5 s)
+        assert process.poll() is None, "the run finished before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    state = torch.load(latest, map_location="cpu", weights_only=True)  # the checkpoint survived whole
+    assert state["epoch"] >= 1
+    steps_before = len(read_csv(tmp_path / "k" / "steps.csv"))
+    assert steps_before > state["step"]  # it died mid-epoch, after the checkpoint
+    subprocess.run(argv + ["--resume", "latest"], cwd=REPO_ROOT, check=True, capture_output=True)
+    steps = read_csv(tmp_path / "k" / "steps.csv")
+    assert [int(r["step"]) for r in steps] == list(range(32))  # no gap, no duplicate
+    assert [r["epoch"] for r in read_csv(tmp_path / "k" / "epochs.csv")] == ["0", "1", "2", "3"]
+    assert f"at epoch {state['epoch']}" in (tmp_path / "k" / "out.log").read_text()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path, shards32):
+    """torchrun with 2 gloo processes of batch 16 == 1 process of batch 32 (the same 32 pairs per step).
+
+    The 1x model has no sampling noise; the crop augmentation differs between the runs, hence the tolerance.
+    """
+    flags = ["--model", "ViT-Ti-8-64", "--compression", "1", "--epochs", "4", "--lr", "1e-3", "--warmup", "1",
+             "--train-data", shards32, "--logs", str(tmp_path), *QUIET]
+    one = train.main([*flags, "--batch-size", "32", "--name", "one"])
+    two = train.launch([*flags, "--batch-size", "16", "--name", "two"], nproc_per_node=2,
+                       extra_torchrun=["--master_port", "29517"])
+    params = json.loads((two / "params.json").read_text())
+    assert params["world_size"] == 2
+    loss_one = [float(r["loss"]) for r in read_csv(one["run_dir"] / "steps.csv")]
+    loss_two = [float(r["loss"]) for r in read_csv(two / "steps.csv")]
+    assert len(loss_one) == len(loss_two) == 4
+    assert loss_one[-1] < loss_one[0] - 0.05  # training moved, so agreement is not just "both at chance"
+    for a, b in zip(loss_one, loss_two, strict=True):
+        assert a == pytest.approx(b, abs=0.01)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards32):
+    flags = [*TI_4X, "--batch-size", "16", "--epochs", "3", "--warmup", "1"]
+    run(tmp_path, shards32, *flags, "--max-steps", "2", name="nan")
+    latest = tmp_path / "nan" / "checkpoints" / "epoch_latest.pt"
+    before = latest.read_bytes()
+    with pytest.raises(train.NonFiniteLoss, match="last good checkpoint is kept"):
+        run(tmp_path, shards32, *flags, "--resume", "latest", "--lr", "1e30", name="nan")
+    assert latest.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, error, message", [
+    (["--train-data", "/nonexistent/{000000..000003}.tar"], FileNotFoundError, "shards do not exist"),
+    (["--model", "ViT-Tiny-8"], ValueError, "unknown model 'ViT-Tiny-8'"),
+    (["--model", "DTP-ViT-Ti-8-64-4x", "--compression", "2"], ValueError, "means compression 4"),
+    (["--model", "ViT-Ti-8-64", "--upsample"], ValueError, "--upsample needs a DTP model"),
+    (["--model", "RN50", "--compression", "4"], ValueError, "--compression needs --model"),
+    (["--batch-size", "1"], ValueError, "at least 2 pairs"),
+    (["--batch-size", "64"], ValueError, "holds 32 samples, fewer than one global batch"),
+    (["--precision", "amp", "--device", "cpu"], ValueError, "on CPU"),
+    (["--zeroshot-data", "/nonexistent/cifar"], FileNotFoundError, "/nonexistent/cifar"),
+    (["--val-data", "/nonexistent/test.tar"], FileNotFoundError, "shards do not exist"),
+    (["--resume", "/nonexistent/epoch_3.pt"], FileNotFoundError, "no such checkpoint"),
+])
+def test_bad_flags_fail_before_training(tmp_path, shards32, flags, error, message):
+    argv = ["--train-data", shards32, "--model", "ViT-Ti-8-64", "--batch-size", "16", "--logs", str(tmp_path),
+            "--name", "bad", *QUIET]
+    with pytest.raises(error, match=message):
+        train.main(argv + flags)  # later flags win
+    assert not (tmp_path / "bad").exists()  # nothing was started
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, shards32):
+    run(tmp_path, shards32, *TI_4X, "--batch-size", "16", "--epochs", "1", "--warmup", "1", name="mine")
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        run(tmp_path, shards32, *TI_4X, "--batch-size", "16", "--epochs", "1", "--warmup", "1", name="mine")
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dtplib.train", "--train-data", str(tmp_path / "none.tar"),
+                             "--model", "ViT-Ti-8-64"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "do not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    args = train.parse_args(["--train-data", "x", "--lr", "1.0", "--warmup", "4"])
+    lrs = [train.lr_at(step, args, total_steps=14) for step in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and lrs[9] == pytest.approx(0.5) and lrs[13] == pytest.approx(0.0245, abs=1e-3)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+
+
+def test_checkpoint_rebuilds_an_unregistered_ratio_for_evaluation(tmp_path, shards32):
+    """A checkpoint records its flags: `python -m dtplib.evaluate --checkpoint` rebuilds a 3x tower (no such name)."""
+    result = run(tmp_path, shards32, "--model", "ViT-Ti-8-64", "--compression", "3", "--batch-size", "16",
+                 "--epochs", "1", "--warmup", "1", name="c3")
+    model, _, _ = evaluate.load_model(checkpoint=result["checkpoint"])
+    assert get_tower(model).dtp.compression == 3
+    trained = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    torch.testing.assert_close(model.state_dict()["visual.trunk.predictor.fc2.weight"],
+                               trained["visual.trunk.predictor.fc2.weight"])
+    metrics = evaluate.main(["--checkpoint", str(result["checkpoint"]), "--val-data", shards32])
+    assert metrics["retrieval_images"] == 32 and 0 <= metrics["image_to_text_R@1"] <= 1
