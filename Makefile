@@ -8,7 +8,7 @@ export WANDB_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast test-demo lint demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,13 @@ lint: install
 	$(VENV)/bin/ruff check dtplib tests
 
 test: install lint
-	$(VENV)/bin/pytest -q -ra tests
+	$(VENV)/bin/pytest -q -ra -m "not demo" tests
 
 test-fast: install
 	$(VENV)/bin/pytest -q -ra -m "not slow" tests
+
+test-demo: install
+	$(VENV)/bin/pytest -q -ra -m demo tests
 
 demo: install
 	$(PY) -m dtplib.demo

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import open_clip
 import pandas as pd
 import torch
 
-from .clip import create_model_and_transforms
-from .model import fit_boundary_prior, get_tower, realised_compression, trace
+from .clip import ARCHS, create_model_and_transforms
+from .flops import analytic_macs, image_tower, patch_count, total
+from .model import dtp_towers, fit_boundary_prior, get_tower, realised_compression, trace
 
 
 def count(module: torch.nn.Module | None) -> int:
@@ -109,3 +111,101 @@ def epoch_report(run_dir: str | Path) -> pd.DataFrame:
     first = ["epoch", "first_epoch", "loss", "compression", "step_time_s", "samples_per_s", "peak_memory_mb"]
     shown = [c for c in first if c in epochs] + [c for c in EVAL_COLUMNS if c in epochs]
     return epochs[shown]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Efficiency (05 notebook): FLOPs, benchmark rows and accuracy from results/, side by side
+
+
+def _geometry(name: str) -> tuple[int, int]:
+    vision = open_clip.get_model_config(name)["vision_cfg"]
+    if "timm_model_name" in vision and name.startswith("DTP-"):
+        arch = name[len("DTP-"):].removesuffix("-up").rpartition("-")[0]
+        return ARCHS[arch].image_size, ARCHS[arch].patch_size
+    return vision["image_size"], vision["patch_size"]
+
+
+def efficiency_csvs(folders: list[str | Path]) -> list[Path]:
+    return [p for folder in folders for p in sorted(Path(folder).glob("efficiency_*.csv"))]
+
+
+def efficiency_table(folders: list[str | Path], accuracy_csv: str | Path = "results/small_run.csv") -> pd.DataFrame:
+    """The seed's table: model, image-tower GMACs and GFLOPs (at the benchmark's realised compression), resolution,
+    patch, zero-shot top-1/top-5 (from training runs when present), peak memory and step time (clip step), from
+    every efficiency_*.csv that `python -m dtplib.bench` wrote into the folders."""
+    frames = [pd.read_csv(p).assign(source=p.name) for p in efficiency_csvs(folders)]
+    if not frames:
+        raise FileNotFoundError(f"no efficiency_*.csv in {folders}: run python -m dtplib.bench first")
+    bench_rows = pd.concat(frames)
+    bench_rows = bench_rows[bench_rows["mode"] == "clip"]
+    accuracy = pd.DataFrame()
+    accuracy_csv = Path(accuracy_csv)
+    if accuracy_csv.is_file():
+        accuracy = pd.read_csv(accuracy_csv).groupby("model")[["zeroshot_top1", "zeroshot_top5"]].mean()
+    rows = []
+    for _, r in bench_rows.iterrows():
+        name, _, dropout = r["model"].partition("+pd")
+        size, patch = _geometry(name)
+        model = open_clip.create_model(name)
+        towers = dtp_towers(model)
+        if towers and towers[0].predictor is not None:  # at the benchmark's mean segment count
+            macs = float(total(analytic_macs(model, patch_count(image_tower(model)) / r["realised_compression"])))
+        else:
+            macs = float(total(analytic_macs(model, patch_dropout=float(dropout) if dropout else None)))
+        top = accuracy.loc[name] if name in accuracy.index and not dropout else None
+        rows.append({"model": r["model"], "image GMACs": macs / 1e9, "image GFLOPs": 2 * macs / 1e9,
+                     "resolution": size, "patch": patch, "compression": r["realised_compression"],
+                     "zero-shot top-1": top["zeroshot_top1"] if top is not None else float("nan"),
+                     "zero-shot top-5": top["zeroshot_top5"] if top is not None else float("nan"),
+                     "peak memory (MiB)": r["peak_memory_mb"], "step time (s)": r["median_s"],
+                     "speed-up": r["speedup"], "bound": r["analytic_bound"], "hardware": r["hardware"],
+                     "batch": r["batch_size"], "dtype": r["dtype"], "source": r["source"]})
+    return pd.DataFrame(rows)
+
+
+def speedup_plot(bench_csvs: list[str | Path]):
+    """Measured speed-up of the DTP models against their realised compression, beside the analytic bounds (packed:
+    each image at its own token count; padded: every image at its batch's largest), per file and mode; patch
+    dropout peers as separate points."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for csv_path in bench_csvs:
+        frame = pd.read_csv(csv_path)
+        for ax, mode in zip(axes, ("clip", "image"), strict=True):
+            rows = frame[frame["mode"] == mode]
+            dtp = rows[rows["model"].str.startswith("DTP-")].sort_values("realised_compression")
+            dropout = rows[rows["model"].str.contains(r"\+pd")]
+            label = f"{Path(csv_path).stem}, batch {rows['batch_size'].iloc[0]}" if len(rows) else ""
+            line = ax.plot(dtp["realised_compression"], dtp["speedup"], "o-", label=f"DTP measured ({label})")
+            color = line[0].get_color()
+            ax.plot(dtp["realised_compression"], dtp["analytic_bound"], "x--", color=color, label="DTP bound, packed")
+            if "padded_bound" in dtp and (dtp["padded_bound"] - dtp["analytic_bound"]).abs().max() > 0.01:
+                ax.plot(dtp["realised_compression"], dtp["padded_bound"], "+:", color=color,
+                        label="DTP bound, padded to each batch's largest image")
+            ax.scatter(dropout["realised_compression"], dropout["speedup"], marker="s", color=color,
+                       label="patch dropout measured")
+            ax.scatter(dropout["realised_compression"], dropout["analytic_bound"], marker="D", facecolors="none",
+                       edgecolors=color, label="patch dropout bound")
+    for ax, title in zip(axes, ("whole CLIP training step", "image tower, forward + backward"), strict=True):
+        ax.axhline(1, color="grey", lw=0.5)
+        ax.set(xlabel="realised compression (patches per token)", ylabel="speed-up over the first model",
+               title=title)
+        ax.legend(fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
+def accuracy_vs_gflops(table: pd.DataFrame):
+    """Zero-shot top-1 against image-tower GFLOPs, for the rows that have an accuracy."""
+    import matplotlib.pyplot as plt
+
+    rows = table.dropna(subset=["zero-shot top-1"]).drop_duplicates("model")
+    figure, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(rows["image GFLOPs"], 100 * rows["zero-shot top-1"])
+    for _, r in rows.iterrows():
+        ax.annotate(r["model"], (r["image GFLOPs"], 100 * r["zero-shot top-1"]), fontsize=7)
+    ax.set(xlabel="image tower GFLOPs per image", ylabel="zero-shot top-1 (%)",
+           title="accuracy against compute" if len(rows) else "accuracy against compute (no training runs yet)")
+    figure.tight_layout()
+    return figure

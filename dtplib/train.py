@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -49,7 +48,7 @@ from dtplib import data as dtp_data
 from dtplib import evaluate as dtp_eval
 from dtplib.clip import ARCHS, create_model_and_transforms
 from dtplib.model import dtp_towers, last_boundary_loss, trace
-from dtplib.utils import REPO_ROOT, atomic_write_bytes, atomic_write_text, repo_path, run_info
+from dtplib.utils import REPO_ROOT, atomic_write_bytes, atomic_write_text, process_memory_mb, repo_path, run_info
 
 log = logging.getLogger("dtplib.train")
 
@@ -276,7 +275,7 @@ def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated since the last reset, or the process's peak resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return process_memory_mb("VmHWM")
 
 
 def synchronize(device: torch.device) -> None:
@@ -477,7 +476,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args, dist_env: D
         record = {
             "epoch": epoch, "step": step, "loss": loss.item(), "contrastive_loss": contrastive.item(),
             "boundary_loss": boundary.item() if boundary is not None else 0.0,
-            "compression": traced.compression.float().mean().item() if has_dtp else 1.0,
+            "compression": _budget(traced) if has_dtp else 1.0,
             "lr": lr, "logit_scale": logit_scale.item(), "step_time_s": step_time, "data_time_s": data_time,
             "samples_per_s": len(images) * dist_env.world_size / step_time,
             "peak_memory_mb": peak_memory_mb(device),
@@ -494,8 +493,15 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args, dist_env: D
     return step, records
 
 
+def _budget(traced) -> float:
+    """Realised compression of a batch as a token budget: patches / mean segments (not the mean of the ratios,
+    which a few one-segment images would dominate)."""
+    return traced.boundaries.shape[1] / traced.tokens.float().mean().item()
+
+
 def epoch_summary(epoch: int, records: list[dict], timing_warmup: int, first_epoch: bool) -> dict:
-    """Per-epoch means; step-time statistics exclude the run's first `timing_warmup` steps (reported apart)."""
+    """Per-epoch means; step-time statistics exclude the process's first `timing_warmup` steps (reported apart).
+    The first epoch of a process (a fresh or a resumed run) is marked: its first steps are slower."""
     def mean(key, rows):
         return float(np.mean([r[key] for r in rows])) if rows else float("nan")
 
@@ -565,9 +571,20 @@ def _run(args: argparse.Namespace, dist_env: Dist) -> dict:
                                   "it, or a new --name")
         for stale in ("steps.csv", "epochs.csv"):  # killed before its first checkpoint: start again
             (run_dir / stale).unlink(missing_ok=True)
+    handler = None
     if dist_env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _setup_file_logging(run_dir)
+        handler = _setup_file_logging(run_dir)
+    try:
+        return _train(args, dist_env, name, run_dir, checkpoints, resume_from)
+    finally:
+        if handler is not None:  # a notebook or test may train again in this process: log there, not here
+            logging.getLogger("dtplib").removeHandler(handler)
+            handler.close()
+
+
+def _train(args: argparse.Namespace, dist_env: Dist, name: str, run_dir: Path, checkpoints: Checkpoints,
+           resume_from: Path | None) -> dict:
     _set_seed(args.seed, dist_env.rank)
 
     model, preprocess_train, preprocess_val, tokenizer = build_model(args)
@@ -631,7 +648,7 @@ def _run(args: argparse.Namespace, dist_env: Dist) -> dict:
             loader.set_epoch(epoch)
             step, records = train_one_epoch(train_model, loader, loss_fn, optimizer, scaler, args, dist_env, epoch,
                                             step, total_steps, run_log, boundary_weight)
-            summary = epoch_summary(epoch, records, args.timing_warmup, first_epoch=epoch == 0)
+            summary = epoch_summary(epoch, records, args.timing_warmup, first_epoch=epoch == start_epoch)
             summary["skipped_samples"] = sum(loader.skipped.values())
             if dist_env.main:
                 summary.update(run_evaluations(model, preprocess_val, tokenizer, args, dist_env.device, epoch + 1))
@@ -669,11 +686,12 @@ def _set_seed(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def _setup_file_logging(run_dir: Path) -> None:
+def _setup_file_logging(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "out.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("dtplib").addHandler(handler)
     logging.getLogger("dtplib").setLevel(logging.INFO)
+    return handler
 
 
 def launch(argv: Sequence[str], nproc_per_node: int, extra_torchrun: Sequence[str] = ()) -> Path:

@@ -101,3 +101,12 @@ def load_photos(folder: str | Path, count: int, preprocess) -> tuple[torch.Tenso
     if not files:
         raise FileNotFoundError(f"no .jpg/.jpeg/.png images in {folder}")
     return torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files]), files
+
+
+def process_memory_mb(field: str = "VmHWM") -> float:
+    """This process's resident memory in MiB from /proc: VmRSS (now) or VmHWM (peak). Not getrusage's ru_maxrss:
+    Linux carries that across exec, so a process started from a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")

@@ -15,11 +15,20 @@ SMOKE = {
     "01_data_prep": {},
     "02_model": {"compressions": [1, 4], "num_images": 8, "prior_steps": 30},
     "03_train": {"epochs": 1, "batch_size": 16, "zeroshot_max_per_class": 2},
+    "04_boundaries": {"num_images": 16, "num_shown": 2, "prior_steps": 20, "num_coco": 8},
+    "05_efficiency": {"flops_model": "DTP-ViT-Ti-8-64-4x", "num_images": 8, "bench_batch_size": 4, "bench_steps": 2,
+                      "bench_models": "DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x,ViT-Ti-8-64+pd0.5"},
+    "06_zeroshot_finetune": {"zeroshot_max_per_class": 1, "per_class_train": 4, "per_class_test": 2, "vit_epochs": 1,
+                             "prior_steps": 20, "finetune_epochs": 1, "batch_size": 16},
 }
 OUTPUTS = {
     "01_data_prep": ["samples.png", "caption_lengths.png", "url_shards/summary.json"],
     "02_model": ["variants.csv", "prior_fit.csv"],
     "03_train": ["training_curves.png", "epochs.csv"],
+    "04_boundaries": ["overlays.png", "token_grid.png", "tokens_hist.png", "alignment.csv"],
+    "05_efficiency": ["flops_components.csv", "efficiency_live.csv", "summary_table.csv", "speedup.png",
+                      "accuracy_vs_gflops.png"],
+    "06_zeroshot_finetune": ["pretrained_zeroshot.csv", "results.csv", "finetune_history.csv", "accuracy.png"],
 }
 
 
