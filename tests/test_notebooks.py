@@ -44,6 +44,8 @@ def test_notebook_is_committed_clean_with_one_parameters_cell(notebook: Path):
     tagged = [cell for cell in source.cells if "parameters" in cell.metadata.get("tags", [])]
     assert len(tagged) == 1 and tagged[0] is code[0], "exactly one parameters cell, the first code cell"
     assert "out_dir" in tagged[0].source
+    comments = [line.partition("#")[2] for line in tagged[0].source.splitlines()]
+    assert not any("=" in c for c in comments), "papermill cannot read a parameter whose comment holds '='"
     assert not any(cell.get("outputs") or cell.get("execution_count") for cell in code), "commit without outputs"
     assert not any("def " in cell.source or "sys.path" in cell.source for cell in code), "helpers belong in dtplib"
 
