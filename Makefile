@@ -26,7 +26,7 @@ lint: install
 	$(VENV)/bin/ruff check dtplib tests
 
 test: install lint
-	$(VENV)/bin/pytest -q -ra -m "not demo" tests
+	$(VENV)/bin/pytest -q -ra tests
 
 test-fast: install
 	$(VENV)/bin/pytest -q -ra -m "not slow" tests

@@ -1,7 +1,7 @@
 """`make demo` end to end: every numbered notebook with its default (CPU-sized) parameters, outputs non-empty.
 
-About 6-8 minutes on 2 cores, so it carries the `demo` marker: `make test` (CI) leaves it out to stay within its
-15-minute budget, `make test-demo` runs it."""
+About 3-4 minutes on 2 cores: `make test` (CI) runs it, the whole suite staying within 15 minutes; `make test-demo`
+runs it alone, `make test-fast` leaves it out with the other slow tests."""
 
 import time
 
