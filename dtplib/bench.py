@@ -36,8 +36,18 @@ from PIL import Image
 
 from dtplib import flops as dtp_flops
 from dtplib import summary
+from dtplib.data import read_captions
 from dtplib.model import dtp_towers, fit_boundary_prior, forced_boundaries, get_tower, last_boundary_loss, trace
-from dtplib.utils import SHARED_DATA, atomic_write_bytes, atomic_write_text, process_memory_mb, repo_path, run_info
+from dtplib.utils import (
+    SHARED_DATA,
+    atomic_write_bytes,
+    atomic_write_text,
+    autocast,
+    process_memory_mb,
+    repo_path,
+    run_info,
+    synchronize,
+)
 
 MODES = ("clip", "image")  # whole CLIP training step; image tower forward + backward
 FLICKR = SHARED_DATA / "flickr8k"
@@ -80,13 +90,11 @@ def real_batch(preprocess, tokenizer, batch_size: int) -> tuple[torch.Tensor, to
     files = sorted((FLICKR / "images").glob("*.jpg"))
     if not files:
         raise FileNotFoundError(f"no photos under {FLICKR / 'images'} (../shared/data beside the repository)")
-    captions = {}
-    for line in (FLICKR / "captions.tsv").read_text().splitlines():
-        name, _, caption = line.partition("\t")
-        captions.setdefault(name, caption)
+    captions = read_captions(FLICKR / "captions.tsv")
     chosen = [files[i % len(files)] for i in range(batch_size)]
     images = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in chosen])  # B x 3 x H x W
-    return images, tokenizer([captions.get(f.name, "a photo") for f in chosen])  # B x context
+    first = [captions[f.name].captions[0] if f.name in captions else "a photo" for f in chosen]
+    return images, tokenizer(first)  # B x context
 
 
 @dataclass
@@ -124,17 +132,6 @@ def make_subject(spec: Spec, batch_size: int, device: torch.device, boundaries: 
         fit_boundary_prior(model, images.to(device), steps=prior_steps, batch_size=min(64, batch_size))
     model.train()
     return subject
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step(subject: Subject, mode: str, precision: str, device: torch.device, loss_fn: ClipLoss) -> float:

@@ -73,6 +73,17 @@ def dtp_name(arch: str, compression: float, upsample: bool) -> str:
     return f"DTP-{arch}-{compression:g}x" + ("-up" if upsample else "")
 
 
+def parse_dtp_name(name: str) -> tuple[str, float, bool] | None:
+    """Inverse of `dtp_name`: DTP-ViT-B-32-4x-up -> ("ViT-B-32", 4.0, True); None when it is not such a name."""
+    stem, _, ratio = name.removeprefix("DTP-").removesuffix("-up").rpartition("-")
+    if not name.startswith("DTP-") or stem not in ARCHS or not ratio.endswith("x"):
+        return None
+    try:
+        return stem, float(ratio[:-1]), name.endswith("-up")
+    except ValueError:
+        return None
+
+
 def tower_config(arch: Arch, compression: float, upsample: bool) -> DTPConfig:
     if upsample:
         pre, short, post = arch.split_up
@@ -174,17 +185,22 @@ class LoadReport:
     left: list[str]
 
 
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file as a dict (torch.load with weights_only=True, or safetensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(checkpoint: str | Path | dict) -> dict[str, torch.Tensor]:
     """A state dict from an open_clip checkpoint file or dict (optional `state_dict` key, `module.` prefix)."""
     if isinstance(checkpoint, (str, Path)):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            checkpoint = load_file(str(path))
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(checkpoint)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"a checkpoint must be a state dict, got {type(checkpoint).__name__}")
     state = checkpoint.get("state_dict", checkpoint)

@@ -14,14 +14,13 @@ deterministic, and a collapsed model (all scores equal, or NaN) scores 0 instead
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import open_clip
@@ -35,9 +34,9 @@ from timm.data import ImageNetInfo
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dtplib.clip import read_state_dict
+from dtplib.clip import read_checkpoint, read_state_dict
 from dtplib.data import DECODE_ERRORS, IMAGE_EXTENSIONS, expand_shards, iter_samples
-from dtplib.utils import atomic_write_text, run_info
+from dtplib.utils import atomic_write_text, eval_mode, run_info, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -192,24 +191,6 @@ def _collate_readable(batch: list[tuple[Tensor, int] | None]) -> tuple[Tensor | 
     return images, labels, len(batch) - len(readable)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (which has no encode_image), or the model itself."""
-    return getattr(model, "module", model)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; every submodule's own training flag is restored afterwards."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
 def _input_dtype(model: torch.nn.Module) -> torch.dtype:
     """dtype the image tower expects (fp32, or bf16/fp16 for a model cast to pure low precision)."""
     return next(model.parameters()).dtype
@@ -230,9 +211,9 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
     loader = DataLoader(ImageFiles(samples, preprocess), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate_readable)
-    model = _unwrap(model)
+    model = unwrap(model)
     ranks, skipped = [], 0
-    with _eval_mode(model):
+    with eval_mode(model):
         classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates or templates_for(layout),
                                                 device=device).float()  # D x C, unit columns
         for images, labels, unreadable in loader:
@@ -262,10 +243,10 @@ def retrieval_eval(model, preprocess, tokenizer, shards: str | Sequence[str], *,
     Images that do not decode are passed over by `iter_samples`.
     """
     shard_list = expand_shards(shards)
-    model = _unwrap(model)
+    model = unwrap(model)
     image_features, text_features, text_image = [], [], []  # per batch, per batch, per text
     num_images = 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in batched(iter_samples(shard_list, limit=max_images), batch_size):
             images = torch.stack([preprocess(sample["image"]) for sample in batch])  # B x 3 x H x W
             captions = [caption for sample in batch for caption in sample["captions"]]
@@ -381,18 +362,6 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
             raise RuntimeError(f"checkpoint {checkpoint} does not fit model {name}: {exn}") from None
         log.info("loaded %d tensors from %s", len(state), checkpoint)
     return model.eval(), preprocess, tokenizer
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint file as a dict (torch.load with weights_only=True, or safetensors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def format_table(metrics: dict) -> str:

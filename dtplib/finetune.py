@@ -39,7 +39,7 @@ from dtplib import evaluate as ev
 from dtplib.clip import LoadReport, create_model_and_transforms, load_vit_weights, read_state_dict
 from dtplib.model import dtp_towers, fit_boundary_prior, get_tower, last_boundary_loss, trace
 from dtplib.train import lr_at, make_optimizer
-from dtplib.utils import repo_path, run_info, seed_everything
+from dtplib.utils import eval_mode, repo_path, run_info, seed_everything, unwrap
 
 Sample = tuple[Path, int]  # an image file and its label
 
@@ -191,9 +191,9 @@ def extract_features(model: nn.Module, preprocess, samples: Sequence[Sample], ba
 
     Unreadable images are skipped (with their labels), as in zero-shot evaluation; the model's modes are kept.
     """
-    model = ev._unwrap(model)
+    model = unwrap(model)
     features, labels = [], []
-    with ev._eval_mode(model):
+    with eval_mode(model):
         for images, batch_labels, _ in _loader(samples, preprocess, batch_size, workers):
             if images is None:
                 continue
@@ -301,8 +301,8 @@ def zeroshot_head(model: nn.Module, tokenizer, classnames: Sequence[str], layout
     weight = exp(logit_scale) x the mean prompt embedding of each class (unit rows), bias 0: its logits are
     CLIP's zero-shot logits. `templates` default to `evaluate.templates_for(layout)`.
     """
-    model = ev._unwrap(model)
-    with ev._eval_mode(model):
+    model = unwrap(model)
+    with eval_mode(model):
         classifier = open_clip.build_zero_shot_classifier(
             model, tokenizer, list(classnames), templates or ev.templates_for(layout), device=device).float()  # D x C
         scale = model.logit_scale.exp().float().item() if hasattr(model, "logit_scale") else 1.0
@@ -357,7 +357,7 @@ def finetune(model: nn.Module, split: ImageFolderSplit, *, preprocess_train, pre
     """
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 1, lr > 0 and batch_size >= 1, got {epochs}, {lr}, {batch_size}")
-    model = ev._unwrap(model).to(device)
+    model = unwrap(model).to(device)
     seed_everything(seed)
     if head is None:
         head = "zeroshot" if tokenizer is not None else "probe"
@@ -473,7 +473,7 @@ def vit_state_dict(vit: str | Path | dict | nn.Module) -> dict | str | Path:
     root), a state dict, an open_clip CLIP, or "NAME/TAG" (open_clip pretrained weights, which must be on disk:
     `evaluate`'s message says how to fetch them)."""
     if isinstance(vit, nn.Module):
-        return ev._unwrap(vit).state_dict()
+        return unwrap(vit).state_dict()
     if isinstance(vit, dict):
         return vit
     if Path(vit).is_file() or repo_path(vit).is_file():
@@ -506,7 +506,7 @@ def dtp_from_vit(arch: str, compression: float, vit: str | Path | dict | nn.Modu
         images = images.to(device)
         torch.manual_seed(seed)
         history = fit_boundary_prior(model, images, steps=prior_steps, seed=seed)
-        with ev._eval_mode(model), trace(model) as traced:
+        with eval_mode(model), trace(model) as traced:
             model.encode_image(images)
         realised = traced.boundaries.shape[1] / traced.tokens.float().mean().item()
     return FromViT(model, preprocess_train, preprocess, tokenizer, report, history, realised)

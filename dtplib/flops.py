@@ -58,7 +58,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from timm.layers import Attention as TimmAttention
 
 from .model import DTPVisionTransformer, dtp_towers, forced_boundaries, trace
-from .utils import atomic_write_text, load_photos, run_info
+from .utils import atomic_write_text, eval_mode, load_photos, run_info
 
 # ----------------------------------------------------------------------------------------------------------
 # Analytic model
@@ -354,16 +354,6 @@ class _Method(nn.Module):
         return getattr(self.model, self.method)(x)
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def image_size(model: nn.Module) -> tuple[int, int]:
     """Input size (height, width) of a CLIP's image tower."""
     size = getattr(getattr(model, "visual", model), "image_size", None)
@@ -404,7 +394,7 @@ def realised_segments(model: nn.Module, images: torch.Tensor, batch_size: int | 
     """Segments per image (B, long) that the model chooses in eval mode, forwarding `batch_size` images at a time."""
     batch_size = batch_size or len(images)
     counts = []
-    with eval_mode(model), torch.no_grad(), trace(model) as t:
+    with eval_mode(model), trace(model) as t:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             model.encode_image(batch) if hasattr(model, "encode_image") else model(batch)

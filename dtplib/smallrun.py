@@ -21,7 +21,8 @@ import torch
 from open_clip.loss import ClipLoss
 
 from dtplib import bench, data, evaluate, train
-from dtplib.model import trace
+from dtplib.flops import realised_segments
+from dtplib.model import get_tower
 from dtplib.utils import REPO_ROOT, SHARED_DATA, atomic_write_text, repo_path, run_info
 
 RETRIEVAL = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
@@ -56,10 +57,8 @@ def eval_segments(checkpoint: Path, test_shards: str) -> dict:
     segments, and how the segment count spreads between images."""
     model, preprocess, _ = evaluate.load_model(checkpoint=checkpoint)
     images = torch.stack([preprocess(s["image"]) for s in data.iter_samples(test_shards)])  # B x 3 x 64 x 64
-    with torch.no_grad(), trace(model) as traced:
-        model.encode_image(images)
-    segments = traced.tokens.float()  # B
-    return {"eval_compression": traced.boundaries.shape[1] / segments.mean().item(),
+    segments = realised_segments(model, images).float()  # B
+    return {"eval_compression": get_tower(model).num_patches / segments.mean().item(),
             "eval_segments_mean": segments.mean().item(), "eval_segments_std": segments.std().item(),
             "eval_segments_min": segments.min().item(), "eval_segments_max": segments.max().item()}
 

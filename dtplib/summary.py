@@ -9,7 +9,7 @@ import open_clip
 import pandas as pd
 import torch
 
-from .clip import ARCHS, create_model_and_transforms
+from .clip import ARCHS, create_model_and_transforms, parse_dtp_name
 from .flops import analytic_macs, image_tower, patch_count, total
 from .model import dtp_towers, fit_boundary_prior, get_tower, realised_compression, trace
 
@@ -118,10 +118,10 @@ def epoch_report(run_dir: str | Path) -> pd.DataFrame:
 
 
 def _geometry(name: str) -> tuple[int, int]:
+    parsed = parse_dtp_name(name)
+    if parsed is not None:
+        return ARCHS[parsed[0]].image_size, ARCHS[parsed[0]].patch_size
     vision = open_clip.get_model_config(name)["vision_cfg"]
-    if "timm_model_name" in vision and name.startswith("DTP-"):
-        arch = name[len("DTP-"):].removesuffix("-up").rpartition("-")[0]
-        return ARCHS[arch].image_size, ARCHS[arch].patch_size
     return vision["image_size"], vision["patch_size"]
 
 

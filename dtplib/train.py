@@ -46,9 +46,20 @@ from tqdm import tqdm
 
 from dtplib import data as dtp_data
 from dtplib import evaluate as dtp_eval
-from dtplib.clip import ARCHS, create_model_and_transforms
+from dtplib.clip import ARCHS, create_model_and_transforms, parse_dtp_name, read_checkpoint
 from dtplib.model import dtp_towers, last_boundary_loss, trace
-from dtplib.utils import REPO_ROOT, atomic_write_bytes, atomic_write_text, process_memory_mb, repo_path, run_info
+from dtplib.utils import (
+    REPO_ROOT,
+    atomic_write_bytes,
+    atomic_write_text,
+    autocast,
+    process_memory_mb,
+    repo_path,
+    run_info,
+    seed_everything,
+    synchronize,
+    unwrap,
+)
 
 log = logging.getLogger("dtplib.train")
 
@@ -126,10 +137,10 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, float | None, bool]:
     """(arch or open_clip name, compression or None for a plain open_clip model, upsample) from the flags."""
     name = args.model
     if name.startswith("DTP-ViT-"):
-        stem, _, ratio = name[len("DTP-"):].removesuffix("-up").rpartition("-")
-        if stem not in ARCHS or not ratio.endswith("x"):
+        parsed = parse_dtp_name(name)
+        if parsed is None:
             raise ValueError(f"unknown DTP model {name!r}; registered: {_close_names(name)}")
-        compression, upsample = float(ratio[:-1]), name.endswith("-up")
+        stem, compression, upsample = parsed
         if args.compression is not None and args.compression != compression:
             raise ValueError(f"--model {name} means compression {compression:g}, but --compression "
                              f"{args.compression:g} was given; pass one of them")
@@ -264,23 +275,11 @@ def lr_at(step: int, args: argparse.Namespace, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * args.lr
 
 
-def autocast(args: argparse.Namespace, device: torch.device):
-    if args.precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if args.precision == "amp" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated since the last reset, or the process's peak resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return process_memory_mb("VmHWM")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,15 +330,6 @@ class Checkpoints:
             return self.folder / "epoch_latest.pt"
         numbered = sorted(self.folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         return numbered[-1] if numbered else None
-
-    @staticmethod
-    def load(path: str | Path) -> dict:
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -448,7 +438,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args, dist_env: D
             torch.cuda.reset_peak_memory_stats(device)
         synchronize(device)
         start = time.perf_counter()
-        with autocast(args, device), (trace(unwrap(model)) if has_dtp else contextlib.nullcontext()) as traced:
+        traced_run = trace(unwrap(model)) if has_dtp else contextlib.nullcontext()
+        with autocast(args.precision, device), traced_run as traced:
             image_features, text_features, logit_scale = model(images, texts)[:3]
             contrastive = loss_fn(image_features, text_features, logit_scale)
             boundary = last_boundary_loss(unwrap(model))
@@ -585,7 +576,7 @@ def _run(args: argparse.Namespace, dist_env: Dist) -> dict:
 
 def _train(args: argparse.Namespace, dist_env: Dist, name: str, run_dir: Path, checkpoints: Checkpoints,
            resume_from: Path | None) -> dict:
-    _set_seed(args.seed, dist_env.rank)
+    seed_everything(args.seed + dist_env.rank)
 
     model, preprocess_train, preprocess_val, tokenizer = build_model(args)
     model.to(dist_env.device)
@@ -606,7 +597,7 @@ def _train(args: argparse.Namespace, dist_env: Dist, name: str, run_dir: Path, c
 
     start_epoch, step = 0, 0
     if resume_from is not None:
-        state = Checkpoints.load(resume_from)
+        state = read_checkpoint(resume_from)
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["state_dict"].items()})
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -618,7 +609,7 @@ def _train(args: argparse.Namespace, dist_env: Dist, name: str, run_dir: Path, c
         else:
             log.warning("checkpoint has RNG states of %d processes, this run has %d: reseeding", len(rng),
                         dist_env.world_size)
-            _set_seed(args.seed + start_epoch, dist_env.rank)
+            seed_everything(args.seed + start_epoch + dist_env.rank)
         if dist_env.main:
             truncate_csv(run_dir / "steps.csv", lambda r: int(r["step"]) < step)
             truncate_csv(run_dir / "epochs.csv", lambda r: int(r["epoch"]) < start_epoch)
@@ -678,12 +669,6 @@ def _gather_rng(dist_env: Dist) -> list[dict]:
     states = [None] * dist_env.world_size
     dist.all_gather_object(states, rng_state())
     return states
-
-
-def _set_seed(seed: int, rank: int) -> None:
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
 
 
 def _setup_file_logging(run_dir: Path) -> logging.Handler:

@@ -495,8 +495,7 @@ def model_label(name: str | None, checkpoint: str | None) -> str:
     """The open_clip name a row is about: the one given, else the one a dtplib.train checkpoint was trained as."""
     if name or not checkpoint:
         return name or ""
-    from .clip import dtp_name
-    from .evaluate import read_checkpoint
+    from .clip import dtp_name, read_checkpoint
     from .train import resolve_model
 
     train_args = read_checkpoint(checkpoint).get("args") or {}
