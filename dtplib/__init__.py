@@ -23,6 +23,7 @@ from .model import (
     last_boundary_loss,
     realised_compression,
     trace,
+    use_execution,
 )
 
 register()
@@ -30,5 +31,5 @@ register()
 __all__ = [
     "ARCHS", "DTPConfig", "DTPVisionTransformer", "LoadReport", "boundary_loss", "create_model_and_transforms",
     "dtp_name", "fit_boundary_prior", "forced_boundaries", "get_tower", "last_boundary_loss", "load_vit_weights",
-    "realised_compression", "register", "trace", "variant_names",
+    "realised_compression", "register", "trace", "use_execution", "variant_names",
 ]

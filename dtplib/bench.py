@@ -1,16 +1,22 @@
 """Side-by-side step time and memory: `python -m dtplib.bench --models A,B,... --batch-size N --precision P`.
 
 Read top to bottom:
-1. `parse_spec`: a model is an open_clip name (dtplib's DTP-ViT names included), with `+pd0.5` for FLIP-style
-   patch dropout (open_clip's `force_patch_dropout`), e.g. `ViT-B-32+pd0.75`.
-2. `Subject`: one model with its real input batch (Flickr8k photos and captions), optimiser and loss; DTP towers
-   get their boundaries either from a short prior-only fit (`--boundaries prior`, the default: realised, content-
-   dependent counts) or forced uniform at the target ratio (`--boundaries forced`: the exact simulated budget).
+1. `parse_spec`: a model is an open_clip name (dtplib's DTP-ViT names included) with optional modifiers:
+   `+pd0.5` FLIP-style patch dropout (open_clip's `force_patch_dropout`), and for a DTP tower that pools `+padded`
+   (the padded reference execution; `--execution` sets the default), `+uniform` (a boundary every c patches) or
+   `+topk` (exactly ceil(N / c) segments per image). E.g. `DTP-ViT-B-32-4x+padded`, `ViT-B-32+pd0.75`.
+2. `Subject`: one model with its real input batch (Flickr8k photos and captions), optimiser and loss. Learned
+   boundaries come from a trained checkpoint when one is given (`--checkpoint NAME=PATH`, or `--checkpoint-dir`
+   holding `python -m dtplib.train` run folders), else from a short prior-only fit on the photos; every row of
+   one model name uses the same weights, for timing and for memory alike.
 3. `bench`: every model in one process, interleaved step by step, warm-up steps dropped, device synchronised;
    the whole CLIP training step (forward, backward, AdamW) and the image tower alone (forward and backward).
-   Peak memory is CUDA's max allocated per model; on a CPU each model's peak RSS is measured in a fresh process.
-4. The table: median and spread of step time, images/s, peak memory, realised compression, the analytic speed-up
-   bound from `dtplib.flops` and each model's measured ratio to the first; CSV and markdown in results/.
+   Peak memory is CUDA's max allocated per model; on a CPU each model's peak RSS growth is measured in a fresh
+   process that loads the same weights.
+4. The table: median and p10..p90 of step time, images/s, peak memory, realised compression, forward GMACs, the
+   speed-up over the reference (the same-code `DTP-...-1x` when it is in the list) and the analytic bound that
+   `dtplib.flops` gives for the row's execution (packed: each image at its own count; padded: each batch at its
+   largest), with efficiency = speed-up / bound; CSV, markdown and a figure in results/.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -36,8 +44,9 @@ from PIL import Image
 
 from dtplib import flops as dtp_flops
 from dtplib import summary
+from dtplib.clip import dtp_name, parse_dtp_name, read_checkpoint
 from dtplib.data import read_captions
-from dtplib.model import dtp_towers, fit_boundary_prior, forced_boundaries, get_tower, last_boundary_loss, trace
+from dtplib.model import fit_boundary_prior, forced_boundaries, get_tower, last_boundary_loss, trace
 from dtplib.utils import (
     SHARED_DATA,
     atomic_write_bytes,
@@ -46,11 +55,14 @@ from dtplib.utils import (
     process_memory_mb,
     repo_path,
     run_info,
+    seed_everything,
     synchronize,
 )
 
 MODES = ("clip", "image")  # whole CLIP training step; image tower forward + backward
 FLICKR = SHARED_DATA / "flickr8k"
+BOUNDARY_MODIFIERS = ("uniform", "topk")
+EXECUTIONS = ("packed", "padded")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,26 +71,81 @@ FLICKR = SHARED_DATA / "flickr8k"
 
 @dataclass(frozen=True)
 class Spec:
-    """An open_clip model name and an optional patch-dropout rate (a FLIP-style peer)."""
+    """An open_clip model name, optional patch dropout (a FLIP-style peer) and, for a DTP tower that pools, its
+    execution and where its boundaries come from ("learned", "uniform" or "topk")."""
 
     name: str
     patch_dropout: float | None = None
+    execution: str = ""  # "packed" or "padded" for a DTP tower that pools, "" otherwise
+    boundaries: str = ""  # "learned", "uniform" or "topk" for a DTP tower that pools, "" otherwise
+
+    @property
+    def pools(self) -> bool:
+        return bool(self.boundaries)
 
     @property
     def label(self) -> str:
-        return self.name + (f"+pd{self.patch_dropout:g}" if self.patch_dropout else "")
+        modifiers = [f"pd{self.patch_dropout:g}"] if self.patch_dropout else []
+        modifiers += ["padded"] if self.execution == "padded" else []
+        modifiers += [self.boundaries] if self.boundaries in BOUNDARY_MODIFIERS else []
+        return "+".join([self.name, *modifiers])
 
 
-def parse_spec(text: str) -> Spec:
-    match = re.fullmatch(r"([^+]+)(?:\+pd([0-9.]+))?", text.strip())
-    if not match:
-        raise ValueError(f"model spec {text!r}: expected NAME or NAME+pdRATE (e.g. ViT-B-32+pd0.5)")
-    name, rate = match.group(1), match.group(2)
+def parse_spec(text: str, execution: str = "packed") -> Spec:
+    """NAME[+pdRATE][+padded|+packed][+uniform|+topk]; `execution` is the default for a DTP tower that pools."""
+    name, *modifiers = text.strip().split("+")
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model {name!r} in --models (see open_clip.list_models())")
-    if rate is not None and not 0 < float(rate) < 1:
-        raise ValueError(f"patch dropout in {text!r} must be in (0, 1)")
-    return Spec(name, float(rate) if rate is not None else None)
+    parsed = parse_dtp_name(name)
+    pools = parsed is not None and parsed[1] > 1
+    rate, boundaries = None, "learned" if pools else ""
+    for modifier in modifiers:
+        if re.fullmatch(r"pd[0-9.]+", modifier):
+            rate = float(modifier[2:])
+            if not 0 < rate < 1:
+                raise ValueError(f"patch dropout in {text!r} must be in (0, 1)")
+            if pools:
+                raise ValueError(f"{text!r}: patch dropout is for towers that do not pool (compression 1)")
+        elif modifier in (*EXECUTIONS, *BOUNDARY_MODIFIERS):
+            if not pools:
+                raise ValueError(f"{text!r}: +{modifier} needs a DTP tower that pools (DTP-...-2x and up)")
+            execution = modifier if modifier in EXECUTIONS else execution
+            boundaries = modifier if modifier in BOUNDARY_MODIFIERS else boundaries
+        else:
+            raise ValueError(f"model spec {text!r}: expected NAME[+pdRATE][+padded][+uniform|+topk] "
+                             f"(e.g. ViT-B-32+pd0.5, DTP-ViT-B-32-4x+padded), not +{modifier}")
+    return Spec(name, rate, execution if pools else "", boundaries)
+
+
+def find_checkpoints(folder: str | Path) -> dict[str, Path]:
+    """Model name -> latest checkpoint of the first (sorted) `python -m dtplib.train` run under `folder` that
+    trained it, read from each run's params.json (--model, --compression, --upsample)."""
+    found = {}
+    for params_file in sorted(Path(folder).glob("**/params.json")):
+        params = json.loads(params_file.read_text())
+        checkpoint = params_file.parent / "checkpoints" / "epoch_latest.pt"
+        if not checkpoint.is_file() or "model" not in params:
+            continue
+        compression = params.get("compression")
+        name = (dtp_name(params["model"], compression, bool(params.get("upsample"))) if compression is not None
+                else params["model"])
+        found.setdefault(name, checkpoint)
+    return found
+
+
+def parse_checkpoints(pairs: Sequence[str], folder: str | None) -> dict[str, Path]:
+    """--checkpoint NAME=PATH pairs over what --checkpoint-dir finds; every file must exist."""
+    checkpoints = find_checkpoints(repo_path(folder)) if folder else {}
+    if folder and not repo_path(folder).is_dir():
+        raise FileNotFoundError(f"--checkpoint-dir {folder}: no such folder")
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--checkpoint {pair!r}: expected NAME=PATH")
+        if not repo_path(path).is_file():
+            raise FileNotFoundError(f"--checkpoint {pair!r}: no such file")
+        checkpoints[name] = repo_path(path)
+    return checkpoints
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,40 +171,62 @@ class Subject:
     images: torch.Tensor
     texts: torch.Tensor
     optimizer: torch.optim.Optimizer
-    boundaries: str
+    source: str = ""  # where a pooling tower's weights (and so its learned boundaries) come from
     times: dict = field(default_factory=lambda: {m: [] for m in MODES})
-    compression: list = field(default_factory=list)
-    segments: list = field(default_factory=list)
-    max_segments: list = field(default_factory=list)
+    counts: list = field(default_factory=list)  # per step, the segments of every image (B,)
     peak_memory_mb: dict = field(default_factory=dict)
 
-    @property
-    def is_dtp(self) -> bool:
-        return bool(dtp_towers(self.model)) and get_tower(self.model).predictor is not None
-
     def boundary_context(self):
-        if self.is_dtp and self.boundaries == "forced":
+        if self.spec.boundaries == "uniform":
             return forced_boundaries(self.model, max(1, round(get_tower(self.model).dtp.compression)))
         return contextlib.nullcontext()
 
 
-def make_subject(spec: Spec, batch_size: int, device: torch.device, boundaries: str, prior_steps: int) -> Subject:
+def build_model(spec: Spec, checkpoint: Path | None):
+    """(model, preprocess_val) of a spec: open_clip's model, with a checkpoint's weights when one is given."""
     options = {"force_patch_dropout": spec.patch_dropout} if spec.patch_dropout else {}
     model, _, preprocess = open_clip.create_model_and_transforms(spec.name, **options)
+    if checkpoint is not None:
+        raw = read_checkpoint(checkpoint)
+        state = {k.removeprefix("module."): v for k, v in raw.get("state_dict", raw).items()}
+        model.load_state_dict(state)
+    if spec.pools:
+        tower = get_tower(model)
+        tower.dtp.execution = spec.execution
+        tower.dtp.boundaries = "topk" if spec.boundaries == "topk" else "threshold"
+    return model, preprocess
+
+
+def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps: int,
+                 checkpoint: Path | None = None, fitted: dict | None = None) -> Subject:
+    """A spec's model on `device` with its batch. Learned boundaries: the checkpoint's, or a prior-only fit
+    (seeded; the fitted predictor is kept in `fitted` by name, so every row of one name has the same one)."""
+    model, preprocess = build_model(spec, checkpoint)
     images, texts = real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
     model.to(device)
-    subject = Subject(spec, model, images.to(device), texts.to(device),
-                      torch.optim.AdamW(model.parameters(), lr=1e-5), boundaries)
-    if subject.is_dtp and boundaries == "prior":  # realised boundaries at the intended budget, not a random net's
-        fit_boundary_prior(model, images.to(device), steps=prior_steps, batch_size=min(64, batch_size))
+    source = ""
+    if spec.pools:
+        predictor = get_tower(model).predictor
+        if checkpoint is not None:
+            source = f"checkpoint {os.path.relpath(checkpoint, repo_path('.'))}"
+        elif fitted is not None and spec.name in fitted:
+            predictor.load_state_dict(fitted[spec.name])
+            source = f"prior-only fit, {prior_steps} steps"
+        else:
+            seed_everything(0)
+            fit_boundary_prior(model, images.to(device), steps=prior_steps, batch_size=min(64, batch_size))
+            if fitted is not None:
+                fitted[spec.name] = {k: v.detach().clone() for k, v in predictor.state_dict().items()}
+            source = f"prior-only fit, {prior_steps} steps"
     model.train()
-    return subject
+    return Subject(spec, model, images.to(device), texts.to(device),
+                   torch.optim.AdamW(model.parameters(), lr=1e-5), source)
 
 
 def step(subject: Subject, mode: str, precision: str, device: torch.device, loss_fn: ClipLoss) -> float:
-    """One timed step; returns seconds. Records realised compression of DTP towers."""
+    """One timed step; returns seconds. Records the segment counts of DTP towers that pool."""
     model = subject.model
-    traced = trace(model) if subject.is_dtp else contextlib.nullcontext()
+    traced = trace(model) if subject.spec.pools else contextlib.nullcontext()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
@@ -147,7 +236,7 @@ def step(subject: Subject, mode: str, precision: str, device: torch.device, loss
             image_features, text_features, logit_scale = model(subject.images, subject.texts)[:3]
             loss = loss_fn(image_features, text_features, logit_scale)
             boundary = last_boundary_loss(model)
-            loss = loss + boundary if boundary is not None and subject.boundaries == "prior" else loss
+            loss = loss + boundary if boundary is not None and subject.spec.boundaries != "uniform" else loss
         else:
             loss = model.encode_image(subject.images).float().square().mean()
     loss.backward()
@@ -159,10 +248,8 @@ def step(subject: Subject, mode: str, precision: str, device: torch.device, loss
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         subject.peak_memory_mb[mode] = max(subject.peak_memory_mb.get(mode, 0.0), peak)
-    if subject.is_dtp:
-        subject.compression.append(record.boundaries.shape[1] / record.tokens.float().mean().item())  # budget
-        subject.segments.append(record.tokens.float().mean().item())
-        subject.max_segments.append(record.tokens.max().item())  # what the padded batch pays
+    if subject.spec.pools:
+        subject.counts.append(record.tokens.detach().cpu())
     return elapsed
 
 
@@ -170,14 +257,17 @@ def step(subject: Subject, mode: str, precision: str, device: torch.device, loss
 # 3. The interleaved benchmark
 
 
-def bench(specs: Sequence[Spec], batch_size: int, precision: str = "fp32", steps: int = 20, warmup: int = 5,
-          device: str | None = None, boundaries: str = "prior", prior_steps: int = 200,
-          modes: Sequence[str] = MODES, measure_memory: bool = True) -> pd.DataFrame:
+def bench(specs: Sequence[Spec], batch_size: int, precision: str = "fp32", steps: int = 30, warmup: int = 5,
+          device: str | None = None, prior_steps: int = 200, modes: Sequence[str] = MODES,
+          measure_memory: bool = True, checkpoints: dict[str, Path] | None = None,
+          reference: str | None = None) -> pd.DataFrame:
     """Time every model in one process, step by step in turn, and return one row per model and mode."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("fp16 autocast on a CPU is about 17x slower than fp32; use fp32 or bf16")
-    subjects = [make_subject(s, batch_size, device, boundaries, prior_steps) for s in specs]
+    checkpoints = checkpoints or {}
+    fitted = {}
+    subjects = [make_subject(s, batch_size, device, prior_steps, checkpoints.get(s.name), fitted) for s in specs]
     loss_fn = ClipLoss()
     for mode in modes:
         for index in range(warmup + steps):
@@ -186,69 +276,94 @@ def bench(specs: Sequence[Spec], batch_size: int, precision: str = "fp32", steps
                 if index >= warmup:
                     subject.times[mode].append(elapsed)
     if measure_memory and device.type == "cpu":
-        for subject in subjects:
-            for mode in modes:
-                subject.peak_memory_mb[mode] = cpu_peak_rss(subject.spec, batch_size, precision, mode, boundaries)
-    return table(subjects, batch_size, precision, device, modes)
+        with tempfile.TemporaryDirectory() as folder:
+            for index, subject in enumerate(subjects):
+                state = Path(folder) / f"{index}.pt"
+                torch.save(subject.model.state_dict(), state)  # the same weights, so the same boundaries
+                for mode in modes:
+                    subject.peak_memory_mb[mode] = cpu_peak_rss(subject.spec, batch_size, precision, mode, state)
+    return table(subjects, batch_size, precision, device, modes, reference)
 
 
-def cpu_peak_rss(spec: Spec, batch_size: int, precision: str, mode: str, boundaries: str) -> float:
+def cpu_peak_rss(spec: Spec, batch_size: int, precision: str, mode: str, state: Path) -> float:
     """Peak RSS growth (MiB) of a fresh process over 3 steps of one model: a CPU has no per-model allocator peak."""
     command = [sys.executable, "-m", "dtplib.bench", "--memory-probe", spec.label, "--batch-size", str(batch_size),
-               "--precision", precision, "--probe-mode", mode, "--boundaries", boundaries]
+               "--precision", precision, "--probe-mode", mode, "--probe-state", str(state)]
     result = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ})
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
-def memory_probe(spec: Spec, batch_size: int, precision: str, mode: str, boundaries: str) -> dict:
-    subject = make_subject(spec, batch_size, torch.device("cpu"), boundaries, prior_steps=20)
+def memory_probe(spec: Spec, batch_size: int, precision: str, mode: str, state: str) -> dict:
+    model, preprocess = build_model(spec, None)
+    model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
+    images, texts = real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
+    subject = Subject(spec, model.train(), images, texts, torch.optim.AdamW(model.parameters(), lr=1e-5))
     baseline = process_memory_mb("VmRSS")  # model, optimizer, inputs: what is not the step's own memory
     for _ in range(3):
         step(subject, mode, precision, torch.device("cpu"), ClipLoss())
     return {"peak_mb": process_memory_mb("VmHWM") - baseline}
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # 4. The table
 
 
-def analytic_macs(subject: Subject, mode: str, padded: bool = False) -> float:
-    """Forward MACs of the model at its measured mean segment count (packed: each image at its own count) or, with
-    `padded`, at each batch's largest count (what the padded implementation computes); image + text for clip."""
-    counts = subject.max_segments if padded else subject.segments
-    segments = float(np.mean(counts)) if counts else None
-    costs = dtp_flops.clip_macs_at(subject.model, segments=segments, patch_dropout=subject.spec.patch_dropout)
+def forward_macs(subject: Subject, mode: str, execution: str = "packed") -> float:
+    """Forward MACs per image (image tower, plus the text tower for clip) at the measured segment counts: packed,
+    the mean over images of each image's own cost; padded, every image at its step's largest count."""
+    segments = None
+    if subject.counts:
+        counts = torch.stack(subject.counts).double()  # steps x B
+        segments = counts.amax(1, keepdim=True).expand_as(counts) if execution == "padded" else counts
+        segments = segments.flatten()
+    costs = dtp_flops.clip_macs_at(subject.model, segments=segments, patch_dropout=subject.spec.patch_dropout,
+                                   execution=execution)
     return costs["image"] + (costs["text"] if mode == "clip" else 0.0)
 
 
 def realised_compression(subject: Subject) -> float:
     """Patches per token of the image tower: N / mean segments for DTP, 1 / (1 - rate) for patch dropout."""
-    if subject.compression:
-        return float(np.mean(subject.compression))
+    if subject.counts:
+        return get_tower(subject.model).num_patches / torch.stack(subject.counts).double().mean().item()
     return 1 / (1 - subject.spec.patch_dropout) if subject.spec.patch_dropout else 1.0
 
 
+def reference_index(specs: Sequence[Spec], reference: str | None) -> int:
+    """The row that speed-ups are taken against: `reference`, else the first same-code DTP-...-1x, else the first."""
+    labels = [s.label for s in specs]
+    if reference is not None:
+        if reference not in labels:
+            raise ValueError(f"--reference {reference!r} is not one of --models: {labels}")
+        return labels.index(reference)
+    same_code = [i for i, s in enumerate(specs) if (parse_dtp_name(s.name) or ("", 0, False))[1] == 1]
+    return same_code[0] if same_code else 0
+
+
 def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: torch.device,
-          modes: Sequence[str]) -> pd.DataFrame:
+          modes: Sequence[str], reference: str | None = None) -> pd.DataFrame:
     rows = []
+    base = subjects[reference_index([s.spec for s in subjects], reference)]
     for mode in modes:
-        first_time = float(np.median(subjects[0].times[mode]))
-        first_macs = analytic_macs(subjects[0], mode)
+        base_time, base_macs = float(np.median(base.times[mode])), forward_macs(base, mode)
         for subject in subjects:
             times = np.array(subject.times[mode])
             median = float(np.median(times))
-            macs = analytic_macs(subject, mode)
-            padded_macs = analytic_macs(subject, mode, padded=True)
+            macs, padded_macs = forward_macs(subject, mode), forward_macs(subject, mode, "padded")
+            counts = torch.stack(subject.counts).double() if subject.counts else None
+            bound, padded_bound = base_macs / macs, base_macs / padded_macs
+            own_bound = padded_bound if subject.spec.execution == "padded" else bound
             rows.append({
-                "model": subject.spec.label, "mode": mode, "boundaries": subject.boundaries if subject.is_dtp else "",
+                "model": subject.spec.label, "mode": mode, "execution": subject.spec.execution,
+                "boundaries": subject.spec.boundaries, "boundary_source": subject.source,
                 "median_s": median, "p10_s": float(np.percentile(times, 10)), "p90_s": float(np.percentile(times, 90)),
                 "images_per_s": batch_size / median, "peak_memory_mb": subject.peak_memory_mb.get(mode),
                 "realised_compression": realised_compression(subject),
-                "forward_gmacs": macs / 1e9, "speedup": first_time / median,
-                "analytic_bound": first_macs / macs, "padded_bound": first_macs / padded_macs,
-                "max_segments": float(np.mean(subject.max_segments)) if subject.max_segments else float("nan"),
-                "steps": len(times),
+                "segments_mean": counts.mean().item() if counts is not None else float("nan"),
+                "segments_std": counts.std().item() if counts is not None else float("nan"),
+                "max_segments": counts.amax(1).mean().item() if counts is not None else float("nan"),
+                "forward_gmacs": macs / 1e9, "speedup": base_time / median,
+                "analytic_bound": bound, "padded_bound": padded_bound, "efficiency": base_time / median / own_bound,
+                "reference": base.spec.label, "steps": len(times),
                 **run_info(device, precision, batch_size)})
     frame = pd.DataFrame(rows)
     frame["memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth"
@@ -259,26 +374,29 @@ def markdown(frame: pd.DataFrame) -> str:
     first = frame.iloc[0]
     lines = [f"Hardware: {first['hardware']}; {first['dtype']}; batch {first['batch_size']}; torch {first['torch']}; "
              f"commit {first['commit']}; {first['steps']} timed steps after warm-up, models interleaved.",
-             f"Memory: {first['memory_kind']}. Speed-up and bounds are relative to the first model of each mode; a "
-             "bound is the ratio of forward GMACs (image tower, plus the text tower for the clip step): packed at the "
-             "mean segment count, padded at each batch's largest count (what this implementation computes).", "",
-             "| mode | model | median step (s) | p10..p90 (s) | images/s | peak memory (MiB) | compression | "
-             "max segments | forward GMACs | speed-up | bound, packed | bound, padded |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Memory: {first['memory_kind']}. Speed-ups are over {first['reference']}. A bound is the ratio of "
+             "forward GMACs (image tower, plus the text tower for the clip step) to the reference's: packed, each "
+             "image at its own segment count; padded, each batch at its largest. Efficiency is the speed-up over "
+             "the bound of the row's own execution.", "",
+             "| mode | model | boundaries | median step (s) | p10..p90 (s) | images/s | peak memory (MiB) | "
+             "compression | segments mean / batch max | forward GMACs | speed-up | bound, packed | bound, padded | "
+             "efficiency |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in frame.iterrows():
         memory = "" if pd.isna(r["peak_memory_mb"]) else f"{r['peak_memory_mb']:.0f}"
-        max_segments = "" if pd.isna(r["max_segments"]) else f"{r['max_segments']:.1f}"
-        lines.append(f"| {r['mode']} | {r['model']} | {r['median_s']:.4f} | {r['p10_s']:.4f}..{r['p90_s']:.4f} | "
-                     f"{r['images_per_s']:.1f} | {memory} | {r['realised_compression']:.2f} | "
-                     f"{max_segments} | "
-                     f"{r['forward_gmacs']:.3f} | {r['speedup']:.2f}x | {r['analytic_bound']:.2f}x | "
-                     f"{r['padded_bound']:.2f}x |")
+        segments = "" if pd.isna(r["max_segments"]) else f"{r['segments_mean']:.1f} / {r['max_segments']:.1f}"
+        source = r["boundaries"] + (" (checkpoint)" if str(r["boundary_source"]).startswith("checkpoint")
+                                    else " (prior fit)" if r["boundaries"] in ("learned", "topk") else "")
+        lines.append(f"| {r['mode']} | {r['model']} | {source if r['boundaries'] else ''} | {r['median_s']:.4f} | "
+                     f"{r['p10_s']:.4f}..{r['p90_s']:.4f} | {r['images_per_s']:.1f} | {memory} | "
+                     f"{r['realised_compression']:.2f} | {segments} | {r['forward_gmacs']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['analytic_bound']:.2f}x | {r['padded_bound']:.2f}x | {100 * r['efficiency']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
 def save_figure(figure, path) -> None:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")  # the legend sits outside the axes
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -292,14 +410,21 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(prog="python -m dtplib.bench", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="ViT-Ti-8-64,DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-2x,DTP-ViT-Ti-8-64-4x,"
                                        "DTP-ViT-Ti-8-64-10x,ViT-Ti-8-64+pd0.5,ViT-Ti-8-64+pd0.75",
-                   help="comma-separated open_clip names, NAME+pdRATE for patch dropout; ratios are to the first")
+                   help="comma-separated open_clip names with modifiers: +pdRATE patch dropout; for DTP towers that "
+                        "pool +padded, +uniform, +topk")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per model and mode")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per model and mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per model and mode")
-    p.add_argument("--boundaries", choices=("prior", "forced"), default="prior",
-                   help="DTP boundaries: after a prior-only fit (realised) or forced uniform at the target ratio")
-    p.add_argument("--prior-steps", type=int, default=200)
+    p.add_argument("--execution", choices=EXECUTIONS, default="packed",
+                   help="execution of DTP towers without a +padded/+packed modifier")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="learned boundaries from the trained runs (python -m dtplib.train folders) under this folder")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                   help="learned boundaries of model NAME from this checkpoint (repeatable; over --checkpoint-dir)")
+    p.add_argument("--prior-steps", type=int, default=200, help="prior-only fit of models without a checkpoint")
+    p.add_argument("--reference", default=None, help="model label that speed-ups are over; default: the first "
+                                                     "DTP-...-1x, else the first model")
     p.add_argument("--modes", default="clip,image")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
@@ -310,24 +435,32 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                    help="only draw speed-up against compression (with the bounds) for these CSVs into --out .png")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe-mode", default="clip", help=argparse.SUPPRESS)
+    p.add_argument("--probe-state", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
-        print(json.dumps(memory_probe(parse_spec(args.memory_probe), args.batch_size, args.precision,
-                                      args.probe_mode, args.boundaries)))
+        print(json.dumps(memory_probe(parse_spec(args.memory_probe, args.execution), args.batch_size, args.precision,
+                                      args.probe_mode, args.probe_state)))
         return pd.DataFrame()
     if args.plot:
         if not args.out:
-            raise SystemExit("--plot needs --out (the figure is written to <out>.png)")
+            p.error("--plot needs --out (the figure is written to <out>.png)")
         save_figure(summary.speedup_plot([repo_path(c) for c in args.plot]), repo_path(args.out).with_suffix(".png"))
         return pd.DataFrame()
-    specs = [parse_spec(s) for s in args.models.split(",") if s.strip()]
     modes = [m.strip() for m in args.modes.split(",")]
-    if not specs or any(m not in MODES for m in modes) or args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
-        raise SystemExit(f"need models, modes in {MODES}, --batch-size >= 2, --steps >= 1, --warmup >= 0")
-    frame = bench(specs, args.batch_size, args.precision, args.steps, args.warmup, args.device, args.boundaries,
-                  args.prior_steps, modes, measure_memory=not args.no_memory)
+    if any(m not in MODES for m in modes) or args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
+        p.error(f"need modes in {MODES}, --batch-size >= 2, --steps >= 1, --warmup >= 0")
+    try:
+        specs = [parse_spec(s, args.execution) for s in args.models.split(",") if s.strip()]
+        if not specs:
+            raise ValueError("--models is empty")
+        checkpoints = parse_checkpoints(args.checkpoint, args.checkpoint_dir)
+        reference_index(specs, args.reference)
+    except (ValueError, FileNotFoundError) as exn:
+        p.error(str(exn))
+    frame = bench(specs, args.batch_size, args.precision, args.steps, args.warmup, args.device, args.prior_steps,
+                  modes, measure_memory=not args.no_memory, checkpoints=checkpoints, reference=args.reference)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stem = repo_path(args.out) if args.out else repo_path("results") / (
         f"efficiency_{device_slug(device)}" + (f"_{args.tag}" if args.tag else ""))

@@ -14,7 +14,10 @@ What is counted: the multiply-accumulates of matrix products, nothing else.
   2.95 "GFLOPs" for ViT-B/32's image tower: MLP and patch embedding only, in MACs. The tower costs 4.41 GMACs =
   8.82 GFLOPs (open_clip's docs/model_profile.csv). Masked and causal attention count the full T^2: that is what
   the dense kernels compute (the padded segments of a batch included).
-- The DTP membership einsums: downsampling B x N x S x D (`bns,bnd->bsd`) and upsampling B x N x S x D.
+- Pooling into segments and back. The padded reference path (`execution="padded"`) multiplies by a B x N x S
+  membership matrix (einsums `bns,bnd->bsd` down and `bns,bsd->bnd` up: N x S x D MACs per image each). The packed
+  path, and any batch whose images share one count (topk, uniform boundaries), scatter-adds each patch into its
+  segment and gathers it back: O(N x D) elementwise work, counted 0 like the other elementwise ops.
 - Not counted (0 MACs, listed in NO_MAC_OPS): LayerNorm, GELU, softmax, sigmoid, residual and positional adds,
   scaling, masked mean pooling, cumsum, and bookkeeping (embedding lookup, argmax, shapes). These are elementwise:
   O(T * D) per layer against O(T * D^2) for the matrix products. For scale, fvcore's own LayerNorm estimate
@@ -25,10 +28,12 @@ convolution, token counts), so it follows the MLP ratio, predictor width and lay
 hold it equal to fvcore's count. fvcore is run with our handles (`MAC_HANDLES`) and every op it sees must have a
 handle or be listed in NO_MAC_OPS, otherwise `fvcore_macs` raises: a new op cannot slip through as zero.
 
-Token counts. Images differ in their segment count S, so the image tower's cost is per image and a function of S:
-a packed (variable-length) implementation pays each image at its own S; the padded reference implementation pays
-every image of a batch at the batch's maximum S (`realised`). A boundary every c patches gives S = ceil(N / c)
-(the last patch always closes a segment).
+Token counts and executions. Images differ in their segment count S, so the image tower's cost is per image and a
+function of S. `execution="packed"` (the default of `analytic_macs` and of the towers) is what the packed path
+computes: each image at its own S, attention over 1 + S tokens per image, as varlen attention does on a GPU (CPU
+length buckets pad each image to its bucket's longest: a little more attention than counted). `"padded"` is the
+reference path: every image of a batch at the batch's maximum S, with the membership einsums (`realised`). A
+boundary every c patches gives S = ceil(N / c) (the last patch always closes a segment) and no padding either way.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from open_clip.transformer import Attention as OpenClipAttention
 from open_clip.transformer import TextTransformer, VisionTransformer
 from timm.layers import Attention as TimmAttention
 
-from .model import DTPVisionTransformer, dtp_towers, forced_boundaries, trace
+from .model import DTPVisionTransformer, dtp_towers, forced_boundaries, trace, use_execution
 from .utils import atomic_write_text, eval_mode, load_photos, run_info
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,16 +147,22 @@ def _as_count(segments, low: int, high: int, what: str):
     return values
 
 
-def _image_stages(model: nn.Module, segments=None, patch_dropout: float | None = None) -> dict[str, tuple]:
+EXECUTIONS = ("packed", "padded")
+
+
+def _image_stages(model: nn.Module, segments=None, patch_dropout: float | None = None,
+                  execution: str = "packed") -> dict[str, tuple]:
     """Component -> (linear, attention) MACs per image of the image tower; see `analytic_macs`."""
-    stages = _tower_stages(model, segments, patch_dropout)
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    stages = _tower_stages(model, segments, patch_dropout, execution)
     if not isinstance(segments, torch.Tensor):
         return stages
     zero = torch.zeros(segments.shape, dtype=torch.float64)  # every component a per-image tensor
     return {name: (linear + zero, attention + zero) for name, (linear, attention) in stages.items()}
 
 
-def _tower_stages(model: nn.Module, segments, patch_dropout: float | None) -> dict[str, tuple]:
+def _tower_stages(model: nn.Module, segments, patch_dropout: float | None, execution: str) -> dict[str, tuple]:
     tower = image_tower(model)
     if isinstance(tower, VisionTransformer):  # open_clip's plain ViT
         if tower.attn_pool is not None:
@@ -180,7 +191,7 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None) -> di
         raise ValueError("a pooling DTP tower has no patch dropout (it would remove patches before the predictor)")
     segments = num_patches / tower.dtp.compression if segments is None else segments
     segments = _as_count(segments, 1, num_patches, "segments per image")
-    pooling = num_patches * segments * width  # membership einsum: N x S x D
+    pooling = num_patches * segments * width if execution == "padded" else 0 * segments  # einsum N x S x D
     return {"patch_embed": (tower.patch_embed.proj.weight.numel() * num_patches, 0),
             "pre_layers": stage_macs(pre_blocks, 1 + num_patches),
             "predictor": (linear_macs_per_token(tower.predictor) * num_patches, 0),
@@ -192,23 +203,24 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None) -> di
 
 
 def analytic_macs(model: nn.Module, segments: float | torch.Tensor | None = None,
-                  patch_dropout: float | None = None) -> dict[str, float | torch.Tensor]:
+                  patch_dropout: float | None = None, execution: str = "packed") -> dict[str, float | torch.Tensor]:
     """MACs per image of each image-tower component at `segments` segments per image.
 
     `segments`: a number, or a tensor of per-image counts (then every component is a per-image tensor); None is
     the tower's target N / compression. Components of a DTP tower: patch_embed, pre_layers (1+N tokens),
-    predictor, downsample (membership einsum), short_layers (1+S), upsample (einsum), post_layers (1+N), head
+    predictor, downsample (the membership einsum with `execution="padded"`, else 0), short_layers (1+S), upsample
+    (likewise), post_layers (1+N), head
     (projection to the CLIP embedding). An open_clip ViT: patch_embed, layers, head. `patch_dropout` (towers that
     do not pool): training-time FLIP-style dropout, the layers run on 1 + int(N * (1 - p)) tokens.
     """
     return {name: linear + attention for name, (linear, attention)
-            in _image_stages(model, segments, patch_dropout).items()}
+            in _image_stages(model, segments, patch_dropout, execution).items()}
 
 
 def attention_macs(model: nn.Module, segments: float | torch.Tensor | None = None,
-                   patch_dropout: float | None = None) -> float | torch.Tensor:
+                   patch_dropout: float | None = None, execution: str = "packed") -> float | torch.Tensor:
     """The QK^T and AV share of `analytic_macs` (the part that published DTP tables left out)."""
-    return sum(attention for _, attention in _image_stages(model, segments, patch_dropout).values())
+    return sum(attention for _, attention in _image_stages(model, segments, patch_dropout, execution).values())
 
 
 def total(components: dict) -> float | torch.Tensor:
@@ -243,10 +255,12 @@ def fixed_segments(num_patches: int, compression: int) -> int:
     return math.ceil(num_patches / compression)
 
 
-def clip_macs_at(model: nn.Module, segments: float | None = None,
-                 patch_dropout: float | None = None) -> dict[str, float]:
-    """Analytic MACs of one CLIP forward per image-text pair: {"image": ..., "text": ...} at `segments`."""
-    image = total(analytic_macs(model, segments, patch_dropout))
+def clip_macs_at(model: nn.Module, segments: float | torch.Tensor | None = None, patch_dropout: float | None = None,
+                 execution: str = "packed") -> dict[str, float]:
+    """Analytic MACs of one CLIP forward per image-text pair: {"image": ..., "text": ...} at `segments` (a number,
+    or per-image counts: then the image figure is their mean)."""
+    image = total(analytic_macs(model, segments, patch_dropout, execution))
+    image = image.mean() if isinstance(image, torch.Tensor) else image
     return {"image": float(image), "text": float(total(text_macs(model)))}
 
 
@@ -303,6 +317,9 @@ NO_MAC_OPS = (  # seen in these towers and deliberately counted as 0 MACs (see t
     "aten::sum", "aten::mean", "aten::cumsum", "aten::log", "aten::log1p", "aten::exp", "aten::neg",
     "aten::rand_like", "aten::randn", "aten::topk", "aten::nan_to_num", "aten::fill_",
     "aten::masked_fill_",  # timm's attention without SDPA (TIMM_FUSED_ATTN=0): the padding mask
+    # the packed path and equal counts: scatter-add into segments, gathers, packing (elementwise, O(N x D))
+    "aten::index_add", "aten::index_copy", "aten::index", "aten::scatter", "aten::lt",
+    "aten::lift_fresh", "aten::numel",  # host-built packing indices, constants in the trace
     # lookups and bookkeeping
     "aten::embedding", "aten::argmax", "aten::unflatten", "aten::new_ones", "aten::ones_like", "aten::scalar_tensor",
 )
@@ -432,7 +449,7 @@ def realised_stats(model: nn.Module, segments: torch.Tensor, batch_size: int | N
     """`realised` from the segment counts per image (B) that `realised_segments` returned."""
     num_patches = patch_count(image_tower(model))
     packed = total(analytic_macs(model, segments))  # B
-    padded = total(analytic_macs(model, padded_segments(segments, batch_size)))  # B
+    padded = total(analytic_macs(model, padded_segments(segments, batch_size), execution="padded"))  # B
     return {"images": len(segments), "batch_size": batch_size or len(segments), **_stats("gmacs", packed / 1e9),
             "padded_gmacs_mean": padded.mean().item() / 1e9, **_stats("segments", segments),
             **_stats("compression", num_patches / segments.double()),
@@ -444,27 +461,33 @@ def realised_stats(model: nn.Module, segments: torch.Tensor, batch_size: int | N
 
 
 def report(model: nn.Module, name: str, compressions: Sequence[int] = (1, 2, 4, 10),
-           images: torch.Tensor | None = None, batch_size: int | None = None) -> pd.DataFrame:
-    """One row per setting, GMACs per image (text: per text); each image-tower component in its own column.
+           images: torch.Tensor | None = None, batch_size: int | None = None,
+           executions: Sequence[str] = EXECUTIONS) -> pd.DataFrame:
+    """One row per setting, GMACs per image (text: per text); each image-tower component in its own column, and the
+    execution that the figure is for.
 
-    Settings: "fixed Cx" for a pooling tower (fvcore at `forced_boundaries(model, C)` on one random image) or
-    "plain"; with `images`, "realised, packed" (mean over images at their own S, with the spread) and "realised,
-    padded" (fvcore on the same padded batches), for a tower that pools; "text tower".
+    Settings: "fixed Cx" for a pooling tower (fvcore at `forced_boundaries(model, C)` on one random image; every
+    image has the same count, so packed and padded compute the same) or "plain"; with `images`, for a tower that
+    pools, per execution in `executions`: "realised, packed" (mean over images at their own S, with the spread) and
+    "realised, padded" (fvcore on the same batches run by the padded path); "text tower".
     """
     tower = image_tower(model)
     pools = isinstance(tower, DTPVisionTransformer) and tower.predictor is not None
     num_patches = patch_count(tower)
     rows = []
 
-    def add(setting: str, counts, fvcore: float | None, tower_name: str = "image", **extra):
+    def add(setting: str, counts, fvcore: float | None, tower_name: str = "image", execution: str = "packed",
+            **extra):
         if tower_name == "text":
             components, attention = text_macs(model), float("nan")
         else:
             components = {k: float(v.mean()) if isinstance(v, torch.Tensor) else float(v)
-                          for k, v in analytic_macs(model, counts).items()}
-            attention = float(torch.as_tensor(attention_macs(model, counts), dtype=torch.float64).mean())
+                          for k, v in analytic_macs(model, counts, execution=execution).items()}
+            attention = float(torch.as_tensor(attention_macs(model, counts, execution=execution),
+                                              dtype=torch.float64).mean())
         analytic = float(total(components))
-        rows.append({"model": name, "tower": tower_name, "setting": setting, **extra,
+        rows.append({"model": name, "tower": tower_name, "setting": setting,
+                     "execution": execution if tower_name == "image" else "", **extra,
                      **{f"{k} GMACs": v / 1e9 for k, v in components.items()}, "attention GMACs": attention / 1e9,
                      "analytic GMACs": analytic / 1e9, "analytic GFLOPs": 2 * analytic / 1e9,
                      "fvcore GMACs": fvcore / 1e9 if fvcore is not None else float("nan"),
@@ -481,12 +504,16 @@ def report(model: nn.Module, name: str, compressions: Sequence[int] = (1, 2, 4, 
     if images is not None and pools:
         segments = realised_segments(model, images, batch_size)  # B
         stats = realised_stats(model, segments, batch_size)
-        padded = padded_segments(segments, batch_size)
-        measured = sum(image_fvcore_macs(model, chunk) * len(chunk) for chunk in images.split(stats["batch_size"]))
-        add("realised, packed", segments, None, segments=stats["segments_mean"],
-            compression=stats["realised_compression"], **stats)
-        add("realised, padded", padded, measured / len(images), segments=padded.double().mean().item(),
-            compression=num_patches / padded.double().mean().item())
+        if "packed" in executions:
+            add("realised, packed", segments, None, segments=stats["segments_mean"],
+                compression=stats["realised_compression"], **stats)
+        if "padded" in executions:
+            padded = padded_segments(segments, batch_size)
+            with use_execution(model, "padded"):
+                measured = sum(image_fvcore_macs(model, chunk) * len(chunk)
+                               for chunk in images.split(stats["batch_size"]))
+            add("realised, padded", padded, measured / len(images), execution="padded",
+                segments=padded.double().mean().item(), compression=num_patches / padded.double().mean().item())
     add("text tower", None, text_fvcore_macs(model), tower_name="text")
     return pd.DataFrame(rows)
 
@@ -538,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--num-images", type=int, default=64, help="first N photos of --images (sorted names)")
     parser.add_argument("--batch-size", type=int, help="batch that the padded cost is taken over (default: all)")
     parser.add_argument("--compressions", default="1,2,4,10", help="fixed ratios: a boundary every c patches")
+    parser.add_argument("--execution", choices=(*EXECUTIONS, "both"), default="both",
+                        help="realised cost of the packed path (each image at its own count), of the padded reference "
+                             "path (each batch at its largest count), or both")
     parser.add_argument("--output", help="write the rows, with provenance columns, to this CSV")
     args = parser.parse_args(argv)
     from .evaluate import _check_model_name  # imported here: evaluate pulls in the data pipeline
@@ -565,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         images = load_photos(args.images, args.num_images, preprocess)[0] if args.images and pools else None
     except (ValueError, FileNotFoundError) as exn:
         parser.error(str(exn))
-    frame = report(model, args.model, compressions, images, args.batch_size)
+    executions = EXECUTIONS if args.execution == "both" else (args.execution,)
+    frame = report(model, args.model, compressions, images, args.batch_size, executions)
     print(format_report(frame))
     if args.output:
         batch = (args.batch_size or len(images)) if images is not None else 1

@@ -10,9 +10,12 @@ arXiv:2211.09761) applied to a Vision Transformer:
 The tower subclasses timm's VisionTransformer and keeps its parameter names (`blocks.i`, `norm_pre`, `norm`,
 `pos_embed`, ...), so CLIP ViT weights map onto the pre-, shortened and post-layers by timm's own converter.
 
-Padding: images in one batch get different numbers of segments. This module holds the padded reference
-path: segments are padded to the batch maximum and masked in attention and pooling, so an image's
-embedding does not depend on its batch-mates.
+Images in one batch get different numbers of segments. Two executions of the shortened layers give the same
+result (`DTPConfig.execution`): "packed" (the default, `dtplib.packed`) runs them on the concatenated real tokens
+of the batch and keeps images apart in attention only, so nothing is computed for padding; "padded", the
+reference, pads every image to the batch's largest count and masks the padding in attention and pooling. In both
+an image's embedding does not depend on its batch-mates. With `boundaries="topk"` (or forced uniform boundaries)
+every image has the same count: shapes are static, and there is no padding and no host synchronisation.
 """
 
 from __future__ import annotations
@@ -27,6 +30,17 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
+
+from .packed import (
+    Packing,
+    block_forward,
+    check_block,
+    gather_segments,
+    pack_tokens,
+    segment_index,
+    segment_means,
+    unpack,
+)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -46,6 +60,8 @@ class DTPConfig:
     predictor_hidden: int | None = None  # hidden width of the predictor MLP; None = model width
     pool: str = "tok"  # "tok": CLS token; "avg": masked mean over segments (or patches when upsampled)
     prior_scope: str = "batch"  # "batch": prior on the batch's boundary count (hits the budget); "image": Nawrot's
+    boundaries: str = "threshold"  # "threshold": Gumbel-Sigmoid > 0.5, a count per image; "topk": ceil(N/c) each
+    execution: str = "packed"  # "packed": shortened layers on the real tokens only; "padded": the masked reference
 
     @property
     def compresses(self) -> bool:
@@ -64,6 +80,10 @@ class DTPConfig:
             raise ValueError(f"pool must be 'tok' or 'avg', got {self.pool!r}")
         if self.prior_scope not in ("batch", "image"):
             raise ValueError(f"prior_scope must be 'batch' or 'image', got {self.prior_scope!r}")
+        if self.boundaries not in ("threshold", "topk"):
+            raise ValueError(f"boundaries must be 'threshold' or 'topk', got {self.boundaries!r}")
+        if self.execution not in ("packed", "padded"):
+            raise ValueError(f"execution must be 'packed' or 'padded', got {self.execution!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if min(self.pre_layers, self.short_layers, self.post_layers) < 0:
@@ -99,21 +119,37 @@ class BoundaryPredictor(nn.Module):
         return self.fc2(self.act(self.fc1(self.norm(tokens)))).squeeze(-1)  # B x N x D -> B x N
 
 
+def relaxed(logits: torch.Tensor, temperature: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy logits, soft boundaries). Training: logistic noise (Gumbel-Sigmoid), soft = sigmoid(noisy / t).
+    Eval: no noise, soft = sigmoid(logit)."""
+    if not training:
+        return logits, torch.sigmoid(logits)
+    uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    noisy = logits + torch.log(uniform) - torch.log1p(-uniform)
+    return noisy, torch.sigmoid(noisy / temperature)
+
+
 def sample_boundaries(logits: torch.Tensor, temperature: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard 0/1 boundaries with a straight-through gradient, and the boundary probabilities.
 
     Training: relaxed Bernoulli (Gumbel-Sigmoid) sample, hard = soft > 0.5. Eval: sigmoid(logit) > 0.5,
     no noise. The returned boundaries equal the hard values exactly (hard + (soft - soft.detach())).
     """
-    probs = torch.sigmoid(logits)
-    if training:
-        uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-        logistic_noise = torch.log(uniform) - torch.log1p(-uniform)
-        soft = torch.sigmoid((logits + logistic_noise) / temperature)
-    else:
-        soft = probs
+    _, soft = relaxed(logits, temperature, training)
     hard = (soft > 0.5).to(logits.dtype)
-    return hard + (soft - soft.detach()), probs  # B x N, B x N
+    return hard + (soft - soft.detach()), torch.sigmoid(logits)  # B x N, B x N
+
+
+def topk_boundaries(logits: torch.Tensor, segments: int, temperature: float,
+                    training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly `segments` segments per image: boundaries on the `segments - 1` largest (noisy) logits among the
+    first N - 1 patches, plus the last patch (which `close_last_segment` sets). Straight-through as in
+    `sample_boundaries`: the gradient flows through the same soft values. B x N, B x N."""
+    noisy, soft = relaxed(logits, temperature, training)
+    chosen = noisy[:, :-1].topk(segments - 1, dim=-1).indices  # B x (segments - 1)
+    hard = torch.zeros_like(logits).scatter(-1, chosen, 1.0)
+    hard[:, -1] = 1
+    return hard + (soft - soft.detach()), torch.sigmoid(logits)
 
 
 def close_last_segment(boundaries: torch.Tensor) -> torch.Tensor:
@@ -230,6 +266,7 @@ class DTPVisionTransformer(VisionTransformer):
         self.default_cfg = self.pretrained_cfg = {  # what timm's builder would attach; open_clip reads it
             "input_size": (3, img_size, img_size), "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD,
             "num_classes": num_classes, "dtp": asdict(dtp)}
+        self.topk_segments = math.ceil(self.num_patches / dtp.compression)  # the fixed count of `topk`
         self.forced: torch.Tensor | str | int | None = None  # set by `forced_boundaries`
         self.tracers: list[list[TraceRecord]] = []  # set by `trace`
         self.last_boundary_loss: torch.Tensor | None = None  # read by the training loop
@@ -261,17 +298,38 @@ class DTPVisionTransformer(VisionTransformer):
         The sampled rate is mean(sigmoid(logit)) while the eval rate is the share of logits > 0; with the first
         term alone a prior-only fit of Ti-4x gave 4.4x in training but 20x in eval. The second term makes the
         token budget that FLOPs are reported at the one that was trained for.
+
+        `topk`: the count is exact by construction, so the prior on it would be a constant. The prior acts on the
+        deterministic threshold boundaries alone: it keeps about N/c logits above zero, so the logits stay centred
+        on the top-k margin, where sigmoid (and with it the straight-through gradient) is not saturated.
         """
-        boundaries, probs = sample_boundaries(logits, self.dtp.temperature, self.training)
+        per_image = self.dtp.prior_scope == "image"
+        deterministic, probs = sample_boundaries(logits, self.dtp.temperature, training=False)
+        threshold_loss = boundary_loss(close_last_segment(deterministic), self.dtp.prior, per_image)
         if self.forced is not None:
             boundaries = expand_forced(self.forced, logits.shape, logits.device, logits.dtype)
+        elif self.dtp.boundaries == "topk":
+            boundaries, _ = topk_boundaries(logits, self.topk_segments, self.dtp.temperature, self.training)
+            return close_last_segment(boundaries), probs, threshold_loss
+        elif self.training:
+            boundaries, _ = sample_boundaries(logits, self.dtp.temperature, training=True)
+        else:
+            boundaries = deterministic
         boundaries = close_last_segment(boundaries)
-        per_image = self.dtp.prior_scope == "image"
         loss = boundary_loss(boundaries, self.dtp.prior, per_image)
         if self.training and self.forced is None:
-            deterministic, _ = sample_boundaries(logits, self.dtp.temperature, training=False)
-            loss = loss + boundary_loss(close_last_segment(deterministic), self.dtp.prior, per_image)
+            loss = loss + threshold_loss
         return boundaries, probs, loss
+
+    def static_segments(self) -> int | None:
+        """The segment count when every image has the same one (topk, forced "all" or every c patches), else None."""
+        if isinstance(self.forced, str):
+            return self.num_patches
+        if isinstance(self.forced, int):
+            return math.ceil(self.num_patches / self.forced)
+        if self.forced is None and self.dtp.boundaries == "topk":
+            return self.topk_segments
+        return None
 
     def forward_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Images to CLS + patch tokens after the full-length pre-layers: B x 3 x H x W -> B x (1+N) x D."""
@@ -293,16 +351,55 @@ class DTPVisionTransformer(VisionTransformer):
 
         cls_token, patches = x[:, :1], x[:, 1:]  # B x 1 x D, B x N x D
         boundaries, probs, self.last_boundary_loss = self.boundaries_for(self.predictor(patches))  # B x N
+        self.record(boundaries, probs)
+        static = self.static_segments()
+        if static is not None:
+            return self.forward_equal_counts(x, boundaries, static)
+        if self.dtp.execution == "packed":
+            return self.forward_packed(x, boundaries)
         num_segments = int(boundaries.detach().nan_to_num(1.0).sum(-1).max())  # NaN weights: a NaN loss, no crash
         weights = membership(boundaries, num_segments)  # B x N x S
         segments, valid = downsample(patches, weights)  # B x S x D, B x S
         keep = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)  # B x (1+S)
         short = torch.cat([cls_token, segments], dim=1)  # B x (1+S) x D
         short = self.run_blocks(short_blocks, short, attn_mask=keep[:, None, None, :])  # mask padded keys
-        self.record(boundaries, probs)
         if not self.dtp.upsample:
             return short, keep
         full = torch.cat([short[:, :1], upsample(short[:, 1:], weights)], dim=1) + x  # B x (1+N) x D, residual
+        return self.run_blocks(post_blocks, full), None
+
+    def forward_equal_counts(self, x: torch.Tensor, boundaries: torch.Tensor,
+                             num_segments: int) -> tuple[torch.Tensor, None]:
+        """Every image has `num_segments` segments (topk, uniform): dense B x (1+S) x D, no padding, no mask, no
+        host synchronisation; pooling by the packed path's scatter and gather, whatever the execution."""
+        _, short_blocks, post_blocks = self.stages
+        batch = x.shape[0]
+        offsets = torch.arange(batch, device=x.device) * num_segments  # B
+        index, through_ids = segment_index(boundaries, offsets)  # B x N
+        segments = segment_means(x[:, 1:], index, through_ids, batch * num_segments)  # B*S x D
+        short = torch.cat([x[:, :1], segments.view(batch, num_segments, -1)], dim=1)  # B x (1+S) x D
+        short = self.run_blocks(short_blocks, short)
+        if not self.dtp.upsample:
+            return short, None
+        upsampled = gather_segments(short[:, 1:].flatten(0, 1), index, through_ids)  # B x N x D
+        return self.run_blocks(post_blocks, torch.cat([short[:, :1], upsampled], dim=1) + x), None
+
+    def forward_packed(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shortened layers on the packed real tokens (`dtplib.packed`); the output as `forward_features`'s."""
+        _, short_blocks, post_blocks = self.stages
+        counts = boundaries.detach().nan_to_num(1.0).sum(-1)  # B
+        packing = Packing.plan(counts.long().tolist(), x.device)  # the forward's one host-device synchronisation
+        tokens, index, through_ids = pack_tokens(x[:, :1], x[:, 1:], boundaries, packing)  # T x D
+        for block in short_blocks:
+            check_block(block)
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                tokens = checkpoint(block_forward, block, tokens, packing, use_reentrant=False)
+            else:
+                tokens = block_forward(block, tokens, packing)
+        if not self.dtp.upsample:
+            return unpack(tokens, packing)  # B x (1+S_max) x D and its validity mask, for forward_head
+        upsampled = gather_segments(tokens[packing.segment_rows], index, through_ids)  # B x N x D
+        full = torch.cat([tokens[packing.starts].unsqueeze(1), upsampled], dim=1) + x  # B x (1+N) x D, residual
         return self.run_blocks(post_blocks, full), None
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, keep: torch.Tensor | None = None):
@@ -432,6 +529,19 @@ def forced_boundaries(model: nn.Module, boundaries: torch.Tensor | str | int) ->
         yield
     finally:
         tower.forced = previous
+
+
+@contextmanager
+def use_execution(model: nn.Module, execution: str) -> Iterator[None]:
+    """Run the tower's shortened layers "packed" or "padded" inside the block (e.g. to count the padded cost)."""
+    tower = get_tower(model)
+    previous = tower.dtp.execution
+    tower.dtp.execution = execution
+    try:
+        tower.dtp.validate(len(tower.blocks))
+        yield
+    finally:
+        tower.dtp.execution = previous
 
 
 def fit_boundary_prior(model: nn.Module, images: torch.Tensor, steps: int = 300, lr: float = 1e-2,

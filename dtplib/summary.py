@@ -3,6 +3,7 @@ curves and tables of a training run (03)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import open_clip
@@ -144,7 +145,9 @@ def efficiency_table(folders: list[str | Path], accuracy_csv: str | Path = "resu
         accuracy = pd.read_csv(accuracy_csv).groupby("model")[["zeroshot_top1", "zeroshot_top5"]].mean()
     rows = []
     for _, r in bench_rows.iterrows():
-        name, _, dropout = r["model"].partition("+pd")
+        name = r["model"].split("+")[0]  # the open_clip name before the benchmark's modifiers
+        dropout = re.search(r"\+pd([0-9.]+)", r["model"])
+        dropout = dropout.group(1) if dropout else None
         size, patch = _geometry(name)
         model = open_clip.create_model(name)
         towers = dtp_towers(model)
@@ -153,7 +156,8 @@ def efficiency_table(folders: list[str | Path], accuracy_csv: str | Path = "resu
         else:
             macs = float(total(analytic_macs(model, patch_dropout=float(dropout) if dropout else None)))
         top = accuracy.loc[name] if name in accuracy.index and not dropout else None
-        rows.append({"model": r["model"], "image GMACs": macs / 1e9, "image GFLOPs": 2 * macs / 1e9,
+        rows.append({"model": r["model"], "execution": r.get("execution", ""), "image GMACs": macs / 1e9,
+                     "image GFLOPs": 2 * macs / 1e9,
                      "resolution": size, "patch": patch, "compression": r["realised_compression"],
                      "zero-shot top-1": top["zeroshot_top1"] if top is not None else float("nan"),
                      "zero-shot top-5": top["zeroshot_top5"] if top is not None else float("nan"),
@@ -164,34 +168,54 @@ def efficiency_table(folders: list[str | Path], accuracy_csv: str | Path = "resu
 
 
 def speedup_plot(bench_csvs: list[str | Path]):
-    """Measured speed-up of the DTP models against their realised compression, beside the analytic bounds (packed:
-    each image at its own token count; padded: every image at its batch's largest), per file and mode; patch
-    dropout peers as separate points."""
+    """Measured speed-up against realised compression, beside the analytic bound of each execution: one row of
+    panels per timed mode (whole CLIP step, image tower), one column per kind of boundaries (learned, uniform,
+    topk); patch-dropout peers in every panel. The legend sits outside the panels."""
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for csv_path in bench_csvs:
-        frame = pd.read_csv(csv_path)
-        for ax, mode in zip(axes, ("clip", "image"), strict=True):
-            rows = frame[frame["mode"] == mode]
-            dtp = rows[rows["model"].str.startswith("DTP-")].sort_values("realised_compression")
-            dropout = rows[rows["model"].str.contains(r"\+pd")]
-            label = f"{Path(csv_path).stem}, batch {rows['batch_size'].iloc[0]}" if len(rows) else ""
-            line = ax.plot(dtp["realised_compression"], dtp["speedup"], "o-", label=f"DTP measured ({label})")
-            color = line[0].get_color()
-            ax.plot(dtp["realised_compression"], dtp["analytic_bound"], "x--", color=color, label="DTP bound, packed")
-            if "padded_bound" in dtp and (dtp["padded_bound"] - dtp["analytic_bound"]).abs().max() > 0.01:
-                ax.plot(dtp["realised_compression"], dtp["padded_bound"], "+:", color=color,
-                        label="DTP bound, padded to each batch's largest image")
-            ax.scatter(dropout["realised_compression"], dropout["speedup"], marker="s", color=color,
-                       label="patch dropout measured")
-            ax.scatter(dropout["realised_compression"], dropout["analytic_bound"], marker="D", facecolors="none",
-                       edgecolors=color, label="patch dropout bound")
-    for ax, title in zip(axes, ("whole CLIP training step", "image tower, forward + backward"), strict=True):
-        ax.axhline(1, color="grey", lw=0.5)
-        ax.set(xlabel="realised compression (patches per token)", ylabel="speed-up over the first model",
-               title=title)
-        ax.legend(fontsize=6)
+    frames = [(Path(c).stem, pd.read_csv(c)) for c in bench_csvs]
+    kinds = [k for k in ("learned", "uniform", "topk")
+             if any((f.get("boundaries", pd.Series(dtype=str)) == k).any() for _, f in frames)] or ["learned"]
+    modes = [m for m in ("clip", "image") if any((f["mode"] == m).any() for _, f in frames)]
+    figure, axes = plt.subplots(len(modes), len(kinds), figsize=(4.2 * len(kinds) + 2.6, 3.6 * len(modes)),
+                                squeeze=False, sharey="row")
+    styles = {"packed": ("o", "-"), "padded": ("s", "--")}
+    for column, kind in enumerate(kinds):
+        for row, mode in enumerate(modes):
+            ax = axes[row, column]
+            for file_index, (stem, frame) in enumerate(frames):
+                color = f"C{file_index}"
+                rows = frame[frame["mode"] == mode]
+                tag = f" ({stem})" if len(frames) > 1 else ""
+                dtp = rows[rows.get("boundaries", pd.Series("", index=rows.index)).fillna("") == kind]
+                for execution, group in dtp.groupby(dtp["execution"].fillna("packed") if "execution" in dtp else
+                                                    pd.Series("packed", index=dtp.index)):
+                    group = group.sort_values("realised_compression")
+                    marker, line = styles.get(execution, ("o", "-"))
+                    bound = group["padded_bound"] if execution == "padded" else group["analytic_bound"]
+                    ax.plot(group["realised_compression"], group["speedup"], marker=marker, linestyle=line,
+                            color=color, label=f"DTP {execution}, measured{tag}")
+                    ax.plot(group["realised_compression"], bound, marker="x", linestyle=":", color=color, alpha=0.6,
+                            label=f"DTP {execution}, analytic bound{tag}")
+                dropout = rows[rows["model"].str.contains(r"\+pd")]
+                ax.scatter(dropout["realised_compression"], dropout["speedup"], marker="D", color="grey",
+                           label=f"FLIP patch dropout, measured{tag}")
+                ax.scatter(dropout["realised_compression"], dropout["analytic_bound"], marker="D", facecolors="none",
+                           edgecolors="grey", label=f"FLIP patch dropout, bound{tag}")
+            ax.axhline(1, color="grey", lw=0.5)
+            title = {"clip": "whole CLIP training step", "image": "image tower, fwd + bwd"}[mode]
+            ax.set_title(f"{kind} boundaries: {title}", fontsize=9)
+            ax.set_xlabel("realised compression (patches per token)", fontsize=8)
+            if column == 0:
+                first = frames[0][1]
+                reference = first["reference"].iloc[0] if "reference" in first else "the first model"
+                ax.set_ylabel(f"speed-up over {reference}", fontsize=8)
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    figure.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+                  frameon=False)
     figure.tight_layout()
     return figure
 

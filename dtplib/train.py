@@ -96,6 +96,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     m.add_argument("--boundary-loss-weight", type=float, default=1.0, help="weight of the binomial boundary prior")
     m.add_argument("--prior-scope", choices=("batch", "image"), default="batch",
                    help="DTP: boundary prior on the batch's count (hits the budget) or on each image's (Nawrot)")
+    m.add_argument("--boundaries", choices=("threshold", "topk"), default="threshold",
+                   help="DTP: Gumbel-Sigmoid threshold (a count per image) or exactly ceil(N / compression) per image")
+    m.add_argument("--execution", choices=("packed", "padded"), default="packed",
+                   help="DTP: shortened layers on the batch's real tokens only, or padded to its largest image")
     m.add_argument("--force-patch-dropout", type=float, default=None, help="open_clip patch dropout (FLIP peer)")
     m.add_argument("--grad-checkpointing", action="store_true")
     m.add_argument("--torchcompile", action="store_true", help="torch.compile the model (dynamic shapes for DTP)")
@@ -249,7 +253,8 @@ def build_model(args: argparse.Namespace):
     else:
         model, preprocess_train, preprocess_val = create_model_and_transforms(
             arch, compression, upsample, boundary_loss_weight=args.boundary_loss_weight,
-            prior_scope=getattr(args, "prior_scope", "batch"), **options)
+            prior_scope=getattr(args, "prior_scope", "batch"), boundaries=getattr(args, "boundaries", "threshold"),
+            execution=getattr(args, "execution", "packed"), **options)
         tokenizer = open_clip.get_tokenizer(ARCHS[arch].name)  # the DTP variants share the peer's text tower
     return model, preprocess_train, preprocess_val, tokenizer
 

@@ -19,7 +19,10 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # real photos for tests and 
 
 
 def git_commit() -> str:
-    """Short commit of the working tree, with '+dirty' when it has uncommitted changes."""
+    """Short commit of the working tree, with '+dirty' when it has uncommitted changes. DTPLIB_COMMIT overrides it
+    for a copy of a clean checkout that has no .git (a machine that receives the files alone)."""
+    if os.environ.get("DTPLIB_COMMIT"):
+        return os.environ["DTPLIB_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()

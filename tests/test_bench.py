@@ -2,39 +2,84 @@
 
 import pandas as pd
 import pytest
+import torch
 
 from dtplib import bench
 
-COLUMNS = {"model", "mode", "median_s", "p10_s", "p90_s", "images_per_s", "peak_memory_mb", "realised_compression",
-           "forward_gmacs", "speedup", "analytic_bound", "hardware", "dtype", "batch_size", "torch", "commit"}
+COLUMNS = {"model", "mode", "execution", "boundaries", "median_s", "p10_s", "p90_s", "images_per_s", "peak_memory_mb",
+           "realised_compression", "forward_gmacs", "speedup", "analytic_bound", "padded_bound", "efficiency",
+           "reference", "hardware", "dtype", "batch_size", "torch", "commit"}
 
 
 def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
-    models = "DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x,ViT-Ti-8-64+pd0.5"
-    frame = bench.main(["--models", models, "--batch-size", "8", "--steps", "3", "--warmup", "1", "--boundaries",
-                        "forced", "--threads", "1", "--out", str(tmp_path / "eff")])
-    written = pd.read_csv(tmp_path / "eff.csv")
+    models = ("ViT-Ti-8-64,DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x,DTP-ViT-Ti-8-64-4x+padded,DTP-ViT-Ti-8-64-4x+uniform,"
+              "DTP-ViT-Ti-8-64-4x+topk,ViT-Ti-8-64+pd0.5")
+    frame = bench.main(["--models", models, "--batch-size", "8", "--steps", "3", "--warmup", "1", "--prior-steps", "20",
+                        "--threads", "1", "--no-memory", "--out", str(tmp_path / "eff")])  # memory: the next test
+    written = pd.read_csv(tmp_path / "eff.csv", keep_default_na=False, na_values=[""])
     assert COLUMNS <= set(written.columns)
-    assert len(written) == 6 and list(written["mode"]) == ["clip"] * 3 + ["image"] * 3
-    assert list(written["model"][:3]) == models.split(",")
+    assert len(written) == 14 and list(written["mode"]) == ["clip"] * 7 + ["image"] * 7
+    assert list(written["model"][:7]) == models.split(",")
     assert (written["median_s"] > 0).all() and (written["p10_s"] <= written["p90_s"]).all()
-    assert (written["peak_memory_mb"] > 0).all() and (written["batch_size"] == 8).all()
-    first = written.groupby("mode").head(1)
-    assert (first["speedup"] == 1).all() and (first["analytic_bound"] == 1).all()
-    dtp4 = written[written["model"] == "DTP-ViT-Ti-8-64-4x"]
-    assert (dtp4["realised_compression"] == 4).all()  # forced every 4 patches: 16 segments of 64 patches
-    image = written[written["mode"] == "image"].set_index("model")
-    clip = written[written["mode"] == "clip"].set_index("model")
+    assert written["peak_memory_mb"].isna().all() and (written["batch_size"] == 8).all()
+    assert (written["reference"] == "DTP-ViT-Ti-8-64-1x").all()  # the same-code 1x, not the first row
+    reference = written[written["model"] == "DTP-ViT-Ti-8-64-1x"]
+    assert (reference["speedup"] == 1).all() and (reference["analytic_bound"] == 1).all()
+    rows = written.set_index(["mode", "model"])
+    for mode in ("clip", "image"):
+        learned, padded = rows.loc[(mode, "DTP-ViT-Ti-8-64-4x")], rows.loc[(mode, "DTP-ViT-Ti-8-64-4x+padded")]
+        assert learned["execution"] == "packed" and padded["execution"] == "padded"
+        assert learned["boundaries"] == padded["boundaries"] == "learned"
+        assert learned["boundary_source"] == padded["boundary_source"] == "prior-only fit, 20 steps"
+        assert padded["padded_bound"] <= padded["analytic_bound"]  # padding can only cost more
+        assert padded["efficiency"] == pytest.approx(padded["speedup"] / padded["padded_bound"])
+        assert learned["efficiency"] == pytest.approx(learned["speedup"] / learned["analytic_bound"])
+        for name in ("DTP-ViT-Ti-8-64-4x+uniform", "DTP-ViT-Ti-8-64-4x+topk"):  # 16 segments in every image
+            assert rows.loc[(mode, name), "realised_compression"] == 4
+            assert rows.loc[(mode, name), "segments_std"] == 0
+    image, clip = rows.loc["image"], rows.loc["clip"]
     # the text tower does not shrink, so the whole step's bound is below the image tower's
-    assert 1 < clip.loc["DTP-ViT-Ti-8-64-4x", "analytic_bound"] < image.loc["DTP-ViT-Ti-8-64-4x", "analytic_bound"]
+    assert 1 < clip.loc["DTP-ViT-Ti-8-64-4x+uniform", "analytic_bound"] < image.loc["DTP-ViT-Ti-8-64-4x+uniform",
+                                                                                     "analytic_bound"]
     assert image.loc["ViT-Ti-8-64+pd0.5", "analytic_bound"] == pytest.approx(2, rel=0.1)  # half the patches
     assert image.loc["ViT-Ti-8-64+pd0.5", "realised_compression"] == 2
-    assert "| clip | DTP-ViT-Ti-8-64-4x |" in (tmp_path / "eff.md").read_text()
+    text = (tmp_path / "eff.md").read_text()
+    assert "| clip | DTP-ViT-Ti-8-64-4x+padded | learned (prior fit) |" in text
     assert (tmp_path / "eff.png").stat().st_size > 0
-    assert len(frame) == 6
+    assert len(frame) == 14
 
 
-@pytest.mark.parametrize("spec, message", [("ViT-Nope-1", "unknown model"), ("ViT-Ti-8-64+pd1.5", "must be in")])
+def test_learned_boundaries_come_from_a_trained_checkpoint(tmp_path):
+    """--checkpoint-dir finds a training run by its params.json; timing and memory use the checkpoint's weights."""
+    model, _ = bench.build_model(bench.parse_spec("DTP-ViT-Ti-8-64-4x"), None)
+    with torch.no_grad():
+        model.visual.trunk.predictor.fc2.bias.fill_(-50.0)  # every logit far below 0: one segment per image
+    run = tmp_path / "runs" / "ti4x"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, run / "checkpoints" / "epoch_latest.pt")
+    (run / "params.json").write_text('{"model": "ViT-Ti-8-64", "compression": 4.0, "upsample": false}')
+    assert bench.find_checkpoints(tmp_path / "runs") == {"DTP-ViT-Ti-8-64-4x": run / "checkpoints" / "epoch_latest.pt"}
+    frame = bench.main(["--models", "DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x", "--batch-size", "4", "--steps", "1",
+                        "--warmup", "0", "--threads", "1", "--modes", "image", "--checkpoint-dir",
+                        str(tmp_path / "runs"), "--out", str(tmp_path / "eff")])
+    row = frame.set_index("model").loc["DTP-ViT-Ti-8-64-4x"]
+    assert row["boundary_source"].startswith("checkpoint") and row["realised_compression"] == 64
+    assert row["peak_memory_mb"] > 0 and frame.set_index("model").loc["DTP-ViT-Ti-8-64-1x", "peak_memory_mb"] > 0
+
+
+@pytest.mark.parametrize("spec, message", [("ViT-Nope-1", "unknown model"), ("ViT-Ti-8-64+pd1.5", "must be in"),
+                                           ("DTP-ViT-Ti-8-64-1x+topk", "needs a DTP tower that pools"),
+                                           ("DTP-ViT-Ti-8-64-4x+pd0.5", "towers that do not pool"),
+                                           ("DTP-ViT-Ti-8-64-4x+fast", "expected NAME")])
 def test_bad_model_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         bench.parse_spec(spec)
+
+
+def test_bad_flags_fail_before_any_model_is_built(capsys):
+    for argv, message in ((["--checkpoint", "DTP-ViT-Ti-8-64-4x"], "expected NAME=PATH"),
+                          (["--checkpoint-dir", "/nonexistent/runs"], "no such folder"),
+                          (["--models", "DTP-ViT-Ti-8-64-4x", "--reference", "ViT-B-32"], "is not one of")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

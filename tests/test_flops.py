@@ -62,7 +62,10 @@ def test_analytic_equals_fvcore_at_fixed_boundaries(arch, compression, upsample,
     assert segments == math.ceil(tower.num_patches / compression)
     expected = flops.analytic_macs(model, segments)
     assert expected["predictor"] > 0  # forced boundaries replace the logits, the predictor still runs
-    assert (expected["upsample"] > 0) == upsample and (expected["post_layers"] > 0) == upsample
+    assert expected["downsample"] == expected["upsample"] == 0  # equal counts: pooled by scatter and gather
+    padded = flops.analytic_macs(model, segments, execution="padded")  # the reference path's membership einsums
+    assert padded["downsample"] > 0 and (padded["upsample"] > 0) == upsample
+    assert (expected["post_layers"] > 0) == upsample
     with dtplib.forced_boundaries(model, compression), dtplib.trace(model) as t:
         counted = flops.image_fvcore_macs(model, images)
     assert (t.tokens == segments).all()
@@ -78,7 +81,9 @@ def test_realised_at_forced_boundaries_is_the_fixed_ratio(ti_photos):
     with dtplib.forced_boundaries(model, 4):
         stats = flops.realised(model, ti_photos, batch_size=8)
     assert stats["gmacs_mean"] == stats["gmacs_min"] == stats["gmacs_max"] == pytest.approx(fixed, rel=1e-12)
-    assert stats["gmacs_std"] == 0 and stats["padded_gmacs_mean"] == pytest.approx(fixed, rel=1e-12)
+    padded = flops.total(flops.analytic_macs(model, flops.fixed_segments(TI_PATCHES, 4), execution="padded")) / 1e9
+    assert stats["gmacs_std"] == 0 and stats["padded_gmacs_mean"] == pytest.approx(padded, rel=1e-12)
+    assert padded > fixed  # no padding, but the reference path's membership einsums
     assert stats["compression_mean"] == stats["realised_compression"] == 4
 
 
@@ -96,7 +101,10 @@ def test_realised_boundaries_of_a_random_init_10x_model(ti_photos):
     per_image = flops.total(flops.analytic_macs(model, segments))  # 16, one per image
     for i in (int(segments.argmin()), int(segments.argmax())):
         assert per_image[i].item() == flops.image_fvcore_macs(model, ti_photos[i:i + 1])
-    padded = sum(flops.image_fvcore_macs(model, batch) for batch in ti_photos.split(8)) / 2
+    with dtplib.use_execution(model, "padded"):
+        padded = sum(flops.image_fvcore_macs(model, batch) for batch in ti_photos.split(8)) / 2
+    packed = sum(flops.image_fvcore_macs(model, batch) for batch in ti_photos.split(8)) / 2
+    assert packed < padded  # the packed path computes nothing for padding
     assert stats["padded_gmacs_mean"] == pytest.approx(padded / 1e9, rel=1e-12)
     assert stats["gmacs_mean"] == pytest.approx(per_image.mean().item() / 1e9, rel=1e-12)
 

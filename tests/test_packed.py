@@ -1,0 +1,249 @@
+"""Packed execution and the topk boundary mode: the same values and gradients as the padded reference path."""
+
+import copy
+import itertools
+import math
+import warnings
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import flickr_captions, flickr_photos, load_images
+
+import dtplib
+from dtplib.model import get_tower
+from dtplib.packed import Packing, attend, bucket_splits, varlen_attention_available
+
+
+def reference_copy(model):
+    """A deep copy of the model that runs the padded reference path."""
+    padded = copy.deepcopy(model)
+    get_tower(padded).dtp.execution = "padded"
+    return padded
+
+
+def forward_backward(model, images, training: bool, seed: int = 1):
+    """Image embeddings and every parameter's gradient of (sum of squares + prior); same noise for every call."""
+    model.train(training)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same Gumbel noise, so both paths sample the same boundaries
+    with dtplib.trace(model) as t:
+        features = model.encode_image(images)
+    (features.square().sum() + get_tower(model).last_boundary_loss).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return features.detach(), grads, t.tokens.clone()
+
+
+@pytest.mark.parametrize("arch", ["ViT-Ti-8-64", "ViT-B-32"])
+@pytest.mark.parametrize("upsample", [False, True], ids=["short", "upsample"])
+def test_packed_matches_padded(arch, upsample, one_thread):
+    """Pool "tok" and "avg": outputs in fp32 within 1e-5, eval and train (the same sampled boundaries); in training,
+    the gradient of every parameter, the predictor's included, within 1e-4 relative. Gradients are compared in
+    float64: the predictor's output bias gets a sum of cancelling terms whose fp32 rounding alone exceeds 1e-4 of
+    it."""
+    model, _, preprocess = dtplib.create_model_and_transforms(arch, compression=2 if upsample else 4,
+                                                              upsample=upsample)
+    images = load_images(flickr_photos(8 if arch == "ViT-Ti-8-64" else 3), preprocess)
+    padded = reference_copy(model)
+    for pool in ("tok", "avg"):
+        get_tower(model).dtp.pool = get_tower(padded).dtp.pool = pool
+        for training in (False, True):
+            packed_out, _, packed_tokens = forward_backward(model, images, training)
+            padded_out, _, padded_tokens = forward_backward(padded, images, training)
+            assert torch.equal(packed_tokens, padded_tokens)
+            assert len(set(packed_tokens.tolist())) > 1, "the images must get different segment counts"
+            torch.testing.assert_close(packed_out, padded_out, atol=1e-5, rtol=0)
+
+    model, padded, images = model.double(), padded.double(), images.double()
+    for pool in ("tok", "avg"):
+        get_tower(model).dtp.pool = get_tower(padded).dtp.pool = pool
+        _, packed_grads, _ = forward_backward(model, images, training=True)
+        _, padded_grads, _ = forward_backward(padded, images, training=True)
+        assert packed_grads.keys() == padded_grads.keys()
+        assert any(".predictor." in k for k in packed_grads)
+        for name, expected in padded_grads.items():
+            error = (packed_grads[name] - expected).norm() / expected.norm().clamp(min=1e-30)
+            assert error < 1e-4, f"{pool}, {name}: relative gradient difference {error:.2e}"
+
+
+def test_packed_batch_invariance_with_very_different_counts(one_thread):
+    """An image's embedding alone equals its embedding in a batch of 8 whose counts run from 1 to 64 segments."""
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, pool="avg")
+    model.eval()
+    images = load_images(flickr_photos(8), preprocess)
+    counts = [1, 2, 5, 11, 23, 40, 57, 64]
+    generator = torch.Generator().manual_seed(0)
+    boundaries = torch.zeros(8, 64)
+    for row, count in enumerate(counts):  # count - 1 random boundaries plus the last patch
+        boundaries[row, torch.randperm(63, generator=generator)[:count - 1]] = 1
+        boundaries[row, -1] = 1
+    with torch.no_grad(), dtplib.trace(model) as t:
+        with dtplib.forced_boundaries(model, boundaries):
+            batched = model.encode_image(images)
+        assert t.tokens.tolist() == counts
+        alone = []
+        for row in range(8):
+            with dtplib.forced_boundaries(model, boundaries[row:row + 1]):
+                alone.append(model.encode_image(images[row:row + 1]))
+    torch.testing.assert_close(torch.cat(alone), batched, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("compression", [2, 3, 4, 10])
+def test_topk_keeps_exactly_ceil_n_over_c_segments(compression, one_thread):
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=compression,
+                                                              boundaries="topk")
+    images = load_images(flickr_photos(8), preprocess)
+    expected = math.ceil(64 / compression)
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad(), dtplib.trace(model) as t:
+            model.encode_image(images)
+        assert t.tokens.tolist() == [expected] * 8
+        assert t.boundaries[:, -1].all()  # the last patch closes the last segment
+
+
+def test_topk_predictor_learns_from_the_contrastive_loss_alone(one_thread):
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, boundaries="topk",
+                                                              boundary_loss_weight=0)
+    files = flickr_photos(8)
+    images, texts = load_images(files, preprocess), open_clip.get_tokenizer("ViT-Ti-8-64")(flickr_captions(files))
+    model.train()
+    loss = open_clip.ClipLoss()(*model(images, texts)[:3])  # no boundary loss at all
+    loss.backward()
+    grads = [p.grad for p in get_tower(model).predictor.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+def test_topk_prior_keeps_the_threshold_count_at_the_budget(one_thread):
+    """In topk mode the prior acts on the threshold boundaries: a prior-only fit brings them to about N / c."""
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, boundaries="topk")
+    images = load_images(flickr_photos(32), preprocess)
+    dtplib.fit_boundary_prior(model, images, steps=150)
+    model.eval()
+    with torch.no_grad(), dtplib.trace(model) as t:
+        model.encode_image(images)
+    threshold = (t.probs > 0.5).float()
+    threshold[:, -1] = 1
+    assert 64 / threshold.sum(-1).mean().item() == pytest.approx(4, rel=0.15)
+    assert t.tokens.tolist() == [16] * 32
+
+
+def brute_force_cost(lengths: np.ndarray, buckets: int) -> float:
+    best = math.inf
+    for cuts in itertools.chain.from_iterable(itertools.combinations(range(1, len(lengths)), k)
+                                              for k in range(buckets)):
+        edges = [0, *cuts, len(lengths)]
+        best = min(best, sum((e - s) * lengths[e - 1] ** 2 for s, e in itertools.pairwise(edges)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bucket_splits_are_optimal(seed):
+    rng = np.random.default_rng(seed)
+    lengths = np.sort(rng.integers(1, 30, size=9))
+    for buckets in (1, 2, 3, 4):
+        splits = bucket_splits(lengths, buckets)
+        assert splits[-1] == len(lengths) and len(splits) <= buckets and splits == sorted(set(splits))
+        edges = [0, *splits]
+        cost = sum((e - s) * lengths[e - 1] ** 2 for s, e in itertools.pairwise(edges))
+        assert cost == brute_force_cost(lengths, buckets)
+    assert bucket_splits(np.full(7, 5), 4) == [7]  # equal lengths: one bucket, no padding
+
+
+def test_packing_indices_describe_the_batch():
+    packing = Packing.plan([3, 0, 5, 1], torch.device("cpu"), buckets=2)
+    assert packing.lengths == [4, 1, 6, 2] and packing.num_tokens == 13 and packing.max_length == 6
+    assert packing.cu_seqlens.tolist() == [0, 4, 5, 11, 13]
+    assert packing.starts.tolist() == [0, 4, 5, 11]
+    assert packing.segment_rows.tolist() == [1, 2, 3, 6, 7, 8, 9, 10, 12]
+    assert packing.image_of_token.tolist() == [0] * 4 + [1] + [2] * 6 + [3] * 2
+    tokens = torch.arange(13.0)[:, None]
+    rows = torch.cat([tokens, tokens.new_zeros(1, 1)])
+    for bucket in packing.buckets:  # every real slot points at its token, padding at the zero row
+        assert (bucket.gather <= 13).all()
+    gathered = torch.cat([rows[b.gather].flatten(0, 1) for b in packing.buckets])
+    assert torch.equal(gathered[packing.bucket_inverse], tokens)
+
+
+def test_packed_attention_keeps_images_apart(one_thread):
+    """Bucketed attention over packed tokens equals attention of each image alone."""
+    lengths = [1, 7, 3, 12, 2, 12]
+    packing = Packing.plan([n - 1 for n in lengths], torch.device("cpu"), buckets=3)
+    q, k, v = torch.randn(3, sum(lengths), 2, 8).unbind(0)  # T x H x hd
+    out = attend(q, k, v, packing, dropout_p=0.0)
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        expected = F.scaled_dot_product_attention(*(x[part].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
+        torch.testing.assert_close(out[part], expected, atol=1e-6, rtol=0)
+        start += n
+
+
+def test_grad_checkpointing_keeps_packed_gradients(one_thread):
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4)
+    images = load_images(flickr_photos(4), preprocess)
+    plain_out, plain_grads, _ = forward_backward(model, images, training=True)
+    model.set_grad_checkpointing(True)
+    checkpointed_out, checkpointed_grads, _ = forward_backward(model, images, training=True)
+    torch.testing.assert_close(checkpointed_out, plain_out, atol=1e-6, rtol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_execution_and_boundary_modes_are_refused():
+    with pytest.raises(ValueError, match="execution must be"):
+        dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, execution="ragged")
+    with pytest.raises(ValueError, match="boundaries must be"):
+        dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, boundaries="quantile")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_varlen_attention_and_one_synchronisation_per_forward():
+    """On CUDA: varlen flash attention against masked padded attention in fp32 (bf16 inputs, as flash needs), the
+    whole tower packed against padded in fp32, and host synchronisations that do not grow with the layers."""
+    device = torch.device("cuda")
+    assert varlen_attention_available(device, torch.bfloat16)
+    lengths = [1, 17, 5, 50, 33, 2, 50, 9]
+    packing = Packing.plan([n - 1 for n in lengths], device)
+    q, k, v = torch.randn(3, sum(lengths), 12, 64, device=device).to(torch.bfloat16).unbind(0)
+    out = attend(q, k, v, packing, dropout_p=0.0).float()  # varlen
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        expected = F.scaled_dot_product_attention(*(x[part].float().transpose(0, 1) for x in (q, k, v)))
+        torch.testing.assert_close(out[part], expected.transpose(0, 1), atol=2e-2, rtol=2e-2)
+        start += n
+
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-B-32", compression=4)
+    images = load_images(flickr_photos(8), preprocess).to(device)
+    model.to(device)
+    padded = reference_copy(model)
+    for training in (False, True):
+        packed_out, packed_grads, _ = forward_backward(model, images, training)
+        padded_out, padded_grads, _ = forward_backward(padded, images, training)
+        torch.testing.assert_close(packed_out, padded_out, atol=1e-4, rtol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # the varlen path inside the tower
+        packed_bf16, _, _ = forward_backward(model, images, True)
+    assert torch.isfinite(packed_bf16).all()
+
+    def synchronisations(short_layers: int) -> int:
+        tower_model, _, _ = dtplib.create_model_and_transforms("ViT-B-32", compression=4, pre_layers=12 - short_layers,
+                                                               short_layers=short_layers)
+        tower_model.to(device).eval()
+        with torch.no_grad():
+            tower_model.encode_image(images)  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    tower_model.encode_image(images)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert synchronisations(2) == synchronisations(10) <= 2
