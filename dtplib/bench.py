@@ -409,7 +409,9 @@ def device_slug(device: torch.device) -> str:
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(prog="python -m dtplib.bench", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="ViT-Ti-8-64,DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-2x,DTP-ViT-Ti-8-64-4x,"
-                                       "DTP-ViT-Ti-8-64-10x,ViT-Ti-8-64+pd0.5,ViT-Ti-8-64+pd0.75",
+                                       "DTP-ViT-Ti-8-64-4x+padded,DTP-ViT-Ti-8-64-4x+uniform,DTP-ViT-Ti-8-64-4x+topk,"
+                                       "DTP-ViT-Ti-8-64-10x,DTP-ViT-Ti-8-64-10x+padded,ViT-Ti-8-64+pd0.5,"
+                                       "ViT-Ti-8-64+pd0.75",
                    help="comma-separated open_clip names with modifiers: +pdRATE patch dropout; for DTP towers that "
                         "pool +padded, +uniform, +topk")
     p.add_argument("--batch-size", type=int, default=64)

@@ -213,15 +213,16 @@ def boundary_loss(boundaries: torch.Tensor, prior: float, per_image: bool = Fals
     """
     if per_image:
         num_patches = boundaries.shape[-1]
-        counts = boundaries.float().sum(-1)  # B
-        binomial = torch.distributions.Binomial(total_count=num_patches, validate_args=False,
-                                                probs=torch.tensor(prior, device=counts.device))
-        return -binomial.log_prob(counts).mean() / num_patches
+        return binomial_nll(boundaries.float().sum(-1), num_patches, prior).mean() / num_patches  # counts: B
     num_boundaries = boundaries.numel()
     k = boundaries.float().sum()  # float32: exact counts up to 2**24; a bf16/fp16 sum would round
-    binomial = torch.distributions.Binomial(total_count=num_boundaries, probs=torch.tensor(prior, device=k.device),
-                                            validate_args=False)
-    return -binomial.log_prob(k) / num_boundaries
+    return binomial_nll(k, num_boundaries, prior) / num_boundaries
+
+
+def binomial_nll(k: torch.Tensor, n: int, p: float) -> torch.Tensor:
+    """-log Binomial(k; n, p), with n and p as Python numbers: no tensor is made on the host and copied over."""
+    log_choose = math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+    return -(log_choose + k * math.log(p) + (n - k) * math.log1p(-p))
 
 
 @dataclass
@@ -305,20 +306,19 @@ class DTPVisionTransformer(VisionTransformer):
         """
         per_image = self.dtp.prior_scope == "image"
         deterministic, probs = sample_boundaries(logits, self.dtp.temperature, training=False)
-        threshold_loss = boundary_loss(close_last_segment(deterministic), self.dtp.prior, per_image)
-        if self.forced is not None:
-            boundaries = expand_forced(self.forced, logits.shape, logits.device, logits.dtype)
-        elif self.dtp.boundaries == "topk":
+        deterministic = close_last_segment(deterministic)
+        if self.forced is None and self.dtp.boundaries == "topk":
             boundaries, _ = topk_boundaries(logits, self.topk_segments, self.dtp.temperature, self.training)
-            return close_last_segment(boundaries), probs, threshold_loss
+            return close_last_segment(boundaries), probs, boundary_loss(deterministic, self.dtp.prior, per_image)
+        if self.forced is not None:
+            boundaries = close_last_segment(expand_forced(self.forced, logits.shape, logits.device, logits.dtype))
         elif self.training:
-            boundaries, _ = sample_boundaries(logits, self.dtp.temperature, training=True)
+            boundaries = close_last_segment(sample_boundaries(logits, self.dtp.temperature, training=True)[0])
         else:
             boundaries = deterministic
-        boundaries = close_last_segment(boundaries)
         loss = boundary_loss(boundaries, self.dtp.prior, per_image)
         if self.training and self.forced is None:
-            loss = loss + threshold_loss
+            loss = loss + boundary_loss(deterministic, self.dtp.prior, per_image)
         return boundaries, probs, loss
 
     def static_segments(self) -> int | None:

@@ -143,7 +143,10 @@ class Packing:
             row, first = row + gather.size, end
 
         host = [cu, starts, segment_rows, segment_offsets, image_of_token, padded_gather, inverse, *gathers]
-        moved = torch.from_numpy(np.concatenate([a.ravel() for a in host])).to(device, non_blocking=True)
+        staged = torch.from_numpy(np.concatenate([a.ravel() for a in host]))
+        if device.type == "cuda":  # pinned: the copy is asynchronous, not a second synchronisation
+            staged = staged.pin_memory()
+        moved = staged.to(device, non_blocking=True)
         cu_t, starts_t, rows_t, offsets_t, image_t, padded_t, inverse_t, *gathers_t = moved.split(
             [a.size for a in host])
         buckets_t = []

@@ -244,6 +244,7 @@ def test_cuda_varlen_attention_and_one_synchronisation_per_forward():
                     tower_model.encode_image(images)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        return sum("synchroniz" in str(w.message) for w in caught)
+        return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
-    assert synchronisations(2) == synchronisations(10) <= 2
+    shallow, deep = synchronisations(2), synchronisations(10)
+    assert len(shallow) == len(deep) == 1, deep  # reading the segment counts, whatever the depth
