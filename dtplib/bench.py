@@ -212,9 +212,10 @@ def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps:
         elif fitted is not None and spec.name in fitted:
             predictor.load_state_dict(fitted[spec.name])
             source = f"prior-only fit, {prior_steps} steps"
-        else:
+        else:  # on at least 64 photos: a fit on a batch of 8 can drive every logit below zero
             seed_everything(0)
-            fit_boundary_prior(model, images.to(device), steps=prior_steps, batch_size=min(64, batch_size))
+            photos = real_batch(preprocess, open_clip.get_tokenizer(spec.name), max(64, batch_size))[0]
+            fit_boundary_prior(model, photos.to(device), steps=prior_steps, batch_size=64)
             if fitted is not None:
                 fitted[spec.name] = {k: v.detach().clone() for k, v in predictor.state_dict().items()}
             source = f"prior-only fit, {prior_steps} steps"
