@@ -398,8 +398,9 @@ class DTPVisionTransformer(VisionTransformer):
                 tokens = block_forward(block, tokens, packing)
         if not self.dtp.upsample:
             return unpack(tokens, packing)  # B x (1+S_max) x D and its validity mask, for forward_head
-        upsampled = gather_segments(tokens[packing.segment_rows], index, through_ids)  # B x N x D
-        full = torch.cat([tokens[packing.starts].unsqueeze(1), upsampled], dim=1) + x  # B x (1+N) x D, residual
+        upsampled = gather_segments(tokens.index_select(0, packing.segment_rows), index, through_ids)  # B x N x D
+        cls_out = tokens.index_select(0, packing.starts).unsqueeze(1)  # B x 1 x D
+        full = torch.cat([cls_out, upsampled], dim=1) + x  # B x (1+N) x D, residual
         return self.run_blocks(post_blocks, full), None
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, keep: torch.Tensor | None = None):
