@@ -13,7 +13,7 @@ truth), so `open_clip.create_model_and_transforms(name)` and `open_clip.get_toke
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import open_clip
@@ -55,6 +55,9 @@ ARCHS = {
     "ViT-Ti-8-64": Arch("ViT-Ti-8-64", "dtp_vit_tiny_patch8_clip_64", 64, 8, 192, 6, 128, TEXT_TI, (2, 4), (2, 2, 2)),
 }
 COMPRESSIONS = (1, 2, 4, 10)  # registered ratios; any other ratio >= 1 via create_model_and_transforms
+# DTPConfig fields that decide what the tower is built with; the others (temperature, pool, prior, boundaries,
+# execution) are read at run time and are set on a built tower without building it again
+STRUCTURAL_FIELDS = ("compression", "pre_layers", "short_layers", "post_layers", "upsample", "predictor_hidden")
 
 
 def variant_names() -> list[str]:
@@ -169,11 +172,14 @@ def create_model_and_transforms(arch: str = "ViT-B-32", compression: float = 4, 
     open_clip_kwargs = {k: v for k, v in overrides.items() if k in _OPEN_CLIP_KWARGS}
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         dtp_name(arch, base_compression, base_upsample), **open_clip_kwargs)
-    if dtp != get_tower(model).dtp:  # a ratio or split that has no registered name: rebuild the tower
-        old = model.visual.trunk
-        new = build_tower(spec, dtp).to(device=old.pos_embed.device, dtype=old.pos_embed.dtype)
-        new.load_state_dict(old.state_dict(), strict=False)  # identical ViT parameters; the predictor is new
+    tower = get_tower(model)
+    if any(getattr(dtp, f) != getattr(tower.dtp, f) for f in STRUCTURAL_FIELDS):  # no registered name: rebuild
+        new = build_tower(spec, dtp).to(device=tower.pos_embed.device, dtype=tower.pos_embed.dtype)
+        new.load_state_dict(tower.state_dict(), strict=False)  # identical ViT parameters; the predictor is new
         model.visual.trunk = new
+    else:  # fields read at run time only: no second build, so the random stream is the registered model's
+        tower.dtp = dtp
+        tower.pretrained_cfg["dtp"] = asdict(dtp)
     return model, preprocess_train, preprocess_val
 
 

@@ -318,7 +318,7 @@ NO_MAC_OPS = (  # seen in these towers and deliberately counted as 0 MACs (see t
     "aten::rand_like", "aten::randn", "aten::topk", "aten::nan_to_num", "aten::fill_",
     "aten::masked_fill_",  # timm's attention without SDPA (TIMM_FUSED_ATTN=0): the padding mask
     # the packed path and equal counts: scatter-add into segments, gathers, packing (elementwise, O(N x D))
-    "aten::index_add", "aten::index_copy", "aten::index", "aten::scatter", "aten::lt",
+    "aten::index_add", "aten::index_copy", "aten::index", "aten::index_select", "aten::scatter", "aten::lt",
     "aten::lift_fresh", "aten::numel",  # host-built packing indices, constants in the trace
     # lookups and bookkeeping
     "aten::embedding", "aten::argmax", "aten::unflatten", "aten::new_ones", "aten::ones_like", "aten::scalar_tensor",

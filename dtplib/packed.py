@@ -93,7 +93,8 @@ def bucket_splits(lengths: np.ndarray, buckets: int) -> list[int]:
 @dataclass
 class Bucket:
     gather: torch.Tensor  # n x L, packed token index of each slot (T: a zero row, padding)
-    mask: torch.Tensor | None  # n x 1 x 1 x L, the keys that are real; None where no slot is padding
+    mask: torch.Tensor  # n x 1 x 1 x L, the keys that are real
+    padded: bool  # whether any slot is padding (else eager attention runs without a mask)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Packing:
         return int(sum(self.lengths))
 
     @staticmethod
+    @torch.compiler.disable  # host bookkeeping: traced, its numpy would specialise on the counts of every batch
     def plan(segments: list[int], device: torch.device, buckets: int = CPU_BUCKETS) -> Packing:
         """All indices for images with `segments` segments each (host ints), built on the host, one transfer."""
         lengths = np.asarray(segments, dtype=np.int64) + 1  # CLS + segments
@@ -155,8 +157,7 @@ class Packing:
         buckets_t = []
         for gather, host_gather in zip(gathers_t, gathers, strict=True):
             gather = gather.view(host_gather.shape)
-            mask = None if (host_gather < total).all() else (gather < total)[:, None, None, :]
-            buckets_t.append(Bucket(gather, mask))
+            buckets_t.append(Bucket(gather, (gather < total)[:, None, None, :], not (host_gather < total).all()))
         return Packing(lengths=lengths.tolist(), cu_seqlens=cu_t.to(torch.int32), max_length=max_length,
                        starts=starts_t, segment_rows=rows_t, segment_offsets=offsets_t, image_of_token=image_t,
                        padded_gather=padded_t.view(count, max_length), padded_slots=slots_t, buckets=buckets_t,
@@ -229,7 +230,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, 
     for bucket in packing.buckets:
         gathered = qkv.index_select(0, bucket.gather.flatten()).view(*bucket.gather.shape, *qkv.shape[1:])
         q_b, k_b, v_b = gathered.permute(2, 0, 3, 1, 4).unbind(0)  # n x H x L x hd each
-        out = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=bucket.mask, dropout_p=dropout_p)
+        mask = bucket.mask if torch.compiler.is_compiling() or bucket.padded else None  # compiled: one graph
+        out = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=mask, dropout_p=dropout_p)
         outputs.append(out.transpose(1, 2).flatten(0, 1))  # n*L x H x hd
     return torch.cat(outputs).index_select(0, packing.bucket_inverse)  # T x H x hd
 

@@ -143,13 +143,15 @@ def efficiency_table(folders: list[str | Path], accuracy_csv: str | Path = "resu
     accuracy_csv = Path(accuracy_csv)
     if accuracy_csv.is_file():
         accuracy = pd.read_csv(accuracy_csv).groupby("model")[["zeroshot_top1", "zeroshot_top5"]].mean()
-    rows = []
+    rows, models = [], {}
     for _, r in bench_rows.iterrows():
         name = r["model"].split("+")[0]  # the open_clip name before the benchmark's modifiers
         dropout = re.search(r"\+pd([0-9.]+)", r["model"])
         dropout = dropout.group(1) if dropout else None
         size, patch = _geometry(name)
-        model = open_clip.create_model(name)
+        if name not in models:  # one build per name: the GPU tables repeat B-16 and B-32 rows
+            models[name] = open_clip.create_model(name)
+        model = models[name]
         towers = dtp_towers(model)
         if towers and towers[0].predictor is not None:  # at the benchmark's mean segment count
             macs = float(total(analytic_macs(model, patch_count(image_tower(model)) / r["realised_compression"])))
@@ -195,7 +197,8 @@ def speedup_plot(bench_csvs: list[str | Path]):
                     bound = group["padded_bound"] if execution == "padded" else group["analytic_bound"]
                     ax.plot(group["realised_compression"], group["speedup"], marker=marker, linestyle=line,
                             color=color, label=f"DTP {execution}, measured{tag}")
-                    ax.plot(group["realised_compression"], bound, marker="x", linestyle=":", color=color, alpha=0.6,
+                    ax.plot(group["realised_compression"], bound, marker="+" if execution == "padded" else "x",
+                            linestyle=":", color=color, alpha=0.6,
                             label=f"DTP {execution}, analytic bound{tag}")
                 dropout = rows[rows["model"].str.contains(r"\+pd")]
                 ax.scatter(dropout["realised_compression"], dropout["speedup"], marker="D", color="grey",
