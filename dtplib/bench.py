@@ -44,9 +44,9 @@ from PIL import Image
 
 from dtplib import flops as dtp_flops
 from dtplib import summary
-from dtplib.clip import dtp_name, parse_dtp_name, read_checkpoint
+from dtplib.clip import dtp_name, parse_dtp_name, read_state_dict
 from dtplib.data import read_captions
-from dtplib.model import fit_boundary_prior, forced_boundaries, get_tower, last_boundary_loss, trace
+from dtplib.model import EXECUTIONS, fit_boundary_prior, forced_boundaries, get_tower, last_boundary_loss, trace
 from dtplib.utils import (
     SHARED_DATA,
     atomic_write_bytes,
@@ -62,7 +62,6 @@ from dtplib.utils import (
 MODES = ("clip", "image")  # whole CLIP training step; image tower forward + backward
 FLICKR = SHARED_DATA / "flickr8k"
 BOUNDARY_MODIFIERS = ("uniform", "topk")
-EXECUTIONS = ("packed", "padded")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,9 +186,7 @@ def build_model(spec: Spec, checkpoint: Path | None):
     options = {"force_patch_dropout": spec.patch_dropout} if spec.patch_dropout else {}
     model, _, preprocess = open_clip.create_model_and_transforms(spec.name, **options)
     if checkpoint is not None:
-        raw = read_checkpoint(checkpoint)
-        state = {k.removeprefix("module."): v for k, v in raw.get("state_dict", raw).items()}
-        model.load_state_dict(state)
+        model.load_state_dict(read_state_dict(checkpoint))
     if spec.pools:
         tower = get_tower(model)
         tower.dtp.execution = spec.execution

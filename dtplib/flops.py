@@ -62,7 +62,7 @@ from open_clip.transformer import Attention as OpenClipAttention
 from open_clip.transformer import TextTransformer, VisionTransformer
 from timm.layers import Attention as TimmAttention
 
-from .model import DTPVisionTransformer, dtp_towers, forced_boundaries, trace, use_execution
+from .model import EXECUTIONS, DTPVisionTransformer, dtp_towers, forced_boundaries, trace, use_execution
 from .utils import atomic_write_text, eval_mode, load_photos, run_info
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,9 +145,6 @@ def _as_count(segments, low: int, high: int, what: str):
     if not (low <= lowest and highest <= high):
         raise ValueError(f"{what} must lie in [{low}, {high}], got {lowest:g}..{highest:g}")
     return values
-
-
-EXECUTIONS = ("packed", "padded")
 
 
 def _image_stages(model: nn.Module, segments=None, patch_dropout: float | None = None,

@@ -42,6 +42,8 @@ from .packed import (
     unpack,
 )
 
+EXECUTIONS = ("packed", "padded")  # DTPConfig.execution
+BOUNDARY_MODES = ("threshold", "topk")  # DTPConfig.boundaries
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -80,10 +82,10 @@ class DTPConfig:
             raise ValueError(f"pool must be 'tok' or 'avg', got {self.pool!r}")
         if self.prior_scope not in ("batch", "image"):
             raise ValueError(f"prior_scope must be 'batch' or 'image', got {self.prior_scope!r}")
-        if self.boundaries not in ("threshold", "topk"):
-            raise ValueError(f"boundaries must be 'threshold' or 'topk', got {self.boundaries!r}")
-        if self.execution not in ("packed", "padded"):
-            raise ValueError(f"execution must be 'packed' or 'padded', got {self.execution!r}")
+        if self.boundaries not in BOUNDARY_MODES:
+            raise ValueError(f"boundaries must be one of {BOUNDARY_MODES}, got {self.boundaries!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if min(self.pre_layers, self.short_layers, self.post_layers) < 0:
@@ -279,11 +281,14 @@ class DTPVisionTransformer(VisionTransformer):
 
     def run_blocks(self, blocks: nn.Sequential, x: torch.Tensor, attn_mask: torch.Tensor | None = None):
         for block in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)
-            else:
-                x = block(x, attn_mask=attn_mask)
+            x = self.call_block(block, x, attn_mask=attn_mask)
         return x
+
+    def call_block(self, function, *args, **kwargs):
+        """`function(*args, **kwargs)`, recomputed in the backward pass under grad checkpointing."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+        return function(*args, **kwargs)
 
     def check_input(self, x: torch.Tensor) -> None:
         expected = (3, *self.patch_embed.img_size)
@@ -392,10 +397,7 @@ class DTPVisionTransformer(VisionTransformer):
         tokens, index, through_ids = pack_tokens(x[:, :1], x[:, 1:], boundaries, packing)  # T x D
         for block in short_blocks:
             check_block(block)
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                tokens = checkpoint(block_forward, block, tokens, packing, use_reentrant=False)
-            else:
-                tokens = block_forward(block, tokens, packing)
+            tokens = self.call_block(block_forward, block, tokens, packing)
         if not self.dtp.upsample:
             return unpack(tokens, packing)  # B x (1+S_max) x D and its validity mask, for forward_head
         upsampled = gather_segments(tokens.index_select(0, packing.segment_rows), index, through_ids)  # B x N x D

@@ -3,7 +3,6 @@ curves and tables of a training run (03)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import open_clip
@@ -144,10 +143,11 @@ def efficiency_table(folders: list[str | Path], accuracy_csv: str | Path = "resu
     if accuracy_csv.is_file():
         accuracy = pd.read_csv(accuracy_csv).groupby("model")[["zeroshot_top1", "zeroshot_top5"]].mean()
     rows, models = [], {}
+    from .bench import parse_spec  # bench imports this module for its figure
+
     for _, r in bench_rows.iterrows():
-        name = r["model"].split("+")[0]  # the open_clip name before the benchmark's modifiers
-        dropout = re.search(r"\+pd([0-9.]+)", r["model"])
-        dropout = dropout.group(1) if dropout else None
+        spec = parse_spec(r["model"])
+        name, dropout = spec.name, spec.patch_dropout
         size, patch = _geometry(name)
         if name not in models:  # one build per name: the GPU tables repeat B-16 and B-32 rows
             models[name] = open_clip.create_model(name)
@@ -156,7 +156,7 @@ def efficiency_table(folders: list[str | Path], accuracy_csv: str | Path = "resu
         if towers and towers[0].predictor is not None:  # at the benchmark's mean segment count
             macs = float(total(analytic_macs(model, patch_count(image_tower(model)) / r["realised_compression"])))
         else:
-            macs = float(total(analytic_macs(model, patch_dropout=float(dropout) if dropout else None)))
+            macs = float(total(analytic_macs(model, patch_dropout=dropout)))
         top = accuracy.loc[name] if name in accuracy.index and not dropout else None
         rows.append({"model": r["model"], "execution": r.get("execution", ""), "image GMACs": macs / 1e9,
                      "image GFLOPs": 2 * macs / 1e9,
