@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv if missing.
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv if missing; `make lab` opens JupyterLab.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -7,8 +7,17 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
+# the shared data folder (flickr8k/, coco-mini/, cifar10-test/); set it in the environment to use another one
+export DTPLIB_DATA ?= $(abspath $(CURDIR)/../shared/data)
+# the Jupyter kernel of this .venv, installed into .venv/share/jupyter/kernels (make lab, tests/test_lab.py)
+KERNEL := dtp-vit
+KERNEL_JSON := $(VENV)/share/jupyter/kernels/$(KERNEL)/kernel.json
+LAB_PORT ?= 8888
+LAB_ARGS ?=
+# jupyter refuses to run as root (containers) without --allow-root
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: install test test-fast test-demo lint demo clean
+.PHONY: install test test-fast test-demo lint demo lab clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +29,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip uninstall -q -y dataclasses
 	touch $@
 
-install: $(VENV)/.installed
+$(KERNEL_JSON): | $(VENV)/.installed
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))"
+
+install: $(VENV)/.installed $(KERNEL_JSON)
 
 lint: install
 	$(VENV)/bin/ruff check dtplib tests
@@ -36,6 +48,13 @@ test-demo: install
 
 demo: install
 	$(PY) -m dtplib.demo
+
+# JupyterLab on 127.0.0.1 only (open the printed URL with its token), the repository as its root, this kernel
+lab: install
+	$(VENV)/bin/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
+		--ServerApp.root_dir=$(CURDIR) --FileContentsManager.preferred_dir=$(CURDIR)/notebooks \
+		--MappingKernelManager.default_kernel_name=$(KERNEL) --MappingKernelManager.transport_encryption=auto \
+		$(LAB_ROOT) $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) results/demo

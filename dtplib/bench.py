@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import re
@@ -40,80 +39,44 @@ import open_clip
 import pandas as pd
 import torch
 from open_clip.loss import ClipLoss
-from PIL import Image
 
 from dtplib import flops as dtp_flops
-from dtplib import summary
-from dtplib.clip import dtp_name, parse_dtp_name, read_state_dict
-from dtplib.data import read_captions
-from dtplib.model import EXECUTIONS, fit_boundary_prior, forced_boundaries, get_tower, last_boundary_loss, trace
+from dtplib import plots
+from dtplib.clip import open_clip_name, parse_dtp_name, read_state_dict
+from dtplib.config import TrainConfig
+from dtplib.model import (
+    EXECUTIONS,
+    fit_boundary_prior,
+    forced_boundaries,
+    get_tower,
+    last_boundary_loss,
+    token_budget,
+    trace,
+)
+from dtplib.plots import save_figure
+from dtplib.shards import read_captions
+from dtplib.specs import Spec, parse_spec
 from dtplib.utils import (
-    SHARED_DATA,
-    atomic_write_bytes,
     atomic_write_text,
     autocast,
+    check_precision,
+    data_root,
+    default_device,
+    load_images,
     process_memory_mb,
     repo_path,
     run_info,
     seed_everything,
+    start_timer,
     synchronize,
 )
 
 MODES = ("clip", "image")  # whole CLIP training step; image tower forward + backward
-FLICKR = SHARED_DATA / "flickr8k"
-BOUNDARY_MODIFIERS = ("uniform", "topk")
+FLICKR = data_root() / "flickr8k"  # DTPLIB_DATA as set when dtplib.bench is imported
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Model specs
-
-
-@dataclass(frozen=True)
-class Spec:
-    """An open_clip model name, optional patch dropout (a FLIP-style peer) and, for a DTP tower that pools, its
-    execution and where its boundaries come from ("learned", "uniform" or "topk")."""
-
-    name: str
-    patch_dropout: float | None = None
-    execution: str = ""  # "packed" or "padded" for a DTP tower that pools, "" otherwise
-    boundaries: str = ""  # "learned", "uniform" or "topk" for a DTP tower that pools, "" otherwise
-
-    @property
-    def pools(self) -> bool:
-        return bool(self.boundaries)
-
-    @property
-    def label(self) -> str:
-        modifiers = [f"pd{self.patch_dropout:g}"] if self.patch_dropout else []
-        modifiers += ["padded"] if self.execution == "padded" else []
-        modifiers += [self.boundaries] if self.boundaries in BOUNDARY_MODIFIERS else []
-        return "+".join([self.name, *modifiers])
-
-
-def parse_spec(text: str, execution: str = "packed") -> Spec:
-    """NAME[+pdRATE][+padded|+packed][+uniform|+topk]; `execution` is the default for a DTP tower that pools."""
-    name, *modifiers = text.strip().split("+")
-    if name not in open_clip.list_models():
-        raise ValueError(f"unknown model {name!r} in --models (see open_clip.list_models())")
-    parsed = parse_dtp_name(name)
-    pools = parsed is not None and parsed[1] > 1
-    rate, boundaries = None, "learned" if pools else ""
-    for modifier in modifiers:
-        if re.fullmatch(r"pd[0-9.]+", modifier):
-            rate = float(modifier[2:])
-            if not 0 < rate < 1:
-                raise ValueError(f"patch dropout in {text!r} must be in (0, 1)")
-            if pools:
-                raise ValueError(f"{text!r}: patch dropout is for towers that do not pool (compression 1)")
-        elif modifier in (*EXECUTIONS, *BOUNDARY_MODIFIERS):
-            if not pools:
-                raise ValueError(f"{text!r}: +{modifier} needs a DTP tower that pools (DTP-...-2x and up)")
-            execution = modifier if modifier in EXECUTIONS else execution
-            boundaries = modifier if modifier in BOUNDARY_MODIFIERS else boundaries
-        else:
-            raise ValueError(f"model spec {text!r}: expected NAME[+pdRATE][+padded][+uniform|+topk] "
-                             f"(e.g. ViT-B-32+pd0.5, DTP-ViT-B-32-4x+padded), not +{modifier}")
-    return Spec(name, rate, execution if pools else "", boundaries)
+# 1. Model specs: `Spec`, `parse_spec` (dtplib.specs)
 
 
 def find_checkpoints(folder: str | Path) -> dict[str, Path]:
@@ -125,10 +88,8 @@ def find_checkpoints(folder: str | Path) -> dict[str, Path]:
         checkpoint = params_file.parent / "checkpoints" / "epoch_latest.pt"
         if not checkpoint.is_file() or "model" not in params:
             continue
-        compression = params.get("compression")
-        name = (dtp_name(params["model"], compression, bool(params.get("upsample"))) if compression is not None
-                else params["model"])
-        found.setdefault(name, checkpoint)
+        config = TrainConfig.from_dict(params)
+        found.setdefault(open_clip_name(config.model, config.compression, config.upsample), checkpoint)
     return found
 
 
@@ -155,10 +116,10 @@ def real_batch(preprocess, tokenizer, batch_size: int) -> tuple[torch.Tensor, to
     """The first `batch_size` Flickr8k photos (repeated if fewer) and their first captions."""
     files = sorted((FLICKR / "images").glob("*.jpg"))
     if not files:
-        raise FileNotFoundError(f"no photos under {FLICKR / 'images'} (../shared/data beside the repository)")
+        raise FileNotFoundError(f"no photos under {FLICKR / 'images'} (DTPLIB_DATA, default ../shared/data)")
     captions = read_captions(FLICKR / "captions.tsv")
     chosen = [files[i % len(files)] for i in range(batch_size)]
-    images = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in chosen])  # B x 3 x H x W
+    images = load_images(chosen, preprocess)  # B x 3 x H x W
     first = [captions[f.name].captions[0] if f.name in captions else "a photo" for f in chosen]
     return images, tokenizer(first)  # B x context
 
@@ -175,13 +136,21 @@ class Subject:
     counts: list = field(default_factory=list)  # per step, the segments of every image (B,)
     peak_memory_mb: dict = field(default_factory=dict)
 
+    @property
+    def compression(self) -> float:
+        """Patches per token of the image tower: the token budget over the timed steps for DTP, 1 / (1 - rate) for
+        patch dropout."""
+        if self.counts:
+            return token_budget(get_tower(self.model).num_patches, torch.stack(self.counts))
+        return 1 / (1 - self.spec.patch_dropout) if self.spec.patch_dropout else 1.0
+
     def boundary_context(self):
         if self.spec.boundaries == "uniform":
             return forced_boundaries(self.model, max(1, round(get_tower(self.model).dtp.compression)))
         return contextlib.nullcontext()
 
 
-def build_model(spec: Spec, checkpoint: Path | None):
+def build_spec_model(spec: Spec, checkpoint: Path | None):
     """(model, preprocess_val) of a spec: open_clip's model, with a checkpoint's weights when one is given."""
     options = {"force_patch_dropout": spec.patch_dropout} if spec.patch_dropout else {}
     model, _, preprocess = open_clip.create_model_and_transforms(spec.name, **options)
@@ -198,7 +167,7 @@ def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps:
                  checkpoint: Path | None = None, fitted: dict | None = None) -> Subject:
     """A spec's model on `device` with its batch. Learned boundaries: the checkpoint's, or a prior-only fit
     (seeded; the fitted predictor is kept in `fitted` by name, so every row of one name has the same one)."""
-    model, preprocess = build_model(spec, checkpoint)
+    model, preprocess = build_spec_model(spec, checkpoint)
     images, texts = real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
     model.to(device)
     source = ""
@@ -225,10 +194,7 @@ def step(subject: Subject, mode: str, precision: str, device: torch.device, loss
     """One timed step; returns seconds. Records the segment counts of DTP towers that pool."""
     model = subject.model
     traced = trace(model) if subject.spec.pools else contextlib.nullcontext()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    start = time.perf_counter()
+    start = start_timer(device)
     with subject.boundary_context(), traced as record, autocast(precision, device):
         if mode == "clip":
             image_features, text_features, logit_scale = model(subject.images, subject.texts)[:3]
@@ -255,24 +221,30 @@ def step(subject: Subject, mode: str, precision: str, device: torch.device, loss
 # 3. The interleaved benchmark
 
 
+def time_interleaved(subjects: Sequence[Subject], modes: Sequence[str] = MODES, steps: int = 30, warmup: int = 5,
+                     precision: str = "fp32", device: str | torch.device = "cpu") -> None:
+    """Time the subjects step by step in turn, so that drift in clocks or load hits every model alike; the times
+    after `warmup` steps are appended to each subject's `times[mode]`."""
+    device, loss_fn = torch.device(device), ClipLoss()
+    for mode in modes:
+        for index in range(warmup + steps):
+            for subject in subjects:
+                elapsed = step(subject, mode, precision, device, loss_fn)
+                if index >= warmup:
+                    subject.times[mode].append(elapsed)
+
+
 def bench(specs: Sequence[Spec], batch_size: int, precision: str = "fp32", steps: int = 30, warmup: int = 5,
           device: str | None = None, prior_steps: int = 200, modes: Sequence[str] = MODES,
           measure_memory: bool = True, checkpoints: dict[str, Path] | None = None,
           reference: str | None = None) -> pd.DataFrame:
     """Time every model in one process, step by step in turn, and return one row per model and mode."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("fp16 autocast on a CPU is about 17x slower than fp32; use fp32 or bf16")
+    device = default_device(device)
+    check_precision(precision, device)
     checkpoints = checkpoints or {}
     fitted = {}
     subjects = [make_subject(s, batch_size, device, prior_steps, checkpoints.get(s.name), fitted) for s in specs]
-    loss_fn = ClipLoss()
-    for mode in modes:
-        for index in range(warmup + steps):
-            for subject in subjects:  # interleaved: drift in clocks or load hits every model alike
-                elapsed = step(subject, mode, precision, device, loss_fn)
-                if index >= warmup:
-                    subject.times[mode].append(elapsed)
+    time_interleaved(subjects, modes, steps, warmup, precision, device)
     if measure_memory and device.type == "cpu":
         with tempfile.TemporaryDirectory() as folder:
             for index, subject in enumerate(subjects):
@@ -292,7 +264,7 @@ def cpu_peak_rss(spec: Spec, batch_size: int, precision: str, mode: str, state: 
 
 
 def memory_probe(spec: Spec, batch_size: int, precision: str, mode: str, state: str) -> dict:
-    model, preprocess = build_model(spec, None)
+    model, preprocess = build_spec_model(spec, None)
     model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
     images, texts = real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
     subject = Subject(spec, model.train(), images, texts, torch.optim.AdamW(model.parameters(), lr=1e-5))
@@ -317,13 +289,6 @@ def forward_macs(subject: Subject, mode: str, execution: str = "packed") -> floa
     costs = dtp_flops.clip_macs_at(subject.model, segments=segments, patch_dropout=subject.spec.patch_dropout,
                                    execution=execution)
     return costs["image"] + (costs["text"] if mode == "clip" else 0.0)
-
-
-def realised_compression(subject: Subject) -> float:
-    """Patches per token of the image tower: N / mean segments for DTP, 1 / (1 - rate) for patch dropout."""
-    if subject.counts:
-        return get_tower(subject.model).num_patches / torch.stack(subject.counts).double().mean().item()
-    return 1 / (1 - subject.spec.patch_dropout) if subject.spec.patch_dropout else 1.0
 
 
 def reference_index(specs: Sequence[Spec], reference: str | None) -> int:
@@ -355,7 +320,7 @@ def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: 
                 "boundaries": subject.spec.boundaries, "boundary_source": subject.source,
                 "median_s": median, "p10_s": float(np.percentile(times, 10)), "p90_s": float(np.percentile(times, 90)),
                 "images_per_s": batch_size / median, "peak_memory_mb": subject.peak_memory_mb.get(mode),
-                "realised_compression": realised_compression(subject),
+                "realised_compression": subject.compression,
                 "segments_mean": counts.mean().item() if counts is not None else float("nan"),
                 "segments_std": counts.std().item() if counts is not None else float("nan"),
                 "max_segments": counts.amax(1).mean().item() if counts is not None else float("nan"),
@@ -390,12 +355,6 @@ def markdown(frame: pd.DataFrame) -> str:
                      f"{r['realised_compression']:.2f} | {segments} | {r['forward_gmacs']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['analytic_bound']:.2f}x | {r['padded_bound']:.2f}x | {100 * r['efficiency']:.0f}% |")
     return "\n".join(lines) + "\n"
-
-
-def save_figure(figure, path) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")  # the legend sits outside the axes
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def device_slug(device: torch.device) -> str:
@@ -446,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     if args.plot:
         if not args.out:
             p.error("--plot needs --out (the figure is written to <out>.png)")
-        save_figure(summary.speedup_plot([repo_path(c) for c in args.plot]), repo_path(args.out).with_suffix(".png"))
+        save_figure(plots.speedup_plot([repo_path(c) for c in args.plot]), repo_path(args.out).with_suffix(".png"))
         return pd.DataFrame()
     modes = [m.strip() for m in args.modes.split(",")]
     if any(m not in MODES for m in modes) or args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
@@ -461,12 +420,12 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         p.error(str(exn))
     frame = bench(specs, args.batch_size, args.precision, args.steps, args.warmup, args.device, args.prior_steps,
                   modes, measure_memory=not args.no_memory, checkpoints=checkpoints, reference=args.reference)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     stem = repo_path(args.out) if args.out else repo_path("results") / (
         f"efficiency_{device_slug(device)}" + (f"_{args.tag}" if args.tag else ""))
     atomic_write_text(stem.with_suffix(".csv"), frame.to_csv(index=False))
     atomic_write_text(stem.with_suffix(".md"), markdown(frame))
-    save_figure(summary.speedup_plot([stem.with_suffix(".csv")]), stem.with_suffix(".png"))
+    save_figure(plots.speedup_plot([stem.with_suffix(".csv")]), stem.with_suffix(".png"))
     print(markdown(frame))
     print(f"wrote {stem.with_suffix('.csv')}, .md and .png")
     return frame

@@ -1,6 +1,6 @@
 """open_clip and timm registration of DTP-ViT, and weight transfer from a plain CLIP ViT.
 
-Route (DESIGN.md): each variant is a timm model name (`@register_model`-style entrypoint building a
+Route: each variant is a timm model name (`@register_model`-style entrypoint building a
 `DTPVisionTransformer`), and an open_clip config points at it with `timm_model_name`, `timm_pool: ""` and
 `timm_proj: "linear"` (open_clip's bias-free projection, the same as a CLIP ViT's `proj`). open_clip 3.3.0
 has no `timm_model_kwargs`, so there is one timm name per variant; other hyper-parameters are reached by
@@ -12,6 +12,8 @@ truth), so `open_clip.create_model_and_transforms(name)` and `open_clip.get_toke
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,10 +22,12 @@ import open_clip
 import timm
 import torch
 from open_clip import factory as open_clip_factory
+from open_clip.pretrained import download_pretrained
 from timm.models import register_model
 from timm.models.vision_transformer import _convert_openai_clip
 
-from .model import DTPConfig, DTPVisionTransformer, get_tower
+from .config import TrainConfig
+from .model import STRUCTURAL_FIELDS, DTPConfig, DTPVisionTransformer, get_tower
 
 TEXT_B = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
 TEXT_TI = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4}
@@ -55,9 +59,6 @@ ARCHS = {
     "ViT-Ti-8-64": Arch("ViT-Ti-8-64", "dtp_vit_tiny_patch8_clip_64", 64, 8, 192, 6, 128, TEXT_TI, (2, 4), (2, 2, 2)),
 }
 COMPRESSIONS = (1, 2, 4, 10)  # registered ratios; any other ratio >= 1 via create_model_and_transforms
-# DTPConfig fields that decide what the tower is built with; the others (temperature, pool, prior, boundaries,
-# execution) are read at run time and are set on a built tower without building it again
-STRUCTURAL_FIELDS = ("compression", "pre_layers", "short_layers", "post_layers", "upsample", "predictor_hidden")
 
 
 def variant_names() -> list[str]:
@@ -183,6 +184,140 @@ def create_model_and_transforms(arch: str = "ViT-B-32", compression: float = 4, 
     return model, preprocess_train, preprocess_val
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Models by name, from training flags, from a training checkpoint
+
+
+def close_model_names(name: str, cutoff: float = 0.4) -> list[str]:
+    """A few registered open_clip names (dtplib's included) that look like `name`, for error messages."""
+    return difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=cutoff)
+
+
+def check_model_name(name: str) -> None:
+    """ValueError naming a few close open_clip names when `name` is not registered (hf-hub:/local-dir: pass)."""
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    if name.replace("/", "-") not in open_clip.list_models():
+        raise ValueError(f"unknown model {name!r}; close names: {close_model_names(name, 0.5) or 'none'} "
+                         "(all: open_clip.list_models())")
+
+
+def check_pretrained(name: str, pretrained: str) -> None:
+    """Make sure the weights of a pretrained tag are on disk (fetching them when online), with a clear error."""
+    if os.path.isfile(pretrained):
+        return
+    config = open_clip.get_pretrained_cfg(name, pretrained)
+    if not config:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ValueError(f"pretrained {pretrained!r} is neither a file nor a tag of {name} (tags: {tags or 'none'})")
+    try:
+        download_pretrained(config)  # the local cache when HF_HUB_OFFLINE=1
+    except Exception as exn:  # huggingface_hub, urllib and open_clip each raise their own kinds
+        source = f"Hugging Face repo {config['hf_hub'].rstrip('/')}" if config.get("hf_hub") else config.get("url")
+        reason = str(exn).splitlines()[0][:200] if str(exn) else type(exn).__name__
+        raise RuntimeError(
+            f"pretrained weights {name} / {pretrained} ({source}) are not on disk and could not be fetched "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}; {reason}). Get them on a machine with "
+            f"network: python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{pretrained}')\", "
+            "then copy its Hugging Face cache (~/.cache/huggingface/hub) here, or pass the weights file's path "
+            "as --pretrained.") from None
+
+
+def resolve_model(model: str, compression: float | None = None, upsample: bool = False,
+                  ) -> tuple[str, float | None, bool]:
+    """(arch or open_clip name, compression or None for a plain open_clip model, upsample) from the training
+    flags --model, --compression and --upsample; contradictions and unknown names raise ValueError."""
+    if model.startswith("DTP-ViT-"):
+        parsed = parse_dtp_name(model)
+        if parsed is None:
+            raise ValueError(f"unknown DTP model {model!r}; registered: {close_model_names(model)}")
+        stem, named_compression, named_upsample = parsed
+        if compression is not None and compression != named_compression:
+            raise ValueError(f"--model {model} means compression {named_compression:g}, but --compression "
+                             f"{compression:g} was given; pass one of them")
+        if upsample and not named_upsample:
+            raise ValueError(f"--upsample contradicts --model {model} (use {model}-up)")
+        return stem, named_compression, named_upsample
+    if compression is not None:
+        if model not in ARCHS:
+            raise ValueError(f"--compression needs --model to be one of {sorted(ARCHS)}, got {model!r}")
+        return model, compression, upsample
+    if upsample:
+        raise ValueError("--upsample needs a DTP model: give --compression or a DTP-ViT-* name")
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown model {model!r}; close names: {close_model_names(model)}")
+    return model, None, False
+
+
+def open_clip_name(model: str, compression: float | None = None, upsample: bool = False) -> str:
+    """The open_clip name of what the training flags build (`DTP-ViT-B-32-4x`, or the peer's own name)."""
+    arch, compression, upsample = resolve_model(model, compression, upsample)
+    return arch if compression is None else dtp_name(arch, compression, upsample)
+
+
+def build_model(model: str, compression: float | None = None, upsample: bool = False, *,
+                force_patch_dropout: float | None = None, **dtp_fields):
+    """(model, preprocess_train, preprocess_val, tokenizer) for the training flags: a DTP-ViT CLIP (an arch with
+    a compression, or a DTP-ViT-* name; `dtp_fields` are DTPConfig fields such as boundary_loss_weight,
+    boundaries, execution), or any open_clip model as the peer. `force_patch_dropout` is open_clip's (FLIP)."""
+    arch, compression, upsample = resolve_model(model, compression, upsample)
+    options = {} if force_patch_dropout is None else {"force_patch_dropout": force_patch_dropout}
+    if compression is None:
+        if dtp_fields:
+            raise ValueError(f"{sorted(dtp_fields)} need a DTP model; {arch} is a plain open_clip model")
+        built, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(arch, **options)
+        return built, preprocess_train, preprocess_val, open_clip.get_tokenizer(arch)
+    built, preprocess_train, preprocess_val = create_model_and_transforms(arch, compression, upsample,
+                                                                          **dtp_fields, **options)
+    tokenizer = open_clip.get_tokenizer(ARCHS[arch].name)  # the DTP variants share the peer's text tower
+    return built, preprocess_train, preprocess_val, tokenizer
+
+
+def build_from_config(config: TrainConfig):
+    """`build_model` with a training run's settings: exactly the model that run trained."""
+    dtp_fields = {}
+    if resolve_model(config.model, config.compression, config.upsample)[1] is not None:
+        dtp_fields = {"boundary_loss_weight": config.boundary_loss_weight, "prior_scope": config.prior_scope,
+                      "boundaries": config.boundaries, "execution": config.execution}
+    return build_model(config.model, config.compression, config.upsample,
+                       force_patch_dropout=config.force_patch_dropout, **dtp_fields)
+
+
+def training_config(checkpoint: str | Path | dict) -> TrainConfig | None:
+    """The TrainConfig a `dtplib.train` checkpoint records (older ones lack fields: defaults fill them), or None
+    for a checkpoint that was not written by `dtplib.train`."""
+    raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    stored = raw.get("args") if isinstance(raw, dict) else None
+    if not isinstance(stored, dict) or not {"model", "compression", "upsample"} <= stored.keys():
+        return None
+    return TrainConfig.from_dict(stored)
+
+
+def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, preprocess_val, tokenizer, TrainConfig) rebuilt from a `dtplib.train` checkpoint, with
+    its weights: a tower that has no registered name (`--compression 3`, other DTP settings) comes back as it
+    was trained."""
+    raw = read_checkpoint(checkpoint)
+    config = training_config(raw)
+    if config is None:
+        raise ValueError(f"{checkpoint} was not written by dtplib.train (no training flags): give a model name")
+    model, _, preprocess, tokenizer = build_from_config(config)
+    load_state_dict(model, read_state_dict(raw), source=checkpoint, name=config.model)
+    return model.to(device).eval(), preprocess, tokenizer, config
+
+
+def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, name: str) -> None:
+    """`model.load_state_dict(state)` with an error that names the file and the model."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exn:
+        raise RuntimeError(f"checkpoint {source} does not fit model {name}: {exn}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading weights
+
+
 @dataclass
 class LoadReport:
     """What `load_vit_weights` copied into the model and what it left at initialisation."""
@@ -231,15 +366,30 @@ def load_vit_weights(model: torch.nn.Module, checkpoint: str | Path | dict) -> L
     mapped[f"{visual_prefix}head.proj.weight"] = converted.pop("head.weight")
     mapped.update({f"{visual_prefix}trunk.{k}": v for k, v in converted.items()})
 
+    return place_weights(model, mapped, hint="is it a ViT of the same size and depth?")
+
+
+def load_dtp_weights(model: torch.nn.Module, checkpoint: str | Path | dict) -> LoadReport:
+    """Load a DTP-ViT CLIP's weights (any ratio, e.g. the plain DTP-1x of `dtplib.train`) into another of the
+    same size: every tensor of the source must fit, and only the target's boundary predictor may be left out."""
+    state = read_state_dict(checkpoint)
+    target = model.state_dict()
+    mapped = {k: v for k, v in state.items() if k in target or ".predictor." not in k}  # a 4x source into a 1x
+    return place_weights(model, mapped, hint="is it the same arch and layer split?")
+
+
+def place_weights(model: torch.nn.Module, mapped: dict[str, torch.Tensor], hint: str) -> LoadReport:
+    """Load `mapped` into the model when every tensor has a place of its shape and only the boundary predictor
+    is left at its initialisation; else a ValueError naming the first offenders and `hint`."""
     target = model.state_dict()
     unplaced = sorted(k for k in mapped if k not in target)
     if unplaced:
         raise ValueError(f"checkpoint tensors with no place in the DTP-ViT CLIP: {unplaced[:8]}"
-                         f"{' ...' if len(unplaced) > 8 else ''} (is it a ViT of the same depth?)")
+                         f"{' ...' if len(unplaced) > 8 else ''} ({hint})")
     mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in mapped.items()
                   if v.shape != target[k].shape]
     if mismatched:
-        raise ValueError(f"shape mismatch (checkpoint vs model), is it the same ViT size? {mismatched[:4]}")
+        raise ValueError(f"shape mismatch (checkpoint vs model): {mismatched[:4]} ({hint})")
     left = sorted(set(target) - set(mapped))
     not_predictor = [k for k in left if ".predictor." not in k]
     if not_predictor:

@@ -6,18 +6,27 @@ Executed notebooks and their tables and figures land in results/demo/ (ignored b
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import papermill
+from traitlets.config import Config
 
 from .utils import REPO_ROOT, repo_path
+
+# CurveZMQ keys for the kernel's sockets (the python3 kernelspec declares support): ipykernel otherwise warns at every
+# start that it "is running over TCP without encryption"
+KERNEL_CONFIG = Config({"KernelManager": {"transport_encryption": "auto"}})
+# what `make` exports, for `python -m dtplib.demo` run by hand (an explicit value in the environment wins)
+ENVIRONMENT = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 
 
 def run_notebook(notebook: Path, executed: Path, parameters: dict) -> None:
     """Execute one notebook headless as a user would open it: from notebooks/, with the venv's python3 kernel."""
     papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
-                               cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
+                               cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3", progress_bar=False,
+                               config=KERNEL_CONFIG)
 
 
 def run_notebooks(out: str = "results/demo", only: list[str] | None = None) -> list[tuple[str, float]]:
@@ -40,6 +49,8 @@ def main() -> None:
     parser.add_argument("--out", default="results/demo", help="where executed notebooks and outputs go")
     parser.add_argument("--only", nargs="*", help="notebook names (e.g. 02_model) to run instead of all")
     args = parser.parse_args()
+    for name, value in ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     timings = run_notebooks(args.out, args.only)
     out_root = repo_path(args.out)
     print("\nDemo finished. Executed notebooks and their outputs:")

@@ -14,7 +14,6 @@ deterministic, and a collapsed model (all scores equal, or NaN) scores 0 instead
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import os
@@ -26,17 +25,22 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.pretrained import download_pretrained
 from open_clip.zero_shot_classifier import batched, build_zero_shot_classifier
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-from PIL import Image
 from timm.data import ImageNetInfo
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dtplib.clip import read_checkpoint, read_state_dict
-from dtplib.data import DECODE_ERRORS, IMAGE_EXTENSIONS, expand_shards, iter_samples
-from dtplib.utils import atomic_write_text, eval_mode, run_info, unwrap
+from dtplib.clip import (
+    check_model_name,
+    check_pretrained,
+    load_state_dict,
+    load_trained,
+    read_state_dict,
+    training_config,
+)
+from dtplib.loader import DECODE_ERRORS, IMAGE_EXTENSIONS, expand_shards, iter_samples
+from dtplib.utils import atomic_write_text, eval_mode, open_rgb, run_info, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +157,7 @@ def templates_for(layout: str) -> tuple:
     raise ValueError(f"unknown layout {layout!r}; expected 'imagenet' or 'names'")
 
 
-def _image_files(root: Path, max_per_class: int | None) -> list[tuple[Path, int]]:
+def image_files(root: Path, max_per_class: int | None) -> list[tuple[Path, int]]:
     """(path, label) for the images of each class folder in sorted path order, the first `max_per_class` of each."""
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     samples = []
@@ -175,15 +179,14 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
+            image = open_rgb(path)
         except DECODE_ERRORS as exn:
             log.warning("skipping unreadable image %s: %r", path, exn)
             return None
         return self.preprocess(image), label
 
 
-def _collate_readable(batch: list[tuple[Tensor, int] | None]) -> tuple[Tensor | None, Tensor, int]:
+def collate_readable(batch: list[tuple[Tensor, int] | None]) -> tuple[Tensor | None, Tensor, int]:
     """Stack the readable samples of a batch; also return how many were unreadable."""
     readable = [sample for sample in batch if sample is not None]
     images = torch.stack([image for image, _ in readable]) if readable else None  # B x 3 x H x W
@@ -191,7 +194,7 @@ def _collate_readable(batch: list[tuple[Tensor, int] | None]) -> tuple[Tensor | 
     return images, labels, len(batch) - len(readable)
 
 
-def _input_dtype(model: torch.nn.Module) -> torch.dtype:
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
     """dtype the image tower expects (fp32, or bf16/fp16 for a model cast to pure low precision)."""
     return next(model.parameters()).dtype
 
@@ -206,11 +209,11 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
     """
     root = Path(data_dir)
     classnames, layout = zeroshot_classes(root)
-    samples = _image_files(root, max_per_class)
+    samples = image_files(root, max_per_class)
     if not samples:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
     loader = DataLoader(ImageFiles(samples, preprocess), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate_readable)
+                        collate_fn=collate_readable)
     model = unwrap(model)
     ranks, skipped = [], 0
     with eval_mode(model):
@@ -220,7 +223,7 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
             skipped += unreadable
             if images is None:
                 continue
-            features = model.encode_image(images.to(device, _input_dtype(model)), normalize=True).float()  # B x D
+            features = model.encode_image(images.to(device, input_dtype(model)), normalize=True).float()  # B x D
             logits = features @ classifier  # B x C
             is_target = F.one_hot(labels.to(device), len(classnames)).bool()  # B x C
             ranks.append(_ranks(logits, is_target).cpu())  # B
@@ -252,7 +255,7 @@ def retrieval_eval(model, preprocess, tokenizer, shards: str | Sequence[str], *,
             captions = [caption for sample in batch for caption in sample["captions"]]
             text_image += [num_images + i for i, sample in enumerate(batch) for _ in sample["captions"]]
             num_images += len(batch)
-            image_features.append(model.encode_image(images.to(device, _input_dtype(model)), normalize=True).float())
+            image_features.append(model.encode_image(images.to(device, input_dtype(model)), normalize=True).float())
             text_features.append(model.encode_text(tokenizer(captions).to(device), normalize=True).float())
     if not image_features:
         raise ValueError(f"no readable samples in {shards}")
@@ -294,37 +297,6 @@ def evaluate(model, preprocess, tokenizer, *, zeroshot_data: str | Path | None =
     return metrics
 
 
-def _check_model_name(name: str) -> None:
-    """ValueError naming a few close open_clip names when `name` is not registered (hf-hub:/local-dir: pass)."""
-    if name.startswith(("hf-hub:", "local-dir:")):
-        return
-    known = open_clip.list_models()
-    if name.replace("/", "-") not in known:
-        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-        raise ValueError(f"unknown model {name!r}; close names: {close or 'none'} (all: open_clip.list_models())")
-
-
-def _check_pretrained(name: str, pretrained: str) -> None:
-    """Make sure the weights of a pretrained tag are on disk (fetching them when online), with a clear error."""
-    if os.path.isfile(pretrained):
-        return
-    config = open_clip.get_pretrained_cfg(name, pretrained)
-    if not config:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        raise ValueError(f"pretrained {pretrained!r} is neither a file nor a tag of {name} (tags: {tags or 'none'})")
-    try:
-        download_pretrained(config)  # the local cache when HF_HUB_OFFLINE=1
-    except Exception as exn:  # huggingface_hub, urllib and open_clip each raise their own kinds
-        source = f"Hugging Face repo {config['hf_hub'].rstrip('/')}" if config.get("hf_hub") else config.get("url")
-        reason = str(exn).splitlines()[0][:200] if str(exn) else type(exn).__name__
-        raise RuntimeError(
-            f"pretrained weights {name} / {pretrained} ({source}) are not on disk and could not be fetched "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}; {reason}). Get them on a machine with "
-            f"network: python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{pretrained}')\", "
-            "then copy its Hugging Face cache (~/.cache/huggingface/hub) here, or pass the weights file's path "
-            "as --pretrained.") from None
-
-
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, pretrained: str | None = None,
                device: str | torch.device = "cpu") -> tuple[torch.nn.Module, object, object]:
     """(model in eval mode, preprocess_val, tokenizer) for an open_clip name (dtplib's DTP-ViT names included).
@@ -336,30 +308,21 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
     """
     if checkpoint is not None and pretrained is not None:
         raise ValueError("give a checkpoint or pretrained weights, not both")
-    raw = read_checkpoint(checkpoint) if checkpoint is not None else None
-    train_args = raw.get("args") if isinstance(raw, dict) and isinstance(raw.get("args"), dict) else None
-    if train_args is not None and not {"model", "compression", "upsample"} <= train_args.keys():
-        train_args = None  # not written by dtplib.train
-    if name is None and train_args is None:
+    config = training_config(checkpoint) if checkpoint is not None else None
+    if name is None and config is None:
         raise ValueError("give a model name (a checkpoint from python -m dtplib.train records its own)")
-    if train_args is not None and name in (None, train_args.get("model")):
-        from dtplib.train import build_model  # the training flags rebuild exactly the trained model
-
-        model, _, preprocess, tokenizer = build_model(argparse.Namespace(**train_args))
-        model.to(device)
-        name = train_args["model"]
-    else:
-        _check_model_name(name)
-        if pretrained is not None:
-            _check_pretrained(name, pretrained)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-        tokenizer = open_clip.get_tokenizer(name)
-    if raw is not None:
-        state = read_state_dict(raw)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exn:
-            raise RuntimeError(f"checkpoint {checkpoint} does not fit model {name}: {exn}") from None
+    if config is not None and name in (None, config.model):  # the training flags rebuild exactly the trained model
+        model, preprocess, tokenizer, _ = load_trained(checkpoint, device)
+        log.info("loaded %s", checkpoint)
+        return model, preprocess, tokenizer
+    check_model_name(name)
+    if pretrained is not None:
+        check_pretrained(name, pretrained)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    tokenizer = open_clip.get_tokenizer(name)
+    if checkpoint is not None:
+        state = read_state_dict(checkpoint)
+        load_state_dict(model, state, checkpoint, name)
         log.info("loaded %d tensors from %s", len(state), checkpoint)
     return model.eval(), preprocess, tokenizer
 
@@ -400,9 +363,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:  # every path, the name and the weights, before the model is built
         check_data(args.zeroshot_data, args.imagenet_val, args.val_data)
         if args.model is not None:
-            _check_model_name(args.model)
+            check_model_name(args.model)
         if args.pretrained is not None:
-            _check_pretrained(args.model, args.pretrained)
+            check_pretrained(args.model, args.pretrained)
     except (FileNotFoundError, ValueError, RuntimeError) as exn:
         parser.error(str(exn))
 

@@ -17,7 +17,6 @@ Read top to bottom:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
@@ -31,15 +30,22 @@ import open_clip
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from dtplib import evaluate as ev
-from dtplib.clip import LoadReport, create_model_and_transforms, load_vit_weights, read_state_dict
-from dtplib.model import dtp_towers, fit_boundary_prior, get_tower, last_boundary_loss, trace
-from dtplib.train import lr_at, make_optimizer
-from dtplib.utils import eval_mode, repo_path, run_info, seed_everything, unwrap
+from dtplib.clip import (
+    LoadReport,
+    check_model_name,
+    check_pretrained,
+    create_model_and_transforms,
+    load_dtp_weights,
+    load_vit_weights,
+    read_state_dict,
+)
+from dtplib.model import dtp_towers, fit_boundary_prior, get_tower, token_budget, trace, use_config
+from dtplib.optim import lr_at, make_optimizer, train_step
+from dtplib.utils import eval_mode, load_images, repo_path, run_info, seed_everything, unwrap
 
 Sample = tuple[Path, int]  # an image file and its label
 
@@ -47,7 +53,7 @@ Sample = tuple[Path, int]  # an image file and its label
 # 1. Zero-shot of pretrained open_clip models
 
 
-def parse_spec(spec: str | tuple[str, str | None]) -> tuple[str, str]:
+def parse_pretrained(spec: str | tuple[str, str | None]) -> tuple[str, str]:
     """("RN50x16", "openai") from "RN50x16/openai" or a (name, tag) pair; the tag may also be a weights file.
 
     A name without a tag ("ViT-B-16") means open_clip's first tag for that model (`list_pretrained_tags_by_model`,
@@ -58,7 +64,7 @@ def parse_spec(spec: str | tuple[str, str | None]) -> tuple[str, str]:
         name, tag = spec
     else:
         name, _, tag = spec.strip().partition("/")
-    ev._check_model_name(name)
+    check_model_name(name)
     tags = open_clip.list_pretrained_tags_by_model(name)
     if not tag:
         if not tags:
@@ -74,14 +80,14 @@ def pretrained_zeroshot(specs: str | Sequence[str | tuple[str, str]], data_dir: 
                         workers: int = 0) -> pd.DataFrame:
     """Zero-shot top-1/top-5 on an ImageFolder for each pretrained CLIP, one row per spec, in the given order.
 
-    `specs`: "NAME/TAG" strings (or one comma-separated string, or (name, tag) pairs), see `parse_spec`. All specs
+    `specs`: "NAME/TAG" strings (or one comma-separated string, or (name, tag) pairs), see `parse_pretrained`. All specs
     are checked before any model is loaded. Weights come from disk (open_clip's Hugging Face cache, or a file);
     where HF_HUB_OFFLINE is unset, missing ones are fetched, as `python -m dtplib.evaluate` does. A model whose
     weights cannot be had gets status "weights not on disk" and the reason in `message`; the others "ok".
     """
     if isinstance(specs, str):
         specs = [spec for spec in specs.split(",") if spec.strip()]
-    parsed = [parse_spec(spec) for spec in specs]
+    parsed = [parse_pretrained(spec) for spec in specs]
     data_dir = repo_path(data_dir)
     ev.zeroshot_classes(data_dir)  # a missing or empty folder fails before any model work
     rows = []
@@ -89,7 +95,7 @@ def pretrained_zeroshot(specs: str | Sequence[str | tuple[str, str]], data_dir: 
         row = {"model": name, "pretrained": tag, "status": "ok", "top1": float("nan"), "top5": float("nan"),
                "images": 0, "message": ""}
         try:
-            ev._check_pretrained(name, tag)
+            check_pretrained(name, tag)
         except RuntimeError as exn:
             rows.append({**row, "status": "weights not on disk", "message": str(exn)})
             continue
@@ -125,7 +131,7 @@ class ImageFolderSplit:
 def _shuffled_per_class(root: Path, seed: int) -> dict[int, list[Path]]:
     """Each class's image files in a seeded order: sorted paths, then permuted by (seed, label)."""
     per_class: dict[int, list[Path]] = {}
-    for path, label in ev._image_files(root, None):  # sorted folders, sorted files
+    for path, label in ev.image_files(root, None):  # sorted folders, sorted files
         per_class.setdefault(label, []).append(path)
     return {label: [files[i] for i in np.random.default_rng([seed, label]).permutation(len(files))]
             for label, files in per_class.items()}
@@ -171,18 +177,8 @@ def _loader(samples: Sequence[Sample], preprocess, batch_size: int, workers: int
             seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(ev.ImageFiles(list(samples), preprocess), batch_size=batch_size, shuffle=shuffle,
-                      generator=generator, num_workers=workers, collate_fn=ev._collate_readable,
+                      generator=generator, num_workers=workers, collate_fn=ev.collate_readable,
                       drop_last=shuffle and len(samples) > batch_size)
-
-
-def load_images(samples: Sequence[Sample | Path], preprocess) -> Tensor:
-    """Preprocessed images of samples or paths: B x 3 x H x W (for `fit_boundary_prior`, `realised_compression`)."""
-    paths = [sample[0] if isinstance(sample, tuple) else sample for sample in samples]
-    images = []
-    for path in paths:
-        with Image.open(path) as img:
-            images.append(preprocess(img.convert("RGB")))
-    return torch.stack(images)
 
 
 def extract_features(model: nn.Module, preprocess, samples: Sequence[Sample], batch_size: int = 64,
@@ -197,7 +193,7 @@ def extract_features(model: nn.Module, preprocess, samples: Sequence[Sample], ba
         for images, batch_labels, _ in _loader(samples, preprocess, batch_size, workers):
             if images is None:
                 continue
-            batch = model.encode_image(images.to(device, ev._input_dtype(model)), normalize=True)  # B x D
+            batch = model.encode_image(images.to(device, ev.input_dtype(model)), normalize=True)  # B x D
             features.append(batch.float().cpu())
             labels.append(batch_labels)
     if not features:
@@ -380,52 +376,48 @@ def finetune(model: nn.Module, split: ImageFolderSplit, *, preprocess_train, pre
     pools = bool(dtp_towers(model)) and get_tower(model).predictor is not None
     loader = _loader(split.train, preprocess_train, batch_size, workers, shuffle=True, seed=seed)
     total_steps = epochs * len(loader)
-    schedule = argparse.Namespace(lr=lr, wd=weight_decay, beta1=0.9, beta2=0.999, eps=1e-8, lr_scheduler="cosine",
-                                  warmup=min(len(loader), 500) if warmup is None else warmup)
-    optimizer = make_optimizer(classifier, schedule)
+    warmup = min(len(loader), 500) if warmup is None else warmup
+    optimizer = make_optimizer(classifier, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8)
     history, step, start = [], 0, time.perf_counter()
     was_training = model.visual.training
     classifier.train()
-    for epoch in range(epochs):
-        sums = {"loss": 0.0, "cross_entropy": 0.0, "boundary_loss": 0.0, "correct": 0, "images": 0, "segments": 0}
-        for images, labels, _ in loader:
-            if images is None:
-                continue
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, schedule, total_steps)
-            images, labels = images.to(device), labels.to(device)
-            with trace(classifier) if pools else contextlib.nullcontext() as traced:
-                logits = classifier(images)  # B x C
-            cross_entropy = F.cross_entropy(logits, labels)
-            boundary = last_boundary_loss(classifier) if pools else None
-            loss = cross_entropy + boundary_loss_weight * boundary if boundary is not None else cross_entropy
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; try a lower lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(classifier.parameters(), grad_clip_norm)
-            optimizer.step()
-            step += 1
-            sums["loss"] += loss.item() * len(labels)
-            sums["cross_entropy"] += cross_entropy.item() * len(labels)
-            sums["boundary_loss"] += (boundary.item() if boundary is not None else 0.0) * len(labels)
-            sums["correct"] += (logits.argmax(1) == labels).sum().item()
-            sums["images"] += len(labels)
-            sums["segments"] += traced.tokens.sum().item() if pools else 0
-        seen = max(sums["images"], 1)
-        history.append({"epoch": epoch, "loss": sums["loss"] / seen, "cross_entropy": sums["cross_entropy"] / seen,
-                        "boundary_loss": sums["boundary_loss"] / seen, "train_top1": sums["correct"] / seen,
-                        "train_compression": (get_tower(model).num_patches * seen / sums["segments"]
-                                              if pools and sums["segments"] else 1.0),
-                        "lr_end": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start})
+    weight = use_config(model, boundary_loss_weight=boundary_loss_weight) if pools else contextlib.nullcontext()
+    with weight:
+        for epoch in range(epochs):
+            sums = {"loss": 0.0, "cross_entropy": 0.0, "boundary_loss": 0.0, "correct": 0, "images": 0,
+                    "segments": 0}
+            for images, labels, _ in loader:
+                if images is None:
+                    continue
+                images, labels = images.to(device), labels.to(device)
+
+                def cross_entropy(images=images, labels=labels):
+                    logits = classifier(images)  # B x C
+                    return F.cross_entropy(logits, labels), logits
+
+                result = train_step(classifier, optimizer, cross_entropy, step=step, device=torch.device(device),
+                                    lr=lr_at(step, lr=lr, warmup=warmup, total_steps=total_steps),
+                                    grad_clip_norm=grad_clip_norm, hint="try a lower lr")
+                step += 1
+                sums["loss"] += result.loss.item() * len(labels)
+                sums["cross_entropy"] += result.task_loss.item() * len(labels)
+                sums["boundary_loss"] += (result.boundary_loss.item() if pools else 0.0) * len(labels)
+                sums["correct"] += (result.outputs.argmax(1) == labels).sum().item()
+                sums["images"] += len(labels)
+                sums["segments"] += result.record.tokens.sum().item() if pools else 0
+            seen = max(sums["images"], 1)
+            history.append({"epoch": epoch, "loss": sums["loss"] / seen, "cross_entropy": sums["cross_entropy"] / seen,
+                            "boundary_loss": sums["boundary_loss"] / seen, "train_top1": sums["correct"] / seen,
+                            "train_compression": (get_tower(model).num_patches * seen / sums["segments"]
+                                                  if pools and sums["segments"] else 1.0),
+                            "lr_end": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start})
     train_seconds = time.perf_counter() - start
     model.visual.train(was_training)
 
     test_features, test_labels = extract_features(model, preprocess_val, split.test, batch_size, device)
     accuracy = head_accuracy(head, test_features, test_labels)
     segments = _segments_per_image(model, split.test, preprocess_val, batch_size, device) if pools else None
-    compression = get_tower(model).num_patches / segments.float().mean().item() if segments is not None else 1.0
+    compression = token_budget(get_tower(model).num_patches, segments) if segments is not None else 1.0
     return {**accuracy, "compression": compression, "train_compression": history[-1]["train_compression"],
             "head_top1_before": head_top1_before, "train_images": len(split.train), "test_images": len(split.test),
             "epochs": epochs, "lr": lr, "steps": step, "train_seconds": train_seconds, "history": history,
@@ -449,25 +441,6 @@ class FromViT:
     compression: float  # realised in eval on the prior images after the fit (1.0 for compression 1)
 
 
-def load_dtp_weights(model: nn.Module, state: dict[str, Tensor]) -> LoadReport:
-    """Load a DTP-ViT CLIP's state dict (any ratio, e.g. the plain DTP-1x of `dtplib.train`) into another of the
-    same size: every tensor of the source must fit, and only the target's boundary predictor may be left out."""
-    target = model.state_dict()
-    unplaced = sorted(k for k in state if k not in target and ".predictor." not in k)
-    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
-                  if k in target and v.shape != target[k].shape]
-    if unplaced or mismatched:
-        raise ValueError(f"the DTP-ViT checkpoint does not fit: no place for {unplaced[:4]}, shapes {mismatched[:4]}"
-                         " (is it the same arch and layer split?)")
-    loaded = sorted(k for k in state if k in target)
-    left = sorted(set(target) - set(loaded))
-    not_predictor = [k for k in left if ".predictor." not in k]
-    if not_predictor:
-        raise ValueError(f"checkpoint lacks tensors of the model: {not_predictor[:8]}")
-    model.load_state_dict({**target, **{k: state[k] for k in loaded}}, strict=True)
-    return LoadReport(loaded=loaded, left=left)
-
-
 def vit_state_dict(vit: str | Path | dict | nn.Module) -> dict | str | Path:
     """A ViT source for `load_vit_weights`: a checkpoint file (a relative path is also tried from the repository
     root), a state dict, an open_clip CLIP, or "NAME/TAG" (open_clip pretrained weights, which must be on disk:
@@ -478,8 +451,8 @@ def vit_state_dict(vit: str | Path | dict | nn.Module) -> dict | str | Path:
         return vit
     if Path(vit).is_file() or repo_path(vit).is_file():
         return vit if Path(vit).is_file() else repo_path(vit)
-    name, tag = parse_spec(str(vit))  # not a file: an open_clip pretrained spec, or an error naming the choices
-    ev._check_pretrained(name, tag)
+    name, tag = parse_pretrained(str(vit))  # not a file: an open_clip pretrained spec, or an error naming the choices
+    check_pretrained(name, tag)
     model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag)
     return model.state_dict()
 
@@ -502,13 +475,14 @@ def dtp_from_vit(arch: str, compression: float, vit: str | Path | dict | nn.Modu
     if get_tower(model).predictor is not None:
         if prior_images is None or len(prior_images) == 0:
             raise ValueError("a DTP tower needs prior_images (a few real images) to fit its boundary predictor")
-        images = prior_images if isinstance(prior_images, Tensor) else load_images(prior_images, preprocess)
+        images = prior_images if isinstance(prior_images, Tensor) else load_images(
+            [s[0] if isinstance(s, tuple) else s for s in prior_images], preprocess)
         images = images.to(device)
         torch.manual_seed(seed)
         history = fit_boundary_prior(model, images, steps=prior_steps, seed=seed)
         with eval_mode(model), trace(model) as traced:
             model.encode_image(images)
-        realised = traced.boundaries.shape[1] / traced.tokens.float().mean().item()
+        realised = traced.budget
     return FromViT(model, preprocess_train, preprocess, tokenizer, report, history, realised)
 
 
@@ -535,21 +509,3 @@ def history_table(finetunes: dict[str, dict]) -> pd.DataFrame:
     """The per-epoch histories of several `finetune` results, one row per method and epoch."""
     return pd.DataFrame([{"method": method, **row} for method, result in finetunes.items()
                          for row in result["history"]])
-
-
-def plot_results(table: pd.DataFrame):
-    """Test top-1 of each method as bars, with the chance level as a line."""
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(1.4 * len(table) + 2, 3.2))
-    bars = axis.bar(table["method"], 100 * table["top1"], color="tab:blue")
-    axis.bar_label(bars, fmt="%.1f")
-    chance = 100 * table["chance"].iloc[0]
-    axis.axhline(chance, color="grey", linestyle="--", label=f"chance ({chance:.0f}%)")
-    axis.set_ylabel("test top-1 (%)")
-    axis.set_ylim(0, max(100 * table["top1"].max() * 1.2, chance * 2))
-    axis.legend(loc="upper left")
-    axis.tick_params(axis="x", labelsize=8)
-    figure.tight_layout()
-    return figure
-

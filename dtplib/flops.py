@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,21 +49,33 @@ import open_clip
 import pandas as pd
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import (
-    addmm_flop_jit,
-    bmm_flop_jit,
-    conv_flop_jit,
-    einsum_flop_jit,
-    get_shape,
-    linear_flop_jit,
-    matmul_flop_jit,
-)
+
+with warnings.catch_warnings():  # fvcore scripts a helper at import: torch's deprecation of jit.script, not ours
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import (
+        addmm_flop_jit,
+        bmm_flop_jit,
+        conv_flop_jit,
+        einsum_flop_jit,
+        get_shape,
+        linear_flop_jit,
+        matmul_flop_jit,
+    )
 from open_clip.transformer import Attention as OpenClipAttention
 from open_clip.transformer import TextTransformer, VisionTransformer
 from timm.layers import Attention as TimmAttention
 
-from .model import EXECUTIONS, DTPVisionTransformer, dtp_towers, forced_boundaries, trace, use_execution
+from .clip import check_model_name
+from .model import (
+    EXECUTIONS,
+    DTPVisionTransformer,
+    dtp_towers,
+    forced_boundaries,
+    token_budget,
+    trace,
+    use_execution,
+)
 from .utils import atomic_write_text, eval_mode, load_photos, run_info
 
 # ----------------------------------------------------------------------------------------------------------
@@ -450,7 +463,7 @@ def realised_stats(model: nn.Module, segments: torch.Tensor, batch_size: int | N
     return {"images": len(segments), "batch_size": batch_size or len(segments), **_stats("gmacs", packed / 1e9),
             "padded_gmacs_mean": padded.mean().item() / 1e9, **_stats("segments", segments),
             **_stats("compression", num_patches / segments.double()),
-            "realised_compression": num_patches / segments.double().mean().item()}
+            "realised_compression": token_budget(num_patches, segments)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -510,7 +523,7 @@ def report(model: nn.Module, name: str, compressions: Sequence[int] = (1, 2, 4, 
                 measured = sum(image_fvcore_macs(model, chunk) * len(chunk)
                                for chunk in images.split(stats["batch_size"]))
             add("realised, padded", padded, measured / len(images), execution="padded",
-                segments=padded.double().mean().item(), compression=num_patches / padded.double().mean().item())
+                segments=padded.double().mean().item(), compression=token_budget(num_patches, padded))
     add("text tower", None, text_fvcore_macs(model), tower_name="text")
     return pd.DataFrame(rows)
 
@@ -567,10 +580,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                              "path (each batch at its largest count), or both")
     parser.add_argument("--output", help="write the rows, with provenance columns, to this CSV")
     args = parser.parse_args(argv)
-    from .evaluate import _check_model_name  # imported here: evaluate pulls in the data pipeline
 
     try:  # every argument before any model is built
-        _check_model_name(args.model)
+        check_model_name(args.model)
         compressions = _parse_compressions(args.compressions)
         if args.num_images < 1 or (args.batch_size is not None and args.batch_size < 1):
             raise ValueError("--num-images and --batch-size must be >= 1")

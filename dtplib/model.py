@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 
 import torch
@@ -37,6 +37,7 @@ from .packed import (
     check_block,
     gather_segments,
     pack_tokens,
+    segment_ids,
     segment_index,
     segment_means,
     unpack,
@@ -44,6 +45,8 @@ from .packed import (
 
 EXECUTIONS = ("packed", "padded")  # DTPConfig.execution
 BOUNDARY_MODES = ("threshold", "topk")  # DTPConfig.boundaries
+# DTPConfig fields that shape the tower's parameters; the others are read at run time and may change on a model
+STRUCTURAL_FIELDS = ("compression", "pre_layers", "short_layers", "post_layers", "upsample", "predictor_hidden")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -58,7 +61,7 @@ class DTPConfig:
     post_layers: int = 0  # full-length layers after upsampling; only with upsample=True
     upsample: bool = False  # return to full length (+ residual from pre-layers) before post-layers
     temperature: float = 0.5  # Gumbel-Sigmoid relaxation temperature (Nawrot's default)
-    boundary_loss_weight: float = 1.0  # weight of the binomial prior in the training loss (read by train.py)
+    boundary_loss_weight: float = 1.0  # weight of the binomial prior in the loss (read by optim.train_step)
     predictor_hidden: int | None = None  # hidden width of the predictor MLP; None = model width
     pool: str = "tok"  # "tok": CLS token; "avg": masked mean over segments (or patches when upsampled)
     prior_scope: str = "batch"  # "batch": prior on the batch's boundary count (hits the budget); "image": Nawrot's
@@ -161,11 +164,6 @@ def close_last_segment(boundaries: torch.Tensor) -> torch.Tensor:
     return boundaries * (1 - forced) + forced  # B x N, keeps the gradient of all other positions
 
 
-def segment_ids(boundaries: torch.Tensor) -> torch.Tensor:
-    """Exclusive cumulative sum: a boundary closes its segment, the next patch opens a new one. B x N."""
-    return boundaries.cumsum(-1) - boundaries
-
-
 def membership(boundaries: torch.Tensor, num_segments: int) -> torch.Tensor:
     """B x N x S matrix, 1 where patch n is in segment s, with a gradient path to the boundaries.
 
@@ -239,6 +237,17 @@ class TraceRecord:
     boundary_loss: torch.Tensor  # scalar
     grid: tuple[int, int] = field(default=(0, 0))  # patch grid (rows, cols)
 
+    @property
+    def budget(self) -> float:
+        """The batch's realised compression as a token budget (`token_budget`)."""
+        return token_budget(self.boundaries.shape[1], self.tokens)
+
+
+def token_budget(num_patches: int, segments: torch.Tensor) -> float:
+    """Realised compression of a batch: patches / mean segments per image. A token budget, not the mean of the
+    per-image ratios (which a few one-segment images would dominate)."""
+    return num_patches / segments.double().mean().item()
+
 
 class DTPVisionTransformer(VisionTransformer):
     """timm VisionTransformer whose blocks are split into pre-, shortened and post-layers.
@@ -299,8 +308,8 @@ class DTPVisionTransformer(VisionTransformer):
     def boundaries_for(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Boundaries (B x N, straight-through), probabilities and the prior loss, from logits or `forced`.
 
-        Departure from DESIGN.md's single prior term: in training the binomial prior is applied to the
-        sampled boundaries (Nawrot) *and* to the deterministic eval-time boundaries (sigmoid(logit) > 0.5).
+        Two prior terms in training: the binomial prior is applied to the sampled boundaries (Nawrot) *and* to
+        the deterministic eval-time boundaries (sigmoid(logit) > 0.5).
         The sampled rate is mean(sigmoid(logit)) while the eval rate is the share of logits > 0; with the first
         term alone a prior-only fit of Ti-4x gave 4.4x in training but 20x in eval. The second term makes the
         token budget that FLOPs are reported at the one that was trained for.
@@ -493,6 +502,7 @@ class Trace:
     compression = property(lambda self: self.last().compression)
     boundary_loss = property(lambda self: self.last().boundary_loss)
     grid = property(lambda self: self.last().grid)
+    budget = property(lambda self: self.last().budget)
 
 
 @contextmanager
@@ -535,16 +545,28 @@ def forced_boundaries(model: nn.Module, boundaries: torch.Tensor | str | int) ->
 
 
 @contextmanager
-def use_execution(model: nn.Module, execution: str) -> Iterator[None]:
-    """Run the tower's shortened layers "packed" or "padded" inside the block (e.g. to count the padded cost)."""
+def use_config(model: nn.Module, **changes) -> Iterator[DTPConfig]:
+    """Change run-time fields of the tower's DTPConfig inside the block (execution, boundaries, temperature,
+    boundary_loss_weight, ...); the fields that shape its parameters (`STRUCTURAL_FIELDS`) cannot change."""
     tower = get_tower(model)
-    previous = tower.dtp.execution
-    tower.dtp.execution = execution
+    unknown = set(changes) - {f.name for f in fields(DTPConfig)}
+    if unknown:
+        raise ValueError(f"not DTPConfig fields: {sorted(unknown)}")
+    if set(changes) & set(STRUCTURAL_FIELDS):
+        raise ValueError(f"{sorted(set(changes) & set(STRUCTURAL_FIELDS))} shape the tower's parameters: build "
+                         "another model instead")
+    previous = tower.dtp
+    tower.dtp = replace(previous, **changes)
     try:
         tower.dtp.validate(len(tower.blocks))
-        yield
+        yield tower.dtp
     finally:
-        tower.dtp.execution = previous
+        tower.dtp = previous
+
+
+def use_execution(model: nn.Module, execution: str):
+    """Run the tower's shortened layers "packed" or "padded" inside the block (e.g. to count the padded cost)."""
+    return use_config(model, execution=execution)
 
 
 def fit_boundary_prior(model: nn.Module, images: torch.Tensor, steps: int = 300, lr: float = 1e-2,
@@ -574,7 +596,7 @@ def fit_boundary_prior(model: nn.Module, images: torch.Tensor, steps: int = 300,
         optimizer.step()
         schedule.step()
         history.append({"step": step, "boundary_loss": loss.item(),
-                        "train_compression": tower.num_patches / boundaries.detach().sum(-1).mean().item()})
+                        "train_compression": token_budget(tower.num_patches, boundaries.detach().sum(-1))})
     tower.train(was_training)
     return history
 
@@ -583,5 +605,5 @@ def realised_compression(model: nn.Module, images: torch.Tensor) -> float:
     """Realised compression of the tower in its current mode: patches / mean segments per image (token budget)."""
     with torch.no_grad(), trace(model) as t:
         model.encode_image(images) if hasattr(model, "encode_image") else model(images)
-    return t.boundaries.shape[1] / t.tokens.float().mean().item()
+    return t.budget
 

@@ -164,12 +164,15 @@ class Packing:
                        bucket_inverse=inverse_t)
 
 
+def segment_ids(boundaries: torch.Tensor) -> torch.Tensor:
+    """Exclusive cumulative sum: a boundary closes its segment, the next patch opens a new one. B x N."""
+    return boundaries.cumsum(-1) - boundaries
+
+
 def segment_index(boundaries: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row of each patch's segment among all segments of the batch (B x N, long; image b's first segment is row
     offsets[b]) and the straight-through weight of each patch (B x N: value 1, d/d(segment id) = 1, Nawrot's
     1 - (s - id) at s = id), through which the contrastive loss reaches the boundary predictor."""
-    from .model import segment_ids  # model imports this module
-
     ids = segment_ids(boundaries)  # B x N, float, exact integers
     hard_ids = segment_ids(boundaries.detach().nan_to_num(1.0)).long()  # NaN weights: a NaN loss, no bad index
     return offsets[:, None] + hard_ids, 1 + ids - ids.detach()

@@ -1,6 +1,6 @@
 """The committed small run: DTP-ViT-Ti-8-64-1x against -4x on Flickr8k, same samples seen, several seeds, on a CPU.
 
-`python -m dtplib.smallrun` makes Flickr8k shards from ../shared/data (6091 / 1000 / 1000 images, seeded split),
+`python -m dtplib.smallrun` makes Flickr8k shards from $DTPLIB_DATA (6091 / 1000 / 1000 images, seeded split),
 trains every (compression, seed) pair with `dtplib.train`, evaluates retrieval on the Flickr8k test split and
 zero-shot on CIFAR-10 test, and writes results/small_run.csv (one row per run) and results/small_run.md (means over
 seeds next to chance). Finished runs are skipped and a killed one resumes, so the command can be repeated.
@@ -12,18 +12,21 @@ import argparse
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pandas as pd
 import torch
-from open_clip.loss import ClipLoss
 
-from dtplib import bench, data, evaluate, train
+from dtplib import bench, evaluate
 from dtplib.flops import realised_segments
-from dtplib.model import get_tower
-from dtplib.utils import REPO_ROOT, SHARED_DATA, atomic_write_text, repo_path, run_info
+from dtplib.loader import iter_samples
+from dtplib.model import dtp_towers, get_tower, token_budget
+from dtplib.shards import from_captions, split_shards
+from dtplib.utils import REPO_ROOT, atomic_write_text, data_root, flags, repo_path, run_info
 
 RETRIEVAL = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
 ZEROSHOT = ["zeroshot_top1", "zeroshot_top5"]
@@ -33,15 +36,15 @@ def make_shards(work: Path) -> Path:
     """Flickr8k to train/val/test shards at 64 px (the Ti input size), once."""
     out = work / "flickr8k"
     if not (out / "stats.json").is_file():
-        flickr = SHARED_DATA / "flickr8k"
-        data.from_captions(flickr / "images", flickr / "captions.tsv", out, image_size=64, val_size=1000,
-                           test_size=1000, seed=0, processes=2, overwrite=True)
+        flickr = data_root() / "flickr8k"
+        from_captions(flickr / "images", flickr / "captions.tsv", out, image_size=64, val_size=1000,
+                      test_size=1000, seed=0, processes=2, overwrite=True)
     return out
 
 
 def chance(test_shards: str, num_classes: int = 10) -> dict:
     """Expected value of each metric for a model that ranks at random."""
-    captions = [len(s["captions"]) for s in data.iter_samples(test_shards)]
+    captions = [len(s["captions"]) for s in iter_samples(test_shards)]
     images, texts = len(captions), sum(captions)
     levels = {}
     for k in (1, 5, 10):  # an image hits when any of its m captions is among k of the texts
@@ -56,9 +59,9 @@ def eval_segments(checkpoint: Path, test_shards: str) -> dict:
     """Realised compression in eval mode (deterministic boundaries) over the test images: the budget N / mean
     segments, and how the segment count spreads between images."""
     model, preprocess, _ = evaluate.load_model(checkpoint=checkpoint)
-    images = torch.stack([preprocess(s["image"]) for s in data.iter_samples(test_shards)])  # B x 3 x 64 x 64
+    images = torch.stack([preprocess(s["image"]) for s in iter_samples(test_shards)])  # B x 3 x 64 x 64
     segments = realised_segments(model, images).float()  # B
-    return {"eval_compression": get_tower(model).num_patches / segments.mean().item(),
+    return {"eval_compression": token_budget(get_tower(model).num_patches, segments),
             "eval_segments_mean": segments.mean().item(), "eval_segments_std": segments.std().item(),
             "eval_segments_min": segments.min().item(), "eval_segments_max": segments.max().item()}
 
@@ -68,51 +71,47 @@ def clean_step_times(run_dirs: dict[str, Path], shards: Path, batch_size: int, s
     """Median training-step time of each trained model, all in this process, interleaved step by step on one batch
     of real training pairs: the training runs' own step times are only as clean as the machine was quiet."""
     _, preprocess_train, _ = open_clip.create_model_and_transforms("ViT-Ti-8-64")
-    samples = list(data.iter_samples(data.split_shards(shards, "train"), limit=batch_size))
+    samples = list(iter_samples(split_shards(shards, "train"), limit=batch_size))
     images = torch.stack([preprocess_train(s["image"]) for s in samples])  # B x 3 x 64 x 64
     texts = open_clip.get_tokenizer("ViT-Ti-8-64")([s["captions"][0] for s in samples])  # B x 32
     subjects = {}
     for label, run_dir in run_dirs.items():
         model, _, _ = evaluate.load_model(checkpoint=run_dir / "checkpoints" / "epoch_latest.pt")
         model.train()
-        subjects[label] = bench.Subject(bench.Spec(label), model, images, texts,
-                                        torch.optim.AdamW(model.parameters(), lr=1e-5), boundaries="prior")
-    loss_fn = ClipLoss()
-    for index in range(warmup + steps):
-        for subject in subjects.values():
-            elapsed = bench.step(subject, "clip", "fp32", torch.device("cpu"), loss_fn)
-            if index >= warmup:
-                subject.times["clip"].append(elapsed)
+        pools = bool(dtp_towers(model)) and get_tower(model).predictor is not None
+        subjects[label] = bench.Subject(bench.Spec(label, boundaries="learned" if pools else ""), model, images,
+                                        texts, torch.optim.AdamW(model.parameters(), lr=1e-5), source="checkpoint")
+    bench.time_interleaved(list(subjects.values()), modes=("clip",), steps=steps, warmup=warmup)
     return {label: float(np.median(s.times["clip"])) for label, s in subjects.items()}
 
 
 def run_one(shards: Path, compression: int, seed: int, args: argparse.Namespace) -> dict:
     name = f"Ti-8-64-{compression}x-seed{seed}"
-    argv = train.flags(model="ViT-Ti-8-64", compression=compression, seed=seed,
-                       train_data=data.split_shards(shards, "train"), val_data=data.split_shards(shards, "test"),
-                       zeroshot_data=SHARED_DATA / "cifar10-test", epochs=args.epochs, batch_size=args.batch_size,
+    argv = flags(model="ViT-Ti-8-64", compression=compression, seed=seed,
+                       train_data=split_shards(shards, "train"), val_data=split_shards(shards, "test"),
+                       zeroshot_data=data_root() / "cifar10-test", epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, warmup=args.warmup, workers=args.workers, threads=args.threads,
                        zeroshot_frequency=args.epochs, val_frequency=args.epochs, save_frequency=args.epochs,
                        logs=repo_path(args.work) / "runs", name=name, resume="latest")
     run_dir = repo_path(args.work) / "runs" / name
     epochs_csv = run_dir / "epochs.csv"
     done = epochs_csv.is_file() and len(pd.read_csv(epochs_csv)) == args.epochs
-    if not done:
-        train.run(argv)
+    if not done:  # in a process of its own, as a user runs it
+        subprocess.run([sys.executable, "-m", "dtplib.train", *argv], check=True)
     epochs = pd.read_csv(epochs_csv)
     params = json.loads((run_dir / "params.json").read_text())
     last = epochs.iloc[-1]
     later = epochs[~epochs["first_epoch"]]  # the first epoch's slower steps are reported apart
     return {"model": f"DTP-ViT-Ti-8-64-{compression}x", "compression_target": compression, "seed": seed,
             "epochs": args.epochs, "samples_seen": params["total_steps"] * args.batch_size,
-            **eval_segments(run_dir / "checkpoints" / "epoch_latest.pt", data.split_shards(shards, "test")),
+            **eval_segments(run_dir / "checkpoints" / "epoch_latest.pt", split_shards(shards, "test")),
             **{m: last[m] for m in RETRIEVAL + ZEROSHOT},
             "step_time_s": later["step_time_median_s"].mean(), "first_epoch_step_time_s": epochs.iloc[0]["step_time_s"],
             "peak_rss_mb": epochs["peak_memory_mb"].max(), "run": os.path.relpath(run_dir, REPO_ROOT),
             **run_info("cpu", "fp32", args.batch_size)}
 
 
-def report(rows: pd.DataFrame, levels: dict) -> str:
+def markdown_report(rows: pd.DataFrame, levels: dict) -> str:
     """Markdown: per model the mean (min..max over seeds) of each metric, chance, and the step-time ratio."""
     metrics = RETRIEVAL + ZEROSHOT
     lines = ["| model | seeds | " + " | ".join(metrics) + " | step time (s) | compression (eval) | segments "
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows["clean_step_time_s"] = [times[f"{r.model}-seed{r.seed}"] for r in rows.itertuples()]
     out = repo_path(args.out)
     atomic_write_text(out / "small_run.csv", rows.to_csv(index=False))
-    atomic_write_text(out / "small_run.md", report(rows, chance(data.split_shards(shards, "test"))))
+    atomic_write_text(out / "small_run.md", markdown_report(rows, chance(split_shards(shards, "test"))))
     print((out / "small_run.md").read_text())
     return rows
 

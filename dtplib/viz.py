@@ -1,32 +1,24 @@
-"""Seeing the boundaries: segments over the images, boundary probabilities, tokens kept, and whether boundaries
-fall where objects change.
+"""Seeing the boundaries: trace many images, measure alignment with COCO object outlines, draw from the command line.
 
-As ToMe's vis.py: trace once, then one call draws.
+The pictures and figures (segment overlays, P(boundary) heatmaps, token grids, histograms) live in `dtplib.plots`,
+saved with `plots.save_figure`. As ToMe's vis.py: trace once, then one call draws.
 
-    with dtplib.trace(model) as t:
-        model.encode_image(images)
-    figure = viz.boundary_figure(images, t.last(), *viz.input_normalization(model))
+    record = viz.trace_batches(model, images)
+    figure = plots.boundary_figure(images, record, *plots.input_normalization(model))
+    plots.save_figure(figure, "boundaries.png")
 
 Read top to bottom:
-1. Pictures as uint8 arrays (pure functions, tested pixel by pixel): `denormalize`, `segment_overlay`,
-   `probability_heatmap`, `save_png`.
-2. Figures for the 04 notebook: `boundary_figure` (photo | segments | P(boundary)), `token_grid` (overlays
-   labelled with the tokens kept), `tokens_histogram`.
-3. Alignment with object outlines on COCO: the fraction of boundaries that fall on patches crossed by an object
+1. `trace_batches`: one eval-mode, no-grad trace of many images in batches, as one `TraceRecord`.
+2. Alignment with object outlines on COCO: the fraction of boundaries that fall on patches crossed by an object
    outline, against uniform and random boundaries with the same count per image (`alignment`).
-4. `python -m dtplib.viz align --model NAME [--checkpoint PATH]` and `python -m dtplib.viz overlay ...`.
-
-Segments are runs of patches in raster order, so they wrap from the end of one row to the start of the next. The
-overlay shows this instead of hiding it: a segment that wraps is tinted in one colour on both rows, and a yellow
-tick on the image's right side (where it leaves a row) and left side (where it comes back) marks the wrap.
+3. `python -m dtplib.viz align --model NAME [--checkpoint PATH]` (the alignment table) and
+   `python -m dtplib.viz overlay ...` (overlays.png, token_grid.png, tokens_hist.png, drawn by `dtplib.plots`).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,174 +28,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .model import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TraceRecord, get_tower, trace
-from .utils import SHARED_DATA, atomic_write_bytes, atomic_write_text, repo_path, run_info
+from .model import TraceRecord, get_tower, trace
+from .plots import boundary_figure, input_normalization, patch_shape, save_figure, token_grid, tokens_histogram
+from .utils import append_csv, data_root, open_rgb, repo_path, run_info
 
-# Segment tints: saturated and far apart, none of them white or yellow (the edge and wrap colours). Every one has a
-# channel at least 50 levels from mid-grey, so a tint changes every pixel of a mid-grey image (the tests use that).
-PALETTE = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-                    (70, 240, 240), (240, 50, 230), (0, 128, 128)], dtype=np.uint8)  # 8 x 3
-EDGE_COLOUR = (255, 255, 255)  # patch borders where the segment changes
-WRAP_COLOUR = (255, 221, 0)  # a segment continues on the next row
-COCO_MINI = SHARED_DATA / "coco-mini"
+COCO_MINI = data_root() / "coco-mini"  # DTPLIB_DATA as set when dtplib.viz is imported
 # preprocess steps that leave pixel positions alone ("function": a plain function such as open_clip's _convert_to_rgb)
 NON_GEOMETRIC = {"MaybeConvertMode", "MaybeToTensor", "ToTensor", "Normalize", "PILToTensor", "ConvertImageDtype",
                  "function"}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Pictures as arrays
-
-
-def input_normalization(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) that the model's preprocess normalises with: open_clip's `visual.preprocess_cfg`, else the
-    tower's timm config, else OpenAI CLIP's."""
-    cfg = getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {}
-    if "mean" in cfg and "std" in cfg:
-        return tuple(cfg["mean"]), tuple(cfg["std"])
-    towers = [m for m in model.modules() if hasattr(m, "default_cfg") and "mean" in (m.default_cfg or {})]
-    if towers:
-        return tuple(towers[0].default_cfg["mean"]), tuple(towers[0].default_cfg["std"])
-    return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-
-def denormalize(images: torch.Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                std: Sequence[float] = OPENAI_CLIP_STD) -> np.ndarray:
-    """Model inputs back to pixels at the input resolution: (B x) 3 x H x W float -> (B x) H x W x 3 uint8."""
-    x = torch.as_tensor(images).detach().float().cpu()
-    if x.ndim not in (3, 4) or x.shape[-3] != 3:
-        raise ValueError(f"expected 3 x H x W or B x 3 x H x W images, got shape {tuple(x.shape)}")
-    mean_ = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_ = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    pixels = ((x * std_ + mean_).clamp(0, 1) * 255).round().to(torch.uint8)  # (B x) 3 x H x W
-    return pixels.movedim(-3, -1).numpy()  # (B x) H x W x 3
-
-
-def upscale(image: np.ndarray, scale: int) -> np.ndarray:
-    """Repeat every pixel scale x scale times (nearest neighbour): H x W x C -> sH x sW x C."""
-    if scale < 1 or int(scale) != scale:
-        raise ValueError(f"scale must be a positive integer, got {scale!r}")
-    return np.repeat(np.repeat(image, int(scale), axis=0), int(scale), axis=1)
-
-
-def patch_shape(image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
-    """Pixels per patch (height, width) of an H x W picture cut into a rows x cols grid; raises if it does not fit."""
-    (height, width), (rows, cols) = image_size, grid
-    if rows < 1 or cols < 1 or height % rows or width % cols:
-        raise ValueError(f"a {height} x {width} picture does not split into a {rows} x {cols} patch grid")
-    return height // rows, width // cols
-
-
-def as_grid(values, grid: tuple[int, int]) -> np.ndarray:
-    """Per-patch values in raster order (N,) -> rows x cols numpy array."""
-    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    if array.size != grid[0] * grid[1]:
-        raise ValueError(f"{array.size} values do not fill a {grid[0]} x {grid[1]} patch grid")
-    return array.reshape(grid)
-
-
-def edge_mask(ids: np.ndarray, size: tuple[int, int], width: int) -> np.ndarray:
-    """H x W mask of the patch borders where the segment changes (ids: rows x cols).
-
-    A border between two patches of different segments, left-right or above-below, is a band `width` pixels wide
-    centred on the border line (pixels [b - width//2, b - width//2 + width) across it), and it runs along the
-    whole side of the patch including the border bands at both of its ends, so corners close.
-    """
-    mask = np.zeros(size, dtype=bool)  # H x W
-    patch_h, patch_w = patch_shape(size, ids.shape)
-    lo = width // 2
-    for r, c in zip(*np.nonzero(ids[:, 1:] != ids[:, :-1]), strict=True):  # between (r, c) and (r, c + 1)
-        x = (c + 1) * patch_w
-        mask[max(r * patch_h - lo, 0):(r + 1) * patch_h - lo + width, max(x - lo, 0):x - lo + width] = True
-    for r, c in zip(*np.nonzero(ids[1:] != ids[:-1]), strict=True):  # between (r, c) and (r + 1, c)
-        y = (r + 1) * patch_h
-        mask[max(y - lo, 0):y - lo + width, max(c * patch_w - lo, 0):(c + 1) * patch_w - lo + width] = True
-    return mask
-
-
-def wrap_mask(ids: np.ndarray, size: tuple[int, int], width: int) -> np.ndarray:
-    """H x W mask of the wrap ticks: where a segment runs from the end of row r into the start of row r + 1, a tick
-    `width` pixels wide on the image's right side (middle half of row r) and on its left side (row r + 1)."""
-    mask = np.zeros(size, dtype=bool)  # H x W
-    patch_h, _ = patch_shape(size, ids.shape)
-    inset = patch_h // 4
-    for r in np.nonzero(ids[:-1, -1] == ids[1:, 0])[0]:
-        mask[r * patch_h + inset:(r + 1) * patch_h - inset, -width:] = True  # leaves row r on the right
-        mask[(r + 1) * patch_h + inset:(r + 2) * patch_h - inset, :width] = True  # comes back on row r + 1
-    return mask
-
-
-def segment_overlay(image: np.ndarray, segment_ids, grid: tuple[int, int], alpha: float = 0.45,
-                    edge_width: int = 2, scale: int = 1) -> np.ndarray:
-    """The segments of one image drawn over it: H x W x 3 uint8 -> sH x sW x 3 uint8 (s = scale, nearest).
-
-    - every segment of two or more patches is tinted: round((1 - alpha) * pixel + alpha * colour), colours from
-      PALETTE by segment id; a patch that is a segment of its own (nothing merged) keeps its pixels;
-    - borders between patches of different segments (left-right and above-below) in EDGE_COLOUR (`edge_mask`);
-    - wrap ticks in WRAP_COLOUR where a segment continues on the next row (`wrap_mask`, twice the edge width).
-    Pixels elsewhere are the image's, unchanged. Patch size = image size / grid, any sizes that divide.
-    """
-    if not 0 < alpha <= 1:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    if edge_width < 1:
-        raise ValueError(f"edge_width must be at least 1 pixel, got {edge_width}")
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an H x W x 3 uint8 image (see `denormalize`), got {image.dtype} {image.shape}")
-    image = upscale(image, scale)  # sH x sW x 3
-    ids = as_grid(segment_ids, grid).astype(np.int64)  # rows x cols
-    patch_h, patch_w = patch_shape(image.shape[:2], grid)
-    merged = np.bincount(ids.ravel())[ids] > 1  # rows x cols: the patch shares its segment
-    merged_px = np.repeat(np.repeat(merged, patch_h, 0), patch_w, 1)[..., None]  # H x W x 1
-    tint = np.repeat(np.repeat(PALETTE[ids % len(PALETTE)], patch_h, 0), patch_w, 1)  # H x W x 3
-    blended = np.rint((1 - alpha) * image.astype(np.float64) + alpha * tint)  # H x W x 3
-    out = np.where(merged_px, blended, image).astype(np.uint8)
-    out[edge_mask(ids, image.shape[:2], edge_width)] = EDGE_COLOUR
-    out[wrap_mask(ids, image.shape[:2], 2 * edge_width)] = WRAP_COLOUR
-    return out
-
-
-def probability_heatmap(probs, grid: tuple[int, int], size: tuple[int, int] | None = None, boundaries=None,
-                        cmap: str = "viridis") -> np.ndarray:
-    """Boundary probability per patch as colours at patch resolution: (N,) -> H x W x 3 uint8, constant on each
-    patch (size defaults to 16 pixels per patch). With `boundaries` (N,), a red dot in the middle of every patch
-    that closes a segment, so the 0.5 threshold and the forced last boundary can be read off."""
-    import matplotlib
-
-    values = as_grid(probs, grid).astype(np.float64)  # rows x cols
-    size = size or (16 * grid[0], 16 * grid[1])
-    patch_h, patch_w = patch_shape(size, grid)
-    colours = (matplotlib.colormaps[cmap](np.clip(values, 0, 1))[..., :3] * 255).round().astype(np.uint8)
-    out = np.repeat(np.repeat(colours, patch_h, 0), patch_w, 1)  # H x W x 3
-    if boundaries is not None:
-        dot_h, dot_w = max(1, patch_h // 4), max(1, patch_w // 4)
-        for r, c in zip(*np.nonzero(as_grid(boundaries, grid)), strict=True):
-            top, left = r * patch_h + (patch_h - dot_h) // 2, c * patch_w + (patch_w - dot_w) // 2
-            out[top:top + dot_h, left:left + dot_w] = (255, 0, 0)
-    return out
-
-
-def save_png(picture, path: str | Path, dpi: int = 100) -> Path:
-    """Write a H x W x 3 uint8 array (exact pixels, PIL) or a matplotlib Figure as a PNG, atomically."""
-    buffer = io.BytesIO()
-    if isinstance(picture, np.ndarray):
-        from PIL import Image
-
-        Image.fromarray(np.ascontiguousarray(picture, dtype=np.uint8)).save(buffer, format="png")
-    else:
-        picture.savefig(buffer, format="png", dpi=dpi)
-    path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2. Figures
-
-
-def display_scale(image_size: int, minimum: int = 224) -> int:
-    """Integer upscaling that shows a small input (64 px) at a readable size; 1 for 224 px inputs."""
-    return max(1, math.ceil(minimum / image_size))
+# 1. Tracing
 
 
 def trace_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> TraceRecord:
@@ -225,89 +61,8 @@ def trace_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
                        boundary_loss=torch.stack([r.boundary_loss for r in records]).mean(), grid=records[0].grid)
 
 
-def overlays(images: torch.Tensor, record: TraceRecord, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-             scale: int | None = None, **overlay_options) -> list[np.ndarray]:
-    """`segment_overlay` of every traced image (B x 3 x H x W normalised inputs, the record of their forward)."""
-    pixels = denormalize(images, mean, std)  # B x H x W x 3
-    scale = scale or display_scale(pixels.shape[1])
-    return [segment_overlay(pixels[i], record.segment_ids[i], record.grid, scale=scale, **overlay_options)
-            for i in range(len(pixels))]
-
-
-LEGEND = ("tint: one segment (a run of patches in raster order); untinted: a patch kept as its own token; "
-          "white: borders between segments; yellow ticks: the segment continues on the next row")
-
-
-def boundary_figure(images: torch.Tensor, record: TraceRecord, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-                    count: int = 4, scale: int | None = None, cmap: str = "viridis"):
-    """One row per image (the first `count`): the input photo, its segments, P(boundary) per patch with red dots
-    on the patches that close a segment."""
-    import matplotlib.pyplot as plt
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    count = min(count, len(images))
-    pixels = denormalize(images[:count], mean, std)  # count x H x W x 3
-    scale = scale or display_scale(pixels.shape[1])
-    drawn = overlays(images[:count], record, mean, std, scale=scale)
-    num_patches = record.boundaries.shape[1]
-    figure, axes = plt.subplots(count, 3, figsize=(9.5, 3.1 * count + 0.4), squeeze=False, layout="constrained")
-    for i in range(count):
-        tokens = int(record.tokens[i])
-        heat = probability_heatmap(record.probs[i], record.grid, drawn[i].shape[:2], record.boundaries[i], cmap)
-        panels = [(upscale(pixels[i], scale), "input"),
-                  (drawn[i], f"{tokens} / {num_patches} tokens ({num_patches / tokens:.1f}x)"),
-                  (heat, "P(boundary), red: boundary")]
-        for ax, (picture, title) in zip(axes[i], panels, strict=True):
-            ax.imshow(picture, interpolation="nearest")
-            ax.set_title(title, fontsize=9)
-            ax.set_axis_off()
-    figure.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=axes[:, 2], shrink=0.8, label="P(boundary)")
-    figure.supxlabel(LEGEND, fontsize=7, wrap=True)
-    return figure
-
-
-def token_grid(images: torch.Tensor, record: TraceRecord, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-               count: int | None = None, columns: int = 6, sort: bool = True, scale: int | None = None):
-    """Overlays of `count` images in a grid, each titled with the tokens it keeps; sorted from fewest to most
-    tokens, so simple and cluttered photos sit at either end."""
-    import matplotlib.pyplot as plt
-
-    count = min(count or len(images), len(images))
-    order = np.argsort(record.tokens[:count].cpu().numpy(), kind="stable") if sort else np.arange(count)
-    drawn = overlays(images[:count], record, mean, std, scale=scale)
-    num_patches = record.boundaries.shape[1]
-    rows = math.ceil(count / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows + 0.4), squeeze=False,
-                                layout="constrained")
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, i in zip(axes.flat, order, strict=False):  # the last row may have empty axes
-        ax.imshow(drawn[i], interpolation="nearest")
-        ax.set_title(f"{int(record.tokens[i])} / {num_patches} tokens", fontsize=9)
-    figure.supxlabel(LEGEND, fontsize=7, wrap=True)
-    return figure
-
-
-def tokens_histogram(tokens, num_patches: int, target: float | None = None, title: str = ""):
-    """Histogram of patch tokens kept per image (segments), with the mean and the target N / compression."""
-    import matplotlib.pyplot as plt
-
-    tokens = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens)
-    figure, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
-    ax.hist(tokens, bins=np.arange(tokens.min() - 0.5, tokens.max() + 1.5), color="tab:blue", alpha=0.8)
-    ax.axvline(tokens.mean(), color="black", label=f"mean {tokens.mean():.1f} ({num_patches / tokens.mean():.1f}x)")
-    if target:
-        ax.axvline(num_patches / target, color="tab:red", linestyle="--", label=f"target {num_patches / target:g}"
-                   f" ({target:g}x)")
-    ax.set(xlabel=f"patch tokens kept per image (of {num_patches})", ylabel="images",
-           title=title or f"tokens kept over {len(tokens)} images")
-    ax.legend(fontsize=8)
-    return figure
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 3. Alignment with object outlines (COCO polygons)
+# 2. Alignment with object outlines (COCO polygons)
 
 
 @dataclass
@@ -405,12 +160,9 @@ def coco_patch_outlines(preprocess, grid: tuple[int, int], coco_dir: str | Path 
                         num_images: int | None = None) -> tuple[torch.Tensor, np.ndarray, list[Path]]:
     """COCO images through the model's preprocess (B x 3 x H x W), the patches their object outlines cross in
     that geometry (B x N bool), and the files."""
-    from PIL import Image
-
     images, outlines, files = [], [], []
     for item in coco_outlines(coco_dir, num_images=num_images):
-        with Image.open(item.path) as photo:
-            images.append(preprocess(photo.convert("RGB")))  # 3 x H x W
+        images.append(preprocess(open_rgb(item.path)))  # 3 x H x W
         scale, offset, size = preprocess_geometry(preprocess, item.width, item.height)
         outlines.append(outline_patches([p * scale - offset for p in item.polygons], size, grid))
         files.append(item.path)
@@ -478,13 +230,13 @@ def alignment(model: torch.nn.Module, preprocess, coco_dir: str | Path = COCO_MI
     images, outline, _ = coco_patch_outlines(preprocess, tower.grid, coco_dir, num_images)
     record = trace_batches(model, images, batch_size)
     table = alignment_table(record.boundaries, outline, draws, seed)
-    return table.assign(compression=tower.num_patches / record.tokens.float().mean().item(),
+    return table.assign(compression=record.budget,
                         target=tower.dtp.compression, grid=f"{tower.grid[0]}x{tower.grid[1]}",
                         patch_size=tower.patch_embed.patch_size[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Command line
+# 3. Command line
 
 
 UNTRAINED = ("note: no checkpoint, so the boundary predictor is untrained (random init): its boundaries say nothing "
@@ -495,23 +247,10 @@ def model_label(name: str | None, checkpoint: str | None) -> str:
     """The open_clip name a row is about: the one given, else the one a dtplib.train checkpoint was trained as."""
     if name or not checkpoint:
         return name or ""
-    from .clip import dtp_name, read_checkpoint
-    from .train import resolve_model
+    from .clip import open_clip_name, training_config
 
-    train_args = read_checkpoint(checkpoint).get("args") or {}
-    if "model" not in train_args:
-        return ""
-    arch, compression, upsample = resolve_model(argparse.Namespace(**{"compression": None, "upsample": False,
-                                                                      **train_args}))
-    return arch if compression is None else dtp_name(arch, compression, upsample)
-
-
-def append_csv(table: pd.DataFrame, path: str | Path) -> None:
-    """Add rows to a CSV (creating it), atomically; columns are the union of old and new."""
-    path = repo_path(path)
-    if path.is_file():
-        table = pd.concat([pd.read_csv(path), table], ignore_index=True)
-    atomic_write_text(path, table.to_csv(index=False))
+    config = training_config(checkpoint)
+    return "" if config is None else open_clip_name(config.model, config.compression, config.upsample)
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
@@ -530,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     align.add_argument("--num-images", type=int, help="first N annotated images (default: all)")
     align.add_argument("--draws", type=int, default=100, help="draws of random boundaries")
     align.add_argument("--output", help="append the table, with model and provenance columns, to this CSV")
-    overlay.add_argument("--images", default=str(SHARED_DATA / "flickr8k" / "images"), help="folder of photos")
+    overlay.add_argument("--images", default=str(data_root() / "flickr8k" / "images"), help="folder of photos")
     overlay.add_argument("--num-images", type=int, default=64, help="first N photos (sorted names)")
     overlay.add_argument("--shown", type=int, default=6, help="photos drawn in overlays.png")
     overlay.add_argument("--grid", type=int, default=24, help="photos drawn in token_grid.png")
@@ -551,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
         if args.output:
             provenance = {"model": model_label(args.model, args.checkpoint), "checkpoint": args.checkpoint or "",
                           **run_info("cpu", "fp32", args.batch_size)}
-            append_csv(table.assign(**provenance), args.output)
+            append_csv(repo_path(args.output), table.assign(**provenance).to_dict("records"))
         return table
     from .utils import load_photos
 
@@ -559,9 +298,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     record = trace_batches(model, images, args.batch_size)
     mean, std = input_normalization(model)
     out = repo_path(args.out)
-    save_png(boundary_figure(images, record, mean, std, count=args.shown), out / "overlays.png")
-    save_png(token_grid(images, record, mean, std, count=args.grid), out / "token_grid.png")
-    save_png(tokens_histogram(record.tokens, tower.num_patches, tower.dtp.compression), out / "tokens_hist.png")
+    save_figure(boundary_figure(images, record, mean, std, count=args.shown), out / "overlays.png")
+    save_figure(token_grid(images, record, mean, std, count=args.grid), out / "token_grid.png")
+    save_figure(tokens_histogram(record.tokens, tower.num_patches, tower.dtp.compression), out / "tokens_hist.png")
     print(f"wrote overlays.png, token_grid.png, tokens_hist.png to {out}")
     return None
 

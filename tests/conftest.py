@@ -1,25 +1,24 @@
-"""Shared fixtures: real photos from ../shared/data, and quiet, offline defaults."""
+"""Shared fixtures: real photos from DTPLIB_DATA (default ../shared/data), and quiet, offline defaults."""
 
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dtplib.utils import SHARED_DATA  # noqa: E402
+from dtplib.utils import data_root  # noqa: E402
 
-FLICKR = SHARED_DATA / "flickr8k"
+FLICKR = data_root() / "flickr8k"  # DTPLIB_DATA as set when pytest starts
 
 
 def flickr_photos(n: int) -> list[Path]:
     files = sorted((FLICKR / "images").glob("*.jpg"))[:n]
     if len(files) < n:
-        raise FileNotFoundError(f"need {n} photos under {FLICKR / 'images'} (../shared/data beside the repo)")
+        raise FileNotFoundError(f"need {n} photos under {FLICKR / 'images'} (DTPLIB_DATA, default ../shared/data)")
     return files
 
 
@@ -31,10 +30,6 @@ def flickr_captions(files: list[Path]) -> list[str]:
         if name in wanted and name not in captions:
             captions[name] = caption
     return [captions[f.name] for f in files]
-
-
-def load_images(files: list[Path], preprocess) -> torch.Tensor:
-    return torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files])  # B x 3 x H x W
 
 
 @pytest.fixture(autouse=True)

@@ -51,7 +51,7 @@ def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
 
 def test_learned_boundaries_come_from_a_trained_checkpoint(tmp_path):
     """--checkpoint-dir finds a training run by its params.json; timing and memory use the checkpoint's weights."""
-    model, _ = bench.build_model(bench.parse_spec("DTP-ViT-Ti-8-64-4x"), None)
+    model, _ = bench.build_spec_model(bench.parse_spec("DTP-ViT-Ti-8-64-4x"), None)
     with torch.no_grad():
         model.visual.trunk.predictor.fc2.bias.fill_(-50.0)  # every logit far below 0: one segment per image
     run = tmp_path / "runs" / "ti4x"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from conftest import flickr_photos, load_images
+from conftest import flickr_photos
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 from timm.data import ImageNetInfo
@@ -18,10 +18,10 @@ from torch import nn
 
 import dtplib
 from dtplib import evaluate as ev
-from dtplib.data import SAMPLE_DIR, split_shards
-from dtplib.utils import SHARED_DATA
+from dtplib.shards import SAMPLE_DIR, split_shards
+from dtplib.utils import data_root, load_images
 
-CIFAR = SHARED_DATA / "cifar10-test"
+CIFAR = data_root() / "cifar10-test"
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 TINY = "DTP-ViT-Ti-8-64-4x"

@@ -8,9 +8,9 @@ from PIL import Image
 import dtplib
 from dtplib import finetune as ft
 from dtplib import train
-from dtplib.utils import REPO_ROOT, SHARED_DATA
+from dtplib.utils import REPO_ROOT, data_root, flags, load_images
 
-CIFAR = SHARED_DATA / "cifar10-test"
+CIFAR = data_root() / "cifar10-test"
 TI = "ViT-Ti-8-64"
 
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def vit_checkpoint(tmp_path_factory):
     """A real open_clip ViT checkpoint: two training steps of the Ti peer on the embedded sample."""
     logs = tmp_path_factory.mktemp("runs")
-    result = train.main(train.flags(model=TI, train_data=REPO_ROOT / "data/sample/train/{000000..000001}.tar",
+    result = train.main(flags(model=TI, train_data=REPO_ROOT / "data/sample/train/{000000..000001}.tar",
                                     epochs=1, max_steps=2, batch_size=8, warmup=1, workers=0, logs=logs,
                                     name="vit", report_to="none"))
     return result["checkpoint"]
@@ -150,7 +150,7 @@ def test_zeroshot_head_gives_clip_logits(vit_checkpoint, tiny_split):
     start = ft.dtp_from_vit(TI, 1, vit_checkpoint)
     model = start.model.eval()
     head = ft.zeroshot_head(model, start.tokenizer, tiny_split.classnames)
-    images = ft.load_images(tiny_split.test[:4], start.preprocess)
+    images = load_images([path for path, _ in tiny_split.test[:4]], start.preprocess)
     with torch.no_grad():
         image = model.encode_image(images, normalize=True)
         prompts = start.tokenizer([f"a photo of a {name}." for name in tiny_split.classnames])

@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-from conftest import FLICKR, flickr_photos, load_images
+from conftest import FLICKR, flickr_photos
 from fvcore.nn import FlopCountAnalysis
 
 import dtplib
 from dtplib import flops
+from dtplib.utils import load_images
 
 TI_PATCHES = 64  # ViT-Ti-8-64: 64 x 64 images, 8 x 8 patches
 

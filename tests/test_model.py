@@ -3,10 +3,11 @@
 import open_clip
 import pytest
 import torch
-from conftest import flickr_captions, flickr_photos, load_images
+from conftest import flickr_captions, flickr_photos
 
 import dtplib
 from dtplib.model import DTPConfig, DTPVisionTransformer, downsample, membership, segment_ids, upsample
+from dtplib.utils import load_images
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import flickr_captions, flickr_photos, load_images
+from conftest import flickr_captions, flickr_photos
 
 import dtplib
 from dtplib.model import get_tower
 from dtplib.packed import Packing, attend, bucket_splits, varlen_attention_available
+from dtplib.utils import load_images
 
 
 def reference_copy(model):

@@ -17,6 +17,7 @@ from conftest import flickr_captions, flickr_photos
 
 from dtplib import evaluate, train
 from dtplib.model import get_tower
+from dtplib.optim import lr_at
 from dtplib.utils import REPO_ROOT
 
 TI_4X = ["--model", "ViT-Ti-8-64", "--compression", "4"]
@@ -210,7 +211,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
     args = train.parse_args(["--train-data", "x", "--lr", "1.0", "--warmup", "4"])
-    lrs = [train.lr_at(step, args, total_steps=14) for step in range(14)]
+    lrs = [lr_at(step, lr=args.lr, warmup=args.warmup, total_steps=14) for step in range(14)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4] == 1.0 and lrs[9] == pytest.approx(0.5) and lrs[13] == pytest.approx(0.0245, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))

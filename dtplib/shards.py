@@ -1,0 +1,330 @@
+"""Writing webdataset shards from local images: an image folder + captions file -> seeded train/val/test shards.
+
+`read_captions` parses the captions file (Flickr8k tsv, Kaggle csv, COCO json); `from_captions` writes
+OUT/{train,val,test}/NNNNNN.tar with sizes.json per split, stats.json and LICENSES.tsv; `split_shards` names a
+split's shards again; `unpack_shards` turns shards back into a folder. Every sample holds `jpg`, `txt` (one
+caption) and `json` (source id, all captions, split, licence).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import multiprocessing as mp
+import random
+import re
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from dtplib.loader import DECODE_ERRORS, IMAGE_EXTENSIONS, expand_shards
+from dtplib.utils import REPO_ROOT, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DIR = REPO_ROOT / "data" / "sample"  # embedded COCO sample: split shards, stats.json, LICENSES.tsv
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class CaptionedImage:
+    """One source image (path relative to the images folder), all its captions, any licence metadata."""
+
+    path: str
+    captions: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def read_captions(captions_file: str | Path) -> dict[str, CaptionedImage]:
+    """Parse a captions file into {image path: CaptionedImage}, sorted by path.
+
+    Formats: a table of image<TAB>caption (Flickr8k captions.tsv; a header line and Flickr8k.token.txt's
+    "#n" suffixes are handled) or image,caption (Kaggle captions.txt); COCO captions_*.json; coco-mini's
+    captions_all.json ({"images": {path: {captions, license, flickr_url}}}). Empty captions are kept here:
+    `from_captions` skips and counts them.
+    """
+    path = Path(captions_file)
+    entries = _read_coco_json(path) if path.suffix == ".json" else _read_caption_table(path)
+    if not entries:
+        raise ValueError(f"{path}: no captions (expected image<TAB>caption lines or COCO captions json)")
+    return dict(sorted(entries.items()))
+
+
+def _read_caption_table(path: Path) -> dict[str, CaptionedImage]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = lines[0] if lines else ""
+    if "\t" in first:
+        rows = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)  # captions hold quotes: keep them
+    elif "," in first:
+        rows = csv.reader(lines)
+    else:
+        raise ValueError(f"{path}: first line {first[:80]!r} is neither image<TAB>caption nor image,caption")
+    entries: dict[str, CaptionedImage] = {}
+    for line_number, row in enumerate(rows, start=1):
+        if not row:
+            continue
+        if len(row) != 2:
+            raise ValueError(f"{path}:{line_number}: expected image, caption; got {len(row)} fields: {row!r}")
+        image = row[0].strip().split("#")[0]
+        if line_number == 1 and not image.lower().endswith(IMAGE_EXTENSIONS):
+            continue  # a header such as "image<TAB>caption"
+        entries.setdefault(image, CaptionedImage(image)).captions.append(row[1])
+    return entries
+
+
+def _read_coco_json(path: Path) -> dict[str, CaptionedImage]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    images = data.get("images") if isinstance(data, dict) else None
+    licenses = {lic["id"]: lic for lic in data.get("licenses", [])} if isinstance(data, dict) else {}
+    if isinstance(images, list) and "annotations" in data:  # official COCO: images[] + annotations[]
+        by_id = {img["id"]: CaptionedImage(img["file_name"], [], _coco_meta(img, licenses)) for img in images}
+        for annotation in data["annotations"]:
+            if annotation["image_id"] in by_id:
+                by_id[annotation["image_id"]].captions.append(annotation["caption"])
+        return {entry.path: entry for entry in by_id.values()}
+    if isinstance(images, dict):  # coco-mini captions_all.json: {"<folder>/<file>": {captions, license, ...}}
+        return {p: CaptionedImage(p, list(rec.get("captions", [])), _coco_meta(rec, licenses))
+                for p, rec in images.items()}
+    raise ValueError(f"{path}: not COCO captions json ('images' and 'annotations', or an images dict)")
+
+
+def _coco_meta(record: dict, licenses: dict) -> dict:
+    """Licence and provenance fields worth carrying into each sample's json and LICENSES.tsv."""
+    license_info = licenses.get(record.get("license"), {})
+    meta = {
+        "image_id": record.get("id", record.get("image_id")),
+        "license": license_info.get("name"),
+        "license_url": license_info.get("url"),
+        "flickr_url": record.get("flickr_url"),
+    }
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def assign_splits(paths: Sequence[str], val_size: float, test_size: float, seed: int) -> dict[str, str]:
+    """Fixed, seeded split by image: {path: "train" | "val" | "test"}.
+
+    A size below 1 is a fraction of the images, 1 or more a count (Flickr8k's usual split: 1000 and 1000).
+    The split depends only on the sorted paths and the seed, not on which images later turn out unreadable.
+    """
+    def count(size: float) -> int:
+        return round(size * len(paths)) if size < 1 else int(size)
+
+    n_val, n_test = count(val_size), count(test_size)
+    if n_val < 0 or n_test < 0 or n_val + n_test >= len(paths):
+        raise ValueError(f"val {n_val} + test {n_test} images leave none of {len(paths)} for training")
+    order = sorted(paths)
+    random.Random(seed).shuffle(order)
+    split_of = {p: "test" for p in order[:n_test]} | {p: "val" for p in order[n_test:n_test + n_val]}
+    return split_of | {p: "train" for p in order[n_test + n_val:]}
+
+
+def sample_key(path: str) -> str:
+    """Webdataset key for an image path: no slashes and no dots (webdataset splits off extensions there)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(Path(path).with_suffix("")))
+
+
+def encode_image(path: str | Path, image_size: int = 0, quality: int = 90) -> tuple[bytes, int, int]:
+    """Fully decode an image (so a corrupt file fails here, not in a training run) and return JPEG bytes.
+
+    A JPEG that needs no resize is kept byte for byte; otherwise the shorter side is shrunk to `image_size`
+    (never enlarged; 0 keeps the size) and the image re-encoded. Raises one of DECODE_ERRORS on a bad file.
+    """
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        needs_resize = image_size > 0 and min(img.size) > image_size
+        if img.format == "JPEG" and not needs_resize:
+            return data, img.width, img.height
+        img = img.convert("RGB")
+        if needs_resize:
+            scale = image_size / min(img.size)
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        buffer = io.BytesIO()
+        img.save(buffer, "JPEG", quality=quality)
+        return buffer.getvalue(), img.width, img.height
+
+
+def _encode_job(job: tuple[str, int, int]) -> tuple[bytes | None, int, int, str | None]:
+    """Pool worker: encode_image, with a decode failure returned as a message instead of raised."""
+    try:
+        return (*encode_image(*job), None)
+    except DECODE_ERRORS as exn:
+        return None, 0, 0, repr(exn)
+
+
+def from_captions(images: str | Path, captions: str | Path, out: str | Path, *, image_size: int = 0,
+                  encode_quality: int = 90, shard_size: int = 1000, val_size: float = 0.1,
+                  test_size: float = 0.1, seed: int = 0, processes: int = 1, limit: int | None = None,
+                  strict: bool = False, overwrite: bool = False) -> dict:
+    """Write shards OUT/{train,val,test}/NNNNNN.tar (one sample per image) plus sizes.json, stats.json and,
+    when the source names licences (COCO), LICENSES.tsv. Returns the stats.
+
+    Errors before any image is read: missing folder or captions file, no captions at all, none of the named
+    images present, a non-empty OUT without `overwrite`. Skipped and counted (stats.json): images named but
+    absent (an error with `strict`), empty captions, images left without any caption, undecodable images.
+    Counts add up: samples_out = images_in - sum(skipped), captions_out = pairs_in - sum(captions_skipped).
+    `limit` keeps the first N images by path (for quick runs).
+    """
+    images, captions, out = Path(images), Path(captions), Path(out)
+    if not images.is_dir():
+        raise FileNotFoundError(f"images folder not found: {images}")
+    if not captions.is_file():
+        raise FileNotFoundError(f"captions file not found: {captions}")
+    entries = read_captions(captions)
+    if limit:
+        entries = dict(list(entries.items())[:limit])
+    missing = [p for p in entries if not (images / p).is_file()]
+    if len(missing) == len(entries):
+        raise FileNotFoundError(f"none of the {len(entries)} images named in {captions} exist under {images} "
+                                f"(first: {missing[0]!r}); is --images the folder the names are relative to?")
+    if missing and strict:
+        raise FileNotFoundError(f"{len(missing)} images named in {captions} are missing under {images}, "
+                                f"e.g. {missing[:3]}")
+    keys = {p: sample_key(p) for p in entries}
+    if len(set(keys.values())) < len(keys):
+        clash = Counter(keys.values()).most_common(1)[0][0]
+        raise ValueError(f"two images map to the same sample key {clash!r} (same name, different extension?)")
+    split_of = assign_splits(list(entries), val_size, test_size, seed)
+
+    image_skips, caption_skips, examples = Counter(), Counter(), {}
+
+    def skip(entry: CaptionedImage, reason: str, n_captions: int) -> None:
+        image_skips[reason] += 1
+        caption_skips[reason] += n_captions
+        examples.setdefault(reason, [])
+        if len(examples[reason]) < 5:
+            examples[reason].append(entry.path)
+
+    missing = set(missing)
+    jobs: list[tuple[CaptionedImage, list[str]]] = []
+    for path in split_of:  # in the split's seeded order, so each split's shards come out shuffled
+        entry = entries[path]
+        kept = [c.strip() for c in entry.captions if c.strip()]
+        if path in missing:
+            skip(entry, "image_missing", len(entry.captions))
+            continue
+        caption_skips["empty_caption"] += len(entry.captions) - len(kept)
+        if not kept:
+            skip(entry, "no_caption", 0)
+            continue
+        jobs.append((entry, kept))
+    if not jobs:
+        raise ValueError(f"{captions}: no image has a non-empty caption")
+    _prepare_out_dir(out, overwrite)
+
+    writers: dict[str, wds.ShardWriter] = {}
+    sizes: dict[str, dict[str, int]] = {split: Counter() for split in SPLITS}
+    captions_out: Counter = Counter()
+    licence_rows = []
+    encode_args = [(str(images / entry.path), image_size, encode_quality) for entry, _ in jobs]
+    with contextlib.ExitStack() as stack:
+        if processes > 1:
+            pool = stack.enter_context(mp.Pool(processes))
+            encoded = pool.imap(_encode_job, encode_args, chunksize=16)
+        else:
+            encoded = map(_encode_job, encode_args)
+        progress = tqdm(zip(jobs, encoded, strict=True), total=len(jobs), desc="shards", disable=None)
+        for (entry, kept), (jpg, width, height, error) in progress:
+            if error is not None:
+                skip(entry, "unreadable_image", len(kept))
+                log.warning("skipping %s: %s", entry.path, error)
+                continue
+            split = split_of[entry.path]
+            if split not in writers:
+                (out / split).mkdir(parents=True, exist_ok=True)
+                writers[split] = stack.enter_context(
+                    wds.ShardWriter(str(out / split / "%06d.tar"), maxcount=shard_size, verbose=0, mtime=0))
+            meta = {"source_id": entry.path, "captions": kept, "split": split, "width": width,
+                    "height": height, **entry.meta}
+            writers[split].write({"__key__": keys[entry.path], "jpg": jpg, "txt": kept[0].encode(),
+                                  "json": json.dumps(meta).encode()})
+            sizes[split][Path(writers[split].fname).name] += 1
+            captions_out[split] += len(kept)
+            if "license" in entry.meta:
+                licence_rows.append([keys[entry.path], split, entry.path, entry.meta.get("image_id", ""),
+                                     entry.meta["license"], entry.meta.get("license_url", ""),
+                                     entry.meta.get("flickr_url", "")])
+
+    for split, split_sizes in sizes.items():
+        if split_sizes:
+            atomic_write_text(out / split / "sizes.json", json.dumps(dict(sorted(split_sizes.items()))))
+    if licence_rows:
+        header = ["key", "split", "source_id", "image_id", "license", "license_url", "flickr_url"]
+        lines = ["\t".join(map(str, row)) for row in [header, *sorted(licence_rows)]]
+        atomic_write_text(out / "LICENSES.tsv", "\n".join(lines) + "\n")
+    stats = {
+        "source": {"images": str(images), "captions": str(captions)},
+        "options": {"image_size": image_size, "encode_quality": encode_quality, "shard_size": shard_size,
+                    "val_size": val_size, "test_size": test_size, "seed": seed, "limit": limit},
+        "images_in": len(entries),
+        "pairs_in": sum(len(e.captions) for e in entries.values()),
+        "samples_out": sum(sum(s.values()) for s in sizes.values()),
+        "captions_out": sum(captions_out.values()),
+        "skipped": dict(image_skips),
+        "captions_skipped": {k: v for k, v in caption_skips.items() if v},
+        "skipped_examples": examples,
+        "splits": {split: {"samples": sum(sizes[split].values()), "captions": captions_out[split],
+                           "shards": f"{split}/{brace_pattern(sorted(sizes[split]))}"}
+                   for split in SPLITS if sizes[split]},
+    }
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=1))
+    return stats
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to mix new shards with old ones; with `overwrite`, remove only what from_captions writes."""
+    replace_outputs(out, (*SPLITS, "stats.json", "LICENSES.tsv"), overwrite, "shards")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def replace_outputs(out: Path, patterns: Sequence[str], overwrite: bool, what: str) -> None:
+    """Raise if `out` holds files matching `patterns` (a previous run's output), or remove them with
+    `overwrite`; anything else in the folder is left alone."""
+    existing = [p for pattern in patterns for p in out.glob(pattern)] if out.is_dir() else []
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds {what} ({existing[0].name}); pass --overwrite to replace")
+    for p in existing:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def brace_pattern(names: Sequence[str]) -> str:
+    """["000000.tar", "000001.tar", "000002.tar"] -> "{000000..000002}.tar" (names are contiguous numbers)."""
+    first, last = Path(names[0]), Path(names[-1])
+    return first.name if len(names) == 1 else f"{{{first.stem}..{last.stem}}}{first.suffix}"
+
+
+def split_shards(out: str | Path, split: str = "train") -> str:
+    """Brace pattern of a split's shards from from_captions, e.g. "data/sample/train/{000000..000001}.tar"."""
+    stats_file = Path(out) / "stats.json"
+    if not stats_file.is_file():
+        raise FileNotFoundError(f"no stats.json in {out}: not a folder written by from-captions")
+    splits = json.loads(stats_file.read_text())["splits"]
+    if split not in splits:
+        raise ValueError(f"{out} has no {split!r} split (has {sorted(splits)})")
+    return str(Path(out) / splits[split]["shards"])
+
+
+def unpack_shards(shards: str | Sequence[str], out: str | Path) -> tuple[Path, Path]:
+    """Shards back to a folder: OUT/images/<key>.jpg and OUT/captions.tsv (image<TAB>caption, every caption).
+    Returns (images folder, captions file), ready for from_captions or serve_directory."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = ["image\tcaption"]
+    for sample in wds.DataPipeline(wds.SimpleShardList(expand_shards(shards)), wds.tarfile_to_samples()):
+        name = f"{sample['__key__']}.jpg"
+        (out / "images" / name).write_bytes(sample["jpg"])
+        captions = json.loads(sample["json"])["captions"] if "json" in sample else [sample["txt"].decode()]
+        lines += [f"{name}\t{' '.join(c.split())}" for c in captions]
+    atomic_write_text(out / "captions.tsv", "\n".join(lines) + "\n")
+    return out / "images", out / "captions.tsv"
+

@@ -1,0 +1,67 @@
+"""Model specs of the benchmark: an open_clip name (dtplib's DTP-ViT names included) with optional modifiers.
+
+`NAME[+pdRATE][+padded|+packed][+uniform|+topk]`: `+pd0.5` FLIP-style patch dropout (open_clip's
+`force_patch_dropout`), and for a DTP tower that pools `+padded` (the padded reference execution), `+uniform` (a
+boundary every c patches) or `+topk` (exactly ceil(N / c) segments per image). E.g. `DTP-ViT-B-32-4x+padded`,
+`ViT-B-32+pd0.75`. Used by `dtplib.bench` (what to time) and `dtplib.plots` (reading its rows back).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import open_clip
+
+from .clip import parse_dtp_name
+from .model import EXECUTIONS
+
+BOUNDARY_MODIFIERS = ("uniform", "topk")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An open_clip model name, optional patch dropout (a FLIP-style peer) and, for a DTP tower that pools, its
+    execution and where its boundaries come from ("learned", "uniform" or "topk")."""
+
+    name: str
+    patch_dropout: float | None = None
+    execution: str = ""  # "packed" or "padded" for a DTP tower that pools, "" otherwise
+    boundaries: str = ""  # "learned", "uniform" or "topk" for a DTP tower that pools, "" otherwise
+
+    @property
+    def pools(self) -> bool:
+        return bool(self.boundaries)
+
+    @property
+    def label(self) -> str:
+        modifiers = [f"pd{self.patch_dropout:g}"] if self.patch_dropout else []
+        modifiers += ["padded"] if self.execution == "padded" else []
+        modifiers += [self.boundaries] if self.boundaries in BOUNDARY_MODIFIERS else []
+        return "+".join([self.name, *modifiers])
+
+
+def parse_spec(text: str, execution: str = "packed") -> Spec:
+    """NAME[+pdRATE][+padded|+packed][+uniform|+topk]; `execution` is the default for a DTP tower that pools."""
+    name, *modifiers = text.strip().split("+")
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown model {name!r} in --models (see open_clip.list_models())")
+    parsed = parse_dtp_name(name)
+    pools = parsed is not None and parsed[1] > 1
+    rate, boundaries = None, "learned" if pools else ""
+    for modifier in modifiers:
+        if re.fullmatch(r"pd[0-9.]+", modifier):
+            rate = float(modifier[2:])
+            if not 0 < rate < 1:
+                raise ValueError(f"patch dropout in {text!r} must be in (0, 1)")
+            if pools:
+                raise ValueError(f"{text!r}: patch dropout is for towers that do not pool (compression 1)")
+        elif modifier in (*EXECUTIONS, *BOUNDARY_MODIFIERS):
+            if not pools:
+                raise ValueError(f"{text!r}: +{modifier} needs a DTP tower that pools (DTP-...-2x and up)")
+            execution = modifier if modifier in EXECUTIONS else execution
+            boundaries = modifier if modifier in BOUNDARY_MODIFIERS else boundaries
+        else:
+            raise ValueError(f"model spec {text!r}: expected NAME[+pdRATE][+padded][+uniform|+topk] "
+                             f"(e.g. ViT-B-32+pd0.5, DTP-ViT-B-32-4x+padded), not +{modifier}")
+    return Spec(name, rate, execution if pools else "", boundaries)

@@ -1,0 +1,100 @@
+"""TrainConfig is the one description of the training flags; the optimisation step both loops use."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from dtplib import train
+from dtplib.clip import build_from_config, build_model, load_trained, resolve_model, training_config
+from dtplib.config import TrainConfig
+from dtplib.model import get_tower, use_config
+from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step
+
+
+def test_every_field_is_a_flag_with_its_default_and_meaning():
+    parser = TrainConfig.parser()
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(actions) == set(fields)
+    for name, field in fields.items():
+        assert actions[name].default == field.default, name
+        assert field.metadata["help"], f"{name} has no meaning"
+    help_text = parser.format_help()
+    assert "--boundary-loss-weight" in help_text and "--force-patch-dropout" in help_text
+
+
+def test_command_line_and_keyword_construction_agree():
+    config = train.parse_args(["--train-data", "x.tar", "--model", "ViT-Ti-8-64", "--compression", "4",
+                               "--boundaries", "topk", "--upsample", "--lr", "1e-3"])
+    assert config == TrainConfig(train_data="x.tar", model="ViT-Ti-8-64", compression=4.0, boundaries="topk",
+                                 upsample=True, lr=1e-3)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "ViT-Ti-8-64"])  # --train-data is required
+
+
+def test_stored_dicts_rebuild_with_defaults_for_missing_fields():
+    old = {"model": "ViT-Ti-8-64", "compression": 4.0, "upsample": False, "lr": 1e-3,  # before prior_scope etc.
+           "name": "run", "world_size": 2, "commit": "abc1234", "steps_per_epoch": 10}  # params.json extras
+    config = TrainConfig.from_dict(old)
+    assert config.lr == 1e-3 and config.name == "run"
+    assert (config.prior_scope, config.boundaries, config.execution) == ("batch", "threshold", "packed")
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert training_config({"args": old}) == config
+    assert training_config({"state_dict": {}}) is None  # not written by dtplib.train
+    with pytest.raises(ValueError, match="not TrainConfig fields"):
+        config.replace(learning_rate=1.0)
+
+
+def test_an_older_checkpoint_without_the_newer_flags_loads(tmp_path):
+    config = TrainConfig(model="ViT-Ti-8-64", compression=3, boundary_loss_weight=2.5)
+    model = build_from_config(config)[0]
+    stored = {k: v for k, v in config.to_dict().items() if k not in ("prior_scope", "boundaries", "execution")}
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"state_dict": model.state_dict(), "args": stored}, path)
+    loaded, _, _, read = load_trained(path)
+    tower = get_tower(loaded)
+    assert read.compression == 3 and tower.dtp.compression == 3 and tower.dtp.execution == "packed"
+    assert tower.dtp.boundary_loss_weight == 2.5  # the weight lives in the tower's DTPConfig
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
+def test_resolve_and_build_refuse_contradictions():
+    assert resolve_model("DTP-ViT-Ti-8-64-4x") == ("ViT-Ti-8-64", 4, False)
+    assert resolve_model("ViT-B-32") == ("ViT-B-32", None, False)
+    with pytest.raises(ValueError, match="means compression 4"):
+        resolve_model("DTP-ViT-Ti-8-64-4x", compression=2)
+    with pytest.raises(ValueError, match="need a DTP model"):
+        build_model("ViT-Ti-8-64", boundaries="topk")
+
+
+def test_train_step_adds_the_towers_weighted_prior_and_refuses_non_finite_losses():
+    model = build_model("ViT-Ti-8-64", 4)[0]
+    images = torch.randn(4, 3, 64, 64)
+    optimizer = make_optimizer(model, lr=1e-3, wd=0.1)
+
+    def task():
+        return model.encode_image(images).square().mean(), None
+
+    for weight in (0.0, 3.0):
+        with use_config(model, boundary_loss_weight=weight):
+            result = train_step(model, optimizer, task, lr=1e-4, step=0, device=torch.device("cpu"))
+        assert result.boundary_loss is not None and result.record is not None
+        expected = result.task_loss + weight * result.boundary_loss
+        torch.testing.assert_close(result.loss, expected)
+        assert optimizer.param_groups[0]["lr"] == 1e-4
+    assert get_tower(model).dtp.boundary_loss_weight == 1.0  # use_config restores the tower's own
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 7: stopping; lower it"):
+        train_step(model, optimizer, lambda: (torch.tensor(float("nan")), None), lr=1e-4, step=7,
+                   device=torch.device("cpu"), hint="lower it")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update from a non-finite loss
+    with pytest.raises(ValueError, match="shape the tower's parameters"):
+        with use_config(model, compression=2):
+            pass
+
+
+def test_lr_schedules():
+    assert lr_at(10, lr=1.0, warmup=4, total_steps=14, scheduler="const") == 1.0
+    assert lr_at(13, lr=1.0, warmup=4, total_steps=14) < 0.03
