@@ -65,6 +65,7 @@ from dtplib.utils import (
     load_images,
     process_memory_mb,
     repo_path,
+    run_cli,
     run_info,
     seed_everything,
     start_timer,
@@ -432,4 +433,4 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="python -m dtplib.bench")

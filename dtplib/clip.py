@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 import sys
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -327,15 +329,26 @@ class LoadReport:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint file as a dict (torch.load with weights_only=True, or safetensors)."""
+    """A checkpoint file as a dict (torch.load with weights_only=True, or safetensors). A zero-byte, cut short or
+    foreign file is a ValueError that names it ("empty or not a checkpoint"), not torch's bare EOFError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty or not a checkpoint (0 bytes)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return load_file(str(path))
+            except SafetensorError as exn:
+                raise ValueError(str(exn)) from exn
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exn:
+        reason = " ".join(str(exn).split()) or type(exn).__name__
+        raise ValueError(f"{path}: empty or not a checkpoint ({reason[:200]})") from exn
 
 
 def read_state_dict(checkpoint: str | Path | dict) -> dict[str, torch.Tensor]:

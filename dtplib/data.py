@@ -20,7 +20,7 @@ from pathlib import Path
 from dtplib.download import from_urls
 from dtplib.loaderbench import benchmark_loader
 from dtplib.shards import from_captions
-from dtplib.utils import append_csv, run_info
+from dtplib.utils import append_csv, run_cli, run_info
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -96,4 +96,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="python -m dtplib.data")

@@ -18,8 +18,7 @@ import json
 import logging
 import os
 import re
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import open_clip
@@ -40,7 +39,7 @@ from dtplib.clip import (
     training_config,
 )
 from dtplib.loader import DECODE_ERRORS, IMAGE_EXTENSIONS, expand_shards, iter_samples
-from dtplib.utils import atomic_write_text, eval_mode, open_rgb, run_info, unwrap
+from dtplib.utils import atomic_write_text, eval_mode, open_rgb, run_cli, run_info, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +119,48 @@ def retrieval_recall(similarity: Tensor, text_image: Tensor, ks: Sequence[int] =
 # 2. Zero-shot classification
 
 
-def zeroshot_classes(data_dir: str | Path) -> tuple[list[str], str]:
+def _has_image(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in folder.rglob("*"))
+
+
+def class_folders(root: Path) -> tuple[list[Path], list[Path]]:
+    """(class folders with images, class folders without any) of an ImageFolder-style directory, each in sorted
+    order. An image is a file with one of IMAGE_EXTENSIONS, at any depth; hidden folders are not classes."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"zero-shot data folder not found: {root}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    with_images = [folder for folder in folders if _has_image(folder)]
+    return with_images, [folder for folder in folders if folder not in with_images]
+
+
+def refuse_empty_classes(root: Path, with_images: Sequence[Path], empty: Sequence[Path],
+                         skip_empty_classes: bool) -> None:
+    """An empty class folder is a ValueError naming it, as torchvision's ImageFolder refuses one, unless skipped; a
+    directory whose every class folder is empty is refused either way."""
+    names = [folder.name for folder in empty]
+    if names and not skip_empty_classes:
+        raise ValueError(f"{root}: found no valid file for the classes {names[:10]}"
+                         f"{f' and {len(names) - 10} more' if len(names) > 10 else ''} (image extensions: "
+                         f"{', '.join(IMAGE_EXTENSIONS)}); remove the folders, or skip them with "
+                         "skip_empty_classes=True (--zeroshot-skip-empty)")
+    if not with_images:
+        raise ValueError(f"{root}: every class folder is empty (no {', '.join(IMAGE_EXTENSIONS)} files)")
+
+
+def zeroshot_classes(data_dir: str | Path, *, skip_empty_classes: bool = False) -> tuple[list[str], str]:
     """Class names of an ImageFolder-style directory, in label order (sorted folder names), and its layout.
 
     "imagenet": every folder is a WordNet id (n01440764, ...), named with open_clip's IMAGENET_CLASSNAMES. The
     standard ImageNet index is the position in the sorted list of the 1000 ids, so with all folders label i is
     class i; a subset keeps that order. "names": folders are class names, underscores read as spaces (CIFAR-10).
+    A class folder without images is refused (a ValueError naming it, as torchvision's ImageFolder does) once the
+    names are checked, or left out (of the names and the labels) with `skip_empty_classes`.
     """
     root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"zero-shot data folder not found: {root}")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise ValueError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    with_images, empty = class_folders(root)
+    folders = sorted(folder.name for folder in with_images + empty)
     is_wnid = [bool(WNID.fullmatch(folder)) for folder in folders]
     if all(is_wnid):
         wnids = ImageNetInfo("imagenet-1k").label_names()  # the 1000 ids, sorted: index i is IMAGENET_CLASSNAMES[i]
@@ -140,12 +168,16 @@ def zeroshot_classes(data_dir: str | Path) -> tuple[list[str], str]:
         unknown = [folder for folder in folders if folder not in index]
         if unknown:
             raise ValueError(f"{root}: {len(unknown)} folders are not ImageNet-1k classes, e.g. {unknown[:3]}")
-        return [IMAGENET_CLASSNAMES[index[folder]] for folder in folders], "imagenet"
-    if any(is_wnid):
+        names, layout = [IMAGENET_CLASSNAMES[index[folder]] for folder in folders], "imagenet"
+    elif any(is_wnid):
         raise ValueError(f"{root} mixes WordNet-id folders with named ones, e.g. "
                          f"{[f for f, w in zip(folders, is_wnid, strict=True) if w][:2]} and "
                          f"{[f for f, w in zip(folders, is_wnid, strict=True) if not w][:2]}")
-    return [folder.replace("_", " ") for folder in folders], "names"
+    else:
+        names, layout = [folder.replace("_", " ") for folder in folders], "names"
+    refuse_empty_classes(root, with_images, empty, skip_empty_classes)
+    kept = {folder.name for folder in with_images}
+    return [name for folder, name in zip(folders, names, strict=True) if folder in kept], layout
 
 
 def templates_for(layout: str) -> tuple:
@@ -157,9 +189,11 @@ def templates_for(layout: str) -> tuple:
     raise ValueError(f"unknown layout {layout!r}; expected 'imagenet' or 'names'")
 
 
-def image_files(root: Path, max_per_class: int | None) -> list[tuple[Path, int]]:
-    """(path, label) for the images of each class folder in sorted path order, the first `max_per_class` of each."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def image_files(root: Path, max_per_class: int | None, skip_empty_classes: bool = False) -> list[tuple[Path, int]]:
+    """(path, label) for the images of each class folder in sorted path order, the first `max_per_class` of each.
+    Labels follow `zeroshot_classes(root, skip_empty_classes=...)`; an empty class folder is refused unless skipped."""
+    folders, empty = class_folders(Path(root))
+    refuse_empty_classes(Path(root), folders, empty, skip_empty_classes)
     samples = []
     for label, folder in enumerate(folders):
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -201,15 +235,18 @@ def input_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_size: int = 64,
                    device: str | torch.device = "cpu", max_per_class: int | None = None,
-                   templates: Sequence | None = None, workers: int = 0) -> dict:
+                   templates: Sequence | None = None, workers: int = 0, skip_empty_classes: bool = False) -> dict:
     """Zero-shot top-1/top-5 accuracy on an ImageFolder-style directory, with prompts averaged per class.
 
     `max_per_class` keeps the first n images per class in sorted path order (a deterministic subset for CPU
     runs). Unreadable images are skipped and counted (zeroshot_skipped); the model's training flags are kept.
+    A class folder without images is a ValueError naming it, before any model work; with `skip_empty_classes` it is
+    left out of the classifier and counted (zeroshot_skipped_classes, a key only present then).
     """
     root = Path(data_dir)
-    classnames, layout = zeroshot_classes(root)
-    samples = image_files(root, max_per_class)
+    classnames, layout = zeroshot_classes(root, skip_empty_classes=skip_empty_classes)
+    empty = [folder.name for folder in class_folders(root)[1]]
+    samples = image_files(root, max_per_class, skip_empty_classes)
     if not samples:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
     loader = DataLoader(ImageFiles(samples, preprocess), batch_size=batch_size, num_workers=workers,
@@ -230,8 +267,13 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
     if not ranks:
         raise ValueError(f"none of the {len(samples)} images under {root} could be read")
     hits = _hit_rates(torch.cat(ranks), (1, 5))
-    return {"zeroshot_top1": hits[1], "zeroshot_top5": hits[5], "zeroshot_images": sum(map(len, ranks)),
-            "zeroshot_skipped": skipped}
+    metrics = {"zeroshot_top1": hits[1], "zeroshot_top5": hits[5], "zeroshot_images": sum(map(len, ranks)),
+               "zeroshot_skipped": skipped}
+    if skip_empty_classes:
+        if empty:
+            log.warning("%s: left out %d class folders without images: %s", root, len(empty), empty[:10])
+        metrics["zeroshot_skipped_classes"] = len(empty)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,15 +284,33 @@ def retrieval_eval(model, preprocess, tokenizer, shards: str | Sequence[str], *,
                    device: str | torch.device = "cpu", max_images: int | None = None) -> dict:
     """Image-to-text and text-to-image R@1/5/10 over every sample of the shards, each image with all its captions.
 
-    Captions come from the sample's json "captions" (falling back to txt). `max_images` keeps the first n samples.
-    Images that do not decode are passed over by `iter_samples`.
+    Captions come from the sample's json "captions" (falling back to txt); blank ones are dropped, and a sample left
+    without any (neither json captions nor txt) is skipped and counted (retrieval_skipped_no_caption), as the
+    training loader counts no_caption. `max_images` keeps the first n scored samples. Images that do not decode are
+    passed over by `iter_samples`. No sample left: a ValueError naming the shards.
     """
     shard_list = expand_shards(shards)
     model = unwrap(model)
     image_features, text_features, text_image = [], [], []  # per batch, per batch, per text
-    num_images = 0
+    num_images, no_caption = 0, 0
+
+    def captioned() -> Iterator[dict]:
+        nonlocal no_caption
+        produced = 0
+        for sample in iter_samples(shard_list):
+            if max_images is not None and produced >= max_images:
+                return
+            captions = [c.strip() for c in sample["captions"] if isinstance(c, str) and c.strip()]
+            if not captions:
+                no_caption += 1
+                if no_caption <= 5:
+                    log.warning("retrieval: skipping %s, it has no caption", sample["key"])
+                continue
+            produced += 1
+            yield {**sample, "captions": captions}
+
     with eval_mode(model):
-        for batch in batched(iter_samples(shard_list, limit=max_images), batch_size):
+        for batch in batched(captioned(), batch_size):
             images = torch.stack([preprocess(sample["image"]) for sample in batch])  # B x 3 x H x W
             captions = [caption for sample in batch for caption in sample["captions"]]
             text_image += [num_images + i for i, sample in enumerate(batch) for _ in sample["captions"]]
@@ -258,21 +318,23 @@ def retrieval_eval(model, preprocess, tokenizer, shards: str | Sequence[str], *,
             image_features.append(model.encode_image(images.to(device, input_dtype(model)), normalize=True).float())
             text_features.append(model.encode_text(tokenizer(captions).to(device), normalize=True).float())
     if not image_features:
-        raise ValueError(f"no readable samples in {shards}")
+        reason = f" ({no_caption} samples had no caption: neither json captions nor txt)" if no_caption else ""
+        raise ValueError(f"no readable samples in {shards}{reason}")
     similarity = torch.cat(image_features) @ torch.cat(text_features).T  # I x T
     recalls = retrieval_recall(similarity, torch.tensor(text_image, device=similarity.device))
-    return recalls | {"retrieval_images": similarity.shape[0], "retrieval_texts": similarity.shape[1]}
+    return recalls | {"retrieval_images": similarity.shape[0], "retrieval_texts": similarity.shape[1],
+                      "retrieval_skipped_no_caption": no_caption}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Entry points: evaluate, load_model, command line
 
 
-def check_data(zeroshot_data=None, imagenet_val=None, val_data=None) -> None:
-    """Fail on a missing or empty data path before any model work (minutes of it, on ImageNet)."""
+def check_data(zeroshot_data=None, imagenet_val=None, val_data=None, skip_empty_classes: bool = False) -> None:
+    """Fail on a missing or empty data path (or class folder) before any model work (minutes of it, on ImageNet)."""
     for data_dir in (zeroshot_data, imagenet_val):
         if data_dir is not None:
-            zeroshot_classes(data_dir)
+            zeroshot_classes(data_dir, skip_empty_classes=skip_empty_classes)
     if val_data is not None:
         expand_shards(val_data)
 
@@ -280,12 +342,14 @@ def check_data(zeroshot_data=None, imagenet_val=None, val_data=None) -> None:
 def evaluate(model, preprocess, tokenizer, *, zeroshot_data: str | Path | None = None,
              imagenet_val: str | Path | None = None, val_data: str | Sequence[str] | None = None,
              batch_size: int = 64, device: str | torch.device = "cpu", max_per_class: int | None = None,
-             max_images: int | None = None, workers: int = 0) -> dict:
+             max_images: int | None = None, workers: int = 0, skip_empty_classes: bool = False) -> dict:
     """Every evaluation whose data is given, as one flat dict ({} when none is): zeroshot_*, imagenet_*, and the
-    retrieval recalls. ImageNet keys replace the zeroshot_ prefix with imagenet_ (imagenet_top1, imagenet_top5)."""
-    check_data(zeroshot_data, imagenet_val, val_data)
+    retrieval recalls. ImageNet keys replace the zeroshot_ prefix with imagenet_ (imagenet_top1, imagenet_top5).
+    An empty class folder is refused before any model work, or left out with `skip_empty_classes`."""
+    check_data(zeroshot_data, imagenet_val, val_data, skip_empty_classes)
     metrics = {}
-    options = dict(batch_size=batch_size, device=device, max_per_class=max_per_class, workers=workers)
+    options = dict(batch_size=batch_size, device=device, max_per_class=max_per_class, workers=workers,
+                   skip_empty_classes=skip_empty_classes)
     if zeroshot_data is not None:
         metrics |= zero_shot_eval(model, preprocess, tokenizer, zeroshot_data, **options)
     if imagenet_val is not None:
@@ -352,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers for the zero-shot images")
     parser.add_argument("--max-per-class", type=int, help="zero-shot: first N images of each class (sorted)")
     parser.add_argument("--max-images", type=int, help="retrieval: first N images of the shards")
+    parser.add_argument("--zeroshot-skip-empty", action="store_true", help="zero-shot: leave out class folders "
+                        "without images (counted as *_skipped_classes) instead of refusing them")
     parser.add_argument("--output", help="write the metrics and provenance to this JSON file")
     args = parser.parse_args(argv)
     if args.zeroshot_data is None and args.imagenet_val is None and args.val_data is None:
@@ -361,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.model is None and args.checkpoint is None:
         parser.error("give --model (and --pretrained), or --checkpoint")
     try:  # every path, the name and the weights, before the model is built
-        check_data(args.zeroshot_data, args.imagenet_val, args.val_data)
+        check_data(args.zeroshot_data, args.imagenet_val, args.val_data, args.zeroshot_skip_empty)
         if args.model is not None:
             check_model_name(args.model)
         if args.pretrained is not None:
@@ -373,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics = evaluate(model, preprocess, tokenizer, zeroshot_data=args.zeroshot_data,
                        imagenet_val=args.imagenet_val, val_data=args.val_data, batch_size=args.batch_size,
                        device=args.device, max_per_class=args.max_per_class, max_images=args.max_images,
-                       workers=args.workers)
+                       workers=args.workers, skip_empty_classes=args.zeroshot_skip_empty)
     print(format_table(metrics))
     if args.output:
         record = {"model": args.model, "checkpoint": args.checkpoint, "pretrained": args.pretrained,
@@ -387,4 +453,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    main(sys.argv[1:])
+    run_cli(main, prog="python -m dtplib.evaluate")

@@ -76,7 +76,7 @@ from .model import (
     trace,
     use_execution,
 )
-from .utils import atomic_write_text, eval_mode, load_photos, run_info
+from .utils import atomic_write_text, eval_mode, load_photos, run_cli, run_info
 
 # ----------------------------------------------------------------------------------------------------------
 # Analytic model
@@ -616,4 +616,4 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="python -m dtplib.flops")

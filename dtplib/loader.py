@@ -57,8 +57,8 @@ class SkipCounter:
         self.log_first = log_first
         self.logged = 0
 
-    def skip(self, reason: str, detail: str) -> None:
-        self.pending[reason] += 1
+    def skip(self, reason: str, detail: str, count: int = 1) -> None:
+        self.pending[reason] += count
         if self.logged < self.log_first:
             self.logged += 1
             log.warning("skipping sample (%s): %s", reason, detail)
@@ -79,12 +79,40 @@ def _worker_seed(seed: int, epoch: mp.Value, salt: int = 0) -> int:
     return wds.utils.make_seed(seed, salt, epoch.value, rank, worker)
 
 
+def _seeded_rng_state(seed: int) -> torch.Tensor:
+    """A CPU generator state seeded with `seed`. The training transform's random crops draw from it instead of the
+    worker's global RNG, whose state a persistent worker carries from epoch to epoch and a resumed run's fresh
+    worker does not: with it, a resumed run gets the same crops as the uninterrupted one with any --workers."""
+    return torch.Generator().manual_seed(seed).get_state()
+
+
 def _shuffled_shards(shards: Iterator[dict], seed: int, epoch: mp.Value) -> Iterator[dict]:
     """Shuffle the shard list the same way on every rank (seed + epoch), so split_by_node then deals disjoint
     shards to the ranks."""
     shards = list(shards)
     random.Random(seed * 100_003 + epoch.value).shuffle(shards)
     yield from shards
+
+
+def _shard_samples(shards: Iterator[dict], counter: SkipCounter, sizes: dict[str, int]) -> Iterator[dict]:
+    """Raw samples of each shard in turn (webdataset's tarfile_to_samples, one shard at a time: the same samples in
+    the same order). A shard that errors (unreadable, truncated) is counted as shard_error, as many times as
+    webdataset reports it; when sizes.json declared its size, the samples it declared but did not give are
+    counted once more as lost_samples_estimate (an estimate: a sample cut in half is among them)."""
+    for shard in shards:
+        errors, read = [], 0
+
+        def handler(exn: Exception, errors: list = errors) -> bool:
+            errors.append(exn)
+            return counter.shard_error(exn)
+
+        for sample in wds.tarfile_to_samples(handler=handler)(iter([shard])):
+            read += 1
+            yield sample
+        declared = sizes.get(shard.get("url"))
+        if errors and declared is not None and declared > read:
+            counter.skip("lost_samples_estimate", f"{shard.get('url')}: {read} of its {declared} samples read before "
+                         f"{errors[0]!r}", count=declared - read)
 
 
 def _shuffled_samples(samples: Iterator[dict], seed: int, epoch: mp.Value, bufsize: int) -> Iterator[dict]:
@@ -123,8 +151,10 @@ def _single_threaded() -> Iterator[None]:
 def _decoded(samples: Iterator[dict], preprocess, caption_choice: str, counter: SkipCounter, seed: int,
              epoch: mp.Value) -> Iterator[tuple[torch.Tensor, str]]:
     """Raw samples -> (image 3 x H x W, caption). Samples without an image, without a caption or with bytes
-    PIL cannot decode are counted in `counter` and dropped."""
+    PIL cannot decode are counted in `counter` and dropped. Random augmentation draws from a stream seeded by
+    (seed, epoch, rank, worker), so an epoch's crops do not depend on what ran before it."""
     rng = random.Random(_worker_seed(seed, epoch, salt=2))
+    augment = _seeded_rng_state(_worker_seed(seed, epoch, salt=3))
     for sample in samples:
         key = f"{sample.get('__url__')}:{sample.get('__key__')}"
         encoded = image_bytes(sample)
@@ -140,8 +170,10 @@ def _decoded(samples: Iterator[dict], preprocess, caption_choice: str, counter: 
         except DECODE_ERRORS as exn:
             counter.skip("undecodable_image", f"{key}: {exn!r}")
             continue
-        with _single_threaded():
+        with _single_threaded(), torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(augment)  # this epoch's augmentation stream, not the process's global one
             image = preprocess(image)  # 3 x H x W float
+            augment = torch.get_rng_state()
         yield image, caption
 
 
@@ -177,7 +209,8 @@ class ShardLoader:
     """Iterable over (images B x 3 x H x W, tokens B x context_length) batches.
 
     `skipped` holds this epoch's dropped samples by reason (no_image, no_caption, undecodable_image,
-    shard_error), complete once the epoch's iteration ends; `samples_seen` the samples yielded. Call
+    shard_error, and lost_samples_estimate: samples that sizes.json declared for a shard that errored but that it
+    did not give), complete once the epoch's iteration ends; `samples_seen` the samples yielded. Call
     `set_epoch(epoch)` before each training epoch to reshuffle. `num_samples`/`num_batches` as in open_clip.
     """
 
@@ -226,19 +259,30 @@ def expand_shards(urls: str | Path | Sequence[str | Path]) -> list[str]:
     return shards
 
 
-def dataset_size(shards: Sequence[str]) -> int | None:
-    """Number of samples from the sizes.json next to the shards (written by from_captions and from_urls)."""
-    total = 0
-    for folder in {os.path.dirname(s) for s in shards}:
+def declared_sizes(shards: Sequence[str]) -> dict[str, int]:
+    """{shard: samples} for the shards that a sizes.json next to them names (written by from_captions and
+    from_urls); shards without one are left out. A sizes.json that is not a JSON object of counts is a
+    ValueError naming it."""
+    sizes = {}
+    for folder in sorted({os.path.dirname(s) for s in shards}):
         sizes_file = Path(folder) / "sizes.json"
-        if not sizes_file.is_file():
-            return None
-        sizes = json.loads(sizes_file.read_text())
-        names = [os.path.basename(s) for s in shards if os.path.dirname(s) == folder]
-        if any(name not in sizes for name in names):
-            return None
-        total += sum(sizes[name] for name in names)
-    return total
+        if "://" in folder or folder.startswith("pipe:") or not sizes_file.is_file():
+            continue
+        try:
+            counts = json.loads(sizes_file.read_text(encoding="utf-8"))
+        except ValueError as exn:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{sizes_file}: not a JSON object of shard sizes ({exn})") from None
+        if not isinstance(counts, dict):
+            raise ValueError(f"{sizes_file}: not a JSON object of shard sizes")
+        sizes |= {s: counts[os.path.basename(s)] for s in shards
+                  if os.path.dirname(s) == folder and isinstance(counts.get(os.path.basename(s)), int)}
+    return sizes
+
+
+def dataset_size(shards: Sequence[str]) -> int | None:
+    """Number of samples from the sizes.json next to the shards; None when one of the shards is not in one."""
+    sizes = declared_sizes(shards)
+    return sum(sizes[s] for s in shards) if all(s in sizes for s in shards) else None
 
 
 def make_loader(urls: str | Path | Sequence[str], preprocess, tokenizer, batch_size: int, workers: int = 0,
@@ -275,7 +319,8 @@ def make_loader(urls: str | Path | Sequence[str], preprocess, tokenizer, batch_s
                   wds.split_by_node, wds.split_by_worker]
     else:
         source = [wds.SimpleShardList(shards), wds.split_by_worker]
-    stages = [wds.tarfile_to_samples(handler=counter.shard_error)]
+    sizes = declared_sizes(shards)
+    stages = [partial(_shard_samples, counter=counter, sizes=sizes)]
     if is_train:
         stages.append(partial(_shuffled_samples, seed=seed, epoch=shared_epoch, bufsize=shuffle_buffer))
     stages += [
@@ -288,6 +333,11 @@ def make_loader(urls: str | Path | Sequence[str], preprocess, tokenizer, batch_s
 
     num_samples = num_samples or dataset_size(shards)
     if is_train:
+        if num_samples == 0:  # every shard is in a sizes.json, and each counts 0 samples
+            raise ValueError(f"{shards[0]} holds no samples: the sizes.json beside it counts 0, the tar is empty"
+                             if len(shards) == 1 else
+                             f"the {len(shards)} shards hold no samples ({shards[0]}, ...): the sizes.json beside "
+                             "them counts 0 for each, the tars are empty")
         if not num_samples:
             raise ValueError("training needs the epoch size: pass num_samples (no sizes.json by the shards)")
         num_workers = max(1, workers)
@@ -297,8 +347,11 @@ def make_loader(urls: str | Path | Sequence[str], preprocess, tokenizer, batch_s
         dataset = dataset.with_epoch(batches_per_worker)
     else:
         num_batches = math.ceil(num_samples / batch_size) if num_samples else None
+    # its own generator: a DataLoader draws seeds from the global RNG when it starts its workers and at every
+    # epoch, and a resumed run starts them once more than the uninterrupted one, shifting the model's random stream
     dataloader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                            persistent_workers=workers > 0, pin_memory=pin_memory)
+                            persistent_workers=workers > 0, pin_memory=pin_memory,
+                            generator=torch.Generator().manual_seed(seed))
     return ShardLoader(dataloader, shared_epoch, num_samples, num_batches)
 
 

@@ -59,8 +59,21 @@ def read_captions(captions_file: str | Path) -> dict[str, CaptionedImage]:
     return dict(sorted(entries.items()))
 
 
+def _read_text(path: Path) -> str:
+    """A captions file as text; a byte that is not UTF-8 is a ValueError naming file:line (not a bare
+    UnicodeDecodeError)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exn:
+        line = data.count(b"\n", 0, exn.start) + 1
+        column = exn.start - (data.rfind(b"\n", 0, exn.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[exn.start]:02x} at column {column}); "
+                         "save the file as UTF-8") from None
+
+
 def _read_caption_table(path: Path) -> dict[str, CaptionedImage]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path).splitlines()
     first = lines[0] if lines else ""
     if "\t" in first:
         rows = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)  # captions hold quotes: keep them
@@ -82,7 +95,13 @@ def _read_caption_table(path: Path) -> dict[str, CaptionedImage]:
 
 
 def _read_coco_json(path: Path) -> dict[str, CaptionedImage]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    text = _read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path}: empty file (expected COCO captions json)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exn:
+        raise ValueError(f"{path}:{exn.lineno}: not valid JSON ({exn.msg}, column {exn.colno})") from None
     images = data.get("images") if isinstance(data, dict) else None
     licenses = {lic["id"]: lic for lic in data.get("licenses", [])} if isinstance(data, dict) else {}
     if isinstance(images, list) and "annotations" in data:  # official COCO: images[] + annotations[]

@@ -26,7 +26,7 @@ from dtplib.flops import realised_segments
 from dtplib.loader import iter_samples
 from dtplib.model import dtp_towers, get_tower, token_budget
 from dtplib.shards import from_captions, split_shards
-from dtplib.utils import REPO_ROOT, atomic_write_text, data_root, flags, repo_path, run_info
+from dtplib.utils import REPO_ROOT, atomic_write_text, data_root, flags, repo_path, run_cli, run_info
 
 RETRIEVAL = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
 ZEROSHOT = ["zeroshot_top1", "zeroshot_top5"]
@@ -174,4 +174,4 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="python -m dtplib.smallrun")

@@ -7,8 +7,10 @@ The command line only: nothing in the package imports this module. Read top to b
    registered name such as `DTP-ViT-B-32-4x`), or any open_clip model as the peer (`--model ViT-B-32`).
 3. `train_one_epoch`: `optim.train_step` (ClipLoss + the tower's weight x boundary prior, AdamW, cosine schedule
    with warm-up, autocast, gradient clipping) over the loader; one row per step in steps.csv.
-4. `Checkpoints`: `epoch_<n>.pt` and `epoch_latest.pt`, written atomically, holding model, optimizer, scaler,
-   schedule position, per-rank RNG states and the TrainConfig; `--resume latest` continues a killed run exactly.
+4. `Checkpoints`: `epoch_<n>.pt` and `epoch_latest.pt`, written atomically and only when every tensor is finite,
+   holding model, optimizer, scaler, schedule position, per-rank RNG states, the TrainConfig and the run's id;
+   `--resume latest` continues a killed run exactly (from the newest checkpoint that reads whole), and a stop at
+   --max-steps inside an epoch is saved as `epoch_latest.pt` marked `mid_epoch`, resumed at the same batch.
 5. `main`: the run, per-epoch means in epochs.csv (the first epoch and the timing warm-up steps apart), the
    evaluations of dtplib.evaluate, TensorBoard events.
 
@@ -28,6 +30,7 @@ import random
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,12 +49,14 @@ from dtplib.clip import build_from_config, read_checkpoint, resolve_model
 from dtplib.config import TrainConfig
 from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step
 from dtplib.utils import (
+    CLI_ERRORS,
     append_csv,
     atomic_write_bytes,
     atomic_write_text,
     check_precision,
     default_device,
     process_memory_mb,
+    run_cli,
     run_info,
     seed_everything,
     start_timer,
@@ -60,6 +65,7 @@ from dtplib.utils import (
 )
 
 log = logging.getLogger("dtplib.train")
+ESTIMATES = ("lost_samples_estimate",)  # loader skip counts that estimate, not count: left out of skipped_samples
 
 STEP_COLUMNS = ("epoch", "step", "loss", "contrastive_loss", "boundary_loss", "compression", "lr", "logit_scale",
                 "step_time_s", "data_time_s", "samples_per_s", "peak_memory_mb")
@@ -74,8 +80,19 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return TrainConfig.parse(argv, description=__doc__.split("\n")[0])
 
 
+FLOAT_FLAGS = ("compression", "boundary_loss_weight", "force_patch_dropout", "lr", "wd", "beta1", "beta2", "eps",
+               "grad_clip_norm")
+
+
 def check_args(args: TrainConfig, world_size: int = 1) -> None:
     """Every inconsistency a user can make, as a ValueError or FileNotFoundError, before any model is built."""
+    not_finite = [name for name in FLOAT_FLAGS if getattr(args, name) is not None
+                  and not math.isfinite(getattr(args, name))]
+    if not_finite:
+        raise ValueError(f"--{not_finite[0].replace('_', '-')} must be a finite number, got "
+                         f"{getattr(args, not_finite[0])}")
+    if args.compression is not None and args.compression < 1:
+        raise ValueError(f"--compression must be >= 1 (1 = no pooling), got {args.compression:g}")
     resolve_model(args.model, args.compression, args.upsample)
     for flag in ("batch_size", "epochs", "save_frequency", "log_every_n_steps"):
         if getattr(args, flag) < 1:
@@ -178,14 +195,32 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+class NonFiniteState(FloatingPointError):
+    """The weights or optimizer state are NaN or infinite: they are not written as a checkpoint."""
+
+
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of a training state (model and optimizer) that hold a NaN or an inf."""
+    found = [k for k, v in state["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    for index, values in state["optimizer"].get("state", {}).items():
+        found += [f"optimizer state {index}.{k}" for k, v in values.items()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return found
+
+
 class Checkpoints:
-    """`<run>/checkpoints/epoch_<n>.pt` every --save-frequency epochs and `epoch_latest.pt` every epoch, each
-    written to a temporary file and renamed, so a kill at any moment leaves the previous checkpoint whole."""
+    """`<run>/checkpoints/epoch_<n>.pt` every --save-frequency epochs and `epoch_latest.pt` every epoch (or where
+    --max-steps stops mid-epoch, marked `mid_epoch`), each written to a temporary file and renamed, so a kill at
+    any moment leaves the previous checkpoint whole. A state with a non-finite tensor is never written."""
 
     def __init__(self, folder: Path):
         self.folder = folder
 
     def save(self, state: dict, epoch: int, keep_numbered: bool) -> Path:
+        bad = non_finite_tensors(state)
+        if bad:
+            raise NonFiniteState(f"{len(bad)} tensors are not finite ({', '.join(bad[:3])}, ...) at step "
+                                 f"{state['step']}: no checkpoint written; {self.kept()}")
         buffer = io.BytesIO()
         torch.save(state, buffer)
         payload = buffer.getvalue()
@@ -195,11 +230,37 @@ class Checkpoints:
         atomic_write_bytes(latest, payload)
         return latest
 
+    def candidates(self) -> list[Path]:
+        """Checkpoints to resume from, best first: epoch_latest.pt, then epoch_<n>.pt from the newest."""
+        numbered = sorted(self.folder.glob("epoch_[0-9]*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
+        latest = self.folder / "epoch_latest.pt"
+        return ([latest] if latest.is_file() else []) + numbered
+
     def latest(self) -> Path | None:
-        if (self.folder / "epoch_latest.pt").is_file():
-            return self.folder / "epoch_latest.pt"
-        numbered = sorted(self.folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-        return numbered[-1] if numbered else None
+        found = self.candidates()
+        return found[0] if found else None
+
+    def load_latest(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that reads whole, with its state; a corrupt one is passed over and said so."""
+        for path in self.candidates():
+            try:
+                return path, read_checkpoint(path)
+            except (ValueError, OSError) as exn:  # read_checkpoint names a torn or foreign file
+                log.warning("checkpoint %s cannot be read (%s): trying an older one", path, str(exn)[:200] or
+                            type(exn).__name__)
+        return None
+
+    def kept(self) -> str:
+        latest = self.latest()
+        return f"the last good checkpoint is kept: {latest}" if latest else "there is no checkpoint of this run"
+
+
+def remove_partial_files(*folders: Path) -> None:
+    """Remove the hidden temporary files of atomic writes that a killed process left behind."""
+    for folder in folders:
+        for partial in folder.glob(".*.tmp"):
+            partial.unlink(missing_ok=True)
+            log.info("removed %s, a partial write of a killed run", partial)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,18 +319,23 @@ def truncate_csv(path: Path, keep) -> None:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfig, dist_env: Dist, epoch: int,
-                    step: int, total_steps: int, run_log: RunLog) -> tuple[int, list[dict]]:
-    """One pass over the loader with `optim.train_step`; returns the global step after it and the per-step
-    records."""
+                    step: int, total_steps: int, run_log: RunLog, kept: str,
+                    skip_batches: int = 0) -> tuple[int, list[dict], bool]:
+    """One pass over the loader with `optim.train_step`, the first `skip_batches` (done before a mid-epoch
+    checkpoint) read and passed over; returns the global step after it, the per-step records, and whether the
+    epoch ran to its end (False when --max-steps stopped it)."""
     model.train()
     device = dist_env.device
     records = []
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not dist_env.main or None, mininterval=2,
-               leave=False)
+               leave=False, initial=skip_batches)
     end = time.perf_counter()
-    for images, texts in loader:
+    for index, (images, texts) in enumerate(loader):
+        if index < skip_batches:
+            continue
         if args.max_steps is not None and step >= args.max_steps:
-            break
+            bar.close()
+            return step, records, False
         data_time = time.perf_counter() - end
         lr = lr_at(step, lr=args.lr, warmup=args.warmup, total_steps=total_steps, scheduler=args.lr_scheduler)
         images = images.to(device, non_blocking=True)
@@ -282,8 +348,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfig
 
         result = train_step(model, optimizer, contrastive_loss, lr=lr, step=step, device=device,
                             precision=args.precision, scaler=scaler, grad_clip_norm=args.grad_clip_norm,
-                            hint=f"epoch {epoch}; the last good checkpoint is kept. Try a lower --lr, "
-                                 "--grad-clip-norm, or fp32.")
+                            hint=f"epoch {epoch}; {kept}. Try a lower --lr, --grad-clip-norm, or fp32.")
         with torch.no_grad():  # open_clip clamps the temperature to 100
             unwrap(model).logit_scale.clamp_(0, math.log(100))
         synchronize(device)
@@ -305,7 +370,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfig
         step += 1
         end = time.perf_counter()
     bar.close()
-    return step, records
+    return step, records, True
 
 
 def epoch_summary(epoch: int, records: list[dict], timing_warmup: int, first_epoch: bool) -> dict:
@@ -369,31 +434,57 @@ def _run(args: TrainConfig, dist_env: Dist) -> dict:
         name = names[0]
     run_dir = Path(args.logs) / name
     checkpoints = Checkpoints(run_dir / "checkpoints")
-    resume_from = None
-    if args.resume == "latest":
-        resume_from = checkpoints.latest()
-    elif args.resume:
-        resume_from = Path(args.resume)
-    if resume_from is None and (run_dir / "params.json").exists():
-        if args.resume != "latest":
-            raise FileExistsError(f"run folder {run_dir} already holds a run: pass --resume latest to continue "
-                                  "it, or a new --name")
-        for stale in ("steps.csv", "epochs.csv"):  # killed before its first checkpoint: start again
-            (run_dir / stale).unlink(missing_ok=True)
+    params_file = run_dir / "params.json"
+    resume = None
+    if args.resume and args.resume != "latest":
+        resume = Path(args.resume), read_checkpoint(args.resume)
+        if params_file.exists():  # a folder records its run; a checkpoint records the run it belongs to
+            held, incoming = run_identity(json.loads(params_file.read_text())), run_identity(resume[1])
+            if held != incoming:
+                raise FileExistsError(f"run folder {run_dir} holds run {held}, but --resume {args.resume} belongs "
+                                      f"to run {incoming}: give a new --name to continue from it")
+    if args.resume != "latest" and resume is None and params_file.exists():
+        raise FileExistsError(f"run folder {run_dir} already holds a run: pass --resume latest to continue it, or a "
+                              "new --name")
     handler = None
     if dist_env.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.folder.mkdir(parents=True, exist_ok=True)
         handler = _setup_file_logging(run_dir)
+        remove_partial_files(run_dir, checkpoints.folder)
     try:
-        return _train(args, dist_env, name, run_dir, checkpoints, resume_from)
+        return _train(args, dist_env, name, run_dir, checkpoints, resume)
+    except Exception as error:
+        if handler is not None:  # the one line goes to the console from __main__; out.log gets the traceback too
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "stopped: %s", (error,),
+                                          sys.exc_info()))
+        raise
     finally:
         if handler is not None:  # a notebook or test may train again in this process: log there, not here
             logging.getLogger("dtplib").removeHandler(handler)
             handler.close()
 
 
+def _latest_or_fresh(run_dir: Path, checkpoints: Checkpoints, main: bool) -> tuple[Path, dict] | None:
+    """--resume latest: the newest readable checkpoint of the run, or None (a fresh start; a run killed before
+    its first checkpoint leaves CSV rows that are dropped)."""
+    resume = checkpoints.load_latest()
+    if resume is None and checkpoints.candidates():
+        raise ValueError(f"no checkpoint of {run_dir} can be read: {[p.name for p in checkpoints.candidates()]}")
+    if resume is not None and resume[0] != checkpoints.candidates()[0]:
+        log.warning("resuming from %s: the newer checkpoints cannot be read", resume[0])
+    if resume is None and main:
+        for stale in ("steps.csv", "epochs.csv"):
+            (run_dir / stale).unlink(missing_ok=True)
+    return resume
+
+
+def run_identity(record: dict) -> str:
+    """The run a params.json or a checkpoint belongs to: its run_id (older runs: their name)."""
+    return record.get("run_id") or record.get("name") or "unknown"
+
+
 def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoints: Checkpoints,
-           resume_from: Path | None) -> dict:
+           resume: tuple[Path, dict] | None) -> dict:
     seed_everything(args.seed + dist_env.rank)
 
     model, preprocess_train, preprocess_val, tokenizer = build_from_config(args)
@@ -412,14 +503,19 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
         log.warning("--warmup %d >= total steps %d: the learning rate never reaches --lr nor decays",
                     args.warmup, total_steps)
 
-    start_epoch, step = 0, 0
-    if resume_from is not None:
-        state = read_checkpoint(resume_from)
+    start_epoch, step, skip_batches, run_id = 0, 0, 0, uuid.uuid4().hex
+    if args.resume == "latest":
+        resume = _latest_or_fresh(run_dir, checkpoints, dist_env.main)
+    if resume is not None:
+        resume_from, state = resume
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["state_dict"].items()})
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, step = state["epoch"], state["step"]
+        skip_batches = state.get("batches_done", 0) if state.get("mid_epoch") else 0
+        if (run_dir / "params.json").exists() or args.resume == "latest":  # its own run; else a new run from it
+            run_id = state.get("run_id", run_id)
         rng = state.get("rng", [])
         if len(rng) == dist_env.world_size:
             set_rng_state(rng[dist_env.rank])
@@ -430,12 +526,13 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
         if dist_env.main:
             truncate_csv(run_dir / "steps.csv", lambda r: int(r["step"]) < step)
             truncate_csv(run_dir / "epochs.csv", lambda r: int(r["epoch"]) < start_epoch)
-        log.info("resumed from %s at epoch %d, step %d", resume_from, start_epoch, step)
+        log.info("resumed from %s at epoch %d, step %d%s", resume_from, start_epoch, step,
+                 f" ({skip_batches} batches into the epoch)" if skip_batches else "")
 
     if dist_env.main:
-        params = {**args.to_dict(), "name": name, "world_size": dist_env.world_size, "steps_per_epoch": steps_per_epoch,
-                  "total_steps": total_steps, "samples_per_epoch": loader.num_samples,
-                  "parameters": sum(p.numel() for p in model.parameters()),
+        params = {**args.to_dict(), "name": name, "run_id": run_id, "world_size": dist_env.world_size,
+                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                  "samples_per_epoch": loader.num_samples, "parameters": sum(p.numel() for p in model.parameters()),
                   **run_info(dist_env.device, args.precision, args.batch_size)}
         atomic_write_text(run_dir / "params.json", json.dumps(params, indent=2, default=str))
 
@@ -454,19 +551,35 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
             if args.max_steps is not None and step >= args.max_steps:
                 break
             loader.set_epoch(epoch)
-            step, records = train_one_epoch(train_model, loader, loss_fn, optimizer, scaler, args, dist_env, epoch,
-                                            step, total_steps, run_log)
+            epoch_start = step - skip_batches
+            step, records, complete = train_one_epoch(train_model, loader, loss_fn, optimizer, scaler, args,
+                                                      dist_env, epoch, step, total_steps, run_log, checkpoints.kept(),
+                                                      skip_batches)
+            skip_batches = 0
+            if dist_env.world_size > 1:
+                dist.barrier()
+            state = {"epoch": epoch + 1 if complete else epoch, "step": step, "name": name, "run_id": run_id,
+                     "mid_epoch": not complete, "batches_done": step - epoch_start,
+                     "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler else {},
+                     "schedule": {"kind": args.lr_scheduler, "step": step, "total_steps": total_steps,
+                                  "warmup": args.warmup, "lr": args.lr}, "args": args.to_dict()}
+            if not complete:  # --max-steps: resumable, never labelled as a finished epoch
+                state["rng"] = _gather_rng(dist_env)
+                if dist_env.main:
+                    path = checkpoints.save(state, epoch, keep_numbered=False)
+                    log.info("stopped at --max-steps %d, %d batches into epoch %d: %s", step,
+                             state["batches_done"], epoch, path)
+                break
             summary = epoch_summary(epoch, records, args.timing_warmup, first_epoch=epoch == start_epoch)
-            summary["skipped_samples"] = sum(loader.skipped.values())
+            skipped = dict(sorted(loader.skipped.items()))
+            summary["skipped_samples"] = sum(v for k, v in skipped.items() if k not in ESTIMATES)
+            summary.update({f"skipped_{reason}": count for reason, count in skipped.items()})
             if dist_env.main:
                 summary.update(run_evaluations(model, preprocess_val, tokenizer, args, dist_env.device, epoch + 1))
             if dist_env.world_size > 1:
                 dist.barrier()
-            state = {"epoch": epoch + 1, "step": step, "name": name, "state_dict": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-                     "schedule": {"kind": args.lr_scheduler, "step": step, "total_steps": total_steps,
-                                  "warmup": args.warmup, "lr": args.lr},
-                     "rng": _gather_rng(dist_env), "args": args.to_dict()}
+            state["rng"] = _gather_rng(dist_env)
             if dist_env.main:
                 path = checkpoints.save(state, epoch + 1, keep_numbered=(epoch + 1) % args.save_frequency == 0
                                         or epoch + 1 == args.epochs)
@@ -521,9 +634,5 @@ def run(argv: Sequence[str], num_gpus: int = 1) -> Path:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = main()
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as error:
-        log.error("%s", error)
-        sys.exit(2)
+    result = run_cli(main, prog="python -m dtplib.train", errors=(*CLI_ERRORS, NonFiniteLoss, NonFiniteState))
     print(f"run folder: {result['run_dir']}")

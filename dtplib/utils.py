@@ -11,11 +11,12 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -59,6 +60,33 @@ def quiet_open_clip_random_init() -> None:
 
 
 quiet_open_clip_random_init()
+
+
+# what a command line reports as bad input (one line, exit 2) instead of a traceback; a UnicodeDecodeError or a
+# json.JSONDecodeError is a ValueError, a missing, unreadable or undecodable file an OSError
+CLI_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+T = TypeVar("T")
+
+
+def run_cli(main: Callable[[list[str]], T], argv: Sequence[str] | None = None, *,
+            errors: tuple[type[BaseException], ...] = CLI_ERRORS, prog: str | None = None) -> T:
+    """Run a command line's `main(argv)` (default argv: sys.argv[1:]); bad input ends it with one line on stderr,
+    "<prog>: error: <message>", and exit status 2, as argparse does for a bad flag. `--debug` anywhere in argv is
+    taken out before `main` sees it and lets the error through with its traceback. `errors`: the exception types
+    that are bad input (CLI_ERRORS: ValueError, OSError; add your own, e.g. (*CLI_ERRORS, NonFiniteLoss)).
+    Returns what `main` returns. Use: `if __name__ == "__main__": run_cli(main)`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        return main(argv)
+    except errors as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        name = prog or Path(sys.argv[0]).stem
+        sys.stderr.write(f"{name}: error: {message} (--debug for the traceback)\n")
+        sys.exit(2)
 
 
 def git_commit() -> str:

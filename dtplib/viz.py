@@ -30,7 +30,7 @@ import torch
 
 from .model import TraceRecord, get_tower, trace
 from .plots import boundary_figure, input_normalization, patch_shape, save_figure, token_grid, tokens_histogram
-from .utils import append_csv, data_root, open_rgb, repo_path, run_info
+from .utils import append_csv, data_root, open_rgb, repo_path, run_cli, run_info
 
 COCO_MINI = data_root() / "coco-mini"  # DTPLIB_DATA as set when dtplib.viz is imported
 # preprocess steps that leave pixel positions alone ("function": a plain function such as open_clip's _convert_to_rgb)
@@ -306,4 +306,4 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, prog="python -m dtplib.viz")

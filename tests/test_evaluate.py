@@ -9,10 +9,10 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from conftest import flickr_photos
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
+from shard_io import write_shard
 from timm.data import ImageNetInfo
 from torch import nn
 
@@ -121,19 +121,24 @@ def test_retrieval_recall_by_hand():
 
 def test_zeroshot_classes_layouts(tmp_path):
     assert ev.zeroshot_classes(CIFAR) == (CIFAR_NAMES, "names")
+    def class_folder(path):  # a class folder holds an image (an empty one is refused)
+        path.mkdir(parents=True)
+        (path / "a.png").write_bytes(red)
+
+    red = solid("red")
     named = tmp_path / "named"
     for folder in ("sea_lion", "apple", ".ipynb_checkpoints"):
-        (named / folder).mkdir(parents=True)
+        class_folder(named / folder)
     assert ev.zeroshot_classes(named) == (["apple", "sea lion"], "names")
 
     subset = tmp_path / "subset"  # goldfish is index 1, tench 0, toilet paper 999 in the standard order
     for wnid in ("n15075141", "n01443537", "n01440764"):
-        (subset / wnid).mkdir(parents=True)
+        class_folder(subset / wnid)
     assert ev.zeroshot_classes(subset) == (["tench", "goldfish", "toilet paper"], "imagenet")
 
     full = tmp_path / "full"
     for wnid in ImageNetInfo("imagenet-1k").label_names():
-        (full / wnid).mkdir(parents=True)
+        class_folder(full / wnid)
     assert ev.zeroshot_classes(full) == (list(IMAGENET_CLASSNAMES), "imagenet")
     assert ev.templates_for("imagenet") is open_clip.OPENAI_IMAGENET_TEMPLATES
     assert len(ev.templates_for("names")) == 18 and ev.templates_for("names")[0] == "a photo of a {}."
@@ -198,8 +203,10 @@ def test_zero_shot_errors_before_model_work(oracle, tmp_path):
     model, preprocess, tokenizer = oracle
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat" / "notes.txt").write_text("no images here")
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match=r"found no valid file for the classes \['cat'\]"):
         ev.zero_shot_eval(model, preprocess, tokenizer, tmp_path)
+    with pytest.raises(ValueError, match="every class folder is empty"):
+        ev.zero_shot_eval(model, preprocess, tokenizer, tmp_path, skip_empty_classes=True)
     (tmp_path / "cat" / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="none of the 1 images"):
         ev.zero_shot_eval(model, preprocess, tokenizer, tmp_path)
@@ -218,13 +225,11 @@ def test_retrieval_with_known_answers(oracle, tmp_path):
          "json": json.dumps({"captions": ["a blue one", "blue", "something blue"]})},
         {"__key__": "g", "png": solid("green"), "txt": "green"},  # no json: the txt caption
     ]
-    with wds.TarWriter(str(tmp_path / "000000.tar")) as writer:
-        for sample in samples:
-            writer.write(sample)
+    write_shard(tmp_path / "000000.tar", samples)
     # 3 images in two batches: every text finds its image and back only if captions stay with their image
     metrics = ev.retrieval_eval(model, preprocess, tokenizer, str(tmp_path / "000000.tar"), batch_size=2)
     assert metrics == {**{f"{d}_R@{k}": 1.0 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)},
-                       "retrieval_images": 3, "retrieval_texts": 6}
+                       "retrieval_images": 3, "retrieval_texts": 6, "retrieval_skipped_no_caption": 0}
 
 
 def test_retrieval_tiny_dtp_on_embedded_sample(tiny, tmp_path):
@@ -324,3 +329,59 @@ def test_command_line(tiny, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             ev.main(["--model", TINY, *argv])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data that is not there: samples without captions, empty class folders
+
+
+def test_retrieval_skips_and_counts_samples_without_captions(oracle, tmp_path):
+    model, preprocess, tokenizer = oracle
+    samples = [
+        {"__key__": "r", "png": solid("red"), "txt": "red"},
+        {"__key__": "x", "png": solid("blue")},  # neither json captions nor txt
+        {"__key__": "b", "png": solid("blue"), "json": json.dumps({"captions": ["blue", " "]})},
+        {"__key__": "y", "png": solid("green"), "json": json.dumps({"captions": []}), "txt": ""},
+        {"__key__": "g", "png": solid("green"), "txt": "green"},
+    ]
+    write_shard(tmp_path / "000000.tar", samples)
+    metrics = ev.retrieval_eval(model, preprocess, tokenizer, str(tmp_path / "000000.tar"), batch_size=2)
+    assert metrics == {**{f"{d}_R@{k}": 1.0 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)},
+                       "retrieval_images": 3, "retrieval_texts": 3, "retrieval_skipped_no_caption": 2}
+    assert ev.retrieval_eval(model, preprocess, tokenizer, str(tmp_path / "000000.tar"),
+                             max_images=2)["retrieval_images"] == 2  # the first 2 scored images
+
+    write_shard(tmp_path / "bare.tar", [{"__key__": "x", "png": solid("red")}])
+    with pytest.raises(ValueError, match=r"bare\.tar.*1 sample.*no caption"):
+        ev.retrieval_eval(model, preprocess, tokenizer, str(tmp_path / "bare.tar"))
+
+
+def test_zero_shot_refuses_or_skips_an_empty_class_folder(oracle, colour_folders):
+    model, preprocess, tokenizer = oracle
+    (colour_folders / "yellow").mkdir()
+    (colour_folders / "yellow" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="found no valid file for the classes \\['yellow'\\]"):
+        ev.zeroshot_classes(colour_folders)
+    with pytest.raises(ValueError, match="yellow"):
+        ev.zero_shot_eval(model, preprocess, tokenizer, colour_folders)
+    with pytest.raises(ValueError, match="yellow"):
+        ev.evaluate(model, preprocess, tokenizer, zeroshot_data=colour_folders)
+    assert ev.zeroshot_classes(colour_folders, skip_empty_classes=True) == (["blue", "green", "red"], "names")
+    metrics = ev.zero_shot_eval(model, preprocess, tokenizer, colour_folders, skip_empty_classes=True)
+    assert metrics == {"zeroshot_top1": 0.8, "zeroshot_top5": 1.0, "zeroshot_images": 5, "zeroshot_skipped": 1,
+                       "zeroshot_skipped_classes": 1}
+    metrics = ev.evaluate(model, preprocess, tokenizer, imagenet_val=None, zeroshot_data=colour_folders,
+                          skip_empty_classes=True)
+    assert metrics["zeroshot_skipped_classes"] == 1 and metrics["zeroshot_top1"] == 0.8
+
+
+def test_command_line_refuses_or_skips_an_empty_class_folder(tmp_path, capsys):
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0.jpg").write_bytes(sorted((CIFAR / name).glob("*.jpg"))[0].read_bytes())
+    (tmp_path / "frog").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--model", TINY, "--zeroshot-data", str(tmp_path)])
+    assert exit_info.value.code == 2 and "found no valid file for the classes ['frog']" in capsys.readouterr().err
+    metrics = ev.main(["--model", TINY, "--zeroshot-data", str(tmp_path), "--zeroshot-skip-empty"])
+    assert metrics["zeroshot_images"] == 2 and metrics["zeroshot_skipped_classes"] == 1

@@ -181,3 +181,37 @@ def test_embedded_sample(tmp_path, preprocess, tokenizer):
     again = from_captions(images, captions, tmp_path / "again", val_size=0, test_size=0)
     assert again["captions_out"] == stats["splits"]["test"]["captions"]
 
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_shard_counts_its_lost_samples(tmp_path, preprocess, tokenizer, workers):
+    """A shard cut at 40% of its bytes: the samples it declared in sizes.json but never gave are estimated."""
+    write_shard(tmp_path / "000000.tar", [good_sample(i) for i in range(10)])
+    write_shard(tmp_path / "000001.tar", [good_sample(i) for i in range(10, 13)])
+    (tmp_path / "sizes.json").write_text(json.dumps({"000000.tar": 10, "000001.tar": 3}))
+    data = (tmp_path / "000000.tar").read_bytes()
+    (tmp_path / "000000.tar").write_bytes(data[: int(len(data) * 0.4)])
+    loader = make_loader(str(tmp_path / "{000000..000001}.tar"), preprocess, tokenizer, batch_size=4,
+                         workers=workers, is_train=False)
+    assert sum(len(images) for images, _ in loader) == loader.samples_seen
+    read_from_truncated = loader.samples_seen - 3
+    assert 1 <= read_from_truncated <= 5
+    assert loader.skipped["shard_error"] >= 1
+    assert loader.skipped["lost_samples_estimate"] == 10 - read_from_truncated
+
+    (tmp_path / "sizes.json").unlink()  # no declared sizes: errors are counted, no estimate is made
+    loader = make_loader(str(tmp_path / "{000000..000001}.tar"), preprocess, tokenizer, batch_size=4,
+                         is_train=False)
+    list(loader)
+    assert loader.skipped["shard_error"] >= 1 and "lost_samples_estimate" not in loader.skipped
+
+
+def test_empty_shard_is_named_as_such(tmp_path, preprocess, tokenizer):
+    """An empty tar whose sizes.json says 0: the error says so, not that there is no sizes.json."""
+    import tarfile
+
+    tarfile.open(tmp_path / "000000.tar", "w").close()
+    (tmp_path / "sizes.json").write_text(json.dumps({"000000.tar": 0}))
+    with pytest.raises(ValueError, match=r"000000\.tar.*no samples") as error:
+        make_loader(str(tmp_path / "000000.tar"), preprocess, tokenizer, 4)
+    assert "no sizes.json" not in str(error.value)

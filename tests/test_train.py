@@ -92,6 +92,20 @@ def test_resume_reaches_the_same_next_loss(tmp_path, shards32):
         assert a["compression"] == b["compression"]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resume_is_exact_with_loader_workers(tmp_path, shards32, workers):
+    """With persistent loader workers too: a resumed run's fresh workers crop as the uninterrupted run's did."""
+    flags = [*TI_4X, "--batch-size", "16", "--epochs", "3", "--lr", "1e-3", "--warmup", "2", "--seed", "3",
+             "--workers", str(workers)]
+    full = run(tmp_path, shards32, *flags, name="full")
+    run(tmp_path, shards32, *flags, "--max-steps", "2", name="cut")  # epoch 0, then stops
+    run(tmp_path, shards32, *flags, "--resume", "latest", name="cut")
+    expected, resumed = read_csv(full["run_dir"] / "steps.csv"), read_csv(tmp_path / "cut" / "steps.csv")
+    assert [r["step"] for r in resumed] == [str(i) for i in range(6)]
+    for a, b in zip(expected, resumed, strict=True):
+        assert (a["loss"], a["compression"]) == (b["loss"], b["compression"]), (a, b)
+
+
 def test_sigkill_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     """A run killed with SIGKILL mid-epoch resumes with `--resume latest` from its last whole checkpoint."""
     shards = write_shards(tmp_path / "shards", flickr_photos(64), per_shard=32)
@@ -170,9 +184,98 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shar
     run(tmp_path, shards32, *flags, "--max-steps", "2", name="nan")
     latest = tmp_path / "nan" / "checkpoints" / "epoch_latest.pt"
     before = latest.read_bytes()
-    with pytest.raises(train.NonFiniteLoss, match="last good checkpoint is kept"):
+    with pytest.raises(train.NonFiniteLoss, match=f"last good checkpoint is kept: {latest}"):
         run(tmp_path, shards32, *flags, "--resume", "latest", "--lr", "1e30", name="nan")
     assert latest.read_bytes() == before
+    log = (tmp_path / "nan" / "out.log").read_text()  # the stop is in the run's log, with its traceback
+    assert "stopped: loss is" in log and "Traceback" in log
+
+
+def test_a_state_with_non_finite_tensors_is_never_written(tmp_path):
+    checkpoints = train.Checkpoints(tmp_path / "checkpoints")
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = {"step": 4, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}
+    good = checkpoints.save(state, 1, keep_numbered=True)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    optimizer.state[model.bias]["exp_avg"][0] = float("inf")
+    poisoned = {"step": 8, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}
+    with pytest.raises(train.NonFiniteState, match=rf"2 tensors are not finite \(weight, optimizer state 1.exp_avg, "
+                                                   rf"...\) at step 8: no checkpoint written; the last good "
+                                                   rf"checkpoint is kept: {good}"):
+        checkpoints.save(poisoned, 2, keep_numbered=True)
+    assert sorted(p.name for p in checkpoints.folder.iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
+    assert torch.load(good, weights_only=True)["step"] == 4
+    with pytest.raises(train.NonFiniteState, match="there is no checkpoint of this run"):
+        train.Checkpoints(tmp_path / "other").save(poisoned, 1, keep_numbered=True)
+
+
+def test_resume_into_another_runs_folder_is_refused(tmp_path, shards32):
+    flags = [*TI_4X, "--batch-size", "16", "--epochs", "2", "--warmup", "1"]
+    other = run(tmp_path, shards32, *flags, name="other")
+    run(tmp_path, shards32, *flags, name="victim")
+    victim = tmp_path / "victim"
+    before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()}
+    foreign = other["run_dir"] / "checkpoints" / "epoch_1.pt"
+    with pytest.raises(FileExistsError, match="holds run .* belongs to run"):
+        run(tmp_path, shards32, *flags, "--resume", str(foreign), "--max-steps", "3", name="victim")
+    assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
+    forked = run(tmp_path, shards32, *flags, "--resume", str(foreign), name="fork")  # a new folder may start from it
+    assert [r["step"] for r in read_csv(forked["run_dir"] / "steps.csv")] == ["2", "3"]
+    own = run(tmp_path, shards32, *flags, "--epochs", "3", "--resume", str(other["checkpoint"]), name="other")
+    assert len(read_csv(own["run_dir"] / "steps.csv")) == 6  # its own checkpoint, by path, is accepted
+
+
+def test_max_steps_mid_epoch_saves_a_resumable_unfinished_epoch(tmp_path):
+    shards = write_shards(tmp_path / "shards", flickr_photos(32), per_shard=16)
+    flags = [*TI_4X, "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--warmup", "2", "--seed", "5",
+             "--workers", "1"]
+    full = run(tmp_path, shards, *flags, name="full")
+    cut = run(tmp_path, shards, *flags, "--max-steps", "2", name="cut")  # 4 steps an epoch: stops inside epoch 0
+    folder = cut["run_dir"] / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_latest.pt"]  # not labelled as a finished epoch
+    state = torch.load(folder / "epoch_latest.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["mid_epoch"], state["batches_done"]) == (0, 2, True, 2)
+    assert not (cut["run_dir"] / "epochs.csv").exists()
+    run(tmp_path, shards, *flags, "--resume", "latest", name="cut")
+    expected, resumed = read_csv(full["run_dir"] / "steps.csv"), read_csv(tmp_path / "cut" / "steps.csv")
+    assert [(r["epoch"], r["step"]) for r in resumed] == [(r["epoch"], r["step"]) for r in expected]
+    for a, b in zip(expected, resumed, strict=True):
+        assert (a["loss"], a["compression"]) == (b["loss"], b["compression"]), (a, b)
+    assert [r["epoch"] for r in read_csv(tmp_path / "cut" / "epochs.csv")] == ["0", "1"]
+
+
+def test_resume_latest_passes_over_a_corrupt_checkpoint_and_removes_partial_writes(tmp_path, shards32):
+    flags = [*TI_4X, "--batch-size", "16", "--epochs", "2", "--warmup", "1"]
+    first = run(tmp_path, shards32, *flags, name="r")
+    folder = first["run_dir"] / "checkpoints"
+    (folder / "epoch_latest.pt").write_bytes(b"PK\x03\x04 torn")  # a disk that lost the latest write
+    partial = folder / ".epoch_latest.pt.k2j4.tmp"
+    partial.write_bytes(b"half")
+    run(tmp_path, shards32, *flags[:-4], "--epochs", "3", "--warmup", "1", "--resume", "latest", name="r")
+    assert not partial.exists()
+    log = (first["run_dir"] / "out.log").read_text()
+    assert "epoch_latest.pt cannot be read" in log and "resuming from" in log and "epoch_2.pt" in log
+    assert [r["step"] for r in read_csv(first["run_dir"] / "steps.csv")] == [str(i) for i in range(6)]
+
+
+def test_epochs_csv_counts_skipped_samples_by_reason(tmp_path):
+    photos = flickr_photos(34)
+    folder = tmp_path / "shards"
+    shards = write_shards(folder, photos[:32], per_shard=16)
+    with wds.TarWriter(str(folder / "000002.tar")) as sink:  # one pair without a caption, one without an image
+        sink.write({"__key__": photos[32].stem, "jpg": photos[32].read_bytes()})
+        sink.write({"__key__": photos[33].stem, "txt": "a caption with no image"})
+    sizes = json.loads((folder / "sizes.json").read_text()) | {"000002.tar": 2}
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    result = run(tmp_path, shards.replace("000001", "000002"), *TI_4X, "--batch-size", "16", "--epochs", "1",
+                 "--warmup", "1")
+    row = read_csv(result["run_dir"] / "epochs.csv")[0]  # 34 declared, 32 usable: the epoch passes the bad ones
+    no_caption, no_image = int(row["skipped_no_caption"]), int(row["skipped_no_image"])
+    assert no_caption >= 1 and no_image >= 1 and int(row["skipped_samples"]) == no_caption + no_image
 
 
 @pytest.mark.parametrize("flags, error, message", [
@@ -187,6 +290,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shar
     (["--zeroshot-data", "/nonexistent/cifar"], FileNotFoundError, "/nonexistent/cifar"),
     (["--val-data", "/nonexistent/test.tar"], FileNotFoundError, "shards do not exist"),
     (["--resume", "/nonexistent/epoch_3.pt"], FileNotFoundError, "no such checkpoint"),
+    (["--lr", "inf"], ValueError, "--lr must be a finite number"),
+    (["--lr", "nan"], ValueError, "--lr must be a finite number"),
+    (["--boundary-loss-weight", "nan"], ValueError, "--boundary-loss-weight must be a finite number"),
+    (["--compression", "0.5"], ValueError, "--compression must be >= 1"),
+    (["--compression", "nan"], ValueError, "--compression must be a finite number"),
+    (["--compression", "inf"], ValueError, "--compression must be a finite number"),
 ])
 def test_bad_flags_fail_before_training(tmp_path, shards32, flags, error, message):
     argv = ["--train-data", shards32, "--model", "ViT-Ti-8-64", "--batch-size", "16", "--logs", str(tmp_path),
