@@ -4,15 +4,18 @@ Importing dtplib registers the DTP-ViT variants in timm and open_clip, so
 `open_clip.create_model_and_transforms("DTP-ViT-B-32-4x")` works unchanged.
 
 Which module to open for what:
-- the tower: `model` (DTPConfig, boundaries, pooling, tracing), `packed` (the variable-length shortened layers);
+- the tower: `model` (DTPConfig, boundaries, pooling, tracing), `packed` (the variable-length shortened layers),
+  `order` (the patch reading order: raster or Hilbert);
 - building models: `clip` (registered names, models from training flags or a training checkpoint, weight
   transfer); `config` (TrainConfig: every training flag);
 - training: `optim` (optimizer, schedule, the one training step), `train` and `finetune` (command line and
   notebook entry points, imported by no other module);
 - data: `shards` (writing webdataset shards), `download` (img2dataset), `loader` (reading shards), `loaderbench`,
   and `data` (their command line);
-- measuring: `evaluate` (zero-shot, retrieval), `flops`, `bench` (step time and memory), `specs` (benchmark
-  model specs), `smallrun`;
+- measuring: `evaluate` (zero-shot, retrieval, held-out loss, linear probe, paired comparisons), `stats`
+  (bootstrap intervals), `flops`, `bench` (step time and memory), `specs` (benchmark
+  model specs), `experiment` (grids of training runs from experiments/*.toml: runs.csv, summary.md with
+  intervals over seeds, accuracy-against-cost curves);
 - looking: `viz` (boundaries on photos, alignment with objects), `plots` (every notebook figure and table);
 - `utils`: provenance, atomic writes, CSV appends, the data location (`DTPLIB_DATA`), devices.
 """

@@ -90,6 +90,8 @@ def find_checkpoints(folder: str | Path) -> dict[str, Path]:
         if not checkpoint.is_file() or "model" not in params:
             continue
         config = TrainConfig.from_dict(params)
+        if config.forced_boundaries is not None or config.patch_order != "raster":
+            continue  # not the registered tower: no predictor, or another reading order
         found.setdefault(open_clip_name(config.model, config.compression, config.upsample), checkpoint)
     return found
 

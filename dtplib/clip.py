@@ -277,12 +277,17 @@ def build_model(model: str, compression: float | None = None, upsample: bool = F
 
 def build_from_config(config: TrainConfig):
     """`build_model` with a training run's settings: exactly the model that run trained."""
+    compression = config.target_compression
     dtp_fields = {}
-    if resolve_model(config.model, config.compression, config.upsample)[1] is not None:
+    if resolve_model(config.model, compression, config.upsample)[1] is not None:
         dtp_fields = {"boundary_loss_weight": config.boundary_loss_weight, "prior_scope": config.prior_scope,
-                      "boundaries": config.boundaries, "execution": config.execution}
-    return build_model(config.model, config.compression, config.upsample,
-                       force_patch_dropout=config.force_patch_dropout, **dtp_fields)
+                      "boundaries": config.boundaries, "execution": config.execution,
+                      "patch_order": config.patch_order, "forced_boundaries": config.forced_boundaries}
+    elif config.forced_boundaries is not None or config.patch_order != "raster":
+        raise ValueError("--forced-boundaries and --patch-order need a DTP model (an arch with --compression, or a "
+                         "DTP-ViT-* name)")
+    return build_model(config.model, compression, config.upsample, force_patch_dropout=config.force_patch_dropout,
+                       **dtp_fields)
 
 
 def training_config(checkpoint: str | Path | dict) -> TrainConfig | None:

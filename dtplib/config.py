@@ -53,6 +53,11 @@ class TrainConfig:
                            "ceil(N / compression) per image", "model", choices=("threshold", "topk"))
     execution: str = flag("packed", "DTP: shortened layers on the batch's real tokens only, or padded to its "
                           "largest image", "model", choices=("packed", "padded"))
+    forced_boundaries: int | None = flag(None, "DTP: a boundary every C patches, always (uniform pooling: no "
+                                         "predictor, no prior); implies --compression C", "model", type=int)
+    patch_order: str = flag("raster", "DTP: the order patches are read into runs: row by row, or along a Hilbert "
+                            "curve (compact segments; with --forced-boundaries 4 on a 2^k grid: 2x2 pooling)",
+                            "model", choices=("raster", "hilbert"))
     force_patch_dropout: float | None = flag(None, "open_clip patch dropout (FLIP peer)", "model", type=float)
     grad_checkpointing: bool = flag(False, "recompute the blocks' activations in the backward pass", "model")
     torchcompile: bool = flag(False, "torch.compile the model (dynamic shapes for DTP)", "model")
@@ -119,6 +124,11 @@ class TrainConfig:
         (params.json's name, world size, provenance) are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+    @property
+    def target_compression(self) -> float | None:
+        """--compression, or C of --forced-boundaries C (None: no DTP flag given; a DTP-ViT-* name has its own)."""
+        return self.compression if self.compression is not None else self.forced_boundaries
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,10 +4,10 @@ Read top to bottom:
 1. `pretrained_zeroshot`: zero-shot top-1/top-5 of pretrained CLIPs ("RN50x16/openai", "ViT-B-16", ...) whose
    weights are on disk, one row per model; a model whose weights are missing gets a status and the message of
    `dtplib.evaluate` (how to fetch them) instead of an exception.
-2. `imagefolder_split`: a deterministic, disjoint train / test split of an ImageFolder (class-named folders as
-   CIFAR-10, or ImageNet's WordNet-id folders, named through `evaluate.zeroshot_classes`).
-3. `extract_features` and `linear_probe`: frozen CLIP image embeddings, then an L2-regularised logistic
-   regression fitted with L-BFGS (the regularisation strength chosen on a held-out part of the train split).
+2-3. `imagefolder_split` (a deterministic, disjoint train / test split of an ImageFolder), `extract_features` and
+   `linear_probe` (frozen CLIP image embeddings, then an L2-regularised logistic regression fitted with L-BFGS) live
+   in `dtplib.evaluate`, which also scores the probe (`probe_eval`); they are imported here, so
+   `finetune.linear_probe` and the others still work.
 4. `zeroshot_head`, `finetune`: the whole image tower and a linear head, trained with cross-entropy, AdamW and a
    cosine schedule on open_clip's training augmentation; a DTP tower adds its boundary prior so that the token
    budget holds. The head starts as the zero-shot classifier (WiSE-FT's convention) or as a linear probe (LP-FT).
@@ -22,16 +22,14 @@ import copy
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from dtplib import evaluate as ev
 from dtplib.clip import (
@@ -43,11 +41,19 @@ from dtplib.clip import (
     load_vit_weights,
     read_state_dict,
 )
+from dtplib.evaluate import (  # noqa: F401 (imagefolder_split: re-exported for the notebooks and tests)
+    ImageFolderSplit,
+    ProbeResult,
+    Sample,
+    extract_features,
+    head_accuracy,
+    image_loader,
+    imagefolder_split,
+    linear_probe,
+)
 from dtplib.model import dtp_towers, fit_boundary_prior, get_tower, token_budget, trace, use_config
 from dtplib.optim import lr_at, make_optimizer, train_step
 from dtplib.utils import eval_mode, load_images, repo_path, run_info, seed_everything, unwrap
-
-Sample = tuple[Path, int]  # an image file and its label
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Zero-shot of pretrained open_clip models
@@ -108,182 +114,6 @@ def pretrained_zeroshot(specs: str | Sequence[str | tuple[str, str]], data_dir: 
                      "images": metrics["zeroshot_images"], "seconds": time.perf_counter() - start})
     return pd.DataFrame([{**row, "data": str(data_dir), "max_per_class": max_per_class,
                           **run_info(device, "fp32", batch_size)} for row in rows])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2. Train / test splits of an ImageFolder
-
-
-@dataclass
-class ImageFolderSplit:
-    """Disjoint train and test samples of an ImageFolder; label i is the i-th class folder in sorted order."""
-
-    classnames: list[str]  # in label order, as zero-shot prompts name them
-    layout: str  # "names" (CIFAR-10 style) or "imagenet" (WordNet ids), see evaluate.zeroshot_classes
-    train: list[Sample]
-    test: list[Sample]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classnames)
-
-
-def _shuffled_per_class(root: Path, seed: int) -> dict[int, list[Path]]:
-    """Each class's image files in a seeded order: sorted paths, then permuted by (seed, label)."""
-    per_class: dict[int, list[Path]] = {}
-    for path, label in ev.image_files(root, None):  # sorted folders, sorted files
-        per_class.setdefault(label, []).append(path)
-    return {label: [files[i] for i in np.random.default_rng([seed, label]).permutation(len(files))]
-            for label, files in per_class.items()}
-
-
-def imagefolder_split(data_dir: str | Path, per_class_train: int, per_class_test: int | None, seed: int = 0,
-                      test_dir: str | Path | None = None) -> ImageFolderSplit:
-    """`per_class_train` train and `per_class_test` test images of each class, disjoint and deterministic.
-
-    Files are listed in sorted order and permuted with a generator seeded by (seed, label), so a split depends on
-    the seed and the files only. `per_class_test=None` keeps all the rest. With `test_dir` (ImageNet: train/ and
-    val/), train images come from `data_dir` and test images from `test_dir`, whose class folders must match.
-    """
-    root = repo_path(data_dir)
-    classnames, layout = ev.zeroshot_classes(root)
-    if per_class_train < 1 or (per_class_test is not None and per_class_test < 1):
-        raise ValueError(f"need at least one train and one test image per class, got {per_class_train} and "
-                         f"{per_class_test}")
-    train_files = _shuffled_per_class(root, seed)
-    if test_dir is None:
-        test_files = {label: files[per_class_train:] for label, files in train_files.items()}
-    else:
-        test_root = repo_path(test_dir)
-        if ev.zeroshot_classes(test_root)[0] != classnames:
-            raise ValueError(f"{test_root} and {root} do not hold the same class folders")
-        test_files = _shuffled_per_class(test_root, seed)
-    short = [classnames[label] for label in range(len(classnames))
-             if len(train_files.get(label, [])[:per_class_train]) < per_class_train
-             or len(test_files.get(label, [])) < (per_class_test or 1)]
-    if short:
-        raise ValueError(f"classes with too few images for {per_class_train} train + {per_class_test} test "
-                         f"under {root}: {short[:5]}")
-    train = [(path, label) for label in sorted(train_files) for path in train_files[label][:per_class_train]]
-    test = [(path, label) for label in sorted(test_files) for path in test_files[label][:per_class_test]]
-    return ImageFolderSplit(classnames, layout, train, test)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. Frozen features and the linear probe
-
-
-def _loader(samples: Sequence[Sample], preprocess, batch_size: int, workers: int, shuffle: bool = False,
-            seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(ev.ImageFiles(list(samples), preprocess), batch_size=batch_size, shuffle=shuffle,
-                      generator=generator, num_workers=workers, collate_fn=ev.collate_readable,
-                      drop_last=shuffle and len(samples) > batch_size)
-
-
-def extract_features(model: nn.Module, preprocess, samples: Sequence[Sample], batch_size: int = 64,
-                     device: str | torch.device = "cpu", workers: int = 0) -> tuple[Tensor, Tensor]:
-    """L2-normalised CLIP image embeddings N x D (fp32, on the CPU) and labels N, in eval mode without gradients.
-
-    Unreadable images are skipped (with their labels), as in zero-shot evaluation; the model's modes are kept.
-    """
-    model = unwrap(model)
-    features, labels = [], []
-    with eval_mode(model):
-        for images, batch_labels, _ in _loader(samples, preprocess, batch_size, workers):
-            if images is None:
-                continue
-            batch = model.encode_image(images.to(device, ev.input_dtype(model)), normalize=True)  # B x D
-            features.append(batch.float().cpu())
-            labels.append(batch_labels)
-    if not features:
-        raise ValueError(f"none of the {len(samples)} images could be read")
-    return torch.cat(features), torch.cat(labels)
-
-
-def head_accuracy(head: nn.Module, features: Tensor, labels: Tensor) -> dict[str, float]:
-    """top1 / top5 of a linear head on features (`evaluate.topk_accuracy`: ties count against the head)."""
-    device = next(head.parameters()).device
-    with torch.no_grad():
-        hits = ev.topk_accuracy(head(features.float().to(device)).cpu(), labels.cpu(), (1, 5))
-    return {"top1": hits[1], "top5": hits[5]}
-
-
-@dataclass
-class ProbeResult:
-    """A fitted linear probe: `classifier` maps `extract_features` outputs (N x D) to class logits (N x C)."""
-
-    top1: float
-    top5: float
-    train_top1: float
-    weight_decay: float  # the chosen L2 strength
-    classifier: nn.Linear
-    search: list[dict] = field(default_factory=list)  # held-out top-1 for each weight decay tried
-
-
-def _fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, w_prior: Tensor,
-                  b_prior: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
-    """Multinomial logistic regression, mean cross-entropy + weight_decay / 2 * |W - W_prior|^2, by L-BFGS."""
-    weight = w_prior.clone().requires_grad_(True)  # C x D
-    bias = b_prior.clone().requires_grad_(True)  # C
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                  line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight.T + bias, y) + weight_decay / 2 * (weight - w_prior).square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
-
-
-def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, *,
-                 num_classes: int | None = None, weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1),
-                 val_fraction: float = 0.2, init: nn.Linear | None = None, max_iter: int = 300,
-                 seed: int = 0) -> ProbeResult:
-    """Logistic regression on frozen features; returns test accuracy and the classifier.
-
-    Features are standardised with the train split's mean and std (the scale of CLIP embeddings varies a lot
-    between models, and so would the best weight decay). With several `weight_decays`, each is fitted on the train
-    split less a seeded `val_fraction` of it, the best on that held-out part wins (ties: the stronger), and the
-    probe is refitted on the whole train split. `init` (e.g. `zeroshot_head`, CLIP-style) is both the starting
-    point and what the weight decay pulls towards, so a strong decay keeps the zero-shot classifier and a weak one
-    fits the data; without it the prior is zero.
-    """
-    x_train, x_test = train_features.float(), test_features.float()
-    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # D
-    z_train = (x_train - mean) / std  # N x D
-    if init is not None:  # the same logits in standardised coordinates: W x = (W * std) z + (b + W mean)
-        w_prior = init.weight.detach().float() * std  # C x D
-        b_prior = init.bias.detach().float() + init.weight.detach().float() @ mean  # C
-    else:
-        w_prior, b_prior = z_train.new_zeros(num_classes, z_train.shape[1]), z_train.new_zeros(num_classes)
-
-    search = []
-    if len(weight_decays) > 1:
-        order = torch.randperm(len(z_train), generator=torch.Generator().manual_seed(seed))
-        held = order[:max(1, int(len(order) * val_fraction))]
-        kept = order[len(held):]
-        for decay in weight_decays:
-            weight, bias = _fit_logistic(z_train[kept], train_labels[kept], num_classes, decay, w_prior, b_prior,
-                                         max_iter)
-            val_top1 = ((z_train[held] @ weight.T + bias).argmax(1) == train_labels[held]).float().mean().item()
-            search.append({"weight_decay": decay, "val_top1": val_top1})
-        best = max(search, key=lambda row: (row["val_top1"], row["weight_decay"]))["weight_decay"]
-    else:
-        best = weight_decays[0]
-    weight, bias = _fit_logistic(z_train, train_labels, num_classes, best, w_prior, b_prior, max_iter)
-
-    classifier = nn.Linear(x_train.shape[1], num_classes)  # folds the standardisation in: acts on raw features
-    with torch.no_grad():
-        classifier.weight.copy_(weight / std)
-        classifier.bias.copy_(bias - (weight / std) @ mean)
-    test = head_accuracy(classifier, x_test, test_labels)
-    train_top1 = head_accuracy(classifier, x_train, train_labels)["top1"]
-    return ProbeResult(test["top1"], test["top5"], train_top1, best, classifier, search)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,8 +203,8 @@ def finetune(model: nn.Module, split: ImageFolderSplit, *, preprocess_train, pre
     test_features, test_labels = extract_features(model, preprocess_val, split.test, batch_size, device)
     head_top1_before = head_accuracy(head, test_features, test_labels)["top1"]
 
-    pools = bool(dtp_towers(model)) and get_tower(model).predictor is not None
-    loader = _loader(split.train, preprocess_train, batch_size, workers, shuffle=True, seed=seed)
+    pools = bool(dtp_towers(model)) and get_tower(model).pools
+    loader = image_loader(split.train, preprocess_train, batch_size, workers, shuffle=True, seed=seed)
     total_steps = epochs * len(loader)
     warmup = min(len(loader), 500) if warmup is None else warmup
     optimizer = make_optimizer(classifier, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8)
@@ -401,7 +231,8 @@ def finetune(model: nn.Module, split: ImageFolderSplit, *, preprocess_train, pre
                 step += 1
                 sums["loss"] += result.loss.item() * len(labels)
                 sums["cross_entropy"] += result.task_loss.item() * len(labels)
-                sums["boundary_loss"] += (result.boundary_loss.item() if pools else 0.0) * len(labels)
+                sums["boundary_loss"] += (result.boundary_loss.item() if result.boundary_loss is not None
+                                          else 0.0) * len(labels)
                 sums["correct"] += (result.outputs.argmax(1) == labels).sum().item()
                 sums["images"] += len(labels)
                 sums["segments"] += result.record.tokens.sum().item() if pools else 0

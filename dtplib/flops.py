@@ -189,7 +189,7 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None, execu
     num_patches, width = tower.num_patches, tower.embed_dim
     pre_blocks, short_blocks, post_blocks = tower.stages
     head = linear_macs_per_token(tower.head) + linear_macs_per_token(_adapter_head(model, tower) or nn.Identity())
-    if tower.predictor is None:  # compression=1: a plain ViT on the same code path
+    if not tower.pools:  # compression=1: a plain ViT on the same code path
         if segments is not None:
             _as_count(segments, num_patches, num_patches, "segments of a tower that does not pool (compression=1)")
         kept = max(1, int(num_patches * (1 - patch_dropout))) if patch_dropout else num_patches  # timm's rule
@@ -204,7 +204,7 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None, execu
     pooling = num_patches * segments * width if execution == "padded" else 0 * segments  # einsum N x S x D
     return {"patch_embed": (tower.patch_embed.proj.weight.numel() * num_patches, 0),
             "pre_layers": stage_macs(pre_blocks, 1 + num_patches),
-            "predictor": (linear_macs_per_token(tower.predictor) * num_patches, 0),
+            "predictor": (linear_macs_per_token(tower.predictor) * num_patches if tower.predictor else 0, 0),
             "downsample": (pooling, 0),
             "short_layers": stage_macs(short_blocks, 1 + segments),
             "upsample": (pooling if tower.dtp.upsample else 0, 0),
@@ -482,7 +482,7 @@ def report(model: nn.Module, name: str, compressions: Sequence[int] = (1, 2, 4, 
     "realised, padded" (fvcore on the same batches run by the padded path); "text tower".
     """
     tower = image_tower(model)
-    pools = isinstance(tower, DTPVisionTransformer) and tower.predictor is not None
+    pools = isinstance(tower, DTPVisionTransformer) and tower.pools
     num_patches = patch_count(tower)
     rows = []
 
@@ -598,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         num_patches = patch_count(tower)
         if max(compressions) > num_patches:
             raise ValueError(f"--compressions: a boundary every c patches needs c <= {num_patches} (patches)")
-        pools = isinstance(tower, DTPVisionTransformer) and tower.predictor is not None
+        pools = isinstance(tower, DTPVisionTransformer) and tower.pools
         if args.images and not pools:
             print(f"{args.model} does not pool tokens: every image costs the same, --images is not needed")
         images = load_photos(args.images, args.num_images, preprocess)[0] if args.images and pools else None

@@ -31,6 +31,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
+from .order import PATCH_ORDERS, patch_order
 from .packed import (
     Packing,
     block_forward,
@@ -46,7 +47,8 @@ from .packed import (
 EXECUTIONS = ("packed", "padded")  # DTPConfig.execution
 BOUNDARY_MODES = ("threshold", "topk")  # DTPConfig.boundaries
 # DTPConfig fields that shape the tower's parameters; the others are read at run time and may change on a model
-STRUCTURAL_FIELDS = ("compression", "pre_layers", "short_layers", "post_layers", "upsample", "predictor_hidden")
+STRUCTURAL_FIELDS = ("compression", "pre_layers", "short_layers", "post_layers", "upsample", "predictor_hidden",
+                     "forced_boundaries")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -67,6 +69,8 @@ class DTPConfig:
     prior_scope: str = "batch"  # "batch": prior on the batch's boundary count (hits the budget); "image": Nawrot's
     boundaries: str = "threshold"  # "threshold": Gumbel-Sigmoid > 0.5, a count per image; "topk": ceil(N/c) each
     execution: str = "packed"  # "packed": shortened layers on the real tokens only; "padded": the masked reference
+    patch_order: str = "raster"  # reading order of patches into runs: "raster" or "hilbert"
+    forced_boundaries: int | None = None  # a boundary every c patches always (uniform pooling), no predictor built
 
     @property
     def compresses(self) -> bool:
@@ -89,6 +93,13 @@ class DTPConfig:
             raise ValueError(f"boundaries must be one of {BOUNDARY_MODES}, got {self.boundaries!r}")
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if self.patch_order not in PATCH_ORDERS:
+            raise ValueError(f"patch_order must be one of {PATCH_ORDERS}, got {self.patch_order!r}")
+        forced = self.forced_boundaries
+        if forced is not None and (isinstance(forced, bool) or not isinstance(forced, int) or forced < 2
+                                   or forced != self.compression):
+            raise ValueError(f"forced_boundaries (a boundary every c patches) must be an int c >= 2 equal to the "
+                             f"compression, got {self.forced_boundaries!r} with compression {self.compression:g}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if min(self.pre_layers, self.short_layers, self.post_layers) < 0:
@@ -236,6 +247,7 @@ class TraceRecord:
     compression: torch.Tensor  # B, patches / segments
     boundary_loss: torch.Tensor  # scalar
     grid: tuple[int, int] = field(default=(0, 0))  # patch grid (rows, cols)
+    patch_order: str = "raster"  # the order the tower read patches in; every field above is at grid positions
 
     @property
     def budget(self) -> float:
@@ -274,7 +286,7 @@ class DTPVisionTransformer(VisionTransformer):
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.predictor = (BoundaryPredictor(embed_dim, dtp.predictor_hidden or embed_dim)
-                          if dtp.compresses else None)
+                          if dtp.compresses and dtp.forced_boundaries is None else None)
         self.default_cfg = self.pretrained_cfg = {  # what timm's builder would attach; open_clip reads it
             "input_size": (3, img_size, img_size), "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD,
             "num_classes": num_classes, "dtp": asdict(dtp)}
@@ -282,6 +294,23 @@ class DTPVisionTransformer(VisionTransformer):
         self.forced: torch.Tensor | str | int | None = None  # set by `forced_boundaries`
         self.tracers: list[list[TraceRecord]] = []  # set by `trace`
         self.last_boundary_loss: torch.Tensor | None = None  # read by the training loop
+        self.orders: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}  # (order, inverse)
+
+    @property
+    def pools(self) -> bool:
+        """Whether the shortened layers run on segments (compression > 1, learned or forced boundaries)."""
+        return self.dtp.compresses
+
+    def reading_order(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(order, inverse) for `dtp.patch_order` on `device`: order[t] is the grid index (raster) of the t-th patch
+        read, inverse[p] the reading position of grid patch p; None for raster order (nothing to permute)."""
+        if self.dtp.patch_order == "raster":
+            return None
+        key = (self.dtp.patch_order, device)
+        if key not in self.orders:
+            order = patch_order(self.dtp.patch_order, *self.grid)
+            self.orders[key] = order.to(device), torch.argsort(order).to(device)
+        return self.orders[key]
 
     @property
     def stages(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
@@ -325,7 +354,7 @@ class DTPVisionTransformer(VisionTransformer):
             boundaries, _ = topk_boundaries(logits, self.topk_segments, self.dtp.temperature, self.training)
             return close_last_segment(boundaries), probs, boundary_loss(deterministic, self.dtp.prior, per_image)
         if self.forced is not None:
-            boundaries = close_last_segment(expand_forced(self.forced, logits.shape, logits.device, logits.dtype))
+            boundaries = self.fixed_boundaries(logits.shape, logits.device, logits.dtype)
         elif self.training:
             boundaries = close_last_segment(sample_boundaries(logits, self.dtp.temperature, training=True)[0])
         else:
@@ -335,12 +364,23 @@ class DTPVisionTransformer(VisionTransformer):
             loss = loss + boundary_loss(deterministic, self.dtp.prior, per_image)
         return boundaries, probs, loss
 
+    def fixed_boundaries(self, shape: torch.Size, device, dtype) -> torch.Tensor:
+        """B x N boundaries in reading order from `forced` (a B x N tensor is given at grid positions) or, without
+        it, from `dtp.forced_boundaries`; the last patch closes a segment."""
+        forced = self.forced if self.forced is not None else self.dtp.forced_boundaries
+        boundaries = expand_forced(forced, shape, device, dtype)
+        order = self.reading_order(device)
+        if isinstance(forced, torch.Tensor) and order is not None:
+            boundaries = boundaries.index_select(1, order[0])  # grid positions -> reading order
+        return close_last_segment(boundaries)
+
     def static_segments(self) -> int | None:
         """The segment count when every image has the same one (topk, forced "all" or every c patches), else None."""
-        if isinstance(self.forced, str):
+        forced = self.forced if self.forced is not None else self.dtp.forced_boundaries
+        if isinstance(forced, str):
             return self.num_patches
-        if isinstance(self.forced, int):
-            return math.ceil(self.num_patches / self.forced)
+        if isinstance(forced, int):
+            return math.ceil(self.num_patches / forced)
         if self.forced is None and self.dtp.boundaries == "topk":
             return self.topk_segments
         return None
@@ -358,13 +398,20 @@ class DTPVisionTransformer(VisionTransformer):
         """Tokens after the last layer (B x T x D) and, when they are segments, their validity mask (B x T)."""
         x = self.forward_pre(x)  # B x (1+N) x D
         _, short_blocks, post_blocks = self.stages
-        if self.predictor is None:
+        if not self.pools:
             x = self.run_blocks(short_blocks, x)
             self.record_plain(x)
             return x, None
+        order = self.reading_order(x.device)
+        if order is not None:  # read the patches along the curve; later layers are permutation-equivariant
+            x = torch.cat([x[:, :1], x[:, 1:].index_select(1, order[0])], dim=1)  # B x (1+N) x D, reading order
 
         cls_token, patches = x[:, :1], x[:, 1:]  # B x 1 x D, B x N x D
-        boundaries, probs, self.last_boundary_loss = self.boundaries_for(self.predictor(patches))  # B x N
+        if self.predictor is None:  # forced_boundaries: uniform pooling, no predictor and no prior
+            boundaries = self.fixed_boundaries(patches.shape[:2], patches.device, patches.dtype)
+            probs, self.last_boundary_loss = boundaries, patches.new_zeros(())
+        else:
+            boundaries, probs, self.last_boundary_loss = self.boundaries_for(self.predictor(patches))  # B x N
         self.record(boundaries, probs)
         static = self.static_segments()
         if static is not None:
@@ -434,11 +481,16 @@ class DTPVisionTransformer(VisionTransformer):
     def record(self, boundaries: torch.Tensor, probs: torch.Tensor) -> None:
         if not self.tracers:
             return
-        hard = boundaries.detach() > 0.5  # B x N
+        hard = boundaries.detach() > 0.5  # B x N, reading order
         tokens = hard.sum(-1)  # B
-        rec = TraceRecord(boundaries=hard, segment_ids=segment_ids(hard.long()), probs=probs.detach(),
-                          tokens=tokens, compression=self.num_patches / tokens.float(),
-                          boundary_loss=self.last_boundary_loss.detach(), grid=self.grid)
+        ids, probs = segment_ids(hard.long()), probs.detach()
+        order = self.reading_order(hard.device)
+        if order is not None:  # report every patch at its grid position (raster index)
+            hard, ids, probs = (t.index_select(1, order[1]) for t in (hard, ids, probs))
+        rec = TraceRecord(boundaries=hard, segment_ids=ids, probs=probs, tokens=tokens,
+                          compression=self.num_patches / tokens.float(),
+                          boundary_loss=self.last_boundary_loss.detach(), grid=self.grid,
+                          patch_order=self.dtp.patch_order)
         for records in self.tracers:
             records.append(rec)
 
@@ -526,7 +578,7 @@ def forced_boundaries(model: nn.Module, boundaries: torch.Tensor | str | int) ->
     """Replace the predicted boundaries: "all" (each patch its own segment), an int c (a boundary every c
     patches: uniform pooling), or a B x N 0/1 tensor. The last patch always closes a segment."""
     tower = get_tower(model)
-    if tower.predictor is None:
+    if not tower.pools:
         raise ValueError("this tower does not pool tokens (compression=1); there are no boundaries to force")
     if isinstance(boundaries, str) and boundaries != "all":
         raise ValueError(f"forced boundaries must be 'all', an int or a B x N tensor, got {boundaries!r}")
@@ -579,7 +631,7 @@ def fit_boundary_prior(model: nn.Module, images: torch.Tensor, steps: int = 300,
     """
     tower = get_tower(model)
     if tower.predictor is None:
-        raise ValueError("this tower does not pool tokens (compression=1)")
+        raise ValueError("this tower has no boundary predictor (compression 1, or boundaries forced every c patches)")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(tower.predictor.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)  # settles the sampled rate at the end

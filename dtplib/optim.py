@@ -52,7 +52,7 @@ class StepResult:
 
     loss: torch.Tensor  # task loss + weight x boundary loss
     task_loss: torch.Tensor
-    boundary_loss: torch.Tensor | None  # the prior, unweighted; None for a model that does not pool
+    boundary_loss: torch.Tensor | None  # the prior, unweighted; None without a boundary predictor
     outputs: object  # what `compute` returned besides the task loss (logits, features, ...)
     record: TraceRecord | None  # the DTP tower's decisions in this step; None for a model that does not pool
 
@@ -66,11 +66,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     finite; `hint` ends that message."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    towers = [t for t in dtp_towers(unwrap(model)) if t.predictor is not None]
+    towers = [t for t in dtp_towers(unwrap(model)) if t.pools]
     traced_run = trace(unwrap(model)) if towers else contextlib.nullcontext()
     with autocast(precision, device), traced_run as traced:
         task_loss, outputs = compute()
-        boundary = towers[0].last_boundary_loss if towers else None
+        boundary = towers[0].last_boundary_loss if towers and towers[0].predictor is not None else None
         loss = task_loss + towers[0].dtp.boundary_loss_weight * boundary if boundary is not None else task_loss
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss.item()} at step {step}: stopping{'; ' + hint if hint else ''}")

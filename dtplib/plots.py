@@ -12,7 +12,8 @@ Read top to bottom:
    P(boundary)), `token_grid` (overlays labelled with the tokens kept), `tokens_histogram`.
 4. Model tables (02 notebook): `variant_table`, `token_flow`, `prior_fit_table`.
 5. Training runs (03 notebook), read back from a run folder's CSVs: `training_curves`, `epoch_report`.
-6. Efficiency (05 notebook, `python -m dtplib.bench`): `efficiency_table`, `speedup_plot`, `accuracy_vs_gflops`.
+6. Efficiency (05 notebook, `python -m dtplib.bench`): `efficiency_table`, `speedup_plot`, `accuracy_vs_gflops`;
+   experiment grids (`python -m dtplib.experiment`): `accuracy_curves`.
 7. Finetuning (06 notebook): `plot_results`.
 
 Segments are runs of patches in raster order, so they wrap from the end of one row to the start of the next. The
@@ -202,13 +203,14 @@ def wrap_mask(ids: np.ndarray, size: tuple[int, int], width: int) -> np.ndarray:
 
 
 def segment_overlay(image: np.ndarray, segment_ids, grid: tuple[int, int], alpha: float = 0.45,
-                    edge_width: int = 2, scale: int = 1) -> np.ndarray:
+                    edge_width: int = 2, scale: int = 1, patch_order: str = "raster") -> np.ndarray:
     """The segments of one image drawn over it: H x W x 3 uint8 -> sH x sW x 3 uint8 (s = scale, nearest).
 
     - every segment of two or more patches is tinted: round((1 - alpha) * pixel + alpha * colour), colours from
       PALETTE by segment id; a patch that is a segment of its own (nothing merged) keeps its pixels;
     - borders between patches of different segments (left-right and above-below) in EDGE_COLOUR (`edge_mask`);
-    - wrap ticks in WRAP_COLOUR where a segment continues on the next row (`wrap_mask`, twice the edge width).
+    - wrap ticks in WRAP_COLOUR where a segment continues on the next row (`wrap_mask`, twice the edge width),
+      for segments read in raster order only: along a Hilbert curve (`patch_order="hilbert"`) runs never wrap.
     Pixels elsewhere are the image's, unchanged. Patch size = image size / grid, any sizes that divide.
     """
     if not 0 < alpha <= 1:
@@ -227,7 +229,8 @@ def segment_overlay(image: np.ndarray, segment_ids, grid: tuple[int, int], alpha
     blended = np.rint((1 - alpha) * image.astype(np.float64) + alpha * tint)  # H x W x 3
     out = np.where(merged_px, blended, image).astype(np.uint8)
     out[edge_mask(ids, image.shape[:2], edge_width)] = EDGE_COLOUR
-    out[wrap_mask(ids, image.shape[:2], 2 * edge_width)] = WRAP_COLOUR
+    if patch_order == "raster":
+        out[wrap_mask(ids, image.shape[:2], 2 * edge_width)] = WRAP_COLOUR
     return out
 
 
@@ -261,8 +264,8 @@ def overlays(images: torch.Tensor, record: TraceRecord, mean=OPENAI_CLIP_MEAN, s
     """`segment_overlay` of every traced image (B x 3 x H x W normalised inputs, the record of their forward)."""
     pixels = denormalize(images, mean, std)  # B x H x W x 3
     scale = scale or display_scale(pixels.shape[1])
-    return [segment_overlay(pixels[i], record.segment_ids[i], record.grid, scale=scale, **overlay_options)
-            for i in range(len(pixels))]
+    return [segment_overlay(pixels[i], record.segment_ids[i], record.grid, scale=scale,
+                            patch_order=record.patch_order, **overlay_options) for i in range(len(pixels))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -484,7 +487,7 @@ def efficiency_table(folders: list[str | Path], accuracy_csv: str | Path = "resu
             models[name] = open_clip.create_model(name)
         model = models[name]
         towers = dtp_towers(model)
-        if towers and towers[0].predictor is not None:  # at the benchmark's mean segment count
+        if towers and towers[0].pools:  # at the benchmark's mean segment count
             macs = float(total(analytic_macs(model, patch_count(image_tower(model)) / r["realised_compression"])))
         else:
             macs = float(total(analytic_macs(model, patch_dropout=dropout)))
@@ -565,6 +568,32 @@ def accuracy_vs_gflops(table: pd.DataFrame):
         ax.annotate(r["model"], (r["image GFLOPs"], 100 * r["zero-shot top-1"]), fontsize=7)
     ax.set(xlabel="image tower GFLOPs per image", ylabel="zero-shot top-1 (%)",
            title="accuracy against compute" if len(rows) else "accuracy against compute (no training runs yet)")
+    figure.tight_layout()
+    return figure
+
+
+def accuracy_curves(curves: pd.DataFrame, metric: str):
+    """A metric against cumulative training time and against training GMACs, one line per arm, mean over seeds
+    with 95% interval bars: `curves` is `dtplib.experiment.curves(runs, metric)` (columns arm, train_time_s,
+    train_gmacs, mean, low, high; no bar where one seed gives no interval). Iso-compute comparisons read across."""
+    import matplotlib.pyplot as plt
+
+    figure, (time_ax, macs_ax) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    longest = curves["train_time_s"].max() if len(curves) else 0
+    unit, scale = ("h", 3600) if longest > 7200 else ("min", 60) if longest > 120 else ("s", 1)
+    for arm, rows in curves.groupby("arm", sort=False):
+        rows = rows.sort_values("train_gmacs")
+        error = np.nan_to_num(np.stack([rows["mean"] - rows["low"], rows["high"] - rows["mean"]]), nan=0.0)
+        seeds = f"{rows['seeds'].min()}" if rows["seeds"].min() == rows["seeds"].max() else \
+            f"{rows['seeds'].min()}-{rows['seeds'].max()}"
+        for ax, x in ((time_ax, rows["train_time_s"] / scale), (macs_ax, rows["train_gmacs"])):
+            ax.errorbar(x, rows["mean"], yerr=error, marker="o", capsize=3, label=f"{arm} (seeds: {seeds})")
+    time_ax.set(xlabel=f"cumulative training step time ({unit})", ylabel=metric, title=f"{metric} against time")
+    macs_ax.set(xlabel="training GMACs (forward, image + text towers, x samples seen)",
+                title=f"{metric} against compute")
+    if len(curves):
+        macs_ax.legend(fontsize=7)
+    figure.suptitle("mean over seeds, bars: 95% t-interval over seeds", fontsize=9)
     figure.tight_layout()
     return figure
 

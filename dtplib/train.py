@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from dtplib import evaluate as dtp_eval
 from dtplib import loader as dtp_loader
-from dtplib.clip import build_from_config, read_checkpoint, resolve_model
+from dtplib.clip import build_from_config, parse_dtp_name, read_checkpoint, resolve_model
 from dtplib.config import TrainConfig
 from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step
 from dtplib.utils import (
@@ -93,7 +93,21 @@ def check_args(args: TrainConfig, world_size: int = 1) -> None:
                          f"{getattr(args, not_finite[0])}")
     if args.compression is not None and args.compression < 1:
         raise ValueError(f"--compression must be >= 1 (1 = no pooling), got {args.compression:g}")
-    resolve_model(args.model, args.compression, args.upsample)
+    if args.forced_boundaries is not None:
+        if args.forced_boundaries < 2:
+            raise ValueError(f"--forced-boundaries C needs C >= 2 (a boundary every C patches), got "
+                             f"{args.forced_boundaries}")
+        if args.compression is not None and args.compression != args.forced_boundaries:
+            raise ValueError(f"--forced-boundaries {args.forced_boundaries} means compression "
+                             f"{args.forced_boundaries}, but --compression {args.compression:g} was given")
+    named = parse_dtp_name(args.model)
+    if args.forced_boundaries is not None and named is not None and named[1] != args.forced_boundaries:
+        raise ValueError(f"--model {args.model} means compression {named[1]:g}, not --forced-boundaries "
+                         f"{args.forced_boundaries}")
+    arch, compression, _ = resolve_model(args.model, args.target_compression, args.upsample)
+    if compression is None and (args.forced_boundaries is not None or args.patch_order != "raster"):
+        raise ValueError("--forced-boundaries and --patch-order need a DTP model (an arch with --compression, or a "
+                         "DTP-ViT-* name)")
     for flag in ("batch_size", "epochs", "save_frequency", "log_every_n_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -126,8 +140,10 @@ def check_args(args: TrainConfig, world_size: int = 1) -> None:
 
 
 def default_name(args: TrainConfig) -> str:
-    arch, compression, upsample = resolve_model(args.model, args.compression, args.upsample)
+    arch, compression, upsample = resolve_model(args.model, args.target_compression, args.upsample)
     model = f"{arch}-{compression:g}x{'-up' if upsample else ''}" if compression is not None else arch
+    model += "-uniform" if args.forced_boundaries else ""
+    model += "-hilbert" if args.patch_order == "hilbert" else ""
     return f"{datetime.now():%Y_%m_%d-%H_%M_%S}-{model}-b{args.batch_size}-s{args.seed}"
 
 
@@ -580,11 +596,11 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
             if dist_env.world_size > 1:
                 dist.barrier()
             state["rng"] = _gather_rng(dist_env)
-            if dist_env.main:
-                path = checkpoints.save(state, epoch + 1, keep_numbered=(epoch + 1) % args.save_frequency == 0
-                                        or epoch + 1 == args.epochs)
-                summary["checkpoint"] = path.name
+            if dist_env.main:  # the row first: a kill before the checkpoint is written drops it on resume
+                summary["checkpoint"] = "epoch_latest.pt"
                 run_log.csv_row("epochs.csv", summary)
+                checkpoints.save(state, epoch + 1, keep_numbered=(epoch + 1) % args.save_frequency == 0
+                                 or epoch + 1 == args.epochs)
                 run_log.scalars("epoch", summary, epoch + 1)
                 log.info("epoch %d: %s", epoch, {k: _fmt(v) for k, v in summary.items()})
             summaries.append(summary)

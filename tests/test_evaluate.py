@@ -1,6 +1,7 @@
 """Evaluation: metrics on hand-worked score matrices, zero-shot and retrieval end to end with a colour-seeing model
 whose right answers are known, real tiny CLIPs on CIFAR-10 and the embedded COCO sample, checkpoints, and the CLI."""
 
+import csv
 import io
 import json
 import tarfile
@@ -9,7 +10,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import flickr_photos
+from conftest import FLICKR, flickr_photos
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 from shard_io import write_shard
@@ -385,3 +386,138 @@ def test_command_line_refuses_or_skips_an_empty_class_folder(tmp_path, capsys):
     assert exit_info.value.code == 2 and "found no valid file for the classes ['frog']" in capsys.readouterr().err
     metrics = ev.main(["--model", TINY, "--zeroshot-data", str(tmp_path), "--zeroshot-skip-empty"])
     assert metrics["zeroshot_images"] == 2 and metrics["zeroshot_skipped_classes"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# held-out contrastive loss, bootstrap intervals, paired comparisons, the linear probe
+
+
+def flickr_captioned(count: int) -> list[tuple]:
+    """(photo, its first two captions from captions.tsv) for the first `count` Flickr8k photos."""
+    files, captions = flickr_photos(count), {}
+    for line in (FLICKR / "captions.tsv").read_text().splitlines():
+        name, _, caption = line.partition("\t")
+        captions.setdefault(name, []).append(caption)
+    return [(path, captions[path.name][:2]) for path in files]
+
+
+@pytest.fixture(scope="module")
+def flickr_shards(tmp_path_factory):
+    """10 Flickr8k photos with two captions each, in two shards; and the (photo, captions) pairs in shard order."""
+    folder, pairs = tmp_path_factory.mktemp("flickr"), flickr_captioned(10)
+    for shard in range(2):
+        write_shard(folder / f"00000{shard}.tar", [
+            {"__key__": f"{shard}{i:03d}", "jpg": path.read_bytes(), "json": json.dumps({"captions": captions})}
+            for i, (path, captions) in enumerate(pairs[5 * shard:5 * shard + 5])])
+    return str(folder / "{000000..000001}.tar"), pairs
+
+
+def test_val_loss_is_clip_loss_over_fixed_batches(tiny, flickr_shards):
+    model, preprocess, tokenizer = tiny
+    shards, pairs = flickr_shards
+    model.train()  # evaluation puts it in eval mode (deterministic boundaries) and gives its modes back
+    metrics = ev.val_loss_eval(model, preprocess, tokenizer, shards, batch_size=4)
+    assert model.training
+    again = ev.val_loss_eval(model, preprocess, tokenizer, shards, batch_size=4)
+    assert metrics == again and metrics["val_loss_images"] == 8  # 10 images: batches 0-3, 4-7; the last 2 dropped
+
+    model.eval()  # by hand: open_clip's forward and ClipLoss on the same batches, each image with its first caption
+    with torch.no_grad():
+        losses = []
+        for start in (0, 4):
+            images = load_images([path for path, _ in pairs[start:start + 4]], preprocess)
+            texts = tokenizer([captions[0] for _, captions in pairs[start:start + 4]])
+            losses.append(open_clip.ClipLoss()(*model(images, texts)[:3]).item())
+    assert metrics["val_loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+    short = ev.val_loss_eval(model, preprocess, tokenizer, shards, batch_size=64)  # fewer than a batch: one of all
+    assert short["val_loss_images"] == 10
+    full = ev.evaluate(model, preprocess, tokenizer, val_data=shards, loss_batch_size=4, batch_size=3)
+    assert full["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)  # the embedding batch does not matter
+    assert full | ev.retrieval_eval(model, preprocess, tokenizer, shards) == full  # same recalls, one pass
+
+
+def test_retrieval_items_by_hand():
+    text_image = torch.tensor([0, 0, 1, 1, 2])  # image 2 has one caption
+    similarity = torch.tensor([[0.9, 0.1, 0.2, 0.3, 0.0],  # image 0 finds t0: hit
+                               [0.1, 0.8, 0.2, 0.3, 0.4],  # image 1: t1 (not its own) is best: miss at 1
+                               [0.0, 0.0, 0.9, 0.1, 0.5]])  # image 2: t2 is best: miss at 1
+    # text to image at 1: t0 -> 0 yes, t1 -> 1 (0.8) no, t2 -> 2 (0.9) no, t3 -> 0 (0.3 ties 1) no, t4 -> 2 (0.5) yes
+    items = ev.retrieval_items(similarity, text_image, ks=(1,))
+    assert items["image_to_text_R@1"].scores.tolist() == [1.0, 0.0, 0.0]
+    assert items["text_to_image_R@1"].scores.tolist() == [0.5, 0.0, 1.0]  # share of each image's captions
+    assert items["text_to_image_R@1"].weights.tolist() == [2.0, 2.0, 1.0]
+    recalls = ev.retrieval_recall(similarity, text_image, ks=(1,))
+    for key, scores in items.items():
+        assert scores.value == pytest.approx(recalls[key])  # the weighted mean is the recall over texts
+
+
+def test_bootstrap_intervals_hold_the_estimates(tiny, flickr_shards, capsys):
+    model, preprocess, tokenizer = tiny
+    shards, _ = flickr_shards
+    plain = ev.evaluate(model, preprocess, tokenizer, val_data=shards, zeroshot_data=CIFAR, max_per_class=2,
+                        loss_batch_size=4)
+    metrics = ev.evaluate(model, preprocess, tokenizer, val_data=shards, zeroshot_data=CIFAR, max_per_class=2,
+                          loss_batch_size=4, bootstrap=200)
+    assert {k: v for k, v in metrics.items() if "_ci_" not in k} == plain  # the estimates are unchanged
+    with_ci = [k for k in plain if f"{k}_ci_low" in metrics]
+    assert set(with_ci) == {*(f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)),
+                            "zeroshot_top1", "zeroshot_top5", "val_loss"}
+    for key in with_ci:
+        assert metrics[f"{key}_ci_low"] - 1e-12 <= metrics[key] <= metrics[f"{key}_ci_high"] + 1e-12, key
+    assert "_ci_" not in ev.format_table(metrics) and "[" in ev.format_table(metrics).splitlines()[1]
+
+
+def test_compare_a_checkpoint_with_itself_and_another(tiny, flickr_shards, tmp_path, capsys):
+    shards, _ = flickr_shards
+    a = save_checkpoint(tiny[0], tmp_path / "a.pt")
+    torch.manual_seed(3)
+    b = save_checkpoint(dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4)[0], tmp_path / "b.pt")
+    data = ["--model", TINY, "--val-data", shards, "--zeroshot-data", str(CIFAR), "--max-per-class", "1",
+            "--loss-batch-size", "4", "--bootstrap", "100"]
+    same = ev.main(["--compare", str(a), str(a), *data, "--output", str(tmp_path / "same.csv")])
+    assert same["a"] == same["b"] and len(same["differences"]) == 9
+    for row in same["differences"]:
+        assert (row["difference"], row["ci_low"], row["ci_high"]) == (0.0, 0.0, 0.0), row
+    assert "A - B" in capsys.readouterr().out
+    with open(tmp_path / "same.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 and rows[0]["checkpoint_a"] == str(a) and rows[0]["commit"] and rows[0]["metric"]
+
+    single = ev.main(["--checkpoint", str(b), *data[:-2]])
+    other = ev.main(["--compare", str(a), str(b), *data])
+    assert other["b"] == single
+    for row in other["differences"]:
+        assert row["difference"] == pytest.approx(row["a"] - row["b"])
+        assert row["ci_low"] <= row["difference"] + 1e-12 and row["difference"] - 1e-12 <= row["ci_high"]
+    assert any(row["difference"] != 0 for row in other["differences"])
+
+
+def test_linear_probe_on_cifar(tiny):
+    model, preprocess, tokenizer = tiny
+    split = ev.imagefolder_split(CIFAR, per_class_train=5, per_class_test=5, seed=0)
+    assert not {path for path, _ in split.train} & {path for path, _ in split.test}  # disjoint
+    options = dict(probe_data=CIFAR, probe_per_class=5, probe_test_per_class=5, seed=0)
+    metrics = ev.evaluate(model, preprocess, tokenizer, bootstrap=100, **options)
+    assert metrics == ev.evaluate(model, preprocess, tokenizer, bootstrap=100, **options)  # deterministic
+    assert (metrics["probe_train_images"], metrics["probe_test_images"]) == (50, 50)
+    assert 0.0 <= metrics["probe_top1_ci_low"] <= metrics["probe_top1"] <= metrics["probe_top1_ci_high"] <= 1.0
+    # the probe scored here is the one dtplib.finetune's notebook fits
+    train_x, train_y = ev.extract_features(model, preprocess, split.train)
+    test_x, test_y = ev.extract_features(model, preprocess, split.test)
+    assert ev.linear_probe(train_x, train_y, test_x, test_y, num_classes=10).top1 == metrics["probe_top1"]
+    print("probe_top1", metrics["probe_top1"], metrics["probe_top1_ci_low"], metrics["probe_top1_ci_high"])
+
+
+def test_training_writes_val_loss_per_epoch(tmp_path):
+    """`train.run_evaluations` passes --val-data to `evaluate`, so the held-out loss lands in epochs.csv."""
+    from dtplib import train
+    from dtplib.utils import REPO_ROOT, flags
+
+    sample = REPO_ROOT / "data/sample"
+    train.main(flags(model="ViT-Ti-8-64", compression=4, train_data=sample / "test/000000.tar",
+                     val_data=sample / "val/000000.tar", epochs=1, batch_size=8, warmup=1, workers=0, logs=tmp_path,
+                     name="vl", report_to="none"))
+    with open(tmp_path / "vl" / "epochs.csv") as f:
+        row = list(csv.DictReader(f))[-1]
+    assert float(row["val_loss"]) > 0 and row["val_loss_images"] == "24"  # 24 images: one batch of all

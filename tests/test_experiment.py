@@ -1,0 +1,177 @@
+"""The experiment driver on the embedded sample shards: a two-arm, two-seed grid of real `dtplib.train` runs, a
+second call that trains nothing, a SIGKILL mid-grid and a resume that ends with the same runs.csv, and the grid
+checks that fail before any training."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dtplib import experiment, stats
+from dtplib.utils import REPO_ROOT
+
+SAMPLE = REPO_ROOT / "data" / "sample"
+GRID = f"""
+reference = "1x"
+seeds = [0, 1]
+
+[shared]
+model = "ViT-Ti-8-64"
+train_data = "{SAMPLE / 'train'}"
+val_data = "{SAMPLE / 'val'}"
+train_num_samples = 48
+epochs = 1
+batch_size = 16
+warmup = 1
+workers = 0
+threads = 1
+report_to = "none"
+
+[arms.1x]
+compression = 1
+
+[arms.4x]
+compression = 4
+"""
+METRICS = ["image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@1",
+           "text_to_image_R@5", "text_to_image_R@10", "loss", "compression", "samples_seen", "gmacs_per_image",
+           "train_gmacs"]
+
+
+def write_grid(folder: Path, text: str = GRID, name: str = "grid.toml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The grid run once, uninterrupted: (grid file, out folder, main's result)."""
+    folder = tmp_path_factory.mktemp("grid")
+    grid = write_grid(folder)
+    out = folder / "out"
+    return grid, out, experiment.main(["--grid", str(grid), "--out", str(out)])
+
+
+def test_a_grid_trains_every_run_and_reports(finished):
+    grid, out, result = finished
+    assert result["trained"] == ["1x-seed0", "4x-seed0", "1x-seed1", "4x-seed1"]
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 4 and set(zip(runs["arm"], runs["seed"], strict=True)) == {
+        ("1x", 0), ("4x", 0), ("1x", 1), ("4x", 1)}
+    assert runs["complete"].all() and (runs["epochs_done"] == 1).all()
+    assert (runs["samples_seen"] == 48).all()  # 3 steps of 16
+    assert (runs["train_time_s"] > 0).all() and runs["text_to_image_R@10"].between(0, 1).all()
+    assert runs["commit"].notna().all() and runs["hardware"].notna().all()
+    one, four = (runs[runs["arm"] == arm].iloc[0] for arm in ("1x", "4x"))
+    assert one["compression"] == 1.0 and four["compression"] > 1.5
+    assert four["gmacs_per_image"] < one["gmacs_per_image"]  # fewer tokens in the shortened layers
+    assert one["train_gmacs"] == pytest.approx((one["gmacs_per_image"] + one["text_gmacs"]) * 48)
+    summary = (out / "summary.md").read_text()
+    assert "Runs complete: 4 of 4." in summary and "Paired differences against 1x" in summary
+    assert "4x − 1x (pairs=2)" in summary and "| text_to_image_R@10 |" in summary
+    assert (out / "curves_text_to_image_R_at_10.png").stat().st_size > 0
+    assert (out / "runs" / "4x-seed1" / "epochs.csv").is_file()
+    assert "checkpoints" in (out / ".gitignore").read_text()
+
+
+def test_a_second_call_trains_nothing(finished):
+    grid, out, _ = finished
+    steps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "runs").glob("*/steps.csv")}
+    before = pd.read_csv(out / "runs.csv")
+    again = experiment.main(["--grid", str(grid), "--out", str(out)])
+    assert again["trained"] == []
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in steps} == steps
+    pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), before)
+
+
+def test_a_killed_grid_resumes_to_the_same_rows(finished, tmp_path):
+    """The grid's seed-0 piece: SIGKILL to the driver and its training child while the second run trains; the same
+    command then skips the first run, retrains the second and ends with the uninterrupted grid's rows, and the
+    summary names the runs of the piece not run."""
+    grid, reference, _ = finished
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dtplib.experiment", "--grid", str(grid), "--out", str(out), "--seeds", "0"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    second = out / "runs" / "4x-seed0" / "steps.csv"
+    try:
+        deadline = time.monotonic() + 120
+        while not second.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, "the grid finished before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the dtplib.train child it started
+    finally:
+        process.wait()
+    assert experiment.epochs_done(out / "runs" / "1x-seed0") == 1
+    assert experiment.epochs_done(out / "runs" / "4x-seed0") == 0
+    result = experiment.main(command[3:])
+    assert result["trained"] == ["4x-seed0"]
+    resumed, expected = (pd.read_csv(folder / "runs.csv") for folder in (out, reference))
+    keys = ["arm", "seed", "epoch", "epochs_done", "complete"]
+    expected = expected[expected["seed"] == 0].reset_index(drop=True)
+    pd.testing.assert_frame_equal(resumed[keys + METRICS], expected[keys + METRICS], check_exact=True)
+    summary = (out / "summary.md").read_text()
+    assert "Runs complete: 2 of 4." in summary and "Not started: 1x-seed1, 4x-seed1." in summary
+
+
+def test_a_run_folder_with_other_flags_is_refused(finished, tmp_path):
+    grid, out, _ = finished
+    changed = write_grid(tmp_path, GRID.replace("warmup = 1", "warmup = 2"))
+    with pytest.raises(ValueError, match="warmup=1.*grid now gives 2"):
+        experiment.main(["--grid", str(changed), "--out", str(out)])
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (("compression = 4", "compresion = 4"), r"\[arms.4x\]: unknown flag 'compresion'.*did you mean 'compression'"),
+    (("warmup = 1", "warmup = 1\nseed = 3"), "'seed' is set by the driver"),
+    (("batch_size = 16", 'batch_size = "many"'), "--batch-size: invalid int value"),
+    (('model = "ViT-Ti-8-64"', 'model = "ViT-Nope"'), "got 'ViT-Nope'"),
+    (('reference = "1x"', 'reference = "2x"'), "reference '2x' is not an arm"),
+    (("seeds = [0, 1]", "seeds = [0, 0]"), "distinct integers"),
+    (("[shared]", "epoch = 3\n[shared]"), "unknown key 'epoch'"),
+])
+def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
+    grid = write_grid(tmp_path, GRID.replace(*edit))
+    with pytest.raises(ValueError, match=message):
+        experiment.main(["--grid", str(grid), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_missing_data_is_one_line_before_any_run(tmp_path):
+    grid = write_grid(tmp_path, GRID.replace(str(SAMPLE / "val"), str(tmp_path / "nowhere")))
+    result = subprocess.run([sys.executable, "-m", "dtplib.experiment", "--grid", str(grid), "--out",
+                             str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("python -m dtplib.experiment: error: grid.toml: ")
+    assert "nowhere" in result.stderr
+    assert not list((tmp_path / "out").glob("runs/*/steps.csv"))
+
+
+def test_json_grids_and_the_smallrun_grid_load(tmp_path):
+    from_json = experiment.load_grid(write_grid(tmp_path, json.dumps(tomllib.loads(GRID)), "grid.json"))
+    from_toml = experiment.load_grid(write_grid(tmp_path, GRID))
+    assert (from_json.seeds, from_json.shared, from_json.arms) == (from_toml.seeds, from_toml.shared, from_toml.arms)
+    small = experiment.load_grid("experiments/smallrun.toml")
+    assert small.runs() == [("1x", 0), ("4x", 0), ("1x", 1), ("4x", 1)] and small.reference == "1x"
+    config = experiment.parse_options(small.options("4x", 1), "4x")
+    assert (config.model, config.compression, config.epochs, config.batch_size, config.seed) == (
+        "ViT-Ti-8-64", 4.0, 6, 128, 1)
+    assert config.zeroshot_frequency == config.val_frequency == 1
+    towers = experiment.load_grid("experiments/ti_towers.toml")  # every grid the README names loads
+    assert towers.runs() == [("2x", 0), ("4x", 0), ("10x", 0)]
+
+
+def test_t_interval():
+    mean, low, high, n = stats.t_interval([1.0, 3.0])
+    assert (mean, n) == (2.0, 2) and high - mean == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
+    assert math.isnan(stats.t_interval([5.0])[1])
+    assert stats.t_quantile(40) == pytest.approx(2.0211, abs=1e-3)
