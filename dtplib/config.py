@@ -58,6 +58,9 @@ class TrainConfig:
     patch_order: str = flag("raster", "DTP: the order patches are read into runs: row by row, or along a Hilbert "
                             "curve (compact segments; with --forced-boundaries 4 on a 2^k grid: 2x2 pooling)",
                             "model", choices=("raster", "hilbert"))
+    upsample_weights: str = flag("straight-through", "DTP with --upsample: the boundaries get a gradient through "
+                                 "upsampling (straight-through) or not (normalised, Nawrot)", "model",
+                                 choices=("straight-through", "normalised"))
     force_patch_dropout: float | None = flag(None, "open_clip patch dropout (FLIP peer)", "model", type=float)
     grad_checkpointing: bool = flag(False, "recompute the blocks' activations in the backward pass", "model")
     torchcompile: bool = flag(False, "torch.compile the model (dynamic shapes for DTP)", "model")

@@ -46,6 +46,7 @@ from .packed import (
 
 EXECUTIONS = ("packed", "padded")  # DTPConfig.execution
 BOUNDARY_MODES = ("threshold", "topk")  # DTPConfig.boundaries
+UPSAMPLE_WEIGHTS = ("straight-through", "normalised")  # DTPConfig.upsample_weights
 # DTPConfig fields that shape the tower's parameters; the others are read at run time and may change on a model
 STRUCTURAL_FIELDS = ("compression", "pre_layers", "short_layers", "post_layers", "upsample", "predictor_hidden",
                      "forced_boundaries")
@@ -71,6 +72,7 @@ class DTPConfig:
     execution: str = "packed"  # "packed": shortened layers on the real tokens only; "padded": the masked reference
     patch_order: str = "raster"  # reading order of patches into runs: "raster" or "hilbert"
     forced_boundaries: int | None = None  # a boundary every c patches always (uniform pooling), no predictor built
+    upsample_weights: str = "straight-through"  # upsampling: "straight-through" (ours) or "normalised" (Nawrot's)
 
     @property
     def compresses(self) -> bool:
@@ -93,6 +95,8 @@ class DTPConfig:
             raise ValueError(f"boundaries must be one of {BOUNDARY_MODES}, got {self.boundaries!r}")
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if self.upsample_weights not in UPSAMPLE_WEIGHTS:
+            raise ValueError(f"upsample_weights must be one of {UPSAMPLE_WEIGHTS}, got {self.upsample_weights!r}")
         if self.patch_order not in PATCH_ORDERS:
             raise ValueError(f"patch_order must be one of {PATCH_ORDERS}, got {self.patch_order!r}")
         forced = self.forced_boundaries
@@ -426,8 +430,24 @@ class DTPVisionTransformer(VisionTransformer):
         short = self.run_blocks(short_blocks, short, attn_mask=keep[:, None, None, :])  # mask padded keys
         if not self.dtp.upsample:
             return short, keep
-        full = torch.cat([short[:, :1], upsample(short[:, 1:], weights)], dim=1) + x  # B x (1+N) x D, residual
+        upsampled = upsample(short[:, 1:], self.upsampling_weights(weights))  # B x N x D
+        full = torch.cat([short[:, :1], upsampled], dim=1) + x  # B x (1+N) x D, residual
         return self.run_blocks(post_blocks, full), None
+
+    def upsampling_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The membership weights that copy segments back to their patches (B x N x S, or B x N straight-through
+        ids on the packed and equal-count paths). Their values are exactly 1 on members either way; the setting
+        decides their gradient.
+
+        - "straight-through" (ours so far): d(weight)/d(segment id) = 1, as in downsampling. The loss on every
+          upsampled patch n reaches every boundary before n (the segment id is a cumulative sum): a non-local
+          gradient that grows with the patch's position in the reading order.
+        - "normalised" (Nawrot): each patch gets its segment's output, the weights are constants, and the
+          boundaries learn from the downsampling path alone.
+        A prior-only fit cannot tell the two apart (the prior never sees the upsampling); the choice of default is
+        measured by a short training run (README, "Upsampling weights").
+        """
+        return weights.detach() if self.dtp.upsample_weights == "normalised" else weights
 
     def forward_equal_counts(self, x: torch.Tensor, boundaries: torch.Tensor,
                              num_segments: int) -> tuple[torch.Tensor, None]:
@@ -442,7 +462,7 @@ class DTPVisionTransformer(VisionTransformer):
         short = self.run_blocks(short_blocks, short)
         if not self.dtp.upsample:
             return short, None
-        upsampled = gather_segments(short[:, 1:].flatten(0, 1), index, through_ids)  # B x N x D
+        upsampled = gather_segments(short[:, 1:].flatten(0, 1), index, self.upsampling_weights(through_ids))
         return self.run_blocks(post_blocks, torch.cat([short[:, :1], upsampled], dim=1) + x), None
 
     def forward_packed(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -456,7 +476,8 @@ class DTPVisionTransformer(VisionTransformer):
             tokens = self.call_block(block_forward, block, tokens, packing)
         if not self.dtp.upsample:
             return unpack(tokens, packing)  # B x (1+S_max) x D and its validity mask, for forward_head
-        upsampled = gather_segments(tokens.index_select(0, packing.segment_rows), index, through_ids)  # B x N x D
+        upsampled = gather_segments(tokens.index_select(0, packing.segment_rows), index,
+                                    self.upsampling_weights(through_ids))  # B x N x D
         cls_out = tokens.index_select(0, packing.starts).unsqueeze(1)  # B x 1 x D
         full = torch.cat([cls_out, upsampled], dim=1) + x  # B x (1+N) x D, residual
         return self.run_blocks(post_blocks, full), None

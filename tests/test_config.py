@@ -26,9 +26,12 @@ def test_every_field_is_a_flag_with_its_default_and_meaning():
 
 def test_command_line_and_keyword_construction_agree():
     config = train.parse_args(["--train-data", "x.tar", "--model", "ViT-Ti-8-64", "--compression", "4",
-                               "--boundaries", "topk", "--upsample", "--lr", "1e-3"])
+                               "--boundaries", "topk", "--upsample", "--upsample-weights", "normalised",
+                               "--lr", "1e-3"])
     assert config == TrainConfig(train_data="x.tar", model="ViT-Ti-8-64", compression=4.0, boundaries="topk",
-                                 upsample=True, lr=1e-3)
+                                 upsample=True, upsample_weights="normalised", lr=1e-3)
+    dtp = get_tower(build_from_config(config)[0]).dtp
+    assert (dtp.boundaries, dtp.upsample, dtp.upsample_weights) == ("topk", True, "normalised")
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "ViT-Ti-8-64"])  # --train-data is required
 

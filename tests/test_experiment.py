@@ -168,6 +168,10 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     assert config.zeroshot_frequency == config.val_frequency == 1
     towers = experiment.load_grid("experiments/ti_towers.toml")  # every grid the README names loads
     assert towers.runs() == [("2x", 0), ("4x", 0), ("10x", 0)]
+    upsampling = experiment.load_grid("experiments/upsampling.toml")
+    config = experiment.parse_options(upsampling.options("normalised", 1), "normalised")
+    assert (config.model, config.upsample_weights, upsampling.reference) == (
+        "DTP-ViT-Ti-8-64-4x-up", "normalised", "straight-through")
 
 
 def test_t_interval():

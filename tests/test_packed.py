@@ -69,6 +69,43 @@ def test_packed_matches_padded(arch, upsample, one_thread):
             assert error < 1e-4, f"{pool}, {name}: relative gradient difference {error:.2e}"
 
 
+def test_normalised_upsampling_cuts_only_the_boundary_gradient_through_upsampling(one_thread):
+    """`upsample_weights="normalised"` (Nawrot): the same outputs and the same gradients for every layer after the
+    predictor, a different predictor gradient (the upsampling path is gone), and packed = padded as before; the
+    weights it upsamples with carry no gradient at all."""
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=2, upsample=True)
+    images = load_images(flickr_photos(6), preprocess).double()
+    model = model.double()
+    tower = get_tower(model)
+    results = {}
+    for weights, execution, boundaries in itertools.product(("straight-through", "normalised"),
+                                                            ("packed", "padded"), ("threshold", "topk")):
+        tower.dtp.upsample_weights, tower.dtp.execution, tower.dtp.boundaries = weights, execution, boundaries
+        results[weights, execution, boundaries] = forward_backward(model, images, training=True)
+    for execution, boundaries in itertools.product(("packed", "padded"), ("threshold", "topk")):
+        (through, through_grads, _), (normalised, normalised_grads, _) = (
+            results["straight-through", execution, boundaries], results["normalised", execution, boundaries])
+        torch.testing.assert_close(normalised, through, atol=1e-12, rtol=0)
+        post = [k for k in through_grads if k.startswith(("visual.trunk.blocks.4.", "visual.trunk.blocks.5."))]
+        assert post, "the -up tower has post-layers"
+        for name in post + ["visual.trunk.norm.weight"]:
+            torch.testing.assert_close(normalised_grads[name], through_grads[name], atol=1e-12, rtol=1e-9)
+        predictor = "visual.trunk.predictor.fc2.weight"
+        change = (normalised_grads[predictor] - through_grads[predictor]).norm() / through_grads[predictor].norm()
+        assert change > 1e-3, f"{execution}, {boundaries}: the predictor's gradient did not change ({change:.1e})"
+    for boundaries in ("threshold", "topk"):
+        packed_grads, padded_grads = (results["normalised", e, boundaries][1] for e in ("packed", "padded"))
+        for name, expected in padded_grads.items():
+            error = (packed_grads[name] - expected).norm() / expected.norm().clamp(min=1e-30)
+            assert error < 1e-4, f"normalised {boundaries}, {name}: relative gradient difference {error:.2e}"
+    through_ids = torch.ones(2, 3, requires_grad=True) * 1.0
+    assert not tower.upsampling_weights(through_ids).requires_grad
+    tower.dtp.upsample_weights = "straight-through"
+    assert tower.upsampling_weights(through_ids).requires_grad
+    with pytest.raises(ValueError, match="upsample_weights must be one of"):
+        dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=2, upsample=True, upsample_weights="mean")
+
+
 def test_packed_batch_invariance_with_very_different_counts(one_thread):
     """An image's embedding alone equals its embedding in a batch of 8 whose counts run from 1 to 64 segments."""
     model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, pool="avg")
