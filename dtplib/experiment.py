@@ -20,6 +20,7 @@ Grid file:
     model = "ViT-Ti-8-64"
     [arms.1x]                   # each arm's own flags, over the shared ones
     compression = 1
+    seeds = [0, 1, 2]           # optional: this arm's own seeds instead of the grid's
 
 Everything is checked before any training: unknown keys (one line naming the bad key), flag types and choices
 (TrainConfig's parser), then `dtplib.train.check_args` on every run in one child process (missing data, bad
@@ -27,7 +28,8 @@ model names), since no package module imports `dtplib.train`. A run folder train
 now gives (a grid edited between pieces) is refused.
 
 Outputs in `<out>`:
-- `runs.csv`: one row per run and epoch: arm, seed, epoch (0-based, as epochs.csv) and epochs_done, complete, every
+- `runs.csv`: one row per run and epoch: arm, seed, model (`dtplib.specs.trained_label`: what the run trained, in
+  the benchmark's spec labels), epoch (0-based, as epochs.csv) and epochs_done, complete, every
   column of the run's epochs.csv (its evaluations included), steps, samples_seen, train_time_s (cumulative sum of
   steps.csv's step times: data loading and evaluation excluded), gmacs_per_image (analytic image-tower forward
   MACs per image at the epoch's realised training compression, and with --force-patch-dropout its kept tokens),
@@ -67,6 +69,7 @@ from dtplib.clip import build_from_config, resolve_model
 from dtplib.config import TrainConfig
 from dtplib.flops import analytic_macs, image_tower, patch_count, text_macs, total
 from dtplib.shards import from_captions
+from dtplib.specs import trained_label
 from dtplib.stats import t_interval
 from dtplib.utils import (
     PATH_FLAGS,
@@ -90,7 +93,7 @@ TRAINING_COLUMNS = ("epoch", "first_epoch", "steps", "loss", "contrastive_loss",
                     "peak_memory_mb", "checkpoint")
 NOT_A_METRIC = re.compile(r"skipped|_images$|_texts$|_count$|_items$|(_ci)?_(low|high|lo|hi)$|_ci$")
 COST_COLUMNS = ("compression", "gmacs_per_image", "samples_seen", "train_time_s", "train_gmacs")
-DRIVER_COLUMNS = ("arm", "seed", "epoch", "epochs_done", "complete", "steps", "samples_seen", "train_time_s",
+DRIVER_COLUMNS = ("arm", "seed", "model", "epoch", "epochs_done", "complete", "steps", "samples_seen", "train_time_s",
                   "gmacs_per_image", "text_gmacs", "train_gmacs", "train_image_gmacs", "commit", "hardware", "torch",
                   "dtype", "batch_size", "flags", "run")
 FIGURE_DEFAULTS = ("zeroshot_top1", "text_to_image_R@10", "image_to_text_R@10", "imagenet_top1")
@@ -128,14 +131,19 @@ class Grid:
     metrics: list[str] | None = None
     figure_metrics: list[str] | None = None
     description: str = ""
+    arm_seeds: dict[str, list[int]] | None = None  # arms with their own `seeds = [...]` (the others: `seeds`)
 
     def options(self, arm: str, seed: int) -> dict:
         """The run's TrainConfig fields as the grid gives them (paths as written), seed included."""
         return {**self.shared, **self.arms[arm], "seed": seed}
 
+    def seeds_of(self, arm: str) -> list[int]:
+        return (self.arm_seeds or {}).get(arm, self.seeds)
+
     def runs(self, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[tuple[str, int]]:
-        return [(arm, seed) for seed in self.seeds if seeds is None or seed in seeds
-                for arm in self.arms if arms is None or arm in arms]
+        every_seed = list(dict.fromkeys([*self.seeds, *(s for arm in self.arms for s in self.seeds_of(arm))]))
+        return [(arm, seed) for seed in every_seed if seeds is None or seed in seeds
+                for arm in self.arms if (arms is None or arm in arms) and seed in self.seeds_of(arm)]
 
 
 def shown_path(path: Path) -> str:
@@ -182,6 +190,13 @@ def check_flags(where: str, options: dict) -> None:
             raise ValueError(f"{where}: {key} must be a single value, got {value!r}")
 
 
+def check_seeds(where: str, seeds) -> list[int]:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ValueError(f"{where} must be a list of distinct integers, got {seeds!r}")
+    return seeds
+
+
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file: structure and flag names, without touching data or models."""
     path = repo_path(path)
@@ -190,16 +205,17 @@ def load_grid(path: str | Path) -> Grid:
     if unknown:
         raise ValueError(f"{path}: unknown key {unknown[0]!r}{_close(unknown[0], TOP_LEVEL)}; a grid has "
                          f"{', '.join(TOP_LEVEL)} (flags go in [shared] or [arms.NAME])")
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                           for s in seeds) or len(set(seeds)) < len(seeds):
-        raise ValueError(f"{path}: seeds must be a list of distinct integers, got {seeds!r}")
+    seeds = check_seeds(f"{path}: seeds", raw.get("seeds", [0]))
     arms = raw.get("arms")
     if not isinstance(arms, dict) or not arms:
         raise ValueError(f"{path}: no arms: add [arms.NAME] tables (an empty table runs the shared flags alone)")
+    arm_seeds = {}
     for arm in arms:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", arm):
             raise ValueError(f"{path}: arm name {arm!r}: use letters, digits and _ . + - (it names a run folder)")
+        if isinstance(arms[arm], dict) and "seeds" in arms[arm]:
+            arms[arm] = dict(arms[arm])
+            arm_seeds[arm] = check_seeds(f"{path}: [arms.{arm}] seeds", arms[arm].pop("seeds"))
     shared = raw.get("shared", {})
     check_flags(f"{path.name} [shared]", shared)
     for arm, options in arms.items():
@@ -225,7 +241,8 @@ def load_grid(path: str | Path) -> Grid:
         if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
             raise ValueError(f"{path}: {key} must be a list of column names, got {value!r}")
         lists[key] = value
-    grid = Grid(path, seeds, shared, arms, reference, data, **lists, description=str(raw.get("description", "")))
+    grid = Grid(path, seeds, shared, arms, reference, data, **lists, description=str(raw.get("description", "")),
+                arm_seeds=arm_seeds or None)
     for arm in arms:  # types and choices, by the training command's own parser
         parse_options(grid.options(arm, seeds[0]), f"{path.name} [arms.{arm}]")
     return grid
@@ -416,7 +433,7 @@ def run_rows(grid: Grid, arm: str, seed: int, run_dir: Path, costs: dict) -> lis
         gmacs += (per_image + text / 1e9) * samples
         image_gmacs += per_image * samples
         metrics = {k: v for k, v in record.items() if k not in ("epoch", "first_epoch", "steps", "checkpoint")}
-        rows.append({"arm": arm, "seed": seed, "epoch": epoch, "epochs_done": epoch + 1,
+        rows.append({"arm": arm, "seed": seed, "model": trained_label(config), "epoch": epoch, "epochs_done": epoch + 1,
                      "complete": len(epochs) >= config.epochs, **metrics, "steps": int(record["steps"]),
                      "samples_seen": seen, "train_time_s": train_time, "gmacs_per_image": per_image,
                      "text_gmacs": text / 1e9, "train_gmacs": gmacs, "train_image_gmacs": image_gmacs,
@@ -450,12 +467,6 @@ def metric_columns(runs: pd.DataFrame, chosen: Sequence[str] | None = None) -> l
     return found + [c for c in COST_COLUMNS if c in runs]
 
 
-def last_epochs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The last row of each complete run."""
-    complete = runs[runs["complete"].astype(bool)]
-    return complete.sort_values("epoch").groupby(["arm", "seed"], sort=False).tail(1)
-
-
 def _cell(mean: float, low: float, high: float, marked: bool = False) -> str:
     if not np.isfinite(mean):
         return "–"
@@ -467,7 +478,7 @@ def _cell(mean: float, low: float, high: float, marked: bool = False) -> str:
 
 def status_lines(grid: Grid, runs: pd.DataFrame, out: Path) -> list[str]:
     wanted = [run_label(a, s) for a, s in grid.runs()]
-    done = set() if runs.empty else {run_label(a, s) for a, s in last_epochs(runs)[["arm", "seed"]].itertuples(
+    done = set() if runs.empty else {run_label(a, s) for a, s in plots.last_epochs(runs)[["arm", "seed"]].itertuples(
         index=False)}
     counts = {label: epochs_done(out / "runs" / label) for label in wanted if label not in done}
     partial = [f"{label} ({count} epochs)" for label, count in counts.items() if count]
@@ -489,12 +500,14 @@ def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str) ->
               f"`{' '.join(flags(**grid.shared))}`. Generated by `{command}` at commit {info['commit']} "
               f"(torch {info['torch']}); every run's own commit and hardware are in runs.csv.", ""]
     lines += ["| arm | flags |", "| --- | --- |"]
-    lines += [f"| {arm} | `{' '.join(flags(**options)) or '(shared flags)'}` |" for arm, options in grid.arms.items()]
+    lines += [f"| {arm} | `{' '.join(flags(**options)) or '(shared flags)'}`"
+              f"{f' (seeds {grid.seeds_of(arm)})' if grid.seeds_of(arm) != grid.seeds else ''} |"
+              for arm, options in grid.arms.items()]
     lines += ["", *status_lines(grid, runs, out), ""]
     if runs.empty:
         return "\n".join(lines + ["No epoch finished yet."]) + "\n"
     metrics = metric_columns(runs, grid.metrics)
-    last = last_epochs(runs)
+    last = plots.last_epochs(runs)
     if last.empty:
         return "\n".join(lines + ["No run is complete yet."]) + "\n"
     arms = [arm for arm in grid.arms if arm in set(last["arm"])]
@@ -583,8 +596,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if arm not in grid.arms:
             raise ValueError(f"--arms: {arm!r} is not an arm of {grid.path.name} ({', '.join(grid.arms)})")
     for seed in args.seeds or []:
-        if seed not in grid.seeds:
-            raise ValueError(f"--seeds: {seed} is not a seed of {grid.path.name} ({grid.seeds})")
+        if not any(seed == s for _, s in grid.runs()):
+            raise ValueError(f"--seeds: {seed} is not a seed of {grid.path.name} "
+                             f"({sorted({s for _, s in grid.runs()})})")
     if args.max_runs is not None and args.max_runs < 0:
         raise ValueError(f"--max-runs must be >= 0, got {args.max_runs}")
     out = repo_path(args.out)

@@ -47,7 +47,7 @@ from dtplib.model import (
     realised_compression,
     trace,
 )
-from dtplib.specs import parse_spec
+from dtplib.specs import Spec, parse_spec
 from dtplib.utils import atomic_write_bytes
 
 # Segment tints: saturated and far apart, none of them white or yellow (the edge and wrap colours). Every one has a
@@ -465,19 +465,37 @@ def efficiency_csvs(folders: list[str | Path]) -> list[Path]:
     return [p for folder in folders for p in sorted(Path(folder).glob("efficiency_*.csv"))]
 
 
-def efficiency_table(folders: list[str | Path], accuracy_csv: str | Path = "results/small_run.csv") -> pd.DataFrame:
+def last_epochs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The last row of each complete run of an experiment's runs.csv."""
+    complete = runs[runs["complete"].astype(bool)]
+    return complete.sort_values("epoch").groupby(["arm", "seed"], sort=False).tail(1)
+
+
+def trained_accuracy(runs_csv: str | Path) -> pd.DataFrame:
+    """Mean zero-shot top-1/top-5 of the complete runs of an experiment's runs.csv, by what they trained (the
+    `model` column, `dtplib.specs.trained_label`); empty when the file or its zero-shot columns are missing."""
+    runs_csv = Path(runs_csv)
+    columns = ["zeroshot_top1", "zeroshot_top5"]
+    if not runs_csv.is_file():
+        return pd.DataFrame(columns=columns)
+    runs = pd.read_csv(runs_csv)
+    if not {"model", *columns} <= set(runs.columns):
+        return pd.DataFrame(columns=columns)
+    return last_epochs(runs).groupby("model")[columns].mean()
+
+
+def efficiency_table(folders: list[str | Path],
+                     accuracy_runs: str | Path = "results/smallrun/runs.csv") -> pd.DataFrame:
     """The seed's table: model, image-tower GMACs and GFLOPs (at the benchmark's realised compression), resolution,
-    patch, zero-shot top-1/top-5 (from training runs when present), peak memory and step time (clip step), from
-    every efficiency_*.csv that `python -m dtplib.bench` wrote into the folders."""
+    patch, zero-shot top-1/top-5 (mean over the complete runs of an experiment that trained that tower, from its
+    runs.csv), peak memory and step time (clip step), from every efficiency_*.csv that `python -m dtplib.bench`
+    wrote into the folders."""
     frames = [pd.read_csv(p).assign(source=p.name) for p in efficiency_csvs(folders)]
     if not frames:
         raise FileNotFoundError(f"no efficiency_*.csv in {folders}: run python -m dtplib.bench first")
     bench_rows = pd.concat(frames)
     bench_rows = bench_rows[bench_rows["mode"] == "clip"]
-    accuracy = pd.DataFrame()
-    accuracy_csv = Path(accuracy_csv)
-    if accuracy_csv.is_file():
-        accuracy = pd.read_csv(accuracy_csv).groupby("model")[["zeroshot_top1", "zeroshot_top5"]].mean()
+    accuracy = trained_accuracy(accuracy_runs)
     rows, models = [], {}
     for _, r in bench_rows.iterrows():
         spec = parse_spec(r["model"])
@@ -491,7 +509,8 @@ def efficiency_table(folders: list[str | Path], accuracy_csv: str | Path = "resu
             macs = float(total(analytic_macs(model, patch_count(image_tower(model)) / r["realised_compression"])))
         else:
             macs = float(total(analytic_macs(model, patch_dropout=dropout)))
-        top = accuracy.loc[name] if name in accuracy.index and not dropout else None
+        trained = Spec(name, dropout, "", spec.boundaries).label  # the execution does not change what is learned
+        top = accuracy.loc[trained] if trained in accuracy.index else None
         rows.append({"model": r["model"], "execution": r.get("execution", ""), "image GMACs": macs / 1e9,
                      "image GFLOPs": 2 * macs / 1e9,
                      "resolution": size, "patch": patch, "compression": r["realised_compression"],

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import open_clip
 
-from .clip import parse_dtp_name
+from .clip import open_clip_name, parse_dtp_name
+from .config import TrainConfig
 from .model import EXECUTIONS
 
 BOUNDARY_MODIFIERS = ("uniform", "topk")
@@ -65,3 +66,21 @@ def parse_spec(text: str, execution: str = "packed") -> Spec:
             raise ValueError(f"model spec {text!r}: expected NAME[+pdRATE][+padded][+uniform|+topk] "
                              f"(e.g. ViT-B-32+pd0.5, DTP-ViT-B-32-4x+padded), not +{modifier}")
     return Spec(name, rate, execution if pools else "", boundaries)
+
+
+def trained_label(config: TrainConfig) -> str:
+    """What a `dtplib.train` run trained, as a spec label without the execution (which does not change what is
+    learned): `DTP-ViT-Ti-8-64-4x`, `DTP-ViT-Ti-8-64-4x+uniform`, `DTP-ViT-Ti-8-64-1x+pd0.5`. Settings the spec
+    grammar has no modifier for are appended as `+hilbert`, `+image-prior` and `+normalised-up`, so a run matches
+    a benchmark row only when it trained the tower that row times."""
+    name = open_clip_name(config.model, config.target_compression, config.upsample)
+    parsed = parse_dtp_name(name)
+    pools = parsed is not None and parsed[1] > 1
+    boundaries = ""
+    if pools:
+        boundaries = "uniform" if config.forced_boundaries else "topk" if config.boundaries == "topk" else "learned"
+    label = Spec(name, config.force_patch_dropout or None, "", boundaries).label
+    extras = ["hilbert"] if pools and config.patch_order == "hilbert" else []
+    extras += ["image-prior"] if pools and not config.forced_boundaries and config.prior_scope == "image" else []
+    extras += ["normalised-up"] if pools and config.upsample and config.upsample_weights == "normalised" else []
+    return "+".join([label, *extras])

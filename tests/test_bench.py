@@ -83,3 +83,50 @@ def test_bad_flags_fail_before_any_model_is_built(capsys):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_trained_runs_give_the_accuracy_of_the_rows_that_time_their_tower(tmp_path):
+    """`dtplib.specs.trained_label` names what a run trained in the benchmark's spec labels; the efficiency table
+    takes zero-shot accuracy from an experiment's complete runs of that tower only (any execution)."""
+    from dtplib import plots
+    from dtplib.config import TrainConfig
+    from dtplib.specs import trained_label
+
+    ti = {"model": "ViT-Ti-8-64", "train_data": "x"}
+    labels = {"DTP-ViT-Ti-8-64-1x": TrainConfig(**ti, compression=1),
+              "DTP-ViT-Ti-8-64-4x": TrainConfig(**ti, compression=4, execution="padded"),
+              "DTP-ViT-Ti-8-64-4x+uniform": TrainConfig(**ti, forced_boundaries=4),
+              "DTP-ViT-Ti-8-64-4x+uniform+hilbert": TrainConfig(**ti, forced_boundaries=4, patch_order="hilbert"),
+              "DTP-ViT-Ti-8-64-4x+topk": TrainConfig(**ti, compression=4, boundaries="topk"),
+              "DTP-ViT-Ti-8-64-4x+image-prior": TrainConfig(**ti, compression=4, prior_scope="image"),
+              "DTP-ViT-Ti-8-64-4x-up+normalised-up": TrainConfig(**ti, compression=4, upsample=True,
+                                                                 upsample_weights="normalised"),
+              "DTP-ViT-Ti-8-64-1x+pd0.5": TrainConfig(**ti, compression=1, force_patch_dropout=0.5),
+              "ViT-Ti-8-64": TrainConfig(**ti)}
+    assert {trained_label(config): label for label, config in labels.items()} == {l: l for l in labels}
+
+    runs = pd.DataFrame([  # two complete seeds of 4x, an unfinished one, a uniform run, a Hilbert run
+        {"arm": "4x", "seed": 0, "model": "DTP-ViT-Ti-8-64-4x", "epoch": 0, "complete": True,
+         "zeroshot_top1": 0.9, "zeroshot_top5": 0.9},
+        {"arm": "4x", "seed": 0, "model": "DTP-ViT-Ti-8-64-4x", "epoch": 1, "complete": True,
+         "zeroshot_top1": 0.2, "zeroshot_top5": 0.6},
+        {"arm": "4x", "seed": 1, "model": "DTP-ViT-Ti-8-64-4x", "epoch": 1, "complete": True,
+         "zeroshot_top1": 0.3, "zeroshot_top5": 0.7},
+        {"arm": "4x", "seed": 2, "model": "DTP-ViT-Ti-8-64-4x", "epoch": 0, "complete": False,
+         "zeroshot_top1": 0.99, "zeroshot_top5": 0.99},
+        {"arm": "u", "seed": 0, "model": "DTP-ViT-Ti-8-64-4x+uniform", "epoch": 1, "complete": True,
+         "zeroshot_top1": 0.15, "zeroshot_top5": 0.55},
+        {"arm": "h", "seed": 0, "model": "DTP-ViT-Ti-8-64-4x+uniform+hilbert", "epoch": 1, "complete": True,
+         "zeroshot_top1": 0.5, "zeroshot_top5": 0.5}])
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    bench_row = {"mode": "clip", "execution": "packed", "realised_compression": 4.0, "peak_memory_mb": 1.0,
+                 "median_s": 1.0, "speedup": 1.0, "analytic_bound": 1.0, "hardware": "cpu", "batch_size": 8,
+                 "dtype": "fp32"}
+    pd.DataFrame([{**bench_row, "model": m} for m in ("DTP-ViT-Ti-8-64-4x", "DTP-ViT-Ti-8-64-4x+padded",
+                                                      "DTP-ViT-Ti-8-64-4x+uniform", "DTP-ViT-Ti-8-64-4x+topk")]
+                 ).to_csv(tmp_path / "efficiency_test.csv", index=False)
+    table = plots.efficiency_table([tmp_path], accuracy_runs=tmp_path / "runs.csv").set_index("model")
+    assert table.loc["DTP-ViT-Ti-8-64-4x", "zero-shot top-1"] == pytest.approx(0.25)  # last epochs, complete runs
+    assert table.loc["DTP-ViT-Ti-8-64-4x+padded", "zero-shot top-5"] == pytest.approx(0.65)
+    assert table.loc["DTP-ViT-Ti-8-64-4x+uniform", "zero-shot top-1"] == pytest.approx(0.15)  # not the Hilbert run
+    assert pd.isna(table.loc["DTP-ViT-Ti-8-64-4x+topk", "zero-shot top-1"])  # never trained

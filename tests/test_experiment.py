@@ -68,6 +68,7 @@ def test_a_grid_trains_every_run_and_reports(finished):
     assert len(runs) == 4 and set(zip(runs["arm"], runs["seed"], strict=True)) == {
         ("1x", 0), ("4x", 0), ("1x", 1), ("4x", 1)}
     assert runs["complete"].all() and (runs["epochs_done"] == 1).all()
+    assert dict(zip(runs["arm"], runs["model"], strict=True)) == {"1x": "DTP-ViT-Ti-8-64-1x", "4x": "DTP-ViT-Ti-8-64-4x"}
     assert (runs["samples_seen"] == 48).all()  # 3 steps of 16
     assert (runs["train_time_s"] > 0).all() and runs["text_to_image_R@10"].between(0, 1).all()
     assert runs["commit"].notna().all() and runs["hardware"].notna().all()
@@ -137,6 +138,7 @@ def test_a_run_folder_with_other_flags_is_refused(finished, tmp_path):
     (('model = "ViT-Ti-8-64"', 'model = "ViT-Nope"'), "got 'ViT-Nope'"),
     (('reference = "1x"', 'reference = "2x"'), "reference '2x' is not an arm"),
     (("seeds = [0, 1]", "seeds = [0, 0]"), "distinct integers"),
+    (("compression = 4", "compression = 4\nseeds = []"), r"\[arms.4x\] seeds must be a list"),
     (("[shared]", "epoch = 3\n[shared]"), "unknown key 'epoch'"),
 ])
 def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
@@ -168,6 +170,16 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     assert config.zeroshot_frequency == config.val_frequency == 1
     towers = experiment.load_grid("experiments/ti_towers.toml")  # every grid the README names loads
     assert towers.runs() == [("2x", 0), ("4x", 0), ("10x", 0)]
+    arm_seeds = experiment.load_grid(write_grid(tmp_path, GRID.replace("compression = 4", "compression = 4\nseeds = [2, 0]")))
+    assert arm_seeds.runs() == [("1x", 0), ("4x", 0), ("1x", 1), ("4x", 2)]  # an arm's own seeds
+    assert arm_seeds.runs(seeds=[2]) == [("4x", 2)] and "seeds" not in arm_seeds.arms["4x"]
+    comparison = experiment.load_grid("experiments/flickr8k_ti.toml")
+    runs = comparison.runs()
+    assert len(runs) == 27 and runs.count(("1x", 2)) == 1 and ("flip-75", 2) not in runs
+    config = experiment.parse_options(comparison.options("pool-2x2", 2), "pool-2x2")
+    assert (config.forced_boundaries, config.patch_order, config.execution) == (4, "hilbert", "packed")
+    pilot = experiment.load_grid("experiments/flickr8k_pilot.toml")
+    assert pilot.runs() == [("lr5e-4", 0), ("lr1e-3", 0)]
     upsampling = experiment.load_grid("experiments/upsampling.toml")
     config = experiment.parse_options(upsampling.options("normalised", 1), "normalised")
     assert (config.model, config.upsample_weights, upsampling.reference) == (
