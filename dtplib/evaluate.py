@@ -851,10 +851,8 @@ def write_output(path: str | Path, record: dict, rows: list[dict]) -> None:
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Command line: load a model (or two, with --compare), run the evaluations asked for, print a table, optionally
-    write the results (JSON, or CSV for a path ending in .csv). Returns the metrics, or with --compare
-    {"a": metrics, "b": metrics, "differences": compare_items rows}."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (the experiment driver checks its [final] flags with it)."""
     parser = argparse.ArgumentParser(prog="python -m dtplib.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="open_clip name, e.g. DTP-ViT-B-32-4x or ViT-B-32; default with --checkpoint: "
                         "the model the checkpoint was trained as")
@@ -885,6 +883,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="the probe split and the bootstrap resamples")
     parser.add_argument("--output", help="write the metrics and provenance to this file: JSON, or CSV if it ends "
                         "in .csv (one row, or one row per metric with --compare)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command line: load a model (or two, with --compare), run the evaluations asked for, print a table, optionally
+    write the results (JSON, or CSV for a path ending in .csv). Returns the metrics, or with --compare
+    {"a": metrics, "b": metrics, "differences": compare_items rows}."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if all(getattr(args, a) is None for a in ("zeroshot_data", "imagenet_val", "val_data", "probe_data")):
         parser.error("give at least one of --zeroshot-data, --imagenet-val, --val-data, --probe-data")

@@ -18,6 +18,9 @@ Grid file:
     out = "logs/data/flickr8k-64"
     [shared]                    # flags of every run: the fields of dtplib.config.TrainConfig (--lr -> lr)
     model = "ViT-Ti-8-64"
+    [final]                     # optional: `dtplib.evaluate` flags for each complete run's last checkpoint,
+    val_data = "logs/data/flickr8k-64/test"  # run once per run (its final.json), e.g. on the test split
+    bootstrap = 1000
     [arms.1x]                   # each arm's own flags, over the shared ones
     compression = 1
     seeds = [0, 1, 2]           # optional: this arm's own seeds instead of the grid's
@@ -36,6 +39,8 @@ Outputs in `<out>`:
   text_gmacs, train_gmacs (cumulative forward MACs of both towers over the samples seen; a backward pass costs about
   twice a forward, not counted), train_image_gmacs (the image tower's share), the run's provenance from its
   params.json (commit, hardware, torch, dtype, batch_size) and the arm's flags.
+  With a [final] table, the last epoch's row also has `final_<metric>` columns from the run's final.json (with
+  --bootstrap their per-run intervals, `final_<metric>_ci_low/_ci_high`).
 - `summary.md`: per arm the last epoch's metrics of the complete runs, mean and 95% Student-t interval over seeds
   (mean +- t(0.975, n-1) sd / sqrt(n): with 2 seeds t = 12.7, wide as it should be), paired differences against
   the reference arm (same seed), and which runs are complete, partial or missing.
@@ -64,7 +69,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dtplib import plots
+from dtplib import evaluate, plots
 from dtplib.clip import build_from_config, resolve_model
 from dtplib.config import TrainConfig
 from dtplib.flops import analytic_macs, image_tower, patch_count, text_macs, total
@@ -83,7 +88,10 @@ from dtplib.utils import (
     stop_process,
 )
 
-TOP_LEVEL = ("reference", "seeds", "shared", "arms", "data", "metrics", "figure_metrics", "description")
+TOP_LEVEL = ("reference", "seeds", "shared", "arms", "data", "final", "metrics", "figure_metrics", "description")
+FINAL_FILE = "final.json"  # a run folder's [final] evaluation (dtplib.evaluate --output)
+FINAL_SET_BY_DRIVER = ("checkpoint", "compare", "model", "pretrained", "output")
+FINAL_PATH_FLAGS = ("val_data", "zeroshot_data", "imagenet_val", "probe_data")
 DRIVER_FLAGS = ("logs", "name", "resume", "seed")  # set by the driver for each run
 RUNTIME_FLAGS = ("workers", "threads", "device", "dist_backend", "report_to", "log_every_n_steps",
                  *PATH_FLAGS)  # may change between the pieces of a grid without changing what a run trains
@@ -131,6 +139,7 @@ class Grid:
     metrics: list[str] | None = None
     figure_metrics: list[str] | None = None
     description: str = ""
+    final: dict | None = None  # dtplib.evaluate flags for each complete run's last checkpoint
     arm_seeds: dict[str, list[int]] | None = None  # arms with their own `seeds = [...]` (the others: `seeds`)
 
     def options(self, arm: str, seed: int) -> dict:
@@ -241,11 +250,51 @@ def load_grid(path: str | Path) -> Grid:
         if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
             raise ValueError(f"{path}: {key} must be a list of column names, got {value!r}")
         lists[key] = value
+    final = check_final(path.name, raw["final"]) if "final" in raw else None
     grid = Grid(path, seeds, shared, arms, reference, data, **lists, description=str(raw.get("description", "")),
-                arm_seeds=arm_seeds or None)
+                final=final, arm_seeds=arm_seeds or None)
     for arm in arms:  # types and choices, by the training command's own parser
         parse_options(grid.options(arm, seeds[0]), f"{path.name} [arms.{arm}]")
     return grid
+
+
+def check_final(where: str, final) -> dict:
+    """A [final] table: `python -m dtplib.evaluate` flags (field names, as in [shared]) with at least one data flag,
+    checked by that command's own parser; the checkpoint and output are the driver's."""
+    if not isinstance(final, dict) or not any(key in final for key in FINAL_PATH_FLAGS):
+        raise ValueError(f"{where}: [final] must be a table of dtplib.evaluate flags with at least one of "
+                         f"{', '.join(FINAL_PATH_FLAGS)}, got {final!r}")
+    parser = evaluate.build_parser()
+    known = list(vars(parser.parse_args(["--checkpoint", "-"])))
+    for key, value in final.items():
+        if key not in known:
+            raise ValueError(f"{where}: [final] unknown flag {key!r}: not a dtplib.evaluate flag"
+                             f"{_close(key.replace('-', '_'), known)}")
+        if key in FINAL_SET_BY_DRIVER:
+            raise ValueError(f"{where}: [final] {key!r} is set by the driver (each run's last checkpoint)")
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{where}: [final] {key} must be a single value, got {value!r}")
+
+    def error(message: str):
+        raise ValueError(f"{where}: [final]: {message}")
+
+    parser.error = error
+    parser.parse_args(final_argv(final, "checkpoint.pt", "final.json"))
+    return final
+
+
+def final_argv(final: dict, checkpoint: str | Path, output: str | Path) -> list[str]:
+    """The `dtplib.evaluate` command line of a [final] table, paths as `resolved` gives them."""
+    paths = {k: str(data_path(v)) if k in FINAL_PATH_FLAGS and isinstance(v, str) else v for k, v in final.items()}
+    return flags(**paths, checkpoint=str(checkpoint), output=str(output))
+
+
+def check_final_data(grid: Grid) -> None:
+    """The [final] data exists (and class folders are not empty) before anything trains."""
+    if grid.final:
+        paths = {k: str(data_path(v)) for k, v in grid.final.items() if k in FINAL_PATH_FLAGS}
+        evaluate.check_data(paths.get("zeroshot_data"), paths.get("imagenet_val"), paths.get("val_data"),
+                            bool(grid.final.get("zeroshot_skip_empty")), paths.get("probe_data"))
 
 
 def resolved(options: dict) -> dict:
@@ -332,10 +381,10 @@ def check_same_run(grid: Grid, arm: str, seed: int, run_dir: Path) -> None:
                          f"{wanted[key]!r}: use another --out, or delete that run folder to retrain it")
 
 
-def train_run(argv: list[str], label: str) -> None:
-    """`python -m dtplib.train` in a child process; its output passes through, and an error ends the grid with the
-    child's last line."""
-    child = subprocess.Popen([sys.executable, "-m", "dtplib.train", *argv], cwd=REPO_ROOT, stderr=subprocess.PIPE)
+def run_child(module: str, argv: list[str], label: str) -> None:
+    """`python -m <module>` (dtplib.train, dtplib.evaluate) in a child process; its output passes through, and an
+    error ends the grid with the child's last line."""
+    child = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO_ROOT, stderr=subprocess.PIPE)
     tail: deque[bytes] = deque(maxlen=64)
     try:
         while chunk := os.read(child.stderr.fileno(), 4096):
@@ -352,16 +401,17 @@ def train_run(argv: list[str], label: str) -> None:
         lines = [line.strip() for line in b"".join(tail).decode(errors="replace").replace("\r", "\n").splitlines()
                  if line.strip()]
         errors = [line for line in lines if "error:" in line]
-        raise RunFailed(f"run {label}: dtplib.train exited with status {code}: "
+        raise RunFailed(f"run {label}: {module} exited with status {code}: "
                         f"{(errors or lines or ['no output'])[-1]}")
 
 
 def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-             max_runs: int | None = None) -> list[str]:
-    """Train the selected runs that are not finished (at most `max_runs` of them); returns their labels."""
+             max_runs: int | None = None) -> tuple[list[str], list[str]]:
+    """Train the selected runs that are not finished (at most `max_runs` of them), then give every finished one
+    without its final.json the [final] evaluation; returns the labels trained and evaluated."""
     runs_dir = out / "runs"
     selected = grid.runs(arms, seeds)
-    epochs = {arm: parse_options(grid.options(arm, grid.seeds[0]), arm).epochs for arm in grid.arms}
+    epochs = {arm: parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm).epochs for arm in grid.arms}
     todo = []
     for arm, seed in selected:
         run_dir = runs_dir / run_label(arm, seed)
@@ -370,22 +420,30 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
             todo.append((arm, seed))
     if max_runs is not None:
         todo = todo[:max_runs]
-    if not todo:
-        return []
-    prepare_data(grid)
-    check_runs(grid, todo, runs_dir)
-    atomic_write_text(out / ".gitignore", "runs/*/checkpoints/\nruns/*/tensorboard/\n")
     trained = []
+    if todo:
+        prepare_data(grid)
+        check_runs(grid, todo, runs_dir)
+        atomic_write_text(out / ".gitignore", "runs/*/checkpoints/\nruns/*/tensorboard/\n")
     for index, (arm, seed) in enumerate(todo):
         label = run_label(arm, seed)
         print(f"[{index + 1}/{len(todo)}] training {label}", flush=True)
-        train_run(run_argv(grid, arm, seed, runs_dir), label)
+        run_child("dtplib.train", run_argv(grid, arm, seed, runs_dir), label)
         done = epochs_done(runs_dir / label)
         if done < epochs[arm]:
             raise RunFailed(f"run {label} ended with {done} of {epochs[arm]} epochs in its epochs.csv (its flags "
                             "stop it early, e.g. --max-steps?)")
         trained.append(label)
-    return trained
+    evaluated = []
+    for arm, seed in selected if grid.final else []:
+        label = run_label(arm, seed)
+        run_dir = runs_dir / label
+        if epochs_done(run_dir) >= epochs[arm] and not (run_dir / FINAL_FILE).is_file():
+            print(f"final evaluation of {label}", flush=True)
+            run_child("dtplib.evaluate", final_argv(grid.final, run_dir / "checkpoints" / "epoch_latest.pt",
+                                                    run_dir / FINAL_FILE), label)
+            evaluated.append(label)
+    return trained, evaluated
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,6 +478,7 @@ def run_rows(grid: Grid, arm: str, seed: int, run_dir: Path, costs: dict) -> lis
     per_step = config.batch_size * int(params.get("world_size", 1))
     provenance = {k: params.get(k) for k in ("commit", "hardware", "torch", "dtype", "batch_size")}
     arm_flags = " ".join(flags(**grid.arms[arm])) or "(shared flags)"
+    final = final_metrics(run_dir) if len(epochs) >= config.epochs else {}
     rows, seen, gmacs, image_gmacs = [], 0, 0.0, 0.0
     for record in epochs.to_dict("records"):
         epoch = int(record["epoch"])
@@ -438,7 +497,18 @@ def run_rows(grid: Grid, arm: str, seed: int, run_dir: Path, costs: dict) -> lis
                      "samples_seen": seen, "train_time_s": train_time, "gmacs_per_image": per_image,
                      "text_gmacs": text / 1e9, "train_gmacs": gmacs, "train_image_gmacs": image_gmacs,
                      **provenance, "flags": arm_flags, "run": shown_path(run_dir)})
+    if final:
+        rows[-1].update(final)  # the last epoch's checkpoint is the one [final] evaluated
     return rows
+
+
+def final_metrics(run_dir: Path) -> dict:
+    """A run's final.json metrics as `final_<metric>` (numbers only); empty when there is none."""
+    path = run_dir / FINAL_FILE
+    if not path.is_file():
+        return {}
+    metrics = json.loads(path.read_text()).get("metrics", {})
+    return {f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def collect(grid: Grid, out: Path) -> pd.DataFrame:
@@ -602,10 +672,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.max_runs is not None and args.max_runs < 0:
         raise ValueError(f"--max-runs must be >= 0, got {args.max_runs}")
     out = repo_path(args.out)
-    trained = [] if args.report_only else run_grid(grid, out, args.arms, args.seeds, args.max_runs)
+    trained, evaluated = [], []
+    if not args.report_only:
+        check_final_data(grid)
+        trained, evaluated = run_grid(grid, out, args.arms, args.seeds, args.max_runs)
     runs = write_report(grid, out, f"python -m dtplib.experiment --grid {shown_path(grid.path)} --out {args.out}")
-    print(f"trained {len(trained)} runs this call; {out / 'runs.csv'}, {out / 'summary.md'}")
-    return {"trained": trained, "runs": runs, "out": out}
+    print(f"trained {len(trained)} runs and evaluated {len(evaluated)} this call; {out / 'runs.csv'}, "
+          f"{out / 'summary.md'}")
+    return {"trained": trained, "evaluated": evaluated, "runs": runs, "out": out}
 
 
 if __name__ == "__main__":

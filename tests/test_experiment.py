@@ -35,6 +35,10 @@ workers = 0
 threads = 1
 report_to = "none"
 
+[final]
+val_data = "{SAMPLE / 'test'}"
+bootstrap = 20
+
 [arms.1x]
 compression = 1
 
@@ -63,8 +67,17 @@ def finished(tmp_path_factory):
 
 def test_a_grid_trains_every_run_and_reports(finished):
     grid, out, result = finished
-    assert result["trained"] == ["1x-seed0", "4x-seed0", "1x-seed1", "4x-seed1"]
+    assert result["trained"] == result["evaluated"] == ["1x-seed0", "4x-seed0", "1x-seed1", "4x-seed1"]
     runs = pd.read_csv(out / "runs.csv")
+    final = json.loads((out / "runs" / "4x-seed1" / "final.json").read_text())
+    assert final["checkpoint"].endswith("4x-seed1/checkpoints/epoch_latest.pt") and final["val_data"].endswith("test")
+    assert final["bootstrap"] == 20 and final["metrics"]["retrieval_images"] > 0
+    for name in ("text_to_image_R@10", "val_loss"):  # the [final] metrics, with their per-run intervals
+        assert (runs[f"final_{name}_ci_low"] <= runs[f"final_{name}"]).all()
+        assert (runs[f"final_{name}"] <= runs[f"final_{name}_ci_high"]).all()
+    assert runs.loc[runs["arm"] == "4x", "final_val_loss"].tolist() == pytest.approx([
+        json.loads((out / "runs" / f"4x-seed{seed}" / "final.json").read_text())["metrics"]["val_loss"]
+        for seed in (0, 1)], rel=1e-12)
     assert len(runs) == 4 and set(zip(runs["arm"], runs["seed"], strict=True)) == {
         ("1x", 0), ("4x", 0), ("1x", 1), ("4x", 1)}
     assert runs["complete"].all() and (runs["epochs_done"] == 1).all()
@@ -79,6 +92,7 @@ def test_a_grid_trains_every_run_and_reports(finished):
     summary = (out / "summary.md").read_text()
     assert "Runs complete: 4 of 4." in summary and "Paired differences against 1x" in summary
     assert "4x − 1x (pairs=2)" in summary and "| text_to_image_R@10 |" in summary
+    assert "| final_text_to_image_R@10 |" in summary and "final_text_to_image_R@10_ci" not in summary
     assert (out / "curves_text_to_image_R_at_10.png").stat().st_size > 0
     assert (out / "runs" / "4x-seed1" / "epochs.csv").is_file()
     assert "checkpoints" in (out / ".gitignore").read_text()
@@ -86,10 +100,12 @@ def test_a_grid_trains_every_run_and_reports(finished):
 
 def test_a_second_call_trains_nothing(finished):
     grid, out, _ = finished
-    steps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "runs").glob("*/steps.csv")}
+    steps = {p: (p.stat().st_mtime_ns, p.read_bytes())
+             for p in [*(out / "runs").glob("*/steps.csv"), *(out / "runs").glob("*/final.json")]}
+    assert len(steps) == 8
     before = pd.read_csv(out / "runs.csv")
     again = experiment.main(["--grid", str(grid), "--out", str(out)])
-    assert again["trained"] == []
+    assert again["trained"] == again["evaluated"] == []
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in steps} == steps
     pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), before)
 
@@ -116,8 +132,9 @@ def test_a_killed_grid_resumes_to_the_same_rows(finished, tmp_path):
     assert experiment.epochs_done(out / "runs" / "4x-seed0") == 0
     result = experiment.main(command[3:])
     assert result["trained"] == ["4x-seed0"]
+    assert result["evaluated"] == ["1x-seed0", "4x-seed0"]  # final evaluations come after the piece's training
     resumed, expected = (pd.read_csv(folder / "runs.csv") for folder in (out, reference))
-    keys = ["arm", "seed", "epoch", "epochs_done", "complete"]
+    keys = ["arm", "seed", "epoch", "epochs_done", "complete", "final_text_to_image_R@10", "final_val_loss"]
     expected = expected[expected["seed"] == 0].reset_index(drop=True)
     pd.testing.assert_frame_equal(resumed[keys + METRICS], expected[keys + METRICS], check_exact=True)
     summary = (out / "summary.md").read_text()
@@ -140,6 +157,9 @@ def test_a_run_folder_with_other_flags_is_refused(finished, tmp_path):
     (("seeds = [0, 1]", "seeds = [0, 0]"), "distinct integers"),
     (("compression = 4", "compression = 4\nseeds = []"), r"\[arms.4x\] seeds must be a list"),
     (("[shared]", "epoch = 3\n[shared]"), "unknown key 'epoch'"),
+    (("bootstrap = 20", 'bootstrap = 20\ncheckpoint = "x.pt"'), r"\[final\] 'checkpoint' is set by the driver"),
+    (("bootstrap = 20", "bootstrap = 20\nbootstrapp = 3"), "unknown flag 'bootstrapp'.*did you mean 'bootstrap'"),
+    (("bootstrap = 20", 'bootstrap = "many"'), r"\[final\]: argument --bootstrap: invalid int value"),
 ])
 def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
     grid = write_grid(tmp_path, GRID.replace(*edit))
@@ -148,13 +168,14 @@ def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
     assert not (tmp_path / "out" / "runs").exists()
 
 
-def test_missing_data_is_one_line_before_any_run(tmp_path):
-    grid = write_grid(tmp_path, GRID.replace(str(SAMPLE / "val"), str(tmp_path / "nowhere")))
+@pytest.mark.parametrize("split", ["val", "test"], ids=["training-data", "final-data"])
+def test_missing_data_is_one_line_before_any_run(tmp_path, split):
+    grid = write_grid(tmp_path, GRID.replace(str(SAMPLE / split), str(tmp_path / "nowhere")))
     result = subprocess.run([sys.executable, "-m", "dtplib.experiment", "--grid", str(grid), "--out",
                              str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("python -m dtplib.experiment: error: grid.toml: ")
-    assert "nowhere" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("python -m dtplib.experiment: error: ")
+    assert "nowhere" in result.stderr.strip().splitlines()[-1]
     assert not list((tmp_path / "out").glob("runs/*/steps.csv"))
 
 
