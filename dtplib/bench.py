@@ -42,7 +42,7 @@ from open_clip.loss import ClipLoss
 
 from dtplib import flops as dtp_flops
 from dtplib import plots
-from dtplib.clip import open_clip_name, parse_dtp_name, read_state_dict
+from dtplib.clip import load_trained, open_clip_name, parse_dtp_name, read_state_dict
 from dtplib.config import TrainConfig
 from dtplib.model import (
     EXECUTIONS,
@@ -135,6 +135,7 @@ class Subject:
     texts: torch.Tensor
     optimizer: torch.optim.Optimizer
     source: str = ""  # where a pooling tower's weights (and so its learned boundaries) come from
+    label: str = ""  # the row's name when it is not the spec's (a trained run's arm)
     times: dict = field(default_factory=lambda: {m: [] for m in MODES})
     counts: list = field(default_factory=list)  # per step, the segments of every image (B,)
     peak_memory_mb: dict = field(default_factory=dict)
@@ -191,6 +192,33 @@ def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps:
     model.train()
     return Subject(spec, model, images.to(device), texts.to(device),
                    torch.optim.AdamW(model.parameters(), lr=1e-5), source)
+
+
+def trained_subject(label: str, checkpoint: Path, batch_size: int, device: torch.device) -> Subject:
+    """A `dtplib.train` checkpoint as it was trained (forced boundaries, reading order, boundary mode, patch dropout
+    and execution from its TrainConfig), with its weights, so its learned boundaries are the ones timed."""
+    model, preprocess, tokenizer, config = load_trained(checkpoint, device)
+    name = open_clip_name(config.model, config.target_compression, config.upsample)
+    parsed = parse_dtp_name(name)
+    pools = parsed is not None and parsed[1] > 1
+    boundaries = ""
+    if pools:
+        boundaries = "uniform" if config.forced_boundaries else "topk" if config.boundaries == "topk" else "learned"
+    spec = Spec(name, config.force_patch_dropout or None, config.execution if pools else "", boundaries)
+    images, texts = real_batch(preprocess, tokenizer, batch_size)
+    model.train()
+    return Subject(spec, model, images.to(device), texts.to(device), torch.optim.AdamW(model.parameters(), lr=1e-5),
+                   f"checkpoint {os.path.relpath(checkpoint, repo_path('.'))}", label=label)
+
+
+def time_checkpoints(checkpoints: dict[str, Path], batch_size: int, steps: int = 30, warmup: int = 5,
+                     reference: str | None = None, device: str | None = None) -> pd.DataFrame:
+    """The whole CLIP training step of trained checkpoints (label -> path), timed in turn in one process (fp32),
+    as `table` rows named by label; speed-ups against `reference` (a label; default the first)."""
+    device = default_device(device)
+    subjects = [trained_subject(label, Path(path), batch_size, device) for label, path in checkpoints.items()]
+    time_interleaved(subjects, ("clip",), steps, warmup, "fp32", device)
+    return table(subjects, batch_size, "fp32", device, ("clip",), reference)
 
 
 def step(subject: Subject, mode: str, precision: str, device: torch.device, loss_fn: ClipLoss) -> float:
@@ -308,7 +336,13 @@ def reference_index(specs: Sequence[Spec], reference: str | None) -> int:
 def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: torch.device,
           modes: Sequence[str], reference: str | None = None) -> pd.DataFrame:
     rows = []
-    base = subjects[reference_index([s.spec for s in subjects], reference)]
+    if any(s.label for s in subjects):  # trained runs: the reference is a label, else the first
+        labels = [s.label for s in subjects]
+        if reference is not None and reference not in labels:
+            raise ValueError(f"reference {reference!r} is not one of the timed runs: {labels}")
+        base = subjects[labels.index(reference) if reference is not None else 0]
+    else:
+        base = subjects[reference_index([s.spec for s in subjects], reference)]
     for mode in modes:
         base_time, base_macs = float(np.median(base.times[mode])), forward_macs(base, mode)
         for subject in subjects:
@@ -319,7 +353,7 @@ def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: 
             bound, padded_bound = base_macs / macs, base_macs / padded_macs
             own_bound = padded_bound if subject.spec.execution == "padded" else bound
             rows.append({
-                "model": subject.spec.label, "mode": mode, "execution": subject.spec.execution,
+                "model": subject.label or subject.spec.label, "mode": mode, "execution": subject.spec.execution,
                 "boundaries": subject.spec.boundaries, "boundary_source": subject.source,
                 "median_s": median, "p10_s": float(np.percentile(times, 10)), "p90_s": float(np.percentile(times, 90)),
                 "images_per_s": batch_size / median, "peak_memory_mb": subject.peak_memory_mb.get(mode),
@@ -329,7 +363,7 @@ def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: 
                 "max_segments": counts.amax(1).mean().item() if counts is not None else float("nan"),
                 "forward_gmacs": macs / 1e9, "speedup": base_time / median,
                 "analytic_bound": bound, "padded_bound": padded_bound, "efficiency": base_time / median / own_bound,
-                "reference": base.spec.label, "steps": len(times),
+                "reference": base.label or base.spec.label, "steps": len(times),
                 **run_info(device, precision, batch_size)})
     frame = pd.DataFrame(rows)
     frame["memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth"

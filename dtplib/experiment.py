@@ -21,6 +21,8 @@ Grid file:
     [final]                     # optional: `dtplib.evaluate` flags for each complete run's last checkpoint,
     val_data = "logs/data/flickr8k-64/test"  # run once per run (its final.json), e.g. on the test split
     bootstrap = 1000
+    [timing]                    # optional: time the training step of every arm's final checkpoint (this seed's
+    seed = 0                    # runs) in turn in one process, once all of them are finished: step_times.csv
     [arms.1x]                   # each arm's own flags, over the shared ones
     compression = 1
     seeds = [0, 1, 2]           # optional: this arm's own seeds instead of the grid's
@@ -44,6 +46,9 @@ Outputs in `<out>`:
 - `summary.md`: per arm the last epoch's metrics of the complete runs, mean and 95% Student-t interval over seeds
   (mean +- t(0.975, n-1) sd / sqrt(n): with 2 seeds t = 12.7, wide as it should be), paired differences against
   the reference arm (same seed), and which runs are complete, partial or missing.
+- `step_times.csv` ([timing]): per arm, the median, p10 and p90 of the whole training step of its final
+  checkpoint (fp32, one batch of real photos, `steps` timed steps after `warmup`, all arms interleaved), the
+  speed-up against the reference arm and the analytic bound; summary.md shows it.
 - `curves_<metric>.png`: the metric against cumulative training time and against training GMACs, mean over seeds
   with 95% t-interval bars (`dtplib.plots.accuracy_curves`).
 - `.gitignore`: the runs' checkpoints and TensorBoard events stay out of git; their CSVs and params.json do not.
@@ -68,8 +73,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from dtplib import evaluate, plots
+from dtplib import bench, evaluate, plots
 from dtplib.clip import build_from_config, resolve_model
 from dtplib.config import TrainConfig
 from dtplib.flops import analytic_macs, image_tower, patch_count, text_macs, total
@@ -88,7 +94,10 @@ from dtplib.utils import (
     stop_process,
 )
 
-TOP_LEVEL = ("reference", "seeds", "shared", "arms", "data", "final", "metrics", "figure_metrics", "description")
+TOP_LEVEL = ("reference", "seeds", "shared", "arms", "data", "final", "timing", "metrics", "figure_metrics",
+             "description")
+TIMING_FILE = "step_times.csv"  # [timing]: the interleaved benchmark of the final checkpoints
+TIMING_KEYS = {"seed": 0, "steps": 30, "warmup": 5, "batch_size": None}  # None: the runs' own batch size
 FINAL_FILE = "final.json"  # a run folder's [final] evaluation (dtplib.evaluate --output)
 FINAL_SET_BY_DRIVER = ("checkpoint", "compare", "model", "pretrained", "output")
 FINAL_PATH_FLAGS = ("val_data", "zeroshot_data", "imagenet_val", "probe_data")
@@ -140,6 +149,7 @@ class Grid:
     figure_metrics: list[str] | None = None
     description: str = ""
     final: dict | None = None  # dtplib.evaluate flags for each complete run's last checkpoint
+    timing: dict | None = None  # [timing] with its defaults filled in
     arm_seeds: dict[str, list[int]] | None = None  # arms with their own `seeds = [...]` (the others: `seeds`)
 
     def options(self, arm: str, seed: int) -> dict:
@@ -251,8 +261,9 @@ def load_grid(path: str | Path) -> Grid:
             raise ValueError(f"{path}: {key} must be a list of column names, got {value!r}")
         lists[key] = value
     final = check_final(path.name, raw["final"]) if "final" in raw else None
+    timing = check_timing(path.name, raw["timing"]) if "timing" in raw else None
     grid = Grid(path, seeds, shared, arms, reference, data, **lists, description=str(raw.get("description", "")),
-                final=final, arm_seeds=arm_seeds or None)
+                final=final, timing=timing, arm_seeds=arm_seeds or None)
     for arm in arms:  # types and choices, by the training command's own parser
         parse_options(grid.options(arm, seeds[0]), f"{path.name} [arms.{arm}]")
     return grid
@@ -281,6 +292,20 @@ def check_final(where: str, final) -> dict:
     parser.error = error
     parser.parse_args(final_argv(final, "checkpoint.pt", "final.json"))
     return final
+
+
+def check_timing(where: str, timing) -> dict:
+    """A [timing] table: seed (whose runs are timed), steps, warmup and batch_size, all positive integers."""
+    if not isinstance(timing, dict):
+        raise ValueError(f"{where}: [timing] must be a table ({', '.join(TIMING_KEYS)}), got {timing!r}")
+    for key, value in timing.items():
+        if key not in TIMING_KEYS:
+            raise ValueError(f"{where}: [timing] unknown key {key!r}{_close(key, list(TIMING_KEYS))}; it takes "
+                             f"{', '.join(TIMING_KEYS)}")
+        least = 0 if key in ("seed", "warmup") else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{where}: [timing] {key} must be an integer >= {least}, got {value!r}")
+    return {**TIMING_KEYS, **timing}
 
 
 def final_argv(final: dict, checkpoint: str | Path, output: str | Path) -> list[str]:
@@ -446,6 +471,39 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     return trained, evaluated
 
 
+def timed_runs(grid: Grid, out: Path) -> dict[str, Path]:
+    """[timing]: arm -> last checkpoint of its run with the timing seed, when every such run is finished (else {})."""
+    seed = grid.timing["seed"]
+    runs = {arm: out / "runs" / run_label(arm, s) for arm, s in grid.runs() if s == seed}
+    for arm, run_dir in runs.items():
+        if epochs_done(run_dir) < parse_options(grid.options(arm, seed), arm).epochs:
+            return {}
+    return {arm: run_dir / "checkpoints" / "epoch_latest.pt" for arm, run_dir in runs.items()}
+
+
+def time_runs(grid: Grid, out: Path) -> bool:
+    """[timing]: the whole training step of every arm's final checkpoint (the timing seed), timed in turn in this
+    process, into step_times.csv; once, when all of them are finished and the file does not cover them yet."""
+    checkpoints = timed_runs(grid, out) if grid.timing else {}
+    path = out / TIMING_FILE
+    if not checkpoints or (path.is_file() and set(pd.read_csv(path)["arm"]) == set(checkpoints)):
+        return False
+    timing = grid.timing
+    threads = grid.shared.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    batch_size = timing["batch_size"] or int(parse_options(grid.options(next(iter(checkpoints)), timing["seed"]),
+                                                           "timing").batch_size)
+    reference = grid.reference if grid.reference in checkpoints else None
+    print(f"timing the final checkpoints of {len(checkpoints)} arms (seed {timing['seed']}, batch {batch_size})",
+          flush=True)
+    frame = bench.time_checkpoints(checkpoints, batch_size, timing["steps"], timing["warmup"], reference)
+    frame.insert(0, "arm", frame.pop("model"))
+    frame.insert(1, "seed", timing["seed"])
+    atomic_write_text(path, frame.to_csv(index=False))
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. Reading the runs back
 
@@ -593,6 +651,7 @@ def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str) ->
     for metric in metrics:
         cells = [_cell(*t_interval(last.loc[last["arm"] == arm, metric])[:3]) for arm in arms]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines += timing_lines(grid, out)
     reference = grid.reference
     if reference and reference in arms and len(arms) > 1:
         others = [arm for arm in arms if arm != reference]
@@ -611,6 +670,25 @@ def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str) ->
                 cells.append(_cell(*t_interval(differences)[:3], marked=True))
             lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def timing_lines(grid: Grid, out: Path) -> list[str]:
+    """summary.md's step-time table, from step_times.csv when [timing] wrote it."""
+    path = out / TIMING_FILE
+    if not grid.timing or not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    first = frame.iloc[0]
+    lines = ["", f"## Training step time: the final checkpoints (seed {first['seed']}), timed in turn", "",
+             f"The whole CLIP step (forward, backward, AdamW) on one batch of {first['batch_size']} Flickr8k photos, "
+             f"{first['steps']} timed steps per arm after a warm-up, interleaved; {first['hardware']}, "
+             f"{first['dtype']}, commit {first['commit']}. Speed-up against {first['reference']}; the bound is the "
+             "ratio of forward MACs at the measured segment counts.", "",
+             "| arm | median step (s) | p10–p90 (s) | speed-up | bound | compression |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['arm']} | {r['median_s']:.3f} | {r['p10_s']:.3f}–{r['p90_s']:.3f} | {r['speedup']:.2f} | "
+              f"{r['analytic_bound']:.2f} | {r['realised_compression']:.2f} |" for _, r in frame.iterrows()]
+    return lines
 
 
 def curves(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -672,14 +750,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.max_runs is not None and args.max_runs < 0:
         raise ValueError(f"--max-runs must be >= 0, got {args.max_runs}")
     out = repo_path(args.out)
-    trained, evaluated = [], []
+    trained, evaluated, timed = [], [], False
     if not args.report_only:
         check_final_data(grid)
         trained, evaluated = run_grid(grid, out, args.arms, args.seeds, args.max_runs)
+        timed = time_runs(grid, out)
     runs = write_report(grid, out, f"python -m dtplib.experiment --grid {shown_path(grid.path)} --out {args.out}")
     print(f"trained {len(trained)} runs and evaluated {len(evaluated)} this call; {out / 'runs.csv'}, "
           f"{out / 'summary.md'}")
-    return {"trained": trained, "evaluated": evaluated, "runs": runs, "out": out}
+    return {"trained": trained, "evaluated": evaluated, "timed": timed, "runs": runs, "out": out}
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_trained_runs_give_the_accuracy_of_the_rows_that_time_their_tower(tmp_pa
                                                                  upsample_weights="normalised"),
               "DTP-ViT-Ti-8-64-1x+pd0.5": TrainConfig(**ti, compression=1, force_patch_dropout=0.5),
               "ViT-Ti-8-64": TrainConfig(**ti)}
-    assert {trained_label(config): label for label, config in labels.items()} == {l: l for l in labels}
+    assert {trained_label(config): label for label, config in labels.items()} == {name: name for name in labels}
 
     runs = pd.DataFrame([  # two complete seeds of 4x, an unfinished one, a uniform run, a Hilbert run
         {"arm": "4x", "seed": 0, "model": "DTP-ViT-Ti-8-64-4x", "epoch": 0, "complete": True,

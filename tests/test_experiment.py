@@ -39,6 +39,11 @@ report_to = "none"
 val_data = "{SAMPLE / 'test'}"
 bootstrap = 20
 
+[timing]
+steps = 2
+warmup = 1
+batch_size = 4
+
 [arms.1x]
 compression = 1
 
@@ -81,7 +86,8 @@ def test_a_grid_trains_every_run_and_reports(finished):
     assert len(runs) == 4 and set(zip(runs["arm"], runs["seed"], strict=True)) == {
         ("1x", 0), ("4x", 0), ("1x", 1), ("4x", 1)}
     assert runs["complete"].all() and (runs["epochs_done"] == 1).all()
-    assert dict(zip(runs["arm"], runs["model"], strict=True)) == {"1x": "DTP-ViT-Ti-8-64-1x", "4x": "DTP-ViT-Ti-8-64-4x"}
+    assert dict(zip(runs["arm"], runs["model"], strict=True)) == {"1x": "DTP-ViT-Ti-8-64-1x",
+                                                                   "4x": "DTP-ViT-Ti-8-64-4x"}
     assert (runs["samples_seen"] == 48).all()  # 3 steps of 16
     assert (runs["train_time_s"] > 0).all() and runs["text_to_image_R@10"].between(0, 1).all()
     assert runs["commit"].notna().all() and runs["hardware"].notna().all()
@@ -93,6 +99,12 @@ def test_a_grid_trains_every_run_and_reports(finished):
     assert "Runs complete: 4 of 4." in summary and "Paired differences against 1x" in summary
     assert "4x − 1x (pairs=2)" in summary and "| text_to_image_R@10 |" in summary
     assert "| final_text_to_image_R@10 |" in summary and "final_text_to_image_R@10_ci" not in summary
+    assert result["timed"] and "## Training step time: the final checkpoints (seed 0)" in summary
+    timed = pd.read_csv(out / "step_times.csv").set_index("arm")
+    assert list(timed.index) == ["1x", "4x"] and (timed["reference"] == "1x").all() and (timed["seed"] == 0).all()
+    assert timed.loc["1x", "speedup"] == 1 and (timed["steps"] == 2).all() and (timed["median_s"] > 0).all()
+    assert timed.loc["4x", "boundary_source"].endswith("4x-seed0/checkpoints/epoch_latest.pt")
+    assert timed.loc["4x", "analytic_bound"] > 1 and timed.loc["1x", "realised_compression"] == 1
     assert (out / "curves_text_to_image_R_at_10.png").stat().st_size > 0
     assert (out / "runs" / "4x-seed1" / "epochs.csv").is_file()
     assert "checkpoints" in (out / ".gitignore").read_text()
@@ -105,7 +117,7 @@ def test_a_second_call_trains_nothing(finished):
     assert len(steps) == 8
     before = pd.read_csv(out / "runs.csv")
     again = experiment.main(["--grid", str(grid), "--out", str(out)])
-    assert again["trained"] == again["evaluated"] == []
+    assert again["trained"] == again["evaluated"] == [] and not again["timed"]
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in steps} == steps
     pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), before)
 
@@ -160,6 +172,8 @@ def test_a_run_folder_with_other_flags_is_refused(finished, tmp_path):
     (("bootstrap = 20", 'bootstrap = 20\ncheckpoint = "x.pt"'), r"\[final\] 'checkpoint' is set by the driver"),
     (("bootstrap = 20", "bootstrap = 20\nbootstrapp = 3"), "unknown flag 'bootstrapp'.*did you mean 'bootstrap'"),
     (("bootstrap = 20", 'bootstrap = "many"'), r"\[final\]: argument --bootstrap: invalid int value"),
+    (("steps = 2", "steps = 0"), r"\[timing\] steps must be an integer >= 1"),
+    (("steps = 2", "step = 2"), r"\[timing\] unknown key 'step'.*did you mean 'steps'"),
 ])
 def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
     grid = write_grid(tmp_path, GRID.replace(*edit))
@@ -191,7 +205,8 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     assert config.zeroshot_frequency == config.val_frequency == 1
     towers = experiment.load_grid("experiments/ti_towers.toml")  # every grid the README names loads
     assert towers.runs() == [("2x", 0), ("4x", 0), ("10x", 0)]
-    arm_seeds = experiment.load_grid(write_grid(tmp_path, GRID.replace("compression = 4", "compression = 4\nseeds = [2, 0]")))
+    arm_seeds = experiment.load_grid(write_grid(tmp_path, GRID.replace("compression = 4",
+                                                                       "compression = 4\nseeds = [2, 0]")))
     assert arm_seeds.runs() == [("1x", 0), ("4x", 0), ("1x", 1), ("4x", 2)]  # an arm's own seeds
     assert arm_seeds.runs(seeds=[2]) == [("4x", 2)] and "seeds" not in arm_seeds.arms["4x"]
     comparison = experiment.load_grid("experiments/flickr8k_ti.toml")
