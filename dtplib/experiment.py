@@ -295,7 +295,7 @@ def check_final(where: str, final) -> dict:
 
 
 def check_timing(where: str, timing) -> dict:
-    """A [timing] table: seed (whose runs are timed), steps, warmup and batch_size, all positive integers."""
+    """A [timing] table: seed (whose runs are timed), warmup (>= 0), steps and batch_size (>= 1), integers."""
     if not isinstance(timing, dict):
         raise ValueError(f"{where}: [timing] must be a table ({', '.join(TIMING_KEYS)}), got {timing!r}")
     for key, value in timing.items():
