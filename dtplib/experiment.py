@@ -9,6 +9,7 @@ so the command can be repeated, and a grid can be run in pieces (`--arms`, `--se
 Grid file:
 
     reference = "1x"            # the arm the paired differences are taken against (optional)
+    nproc_per_node = 8          # optional: train every run under torchrun with 8 processes (GPUs)
     seeds = [0, 1]
     metrics = ["text_to_image_R@10"]        # optional: summary rows (default: every evaluation column)
     figure_metrics = ["zeroshot_top1"]      # optional: one curves figure each (default: the first evaluated)
@@ -63,6 +64,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -95,7 +97,7 @@ from dtplib.utils import (
 )
 
 TOP_LEVEL = ("reference", "seeds", "shared", "arms", "data", "final", "timing", "metrics", "figure_metrics",
-             "description")
+             "description", "nproc_per_node")
 TIMING_FILE = "step_times.csv"  # [timing]: the interleaved benchmark of the final checkpoints
 TIMING_KEYS = {"seed": 0, "steps": 30, "warmup": 5, "batch_size": None}  # None: the runs' own batch size
 FINAL_FILE = "final.json"  # a run folder's [final] evaluation (dtplib.evaluate --output)
@@ -120,7 +122,7 @@ import json, sys
 from dtplib import train
 for label, argv in json.loads(sys.argv[1]):
     try:
-        train.check_args(train.parse_args(argv))
+        train.check_args(train.parse_args(argv), int(sys.argv[2]))
     except (ValueError, OSError) as error:
         sys.stderr.write(f"{label}: {' '.join(str(error).split())}\\n")
         sys.exit(2)
@@ -151,6 +153,7 @@ class Grid:
     final: dict | None = None  # dtplib.evaluate flags for each complete run's last checkpoint
     timing: dict | None = None  # [timing] with its defaults filled in
     arm_seeds: dict[str, list[int]] | None = None  # arms with their own `seeds = [...]` (the others: `seeds`)
+    nproc_per_node: int = 1  # > 1: every run trains under torchrun with this many processes
 
     def options(self, arm: str, seed: int) -> dict:
         """The run's TrainConfig fields as the grid gives them (paths as written), seed included."""
@@ -262,8 +265,12 @@ def load_grid(path: str | Path) -> Grid:
         lists[key] = value
     final = check_final(path.name, raw["final"]) if "final" in raw else None
     timing = check_timing(path.name, raw["timing"]) if "timing" in raw else None
+    nproc = raw.get("nproc_per_node", 1)
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ValueError(f"{path}: nproc_per_node must be an integer >= 1 (processes per run, under torchrun), "
+                         f"got {nproc!r}")
     grid = Grid(path, seeds, shared, arms, reference, data, **lists, description=str(raw.get("description", "")),
-                final=final, timing=timing, arm_seeds=arm_seeds or None)
+                final=final, timing=timing, arm_seeds=arm_seeds or None, nproc_per_node=nproc)
     for arm in arms:  # types and choices, by the training command's own parser
         parse_options(grid.options(arm, seeds[0]), f"{path.name} [arms.{arm}]")
     return grid
@@ -375,7 +382,8 @@ def run_argv(grid: Grid, arm: str, seed: int, runs_dir: Path) -> list[str]:
 def check_runs(grid: Grid, runs: list[tuple[str, int]], runs_dir: Path) -> None:
     """`dtplib.train.check_args` on every run, in one child process (data paths, model names, flag combinations)."""
     batch = [(run_label(arm, seed), run_argv(grid, arm, seed, runs_dir)) for arm, seed in runs]
-    result = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, json.dumps(batch)], cwd=REPO_ROOT,
+    result = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, json.dumps(batch), str(grid.nproc_per_node)],
+                            cwd=REPO_ROOT,
                             capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -406,10 +414,18 @@ def check_same_run(grid: Grid, arm: str, seed: int, run_dir: Path) -> None:
                          f"{wanted[key]!r}: use another --out, or delete that run folder to retrain it")
 
 
-def run_child(module: str, argv: list[str], label: str) -> None:
-    """`python -m <module>` (dtplib.train, dtplib.evaluate) in a child process; its output passes through, and an
-    error ends the grid with the child's last line."""
-    child = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO_ROOT, stderr=subprocess.PIPE)
+def child_command(module: str, argv: list[str], nproc_per_node: int = 1) -> list[str]:
+    """`python -m <module> argv`, or under torchrun with `nproc_per_node` > 1."""
+    if nproc_per_node > 1:  # "--" ends torchrun's own flags (it would read --logs as its --logs-specs)
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+                "-m", module, "--", *argv]
+    return [sys.executable, "-m", module, *argv]
+
+
+def run_child(module: str, argv: list[str], label: str, nproc_per_node: int = 1) -> None:
+    """`child_command` (dtplib.train, dtplib.evaluate) in a child process; its output passes through, and an error
+    ends the grid with the child's last line."""
+    child = subprocess.Popen(child_command(module, argv, nproc_per_node), cwd=REPO_ROOT, stderr=subprocess.PIPE)
     tail: deque[bytes] = deque(maxlen=64)
     try:
         while chunk := os.read(child.stderr.fileno(), 4096):
@@ -453,7 +469,7 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     for index, (arm, seed) in enumerate(todo):
         label = run_label(arm, seed)
         print(f"[{index + 1}/{len(todo)}] training {label}", flush=True)
-        run_child("dtplib.train", run_argv(grid, arm, seed, runs_dir), label)
+        run_child("dtplib.train", run_argv(grid, arm, seed, runs_dir), label, grid.nproc_per_node)
         done = epochs_done(runs_dir / label)
         if done < epochs[arm]:
             raise RunFailed(f"run {label} ended with {done} of {epochs[arm]} epochs in its epochs.csv (its flags "
@@ -738,6 +754,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, help="train only these seeds")
     parser.add_argument("--max-runs", type=int, help="train at most this many unfinished runs, then report")
     parser.add_argument("--report-only", action="store_true", help="train nothing: rewrite the report")
+    parser.add_argument("--dry-run", action="store_true", help="print the training command of every selected run "
+                        "and stop (nothing is checked against the data, nothing is written)")
     args = parser.parse_args(argv)
     grid = load_grid(args.grid)
     for arm in args.arms or []:
@@ -750,6 +768,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.max_runs is not None and args.max_runs < 0:
         raise ValueError(f"--max-runs must be >= 0, got {args.max_runs}")
     out = repo_path(args.out)
+    if args.dry_run:  # as a user would type them: paths as the grid writes them, torchrun for torch.distributed.run
+        commands = []
+        for arm, seed in grid.runs(args.arms, args.seeds):
+            argv = flags(**grid.options(arm, seed), logs=f"{args.out}/runs", name=run_label(arm, seed), resume="latest")
+            command = child_command("dtplib.train", argv, grid.nproc_per_node)[1:]
+            command = ["torchrun", *command[2:]] if command[1] == "torch.distributed.run" else ["python", *command]
+            commands.append(shlex.join(command))
+        print("\n".join(commands))
+        return {"commands": commands}
     trained, evaluated, timed = [], [], False
     if not args.report_only:
         check_final_data(grid)

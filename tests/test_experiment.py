@@ -214,6 +214,12 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     assert len(runs) == 27 and runs.count(("1x", 2)) == 1 and ("flip-75", 2) not in runs
     config = experiment.parse_options(comparison.options("pool-2x2", 2), "pool-2x2")
     assert (config.forced_boundaries, config.patch_order, config.execution) == (4, "hilbert", "packed")
+    b32 = experiment.main(["--grid", "experiments/b32_laion.toml", "--out", str(tmp_path / "b32"), "--dry-run",
+                           "--seeds", "1"])["commands"]  # nothing checked against the data, nothing written
+    assert len(b32) == 4 and not (tmp_path / "b32").exists()
+    assert all(c.startswith("torchrun --standalone --nproc_per_node=8 -m dtplib.train -- --model ViT-B-32 ")
+               and c.endswith("-seed1 --resume latest") for c in b32)
+    assert "--forced-boundaries 4" in b32[2] and "--force-patch-dropout 0.5" in b32[3]
     pilot = experiment.load_grid("experiments/flickr8k_pilot.toml")
     assert pilot.runs() == [("lr5e-4", 0), ("lr1e-3", 0)]
     upsampling = experiment.load_grid("experiments/upsampling.toml")
@@ -227,3 +233,33 @@ def test_t_interval():
     assert (mean, n) == (2.0, 2) and high - mean == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
     assert math.isnan(stats.t_interval([5.0])[1])
     assert stats.t_quantile(40) == pytest.approx(2.0211, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_grid_trains_each_run_under_torchrun(tmp_path):
+    """nproc_per_node = 2: each run is a torchrun of 2 gloo processes; runs.csv counts both ranks' samples."""
+    grid = write_grid(tmp_path, f"""
+nproc_per_node = 2
+seeds = [0]
+[shared]
+model = "ViT-Ti-8-64"
+train_data = "{SAMPLE / 'train'}"
+train_num_samples = 32
+epochs = 1
+batch_size = 8
+warmup = 1
+workers = 0
+threads = 1
+report_to = "none"
+[arms.4x]
+compression = 4
+""")
+    result = experiment.main(["--grid", str(grid), "--out", str(tmp_path / "out")])
+    assert result["trained"] == ["4x-seed0"]
+    params = json.loads((tmp_path / "out" / "runs" / "4x-seed0" / "params.json").read_text())
+    assert params["world_size"] == 2
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert runs["complete"].all() and runs["samples_seen"].tolist() == [32]  # 2 steps of 8 on each of 2 ranks
+    with pytest.raises(ValueError, match="nproc_per_node must be an integer >= 1"):
+        experiment.load_grid(write_grid(tmp_path, GRID.replace('reference = "1x"',
+                                                               'reference = "1x"\nnproc_per_node = 0')))
