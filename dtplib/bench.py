@@ -55,7 +55,7 @@ from dtplib.model import (
 )
 from dtplib.plots import save_figure
 from dtplib.shards import read_captions
-from dtplib.specs import Spec, parse_spec
+from dtplib.specs import Spec, parse_spec, trained_spec
 from dtplib.utils import (
     atomic_write_text,
     autocast,
@@ -198,13 +198,7 @@ def trained_subject(label: str, checkpoint: Path, batch_size: int, device: torch
     """A `dtplib.train` checkpoint as it was trained (forced boundaries, reading order, boundary mode, patch dropout
     and execution from its TrainConfig), with its weights, so its learned boundaries are the ones timed."""
     model, preprocess, tokenizer, config = load_trained(checkpoint, device)
-    name = open_clip_name(config.model, config.target_compression, config.upsample)
-    parsed = parse_dtp_name(name)
-    pools = parsed is not None and parsed[1] > 1
-    boundaries = ""
-    if pools:
-        boundaries = "uniform" if config.forced_boundaries else "topk" if config.boundaries == "topk" else "learned"
-    spec = Spec(name, config.force_patch_dropout or None, config.execution if pools else "", boundaries)
+    spec = trained_spec(config)
     images, texts = real_batch(preprocess, tokenizer, batch_size)
     model.train()
     return Subject(spec, model, images.to(device), texts.to(device), torch.optim.AdamW(model.parameters(), lr=1e-5),

@@ -707,18 +707,6 @@ def timing_lines(grid: Grid, out: Path) -> list[str]:
     return lines
 
 
-def curves(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per arm and epoch: mean over seeds of the cumulative costs, and the metric's mean and 95% t-interval."""
-    rows = []
-    present = runs.dropna(subset=[metric])
-    for (arm, epoch), group in present.groupby(["arm", "epochs_done"], sort=False):
-        mean, low, high, n = t_interval(group[metric])
-        rows.append({"arm": arm, "epochs_done": epoch, "seeds": n, "train_time_s": group["train_time_s"].mean(),
-                     "train_gmacs": group["train_gmacs"].mean(), "mean": mean, "low": low, "high": high})
-    return pd.DataFrame(rows, columns=["arm", "epochs_done", "seeds", "train_time_s", "train_gmacs", "mean", "low",
-                                       "high"])
-
-
 def figure_metrics(grid: Grid, runs: pd.DataFrame) -> list[str]:
     if grid.figure_metrics:
         return [m for m in grid.figure_metrics if m in runs and runs[m].notna().any()]
@@ -735,7 +723,7 @@ def write_report(grid: Grid, out: Path, command: str) -> pd.DataFrame:
     atomic_write_text(out / "summary.md", summary_markdown(grid, runs, out, command))
     for metric in figure_metrics(grid, runs) if not runs.empty else []:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.replace("@", "_at_"))
-        figure = plots.accuracy_curves(curves(runs, metric), metric)
+        figure = plots.accuracy_curves(plots.metric_curves(runs, metric), metric)
         plots.save_figure(figure, out / f"curves_{name}.png")
         pyplot.close(figure)
     return runs

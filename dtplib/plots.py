@@ -48,6 +48,7 @@ from dtplib.model import (
     trace,
 )
 from dtplib.specs import Spec, parse_spec
+from dtplib.stats import t_interval
 from dtplib.utils import atomic_write_bytes
 
 # Segment tints: saturated and far apart, none of them white or yellow (the edge and wrap colours). Every one has a
@@ -591,9 +592,33 @@ def accuracy_vs_gflops(table: pd.DataFrame):
     return figure
 
 
+def metric_curves(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per arm and epoch: mean over seeds of the cumulative costs, and the metric's mean and 95% t-interval."""
+    rows = []
+    present = runs.dropna(subset=[metric])
+    for (arm, epoch), group in present.groupby(["arm", "epochs_done"], sort=False):
+        mean, low, high, n = t_interval(group[metric])
+        rows.append({"arm": arm, "epochs_done": epoch, "seeds": n, "train_time_s": group["train_time_s"].mean(),
+                     "train_gmacs": group["train_gmacs"].mean(), "mean": mean, "low": low, "high": high})
+    return pd.DataFrame(rows, columns=["arm", "epochs_done", "seeds", "train_time_s", "train_gmacs", "mean", "low",
+                                       "high"])
+
+
+def experiment_curves(runs_csv: str | Path, metric: str):
+    """`accuracy_curves` of an experiment's runs.csv (`python -m dtplib.experiment`): the metric against training
+    time and training GMACs, per arm."""
+    runs_csv = Path(runs_csv)
+    if not runs_csv.is_file():
+        raise FileNotFoundError(f"{runs_csv}: no runs.csv (run python -m dtplib.experiment --grid ... first)")
+    runs = pd.read_csv(runs_csv)
+    if metric not in runs or runs[metric].isna().all():
+        raise ValueError(f"{runs_csv} has no values of {metric!r}")
+    return accuracy_curves(metric_curves(runs, metric), metric)
+
+
 def accuracy_curves(curves: pd.DataFrame, metric: str):
     """A metric against cumulative training time and against training GMACs, one line per arm, mean over seeds
-    with 95% interval bars: `curves` is `dtplib.experiment.curves(runs, metric)` (columns arm, train_time_s,
+    with 95% interval bars: `curves` is `metric_curves(runs, metric)` (columns arm, train_time_s,
     train_gmacs, mean, low, high; no bar where one seed gives no interval). Iso-compute comparisons read across."""
     import matplotlib.pyplot as plt
 

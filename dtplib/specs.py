@@ -68,19 +68,25 @@ def parse_spec(text: str, execution: str = "packed") -> Spec:
     return Spec(name, rate, execution if pools else "", boundaries)
 
 
+def trained_spec(config: TrainConfig) -> Spec:
+    """The spec of the tower a `dtplib.train` run trained, with its execution: what the benchmark would time."""
+    name = open_clip_name(config.model, config.target_compression, config.upsample)
+    parsed = parse_dtp_name(name)
+    if parsed is None or parsed[1] <= 1:
+        return Spec(name, config.force_patch_dropout or None)
+    boundaries = "uniform" if config.forced_boundaries else "topk" if config.boundaries == "topk" else "learned"
+    return Spec(name, None, config.execution, boundaries)
+
+
 def trained_label(config: TrainConfig) -> str:
     """What a `dtplib.train` run trained, as a spec label without the execution (which does not change what is
     learned): `DTP-ViT-Ti-8-64-4x`, `DTP-ViT-Ti-8-64-4x+uniform`, `DTP-ViT-Ti-8-64-1x+pd0.5`. Settings the spec
     grammar has no modifier for are appended as `+hilbert`, `+image-prior` and `+normalised-up`, so a run matches
     a benchmark row only when it trained the tower that row times."""
-    name = open_clip_name(config.model, config.target_compression, config.upsample)
-    parsed = parse_dtp_name(name)
-    pools = parsed is not None and parsed[1] > 1
-    boundaries = ""
-    if pools:
-        boundaries = "uniform" if config.forced_boundaries else "topk" if config.boundaries == "topk" else "learned"
-    label = Spec(name, config.force_patch_dropout or None, "", boundaries).label
-    extras = ["hilbert"] if pools and config.patch_order == "hilbert" else []
-    extras += ["image-prior"] if pools and not config.forced_boundaries and config.prior_scope == "image" else []
-    extras += ["normalised-up"] if pools and config.upsample and config.upsample_weights == "normalised" else []
-    return "+".join([label, *extras])
+    spec = trained_spec(config)
+    extras = []
+    if spec.pools:
+        extras += ["hilbert"] if config.patch_order == "hilbert" else []
+        extras += ["image-prior"] if not config.forced_boundaries and config.prior_scope == "image" else []
+        extras += ["normalised-up"] if config.upsample and config.upsample_weights == "normalised" else []
+    return "+".join([Spec(spec.name, spec.patch_dropout, "", spec.boundaries).label, *extras])
