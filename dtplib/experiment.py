@@ -635,8 +635,9 @@ def status_lines(grid: Grid, runs: pd.DataFrame, out: Path) -> list[str]:
     return lines
 
 
-def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str) -> str:
-    info = run_info()
+def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, info: dict | None = None) -> str:
+    """summary.md's text; `info` is the provenance (`run_info()`), taken before any report file is rewritten."""
+    info = info or run_info()
     lines = [f"# Experiment {grid.path.stem}", ""]
     if grid.description:
         lines += [grid.description, ""]
@@ -718,9 +719,10 @@ def write_report(grid: Grid, out: Path, command: str) -> pd.DataFrame:
     """runs.csv, summary.md and the curves figures from the run folders as they are now."""
     from matplotlib import pyplot
 
+    info = run_info()  # before runs.csv is rewritten: a report committed with the code is not "dirty" by itself
     runs = collect(grid, out)
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
-    atomic_write_text(out / "summary.md", summary_markdown(grid, runs, out, command))
+    atomic_write_text(out / "summary.md", summary_markdown(grid, runs, out, command, info))
     for metric in figure_metrics(grid, runs) if not runs.empty else []:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.replace("@", "_at_"))
         figure = plots.accuracy_curves(plots.metric_curves(runs, metric), metric)

@@ -122,6 +122,18 @@ def test_a_second_call_trains_nothing(finished):
     pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), before)
 
 
+def test_the_report_takes_its_provenance_before_it_writes(finished, monkeypatch):
+    """A report regenerated in a clean checkout whose results are committed must not call itself dirty because of
+    its own runs.csv: the commit is read once, before the first file is rewritten."""
+    grid, out, _ = finished
+    events = []
+    real_info, real_write = experiment.run_info, experiment.atomic_write_text
+    monkeypatch.setattr(experiment, "run_info", lambda *a, **k: events.append("info") or real_info(*a, **k))
+    monkeypatch.setattr(experiment, "atomic_write_text", lambda *a, **k: events.append("write") or real_write(*a, **k))
+    experiment.main(["--grid", str(grid), "--out", str(out), "--report-only"])
+    assert events[0] == "info" and events.count("info") == 1 and events.count("write") == 2
+
+
 def test_a_killed_grid_resumes_to_the_same_rows(finished, tmp_path):
     """The grid's seed-0 piece: SIGKILL to the driver and its training child while the second run trains; the same
     command then skips the first run, retrains the second and ends with the uninterrupted grid's rows, and the
