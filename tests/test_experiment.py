@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from dtplib import experiment, stats
-from dtplib.utils import REPO_ROOT
+from dtplib.utils import REPO_ROOT, data_path
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 GRID = f"""
@@ -99,6 +99,7 @@ def test_a_grid_trains_every_run_and_reports(finished):
     assert "Runs complete: 4 of 4." in summary and "Paired differences against 1x" in summary
     assert "4x − 1x (pairs=2)" in summary and "| text_to_image_R@10 |" in summary
     assert "| final_text_to_image_R@10 |" in summary and "final_text_to_image_R@10_ci" not in summary
+    assert f"--val-data {SAMPLE / 'val'} " in summary  # the grid's flags as written
     assert result["timed"] and "## Training step time: the final checkpoints (seed 0)" in summary
     timed = pd.read_csv(out / "step_times.csv").set_index("arm")
     assert list(timed.index) == ["1x", "4x"] and (timed["reference"] == "1x").all() and (timed["seed"] == 0).all()
@@ -232,6 +233,8 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     assert all(c.startswith("torchrun --standalone --nproc_per_node=8 -m dtplib.train -- --model ViT-B-32 ")
                and c.endswith("-seed1 --resume latest") for c in b32)
     assert "--forced-boundaries 4" in b32[2] and "--force-patch-dropout 0.5" in b32[3]
+    small = experiment.main(["--grid", "experiments/smallrun.toml", "--out", str(tmp_path / "s"), "--dry-run"])
+    assert f"--zeroshot-data {data_path('$DTPLIB_DATA/cifar10-test')} " in small["commands"][0]
     pilot = experiment.load_grid("experiments/flickr8k_pilot.toml")
     assert pilot.runs() == [("lr5e-4", 0), ("lr1e-3", 0)]
     upsampling = experiment.load_grid("experiments/upsampling.toml")
