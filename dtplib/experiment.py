@@ -317,14 +317,13 @@ def check_timing(where: str, timing) -> dict:
 
 def final_argv(final: dict, checkpoint: str | Path, output: str | Path) -> list[str]:
     """The `dtplib.evaluate` command line of a [final] table, paths as `resolved` gives them."""
-    paths = {k: str(data_path(v)) if k in FINAL_PATH_FLAGS and isinstance(v, str) else v for k, v in final.items()}
-    return flags(**paths, checkpoint=str(checkpoint), output=str(output))
+    return flags(**resolved(final, FINAL_PATH_FLAGS), checkpoint=str(checkpoint), output=str(output))
 
 
 def check_final_data(grid: Grid) -> None:
     """The [final] data exists (and class folders are not empty) before anything trains."""
     if grid.final:
-        paths = {k: str(data_path(v)) for k, v in grid.final.items() if k in FINAL_PATH_FLAGS}
+        paths = resolved({k: v for k, v in grid.final.items() if k in FINAL_PATH_FLAGS}, FINAL_PATH_FLAGS)
         evaluate.check_data(paths.get("zeroshot_data"), paths.get("imagenet_val"), paths.get("val_data"),
                             bool(grid.final.get("zeroshot_skip_empty")), paths.get("probe_data"))
 
@@ -340,9 +339,10 @@ def shown_flags(options: dict) -> list[str]:
     return argv
 
 
-def resolved(options: dict) -> dict:
-    """Path flags with a leading $DTPLIB_DATA expanded, other relative paths from the repository root."""
-    return {k: str(data_path(v)) if k in PATH_FLAGS and isinstance(v, str) and "://" not in v else v
+def resolved(options: dict, path_flags: Sequence[str] = PATH_FLAGS) -> dict:
+    """Path flags (dtplib.train's, or `path_flags`) with a leading $DTPLIB_DATA expanded, other relative paths
+    from the repository root."""
+    return {k: str(data_path(v)) if k in path_flags and isinstance(v, str) and "://" not in v else v
             for k, v in options.items()}
 
 
@@ -457,13 +457,18 @@ def run_child(module: str, argv: list[str], label: str, nproc_per_node: int = 1)
                         f"{(errors or lines or ['no output'])[-1]}")
 
 
+def arm_epochs(grid: Grid) -> dict[str, int]:
+    """Each arm's --epochs: the count that makes a run finished."""
+    return {arm: parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm).epochs for arm in grid.arms}
+
+
 def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
              max_runs: int | None = None) -> tuple[list[str], list[str]]:
     """Train the selected runs that are not finished (at most `max_runs` of them), then give every finished one
     without its final.json the [final] evaluation; returns the labels trained and evaluated."""
     runs_dir = out / "runs"
     selected = grid.runs(arms, seeds)
-    epochs = {arm: parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm).epochs for arm in grid.arms}
+    epochs = arm_epochs(grid)
     todo = []
     for arm, seed in selected:
         run_dir = runs_dir / run_label(arm, seed)
@@ -500,10 +505,10 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
 
 def timed_runs(grid: Grid, out: Path) -> dict[str, Path]:
     """[timing]: arm -> last checkpoint of its run with the timing seed, when every such run is finished (else {})."""
-    seed = grid.timing["seed"]
+    seed, epochs = grid.timing["seed"], arm_epochs(grid)
     runs = {arm: out / "runs" / run_label(arm, s) for arm, s in grid.runs() if s == seed}
     for arm, run_dir in runs.items():
-        if epochs_done(run_dir) < parse_options(grid.options(arm, seed), arm).epochs:
+        if epochs_done(run_dir) < epochs[arm]:
             return {}
     return {arm: run_dir / "checkpoints" / "epoch_latest.pt" for arm, run_dir in runs.items()}
 
