@@ -24,6 +24,10 @@ Grid file:
     bootstrap = 1000
     [timing]                    # optional: time the training step of every arm's final checkpoint (this seed's
     seed = 0                    # runs) in turn in one process, once all of them are finished: step_times.csv
+    contrasts = [["4x", "1x"]]  # optional: (arm, against) pairs differenced on each seed: contrasts.csv
+    [alignment]                 # optional: COCO outline alignment of every finished run of `arms` (default: the
+    num_images = 200            # learned-boundary arms), keys ALIGNMENT_KEYS; overlays = [arm, ...] draws
+    overlays = ["4x"]           # overlays/<arm>/ for their overlay_seed runs
     [arms.1x]                   # each arm's own flags, over the shared ones
     compression = 1
     seeds = [0, 1, 2]           # optional: this arm's own seeds instead of the grid's
@@ -50,6 +54,8 @@ Outputs in `<out>`:
 - `step_times.csv` ([timing]): per arm, the median, p10 and p90 of the whole training step of its final
   checkpoint (fp32, one batch of real photos, `steps` timed steps after `warmup`, all arms interleaved), the
   speed-up against the reference arm and the analytic bound; summary.md shows it.
+- `contrasts.csv` (`contrasts`): `contrast_table`: paired differences at the last epoch and at equal cost.
+- `alignment.csv`, `overlays/<arm>/` ([alignment]): `align_runs`, once per finished run.
 - `curves_<metric>.png`: the metric against cumulative training time and against training GMACs, mean over seeds
   with 95% t-interval bars (`dtplib.plots.accuracy_curves`).
 - `.gitignore`: the runs' checkpoints and TensorBoard events stay out of git; their CSVs and params.json do not.
@@ -87,6 +93,7 @@ from dtplib.stats import t_interval
 from dtplib.utils import (
     PATH_FLAGS,
     REPO_ROOT,
+    append_csv,
     atomic_write_text,
     data_path,
     flags,
@@ -97,7 +104,12 @@ from dtplib.utils import (
 )
 
 TOP_LEVEL = ("reference", "seeds", "shared", "arms", "data", "final", "timing", "metrics", "figure_metrics",
-             "description", "nproc_per_node")
+             "description", "nproc_per_node", "contrasts", "alignment")
+CONTRASTS_FILE = "contrasts.csv"  # paired differences of the `contrasts` pairs, at the last epoch and at equal cost
+COST_AXES = ("train_time_s", "train_gmacs")  # the cost axes of the equal-cost contrasts (runs.csv columns)
+ALIGNMENT_FILE = "alignment.csv"  # [alignment]: COCO outline alignment of each complete run of its arms
+ALIGNMENT_KEYS = {"arms": None, "coco": "$DTPLIB_DATA/coco-mini", "num_images": None, "draws": 100, "batch_size": 64,
+                  "overlays": [], "overlay_seed": 0, "overlay_images": "$DTPLIB_DATA/flickr8k/images"}
 TIMING_FILE = "step_times.csv"  # [timing]: the interleaved benchmark of the final checkpoints
 TIMING_KEYS = {"seed": 0, "steps": 30, "warmup": 5, "batch_size": None}  # None: the runs' own batch size
 FINAL_FILE = "final.json"  # a run folder's [final] evaluation (dtplib.evaluate --output)
@@ -154,6 +166,8 @@ class Grid:
     timing: dict | None = None  # [timing] with its defaults filled in
     arm_seeds: dict[str, list[int]] | None = None  # arms with their own `seeds = [...]` (the others: `seeds`)
     nproc_per_node: int = 1  # > 1: every run trains under torchrun with this many processes
+    contrasts: list[tuple[str, str]] | None = None  # (arm, against) pairs: contrasts.csv and their summary tables
+    alignment: dict | None = None  # [alignment] with its defaults filled in (arms: the learned-boundary arms)
 
     def options(self, arm: str, seed: int) -> dict:
         """The run's TrainConfig fields as the grid gives them (paths as written), seed included."""
@@ -269,11 +283,72 @@ def load_grid(path: str | Path) -> Grid:
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ValueError(f"{path}: nproc_per_node must be an integer >= 1 (processes per run, under torchrun), "
                          f"got {nproc!r}")
+    contrasts = check_contrasts(path.name, raw["contrasts"], arms) if "contrasts" in raw else None
     grid = Grid(path, seeds, shared, arms, reference, data, **lists, description=str(raw.get("description", "")),
-                final=final, timing=timing, arm_seeds=arm_seeds or None, nproc_per_node=nproc)
+                final=final, timing=timing, arm_seeds=arm_seeds or None, nproc_per_node=nproc, contrasts=contrasts)
     for arm in arms:  # types and choices, by the training command's own parser
         parse_options(grid.options(arm, seeds[0]), f"{path.name} [arms.{arm}]")
+    if "alignment" in raw:
+        grid.alignment = check_alignment(path.name, raw["alignment"], grid)
     return grid
+
+
+def check_contrasts(where: str, contrasts, arms: dict) -> list[tuple[str, str]]:
+    """`contrasts = [["learned-4x", "uniform-4x"], ...]`: pairs of two different arms (arm, against)."""
+    if not isinstance(contrasts, list) or not contrasts:
+        raise ValueError(f"{where}: contrasts must be a list of [arm, against] pairs, got {contrasts!r}")
+    pairs = []
+    for pair in contrasts:
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(a, str) for a in pair):
+            raise ValueError(f"{where}: contrasts: {pair!r} is not a pair of arm names [arm, against]")
+        for arm in pair:
+            if arm not in arms:
+                raise ValueError(f"{where}: contrasts: {arm!r} is not an arm{_close(arm, list(arms))}")
+        if pair[0] == pair[1]:
+            raise ValueError(f"{where}: contrasts: {pair!r} compares an arm with itself")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def learned_arms(grid: Grid) -> list[str]:
+    """Arms whose tower predicts its boundaries: DTP (compression > 1) without --forced-boundaries."""
+    configs = {arm: parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm) for arm in grid.arms}
+    return [arm for arm, c in configs.items() if c.forced_boundaries is None and (c.target_compression or 1) > 1]
+
+
+def check_alignment(where: str, table, grid: Grid) -> dict:
+    """An [alignment] table: arms (default: every learned-boundary arm), coco, num_images, draws, batch_size,
+    overlays (arms whose overlay_seed run gets overlay figures), overlay_seed, overlay_images."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: [alignment] must be a table ({', '.join(ALIGNMENT_KEYS)}), got {table!r}")
+    for key in table:
+        if key not in ALIGNMENT_KEYS:
+            raise ValueError(f"{where}: [alignment] unknown key {key!r}{_close(key, list(ALIGNMENT_KEYS))}; it "
+                             f"takes {', '.join(ALIGNMENT_KEYS)}")
+    spec = {**ALIGNMENT_KEYS, **table}
+    dtp = {arm for arm in grid.arms
+           if (parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm).target_compression or 1) > 1}
+    if spec["arms"] is None:
+        spec["arms"] = learned_arms(grid)
+    for key in ("arms", "overlays"):
+        if not isinstance(spec[key], list) or not all(isinstance(a, str) for a in spec[key]):
+            raise ValueError(f"{where}: [alignment] {key} must be a list of arm names, got {spec[key]!r}")
+        for arm in spec[key]:
+            if arm not in grid.arms:
+                raise ValueError(f"{where}: [alignment] {key}: {arm!r} is not an arm{_close(arm, list(grid.arms))}")
+            if arm not in dtp:
+                raise ValueError(f"{where}: [alignment] {key}: arm {arm!r} pools no tokens (compression 1): it has "
+                                 "no boundaries to align")
+    for key in ("draws", "batch_size", "overlay_seed", "num_images"):
+        value, least = spec[key], 0 if key == "overlay_seed" else 1
+        if key == "num_images" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{where}: [alignment] {key} must be an integer >= {least}, got {value!r}")
+    for key in ("coco", "overlay_images"):
+        if not isinstance(spec[key], str):
+            raise ValueError(f"{where}: [alignment] {key} must be a path, got {spec[key]!r}")
+    return spec
 
 
 def check_final(where: str, final) -> dict:
@@ -536,6 +611,55 @@ def time_runs(grid: Grid, out: Path) -> bool:
     return True
 
 
+def check_alignment_data(grid: Grid) -> None:
+    """[alignment]'s COCO folder (annotations/) and overlay photos exist before anything trains."""
+    if not grid.alignment:
+        return
+    coco = data_path(grid.alignment["coco"])
+    if not (coco / "annotations").is_dir():
+        raise FileNotFoundError(f"[alignment] coco: {coco} has no annotations/ folder (a COCO folder with "
+                                "annotations/instances_*.json and the image folders)")
+    if grid.alignment["overlays"] and not data_path(grid.alignment["overlay_images"]).is_dir():
+        raise FileNotFoundError(f"[alignment] overlay_images: folder not found: "
+                                f"{data_path(grid.alignment['overlay_images'])}")
+
+
+def align_runs(grid: Grid, out: Path) -> list[str]:
+    """[alignment]: each finished run of its arms without rows in alignment.csv gets them (`dtplib.viz.alignment`
+    of its last checkpoint on the COCO folder, with arm, seed, run and provenance columns); each `overlays` arm's
+    overlay_seed run, once finished, gets overlays/<arm>/ (`dtplib.viz.draw_overlays`). Returns the runs done."""
+    if not grid.alignment:
+        return []
+    from dtplib import viz
+
+    spec, epochs, path = grid.alignment, arm_epochs(grid), out / ALIGNMENT_FILE
+    done = set(pd.read_csv(path)["run"]) if path.is_file() else set()
+    finished = [(arm, seed) for arm, seed in grid.runs()
+                if epochs_done(out / "runs" / run_label(arm, seed)) >= epochs[arm]]
+    todo = [(a, s) for a, s in finished if a in spec["arms"] and run_label(a, s) not in done]
+    drawn = [(a, s) for a, s in finished if a in spec["overlays"] and s == spec["overlay_seed"]
+             and not (out / "overlays" / a / "overlays.png").is_file()]
+    threads = grid.shared.get("threads")
+    if (todo or drawn) and threads:
+        torch.set_num_threads(int(threads))
+    for arm, seed in todo:
+        label = run_label(arm, seed)
+        print(f"boundary alignment of {label}", flush=True)
+        checkpoint = out / "runs" / label / "checkpoints" / "epoch_latest.pt"
+        model, preprocess, _ = evaluate.load_model(checkpoint=checkpoint)
+        table = viz.alignment(model, preprocess, data_path(spec["coco"]), spec["num_images"], spec["batch_size"],
+                              spec["draws"])
+        table = table.assign(arm=arm, seed=seed, run=label, **run_info("cpu", "fp32", spec["batch_size"]))
+        append_csv(path, table.to_dict("records"))
+    for arm, seed in drawn:
+        label = run_label(arm, seed)
+        print(f"boundary overlays of {label}", flush=True)
+        model, preprocess, _ = evaluate.load_model(checkpoint=out / "runs" / label / "checkpoints" / "epoch_latest.pt")
+        viz.draw_overlays(model, preprocess, data_path(spec["overlay_images"]), out / "overlays" / arm,
+                          batch_size=spec["batch_size"])
+    return [run_label(a, s) for a, s in todo]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. Reading the runs back
 
@@ -702,7 +826,118 @@ def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, in
                 differences = [own.at[s, metric] - ref.at[s, metric] for s in pairs[arm]]
                 cells.append(_cell(*t_interval(differences)[:3], marked=True))
             lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines += contrast_lines(contrast_table(grid, runs))
+    lines += alignment_lines(grid, out)
     return "\n".join(lines) + "\n"
+
+
+def value_at(curve: pd.DataFrame, axis: str, metric: str, cost: float) -> float:
+    """A run's per-epoch `metric` at `cost` along `axis` (a cumulative runs.csv column), linearly interpolated
+    between its evaluations; NaN before the first evaluation or past the last."""
+    points = curve[[axis, metric]].dropna().sort_values(axis)
+    if points.empty or not points[axis].iloc[0] <= cost <= points[axis].iloc[-1]:
+        return float("nan")
+    return float(np.interp(cost, points[axis].to_numpy(float), points[metric].to_numpy(float)))
+
+
+CONTRAST_COLUMNS = ("contrast", "arm", "against", "at", "cost", "metric", "pairs", "difference", "ci_low", "ci_high",
+                    "excludes_zero")
+
+
+def contrast_table(grid: Grid, runs: pd.DataFrame) -> pd.DataFrame:
+    """contrasts.csv: for each `contrasts` pair (arm, against), arm − against on each seed both completed, mean and
+    95% t-interval over those seeds (`dtplib.stats.t_interval`), for
+
+    - at = "last epoch": every summary metric of the last epoch;
+    - at = "equal <axis>" for each cost axis (cumulative training step time, training GMACs): the figure metrics
+      (the per-epoch evaluations) of both runs read off their curves at the same cost, the smaller of the two
+      runs' final costs (linear interpolation between epochs; `cost` is its mean over the seeds): the cheaper
+      run's final value against what the dearer run had reached when it had spent as much.
+    """
+    if not grid.contrasts or runs.empty or not runs["complete"].astype(bool).any():
+        return pd.DataFrame(columns=list(CONTRAST_COLUMNS))
+    last = plots.last_epochs(runs)
+    complete = runs[runs["complete"].astype(bool)]
+    metrics, curves = metric_columns(runs, grid.metrics), figure_metrics(grid, runs)
+    rows = []
+
+    def add(base: dict, at: str, cost: float, metric: str, differences: list[float]) -> None:
+        mean, low, high, n = t_interval(differences)
+        rows.append({**base, "at": at, "cost": cost, "metric": metric, "pairs": n, "difference": mean, "ci_low": low,
+                     "ci_high": high, "excludes_zero": bool(low > 0 or high < 0)})
+
+    for arm, against in grid.contrasts:
+        own, other = (last[last["arm"] == a].set_index("seed") for a in (arm, against))
+        pairs = sorted(set(own.index) & set(other.index))
+        base = {"contrast": f"{arm} − {against}", "arm": arm, "against": against}
+        for metric in metrics:
+            add(base, "last epoch", float("nan"), metric, [own.at[s, metric] - other.at[s, metric] for s in pairs])
+        for axis in (a for a in COST_AXES if a in runs):
+            for metric in curves:
+                differences, costs = [], []
+                for seed in pairs:
+                    first, second = (complete[(complete["arm"] == a) & (complete["seed"] == seed)]
+                                     for a in (arm, against))
+                    cost = float(min(first[axis].max(), second[axis].max()))
+                    differences.append(value_at(first, axis, metric, cost) - value_at(second, axis, metric, cost))
+                    costs.append(cost)
+                add(base, f"equal {axis}", float(np.mean(costs)) if costs else float("nan"), metric, differences)
+    return pd.DataFrame(rows, columns=list(CONTRAST_COLUMNS))
+
+
+def contrast_lines(table: pd.DataFrame) -> list[str]:
+    """summary.md's contrast tables: one per `at`, a row per metric, a column per contrast."""
+    if table.empty:
+        return []
+    lines = ["", "## Contrasts: paired differences over seeds", "",
+             "arm − against on each seed that both completed, mean [95% t-interval over those seeds]; * marks an "
+             "interval that excludes 0. At equal cost, both runs' per-epoch evaluations (validation split) are read "
+             "off their curves where both had spent the same: the smaller of the two final costs (its mean over "
+             "the seeds in the header), linear between epochs."]
+    contrasts = list(dict.fromkeys(table["contrast"]))
+    for at, block in table.groupby("at", sort=False):
+        lines += ["", f"### At {at}", ""]
+        heads = []
+        for contrast in contrasts:
+            rows = block[block["contrast"] == contrast]
+            cost = rows["cost"].iloc[0] if len(rows) else float("nan")
+            heads.append(f"{contrast} (pairs={int(rows['pairs'].max()) if len(rows) else 0}"
+                         + (f", at {cost:.4g}" if np.isfinite(cost) else "") + ")")
+        lines += ["| metric | " + " | ".join(heads) + " |", "| --- |" + " --- |" * len(contrasts)]
+        for metric in dict.fromkeys(block["metric"]):
+            cells = []
+            for contrast in contrasts:
+                row = block[(block["contrast"] == contrast) & (block["metric"] == metric)]
+                cells.append(_cell(*row[["difference", "ci_low", "ci_high"]].iloc[0], marked=True) if len(row) else "–")
+            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def alignment_lines(grid: Grid, out: Path) -> list[str]:
+    """summary.md's alignment table, from alignment.csv, and the overlay figures drawn."""
+    path = out / ALIGNMENT_FILE
+    if not grid.alignment or not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    lines = ["", "## Boundary alignment with COCO object outlines", "",
+             f"Each finished run's eval-time boundaries on `{grid.alignment['coco']}` (`dtplib.viz.alignment`): the "
+             "share of an image's boundaries that fall between patches covered by different sets of objects, mean "
+             "over images [95% bootstrap interval over images], next to uniform and random boundaries with the same "
+             "count per image and the chance rate.", "",
+             "| run | learned | uniform (same count) | random (same count) | chance | boundaries per image | images |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run, rows in frame.groupby("run", sort=False):
+        kinds = {r["boundaries"]: r for _, r in rows.iterrows()}
+        cells = [_cell(k["alignment"], k["ci low"], k["ci high"]) if k is not None else "–"
+                 for k in (kinds.get(n) for n in ("learned", "uniform (same count)", "random (same count)"))]
+        first = rows.iloc[0]
+        lines.append(f"| {run} | " + " | ".join(cells) + f" | {first['chance']:.4g} | "
+                     f"{first['boundaries per image']:.3g} | {int(first['images'])} |")
+    drawn = [arm for arm in grid.alignment["overlays"] if (out / "overlays" / arm / "overlays.png").is_file()]
+    if drawn:
+        lines += ["", "Overlays (seed " + str(grid.alignment["overlay_seed"]) + "): "
+                  + ", ".join(f"`overlays/{arm}/overlays.png`" for arm in drawn) + "."]
+    return lines
 
 
 def timing_lines(grid: Grid, out: Path) -> list[str]:
@@ -739,6 +974,8 @@ def write_report(grid: Grid, out: Path, command: str) -> pd.DataFrame:
     runs = collect(grid, out)
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
     atomic_write_text(out / "summary.md", summary_markdown(grid, runs, out, command, info))
+    if grid.contrasts:
+        atomic_write_text(out / CONTRASTS_FILE, contrast_table(grid, runs).to_csv(index=False))
     for metric in figure_metrics(grid, runs) if not runs.empty else []:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.replace("@", "_at_"))
         figure = plots.accuracy_curves(plots.metric_curves(runs, metric), metric)
@@ -784,15 +1021,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
             commands.append(shlex.join(command))
         print("\n".join(commands))
         return {"commands": commands}
-    trained, evaluated, timed = [], [], False
+    trained, evaluated, timed, aligned = [], [], False, []
     if not args.report_only:
         check_final_data(grid)
+        check_alignment_data(grid)
         trained, evaluated = run_grid(grid, out, args.arms, args.seeds, args.max_runs)
         timed = time_runs(grid, out)
+        aligned = align_runs(grid, out)
     runs = write_report(grid, out, f"python -m dtplib.experiment --grid {shown_path(grid.path)} --out {args.out}")
     print(f"trained {len(trained)} runs and evaluated {len(evaluated)} this call; {out / 'runs.csv'}, "
           f"{out / 'summary.md'}")
-    return {"trained": trained, "evaluated": evaluated, "timed": timed, "runs": runs, "out": out}
+    return {"trained": trained, "evaluated": evaluated, "timed": timed, "aligned": aligned, "runs": runs, "out": out}
 
 
 if __name__ == "__main__":

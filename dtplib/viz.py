@@ -311,6 +311,29 @@ def alignment(model: torch.nn.Module, preprocess, coco_dir: str | Path = COCO_MI
                         grid=f"{tower.grid[0]}x{tower.grid[1]}", patch_size=tower.patch_embed.patch_size[0])
 
 
+def draw_overlays(model: torch.nn.Module, preprocess, images_dir: str | Path, out: str | Path, num_images: int = 64,
+                  shown: int = 6, grid: int = 24, batch_size: int = 64) -> Path:
+    """overlays.png (segments, boundary probabilities, tokens kept), token_grid.png and tokens_hist.png in `out`
+    for the first `num_images` photos (sorted names) of a folder, as the model reads them at eval time."""
+    from matplotlib import pyplot
+
+    from .utils import load_photos
+
+    images, _ = load_photos(images_dir, num_images, preprocess)
+    record = trace_batches(model, images, batch_size)
+    mean, std = input_normalization(model)
+    tower = get_tower(model)
+    out = Path(out)
+    for name, figure in (("overlays.png", boundary_figure(images, record, mean, std, count=shown)),
+                         ("token_grid.png", token_grid(images, record, mean, std, count=grid)),
+                         ("tokens_hist.png", tokens_histogram(record.tokens, tower.num_patches,
+                                                              tower.dtp.compression))):
+        save_figure(figure, out / name)
+        if not isinstance(figure, np.ndarray):
+            pyplot.close(figure)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. Command line
 
@@ -357,7 +380,6 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
         parser.error(f"checkpoint not found: {args.checkpoint}")
 
     model, preprocess, _ = load_model(args.model, args.checkpoint)
-    tower = get_tower(model)
     if args.checkpoint is None:
         print(UNTRAINED, file=sys.stderr)
     if args.command == "align":
@@ -368,15 +390,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
                           **run_info("cpu", "fp32", args.batch_size)}
             append_csv(repo_path(args.output), table.assign(**provenance).to_dict("records"))
         return table
-    from .utils import load_photos
-
-    images, _ = load_photos(args.images, args.num_images, preprocess)
-    record = trace_batches(model, images, args.batch_size)
-    mean, std = input_normalization(model)
-    out = repo_path(args.out)
-    save_figure(boundary_figure(images, record, mean, std, count=args.shown), out / "overlays.png")
-    save_figure(token_grid(images, record, mean, std, count=args.grid), out / "token_grid.png")
-    save_figure(tokens_histogram(record.tokens, tower.num_patches, tower.dtp.compression), out / "tokens_hist.png")
+    out = draw_overlays(model, preprocess, args.images, repo_path(args.out), args.num_images, args.shown, args.grid,
+                        args.batch_size)
     print(f"wrote overlays.png, token_grid.png, tokens_hist.png to {out}")
     return None
 

@@ -22,6 +22,7 @@ SAMPLE = REPO_ROOT / "data" / "sample"
 GRID = f"""
 reference = "1x"
 seeds = [0, 1]
+contrasts = [["4x", "1x"]]
 
 [shared]
 model = "ViT-Ti-8-64"
@@ -43,6 +44,11 @@ bootstrap = 20
 steps = 2
 warmup = 1
 batch_size = 4
+
+[alignment]
+num_images = 12
+draws = 3
+overlays = ["4x"]
 
 [arms.1x]
 compression = 1
@@ -108,6 +114,27 @@ def test_a_grid_trains_every_run_and_reports(finished):
     assert timed.loc["4x", "analytic_bound"] > 1 and timed.loc["1x", "realised_compression"] == 1
     assert (out / "curves_text_to_image_R_at_10.png").stat().st_size > 0
     assert (out / "runs" / "4x-seed1" / "epochs.csv").is_file()
+    # [alignment]: the learned arm's runs on COCO-mini, each once, and the overlays of its seed-0 run
+    assert result["aligned"] == ["4x-seed0", "4x-seed1"]
+    aligned = pd.read_csv(out / "alignment.csv")
+    assert aligned.groupby("run")["boundaries"].apply(list).to_dict() == {
+        run: ["learned", "uniform (same count)", "random (same count)"] for run in ("4x-seed0", "4x-seed1")}
+    assert (aligned["images"] > 0).all() and aligned["alignment"].between(0, 1).all()
+    assert (aligned["ci low"] <= aligned["alignment"]).all() and (aligned["alignment"] <= aligned["ci high"]).all()
+    assert "## Boundary alignment with COCO object outlines" in summary and "| 4x-seed1 |" in summary
+    assert (out / "overlays" / "4x" / "overlays.png").stat().st_size > 0
+    assert "`overlays/4x/overlays.png`" in summary
+    # contrasts: the paired differences by hand, at the last epoch and at equal training cost
+    contrasts = pd.read_csv(out / "contrasts.csv")
+    last = contrasts[(contrasts["at"] == "last epoch") & (contrasts["metric"] == "text_to_image_R@10")].iloc[0]
+    by_seed = runs.set_index(["arm", "seed"])["text_to_image_R@10"]
+    differences = [by_seed[("4x", s)] - by_seed[("1x", s)] for s in (0, 1)]
+    assert last["pairs"] == 2 and last["difference"] == pytest.approx(sum(differences) / 2)
+    assert (last["ci_low"], last["ci_high"]) == pytest.approx(stats.t_interval(differences)[1:3])
+    assert set(contrasts["at"]) == {"last epoch", "equal train_time_s", "equal train_gmacs"}
+    equal = contrasts[(contrasts["at"] == "equal train_gmacs")].iloc[0]  # one epoch each: both end at one point,
+    assert equal["cost"] == pytest.approx(runs.loc[runs["arm"] == "4x", "train_gmacs"].mean())  # the 4x run's cost
+    assert "## Contrasts: paired differences over seeds" in summary and "### At equal train_gmacs" in summary
     assert "checkpoints" in (out / ".gitignore").read_text()
 
 
@@ -118,7 +145,7 @@ def test_a_second_call_trains_nothing(finished):
     assert len(steps) == 8
     before = pd.read_csv(out / "runs.csv")
     again = experiment.main(["--grid", str(grid), "--out", str(out)])
-    assert again["trained"] == again["evaluated"] == [] and not again["timed"]
+    assert again["trained"] == again["evaluated"] == again["aligned"] == [] and not again["timed"]
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in steps} == steps
     pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), before)
 
@@ -132,7 +159,7 @@ def test_the_report_takes_its_provenance_before_it_writes(finished, monkeypatch)
     monkeypatch.setattr(experiment, "run_info", lambda *a, **k: events.append("info") or real_info(*a, **k))
     monkeypatch.setattr(experiment, "atomic_write_text", lambda *a, **k: events.append("write") or real_write(*a, **k))
     experiment.main(["--grid", str(grid), "--out", str(out), "--report-only"])
-    assert events[0] == "info" and events.count("info") == 1 and events.count("write") == 2
+    assert events[0] == "info" and events.count("info") == 1 and events.count("write") == 3  # runs, summary, contrasts
 
 
 def test_a_killed_grid_resumes_to_the_same_rows(finished, tmp_path):
@@ -187,6 +214,12 @@ def test_a_run_folder_with_other_flags_is_refused(finished, tmp_path):
     (("bootstrap = 20", 'bootstrap = "many"'), r"\[final\]: argument --bootstrap: invalid int value"),
     (("steps = 2", "steps = 0"), r"\[timing\] steps must be an integer >= 1"),
     (("steps = 2", "step = 2"), r"\[timing\] unknown key 'step'.*did you mean 'steps'"),
+    (('[["4x", "1x"]]', '[["4x", "2x"]]'), r"contrasts: '2x' is not an arm"),
+    (('[["4x", "1x"]]', '[["4x", "4x"]]'), "compares an arm with itself"),
+    (('[["4x", "1x"]]', '["4x", "1x"]'), "is not a pair of arm names"),
+    (('overlays = ["4x"]', 'overlays = ["1x"]'), r"\[alignment\] overlays: arm '1x' pools no tokens"),
+    (("draws = 3", "draw = 3"), r"\[alignment\] unknown key 'draw'.*did you mean 'draws'"),
+    (("draws = 3", "draws = 0"), r"\[alignment\] draws must be an integer >= 1"),
 ])
 def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
     grid = write_grid(tmp_path, GRID.replace(*edit))
@@ -225,6 +258,9 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     comparison = experiment.load_grid("experiments/flickr8k_ti.toml")
     runs = comparison.runs()
     assert len(runs) == 27 and runs.count(("1x", 2)) == 1 and ("flip-75", 2) not in runs
+    assert comparison.alignment["arms"] == ["learned-4x", "learned-4x-image-prior", "topk-4x", "learned-4x-hilbert",
+                                            "learned-10x"]  # the learned arms, found from their flags
+    assert ("learned-4x", "uniform-4x") in comparison.contrasts
     config = experiment.parse_options(comparison.options("pool-2x2", 2), "pool-2x2")
     assert (config.forced_boundaries, config.patch_order, config.execution) == (4, "hilbert", "packed")
     b32 = experiment.main(["--grid", "experiments/b32_laion.toml", "--out", str(tmp_path / "b32"), "--dry-run",
@@ -241,6 +277,29 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     config = experiment.parse_options(upsampling.options("normalised", 1), "normalised")
     assert (config.model, config.upsample_weights, upsampling.reference) == (
         "DTP-ViT-Ti-8-64-4x-up", "normalised", "straight-through")
+
+
+def test_equal_cost_reads_both_curves_where_both_spent_the_same():
+    """value_at interpolates a run's per-epoch metric along a cost axis; contrast_table pairs seeds and reads both
+    runs at the smaller final cost."""
+    curve = pd.DataFrame({"train_time_s": [10.0, 20.0, 30.0], "acc": [0.1, 0.3, float("nan")]})
+    assert experiment.value_at(curve, "train_time_s", "acc", 15.0) == pytest.approx(0.2)
+    assert math.isnan(experiment.value_at(curve, "train_time_s", "acc", 5.0))  # before the first evaluation
+    assert math.isnan(experiment.value_at(curve, "train_time_s", "acc", 25.0))  # past the last one with a value
+    rows = []
+    for arm, seconds, acc in (("fast", 5.0, [0.2, 0.4]), ("slow", 10.0, [0.1, 0.5])):
+        for seed in (0, 1):
+            for epoch in (0, 1):
+                rows.append({"arm": arm, "seed": seed, "epoch": epoch, "complete": True,
+                             "train_time_s": seconds * (epoch + 1), "acc": acc[epoch] + seed / 10})
+    grid = experiment.Grid(Path("g.toml"), [0, 1], {}, {"fast": {}, "slow": {}}, metrics=["acc"],
+                           figure_metrics=["acc"], contrasts=[("fast", "slow")])
+    table = experiment.contrast_table(grid, pd.DataFrame(rows)).set_index("at")
+    assert table.loc["last epoch", "difference"] == pytest.approx(-0.1)  # 0.4 - 0.5 on both seeds
+    assert table.loc["last epoch", "pairs"] == 2 and table.loc["last epoch", "excludes_zero"]
+    # at 10 s the fast run has finished (0.4) and the slow one has done its first epoch (0.1): +0.3 on both seeds
+    equal = table.loc["equal train_time_s"]
+    assert equal["cost"] == 10 and equal["difference"] == pytest.approx(0.3) and equal["excludes_zero"]
 
 
 def test_t_interval():
