@@ -310,10 +310,21 @@ def check_contrasts(where: str, contrasts, arms: dict) -> list[tuple[str, str]]:
     return pairs
 
 
+def pooling_arms(grid: Grid) -> dict[str, bool]:
+    """The arms whose tower pools tokens (DTP at compression > 1, by --compression, --forced-boundaries or a
+    DTP-ViT-* name), each with whether it predicts its boundaries (no --forced-boundaries)."""
+    arms = {}
+    for arm in grid.arms:
+        config = parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm)
+        compression = resolve_model(config.model, config.target_compression, config.upsample)[1]
+        if compression is not None and compression > 1:
+            arms[arm] = config.forced_boundaries is None
+    return arms
+
+
 def learned_arms(grid: Grid) -> list[str]:
     """Arms whose tower predicts its boundaries: DTP (compression > 1) without --forced-boundaries."""
-    configs = {arm: parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm) for arm in grid.arms}
-    return [arm for arm, c in configs.items() if c.forced_boundaries is None and (c.target_compression or 1) > 1]
+    return [arm for arm, learned in pooling_arms(grid).items() if learned]
 
 
 def check_alignment(where: str, table, grid: Grid) -> dict:
@@ -326,8 +337,7 @@ def check_alignment(where: str, table, grid: Grid) -> dict:
             raise ValueError(f"{where}: [alignment] unknown key {key!r}{_close(key, list(ALIGNMENT_KEYS))}; it "
                              f"takes {', '.join(ALIGNMENT_KEYS)}")
     spec = {**ALIGNMENT_KEYS, **table}
-    dtp = {arm for arm in grid.arms
-           if (parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm).target_compression or 1) > 1}
+    dtp = pooling_arms(grid)
     if spec["arms"] is None:
         spec["arms"] = learned_arms(grid)
     for key in ("arms", "overlays"):

@@ -261,6 +261,9 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     assert comparison.alignment["arms"] == ["learned-4x", "learned-4x-image-prior", "topk-4x", "learned-4x-hilbert",
                                             "learned-10x"]  # the learned arms, found from their flags
     assert ("learned-4x", "uniform-4x") in comparison.contrasts
+    named = experiment.load_grid(write_grid(tmp_path, GRID.replace("compression = 4", 'model = "DTP-ViT-Ti-8-64-4x"'),
+                                            "named.toml"))  # a DTP-ViT-* name pools without --compression
+    assert named.alignment["arms"] == ["4x"] and experiment.pooling_arms(named) == {"4x": True}
     config = experiment.parse_options(comparison.options("pool-2x2", 2), "pool-2x2")
     assert (config.forced_boundaries, config.patch_order, config.execution) == (4, "hilbert", "packed")
     b32 = experiment.main(["--grid", "experiments/b32_laion.toml", "--out", str(tmp_path / "b32"), "--dry-run",
