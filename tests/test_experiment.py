@@ -258,6 +258,7 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     comparison = experiment.load_grid("experiments/flickr8k_ti.toml")
     runs = comparison.runs()
     assert len(runs) == 27 and runs.count(("1x", 2)) == 1 and ("flip-75", 2) not in runs
+    assert ("topk-4x", 2) in runs and ("learned-4x", 2) not in runs  # the best learned mode has the third seed
     assert comparison.alignment["arms"] == ["learned-4x", "learned-4x-image-prior", "topk-4x", "learned-4x-hilbert",
                                             "learned-10x"]  # the learned arms, found from their flags
     assert ("learned-4x", "uniform-4x") in comparison.contrasts
