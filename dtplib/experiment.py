@@ -652,6 +652,7 @@ def align_runs(grid: Grid, out: Path) -> list[str]:
     threads = grid.shared.get("threads")
     if (todo or drawn) and threads:
         torch.set_num_threads(int(threads))
+    provenance = run_info("cpu", "fp32", spec["batch_size"])  # before the first append dirties alignment.csv
     for arm, seed in todo:
         label = run_label(arm, seed)
         print(f"boundary alignment of {label}", flush=True)
@@ -659,7 +660,7 @@ def align_runs(grid: Grid, out: Path) -> list[str]:
         model, preprocess, _ = evaluate.load_model(checkpoint=checkpoint)
         table = viz.alignment(model, preprocess, data_path(spec["coco"]), spec["num_images"], spec["batch_size"],
                               spec["draws"])
-        table = table.assign(arm=arm, seed=seed, run=label, **run_info("cpu", "fp32", spec["batch_size"]))
+        table = table.assign(arm=arm, seed=seed, run=label, **provenance)
         append_csv(path, table.to_dict("records"))
     for arm, seed in drawn:
         label = run_label(arm, seed)
