@@ -547,22 +547,46 @@ def arm_epochs(grid: Grid) -> dict[str, int]:
     return {arm: parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm).epochs for arm in grid.arms}
 
 
+def last_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint that [final], [timing] and [alignment] read: the run's epoch_latest.pt."""
+    return run_dir / "checkpoints" / "epoch_latest.pt"
+
+
 def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
              max_runs: int | None = None) -> tuple[list[str], list[str]]:
-    """Train the selected runs that are not finished (at most `max_runs` of them), then give every finished one
-    without its final.json the [final] evaluation; returns the labels trained and evaluated."""
+    """Train the selected runs that are not finished (at most `max_runs` of them), each followed at once by its
+    [final] evaluation (a session cut off later keeps it: checkpoints are not committed), then evaluate every other
+    finished one without its final.json; returns the labels trained and evaluated. A finished run that still needs
+    its evaluation but whose checkpoint is gone is refused before anything trains."""
     runs_dir = out / "runs"
     selected = grid.runs(arms, seeds)
     epochs = arm_epochs(grid)
+
+    def final_due(arm: str, seed: int) -> bool:
+        run_dir = runs_dir / run_label(arm, seed)
+        return bool(grid.final) and epochs_done(run_dir) >= epochs[arm] and not (run_dir / FINAL_FILE).is_file()
+
     todo = []
     for arm, seed in selected:
         run_dir = runs_dir / run_label(arm, seed)
         check_same_run(grid, arm, seed, run_dir)
         if epochs_done(run_dir) < epochs[arm]:
             todo.append((arm, seed))
+        elif final_due(arm, seed) and not last_checkpoint(run_dir).is_file():
+            raise ValueError(f"{shown_path(run_dir)} is finished but has no {FINAL_FILE}, and the checkpoint its "
+                             f"[final] evaluation reads is gone ({last_checkpoint(run_dir).relative_to(run_dir)}: "
+                             "checkpoints are not committed): delete that run folder to retrain it")
     if max_runs is not None:
         todo = todo[:max_runs]
-    trained = []
+    trained, evaluated = [], []
+
+    def evaluate_run(arm: str, seed: int) -> None:
+        label = run_label(arm, seed)
+        print(f"final evaluation of {label}", flush=True)
+        run_child("dtplib.evaluate", final_argv(grid.final, last_checkpoint(runs_dir / label),
+                                                runs_dir / label / FINAL_FILE), label)
+        evaluated.append(label)
+
     if todo:
         prepare_data(grid)
         check_runs(grid, todo, runs_dir)
@@ -576,15 +600,11 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
             raise RunFailed(f"run {label} ended with {done} of {epochs[arm]} epochs in its epochs.csv (its flags "
                             "stop it early, e.g. --max-steps?)")
         trained.append(label)
-    evaluated = []
-    for arm, seed in selected if grid.final else []:
-        label = run_label(arm, seed)
-        run_dir = runs_dir / label
-        if epochs_done(run_dir) >= epochs[arm] and not (run_dir / FINAL_FILE).is_file():
-            print(f"final evaluation of {label}", flush=True)
-            run_child("dtplib.evaluate", final_argv(grid.final, run_dir / "checkpoints" / "epoch_latest.pt",
-                                                    run_dir / FINAL_FILE), label)
-            evaluated.append(label)
+        if final_due(arm, seed):
+            evaluate_run(arm, seed)
+    for arm, seed in selected:  # finished earlier, their evaluation not (a grid killed while it evaluated)
+        if final_due(arm, seed):
+            evaluate_run(arm, seed)
     return trained, evaluated
 
 
@@ -595,7 +615,7 @@ def timed_runs(grid: Grid, out: Path) -> dict[str, Path]:
     for arm, run_dir in runs.items():
         if epochs_done(run_dir) < epochs[arm]:
             return {}
-    return {arm: run_dir / "checkpoints" / "epoch_latest.pt" for arm, run_dir in runs.items()}
+    return {arm: last_checkpoint(run_dir) for arm, run_dir in runs.items()}
 
 
 def time_runs(grid: Grid, out: Path) -> bool:
@@ -634,6 +654,32 @@ def check_alignment_data(grid: Grid) -> None:
                                 f"{data_path(grid.alignment['overlay_images'])}")
 
 
+def alignment_due(grid: Grid, out: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """[alignment]'s work left: the finished runs of its arms without rows in alignment.csv, and the finished
+    overlay runs without their overlays.png."""
+    spec, epochs, path = grid.alignment, arm_epochs(grid), out / ALIGNMENT_FILE
+    done = set(pd.read_csv(path)["run"]) if path.is_file() else set()
+    finished = [(arm, seed) for arm, seed in grid.runs()
+                if epochs_done(out / "runs" / run_label(arm, seed)) >= epochs[arm]]
+    todo = [(a, s) for a, s in finished if a in spec["arms"] and run_label(a, s) not in done]
+    drawn = [(a, s) for a, s in finished if a in spec["overlays"] and s == spec["overlay_seed"]
+             and not (out / "overlays" / a / "overlays.png").is_file()]
+    return todo, drawn
+
+
+def check_alignment_checkpoints(grid: Grid, out: Path) -> None:
+    """Every finished run that [alignment] still has to read keeps its last checkpoint (checked before training)."""
+    if not grid.alignment:
+        return
+    todo, drawn = alignment_due(grid, out)
+    for arm, seed in dict.fromkeys([*todo, *drawn]):
+        run_dir = out / "runs" / run_label(arm, seed)
+        if not last_checkpoint(run_dir).is_file():
+            raise ValueError(f"{shown_path(run_dir)} is finished, but the checkpoint its [alignment] reads is gone "
+                             f"({last_checkpoint(run_dir).relative_to(run_dir)}: checkpoints are not committed): "
+                             "delete that run folder to retrain it")
+
+
 def align_runs(grid: Grid, out: Path) -> list[str]:
     """[alignment]: each finished run of its arms without rows in alignment.csv gets them (`dtplib.viz.alignment`
     of its last checkpoint on the COCO folder, with arm, seed, run and provenance columns); each `overlays` arm's
@@ -642,13 +688,8 @@ def align_runs(grid: Grid, out: Path) -> list[str]:
         return []
     from dtplib import viz
 
-    spec, epochs, path = grid.alignment, arm_epochs(grid), out / ALIGNMENT_FILE
-    done = set(pd.read_csv(path)["run"]) if path.is_file() else set()
-    finished = [(arm, seed) for arm, seed in grid.runs()
-                if epochs_done(out / "runs" / run_label(arm, seed)) >= epochs[arm]]
-    todo = [(a, s) for a, s in finished if a in spec["arms"] and run_label(a, s) not in done]
-    drawn = [(a, s) for a, s in finished if a in spec["overlays"] and s == spec["overlay_seed"]
-             and not (out / "overlays" / a / "overlays.png").is_file()]
+    spec, path = grid.alignment, out / ALIGNMENT_FILE
+    todo, drawn = alignment_due(grid, out)
     threads = grid.shared.get("threads")
     if (todo or drawn) and threads:
         torch.set_num_threads(int(threads))
@@ -656,8 +697,7 @@ def align_runs(grid: Grid, out: Path) -> list[str]:
     for arm, seed in todo:
         label = run_label(arm, seed)
         print(f"boundary alignment of {label}", flush=True)
-        checkpoint = out / "runs" / label / "checkpoints" / "epoch_latest.pt"
-        model, preprocess, _ = evaluate.load_model(checkpoint=checkpoint)
+        model, preprocess, _ = evaluate.load_model(checkpoint=last_checkpoint(out / "runs" / label))
         table = viz.alignment(model, preprocess, data_path(spec["coco"]), spec["num_images"], spec["batch_size"],
                               spec["draws"])
         table = table.assign(arm=arm, seed=seed, run=label, **provenance)
@@ -665,7 +705,7 @@ def align_runs(grid: Grid, out: Path) -> list[str]:
     for arm, seed in drawn:
         label = run_label(arm, seed)
         print(f"boundary overlays of {label}", flush=True)
-        model, preprocess, _ = evaluate.load_model(checkpoint=out / "runs" / label / "checkpoints" / "epoch_latest.pt")
+        model, preprocess, _ = evaluate.load_model(checkpoint=last_checkpoint(out / "runs" / label))
         viz.draw_overlays(model, preprocess, data_path(spec["overlay_images"]), out / "overlays" / arm,
                           batch_size=spec["batch_size"])
     return [run_label(a, s) for a, s in todo]
@@ -1036,6 +1076,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.report_only:
         check_final_data(grid)
         check_alignment_data(grid)
+        check_alignment_checkpoints(grid, out)
         trained, evaluated = run_grid(grid, out, args.arms, args.seeds, args.max_runs)
         timed = time_runs(grid, out)
         aligned = align_runs(grid, out)

@@ -5,6 +5,7 @@ checks that fail before any training."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,15 +183,34 @@ def test_a_killed_grid_resumes_to_the_same_rows(finished, tmp_path):
         process.wait()
     assert experiment.epochs_done(out / "runs" / "1x-seed0") == 1
     assert experiment.epochs_done(out / "runs" / "4x-seed0") == 0
+    assert (out / "runs" / "1x-seed0" / "final.json").is_file()  # each run is evaluated before the next trains
     result = experiment.main(command[3:])
-    assert result["trained"] == ["4x-seed0"]
-    assert result["evaluated"] == ["1x-seed0", "4x-seed0"]  # final evaluations come after the piece's training
+    assert result["trained"] == result["evaluated"] == ["4x-seed0"]
     resumed, expected = (pd.read_csv(folder / "runs.csv") for folder in (out, reference))
     keys = ["arm", "seed", "epoch", "epochs_done", "complete", "final_text_to_image_R@10", "final_val_loss"]
     expected = expected[expected["seed"] == 0].reset_index(drop=True)
     pd.testing.assert_frame_equal(resumed[keys + METRICS], expected[keys + METRICS], check_exact=True)
     summary = (out / "summary.md").read_text()
     assert "Runs complete: 2 of 4." in summary and "Not started: 1x-seed1, 4x-seed1." in summary
+
+
+@pytest.mark.parametrize("lost", ["final", "alignment"])
+def test_a_finished_run_whose_checkpoint_is_gone_is_refused_before_training(finished, tmp_path, lost):
+    """A grid's results copied without their checkpoints (they are not committed): a run that still needs its
+    [final] evaluation or its [alignment] rows is named, with the way out, before anything trains."""
+    grid, reference, _ = finished
+    out = tmp_path / "out"
+    shutil.copytree(reference, out, ignore=shutil.ignore_patterns("checkpoints"))
+    if lost == "final":
+        (out / "runs" / "4x-seed1" / "final.json").unlink()
+    else:
+        alignment = pd.read_csv(out / "alignment.csv")
+        alignment[alignment["run"] != "4x-seed1"].to_csv(out / "alignment.csv", index=False)
+    (out / "runs" / "1x-seed1" / "epochs.csv").unlink()  # an unfinished run that would train first
+    with pytest.raises(ValueError, match=rf"runs/4x-seed1 is finished.*{lost if lost == 'final' else 'alignment'}.*"
+                                         r"checkpoints/epoch_latest.pt.*delete that run folder"):
+        experiment.main(["--grid", str(grid), "--out", str(out)])
+    assert not (out / "runs" / "1x-seed1" / "epochs.csv").exists()
 
 
 def test_a_run_folder_with_other_flags_is_refused(finished, tmp_path):
