@@ -406,9 +406,13 @@ def final_argv(final: dict, checkpoint: str | Path, output: str | Path) -> list[
 
 
 def check_final_data(grid: Grid) -> None:
-    """The [final] data exists (and class folders are not empty) before anything trains."""
+    """The [final] data exists (and class folders are not empty) before anything trains; paths inside the folder
+    that [data.from_captions] writes are left to that step (a fresh clone has not made its shards yet)."""
     if grid.final:
-        paths = resolved({k: v for k, v in grid.final.items() if k in FINAL_PATH_FLAGS}, FINAL_PATH_FLAGS)
+        made = data_path(grid.data["from_captions"]["out"]).resolve() if grid.data else None
+        paths = {key: path for key, path in resolved({k: v for k, v in grid.final.items() if k in FINAL_PATH_FLAGS},
+                                                     FINAL_PATH_FLAGS).items()
+                 if made is None or not Path(path).resolve().is_relative_to(made)}
         evaluate.check_data(paths.get("zeroshot_data"), paths.get("imagenet_val"), paths.get("val_data"),
                             bool(grid.final.get("zeroshot_skip_empty")), paths.get("probe_data"))
 
@@ -587,8 +591,9 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
                                                 runs_dir / label / FINAL_FILE), label)
         evaluated.append(label)
 
-    if todo:
+    if todo or any(final_due(arm, seed) for arm, seed in selected):  # [final] may read the shards it makes
         prepare_data(grid)
+    if todo:
         check_runs(grid, todo, runs_dir)
         atomic_write_text(out / ".gitignore", "runs/*/checkpoints/\nruns/*/tensorboard/\n")
     for index, (arm, seed) in enumerate(todo):

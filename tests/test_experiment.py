@@ -361,3 +361,38 @@ compression = 4
     with pytest.raises(ValueError, match="nproc_per_node must be an integer >= 1"):
         experiment.load_grid(write_grid(tmp_path, GRID.replace('reference = "1x"',
                                                                'reference = "1x"\nnproc_per_node = 0')))
+
+
+def test_a_fresh_clone_prepares_the_shards_its_final_evaluation_reads(tmp_path):
+    """[final] on the test split that [data.from_captions] writes: on a fresh clone those shards do not exist yet,
+    so the driver prepares them before it checks or reads them (48 Flickr8k photos, one run of one epoch)."""
+    flickr = data_path("$DTPLIB_DATA/flickr8k")
+    shards = tmp_path / "shards"
+    grid = write_grid(tmp_path, f"""
+seeds = [0]
+[data.from_captions]
+images = "{flickr / 'images'}"
+captions = "{flickr / 'captions.tsv'}"
+out = "{shards}"
+image_size = 64
+val_size = 8
+test_size = 8
+limit = 48
+[shared]
+model = "ViT-Ti-8-64"
+train_data = "{shards / 'train'}"
+epochs = 1
+batch_size = 16
+warmup = 1
+workers = 0
+threads = 1
+report_to = "none"
+[final]
+val_data = "{shards / 'test'}"
+[arms.4x]
+compression = 4
+""")
+    result = experiment.main(["--grid", str(grid), "--out", str(tmp_path / "out")])
+    assert result["trained"] == result["evaluated"] == ["4x-seed0"]
+    final = json.loads((tmp_path / "out" / "runs" / "4x-seed0" / "final.json").read_text())
+    assert final["metrics"]["retrieval_images"] == 8
