@@ -63,6 +63,7 @@ from dtplib.utils import (
     data_root,
     default_device,
     load_images,
+    markdown_table,
     process_memory_mb,
     repo_path,
     run_cli,
@@ -371,20 +372,20 @@ def markdown(frame: pd.DataFrame) -> str:
              f"Memory: {first['memory_kind']}. Speed-ups are over {first['reference']}. A bound is the ratio of "
              "forward GMACs (image tower, plus the text tower for the clip step) to the reference's: packed, each "
              "image at its own segment count; padded, each batch at its largest. Efficiency is the speed-up over "
-             "the bound of the row's own execution.", "",
-             "| mode | model | boundaries | median step (s) | p10..p90 (s) | images/s | peak memory (MiB) | "
-             "compression | segments mean / batch max | forward GMACs | speed-up | bound, packed | bound, padded | "
-             "efficiency |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "the bound of the row's own execution.", ""]
+    rows = []
     for _, r in frame.iterrows():
         memory = "" if pd.isna(r["peak_memory_mb"]) else f"{r['peak_memory_mb']:.0f}"
         segments = "" if pd.isna(r["max_segments"]) else f"{r['segments_mean']:.1f} / {r['max_segments']:.1f}"
         source = r["boundaries"] + (" (checkpoint)" if str(r["boundary_source"]).startswith("checkpoint")
                                     else " (prior fit)" if r["boundaries"] in ("learned", "topk") else "")
-        lines.append(f"| {r['mode']} | {r['model']} | {source if r['boundaries'] else ''} | {r['median_s']:.4f} | "
-                     f"{r['p10_s']:.4f}..{r['p90_s']:.4f} | {r['images_per_s']:.1f} | {memory} | "
-                     f"{r['realised_compression']:.2f} | {segments} | {r['forward_gmacs']:.3f} | {r['speedup']:.2f}x | "
-                     f"{r['analytic_bound']:.2f}x | {r['padded_bound']:.2f}x | {100 * r['efficiency']:.0f}% |")
+        rows.append([r["mode"], r["model"], source if r["boundaries"] else "", f"{r['median_s']:.4f}",
+                     f"{r['p10_s']:.4f}..{r['p90_s']:.4f}", f"{r['images_per_s']:.1f}", memory,
+                     f"{r['realised_compression']:.2f}", segments, f"{r['forward_gmacs']:.3f}", f"{r['speedup']:.2f}x",
+                     f"{r['analytic_bound']:.2f}x", f"{r['padded_bound']:.2f}x", f"{100 * r['efficiency']:.0f}%"])
+    lines += markdown_table(["mode", "model", "boundaries", "median step (s)", "p10..p90 (s)", "images/s",
+                             "peak memory (MiB)", "compression", "segments mean / batch max", "forward GMACs",
+                             "speed-up", "bound, packed", "bound, padded", "efficiency"], rows)
     return "\n".join(lines) + "\n"
 
 

@@ -182,6 +182,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table's lines: the header, its separator, one line per row (cells already formatted)."""
+    return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel (`module`) and/or torch.compile (`_orig_mod`) wrapper."""
     model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
