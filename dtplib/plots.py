@@ -474,7 +474,8 @@ def last_epochs(runs: pd.DataFrame) -> pd.DataFrame:
 
 def trained_accuracy(runs_csv: str | Path) -> pd.DataFrame:
     """Mean zero-shot top-1/top-5 of the complete runs of an experiment's runs.csv, by what they trained (the
-    `model` column, `dtplib.specs.trained_label`); empty when the file or its zero-shot columns are missing."""
+    `model` column, `dtplib.specs.trained_label`): the [final] scores (`final_zeroshot_*`, the whole test set) where
+    a run has them, else its last epoch's evaluation; empty when the file or its zero-shot columns are missing."""
     runs_csv = Path(runs_csv)
     columns = ["zeroshot_top1", "zeroshot_top5"]
     if not runs_csv.is_file():
@@ -482,11 +483,15 @@ def trained_accuracy(runs_csv: str | Path) -> pd.DataFrame:
     runs = pd.read_csv(runs_csv)
     if not {"model", *columns} <= set(runs.columns):
         return pd.DataFrame(columns=columns)
-    return last_epochs(runs).groupby("model")[columns].mean()
+    last = last_epochs(runs)
+    for column in columns:
+        if f"final_{column}" in last:
+            last[column] = last[f"final_{column}"].fillna(last[column])
+    return last.groupby("model")[columns].mean()
 
 
 def efficiency_table(folders: list[str | Path],
-                     accuracy_runs: str | Path = "results/smallrun/runs.csv") -> pd.DataFrame:
+                     accuracy_runs: str | Path = "results/flickr8k_ti/runs.csv") -> pd.DataFrame:
     """The seed's table: model, image-tower GMACs and GFLOPs (at the benchmark's realised compression), resolution,
     patch, zero-shot top-1/top-5 (mean over the complete runs of an experiment that trained that tower, from its
     runs.csv), peak memory and step time (clip step), from every efficiency_*.csv that `python -m dtplib.bench`
