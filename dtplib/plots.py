@@ -630,21 +630,38 @@ def accuracy_curves(curves: pd.DataFrame, metric: str):
     figure, (time_ax, macs_ax) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     longest = curves["train_time_s"].max() if len(curves) else 0
     unit, scale = ("h", 3600) if longest > 7200 else ("min", 60) if longest > 120 else ("s", 1)
-    for arm, rows in curves.groupby("arm", sort=False):
+    for index, (arm, rows) in enumerate(curves.groupby("arm", sort=False)):
         rows = rows.sort_values("train_gmacs")
         error = np.nan_to_num(np.stack([rows["mean"] - rows["low"], rows["high"] - rows["mean"]]), nan=0.0)
         seeds = f"{rows['seeds'].min()}" if rows["seeds"].min() == rows["seeds"].max() else \
             f"{rows['seeds'].min()}-{rows['seeds'].max()}"
+        style = arm_style(index)
         for ax, x in ((time_ax, rows["train_time_s"] / scale), (macs_ax, rows["train_gmacs"])):
-            ax.errorbar(x, rows["mean"], yerr=error, marker="o", capsize=3, label=f"{arm} (seeds: {seeds})")
+            ax.errorbar(x, rows["mean"], yerr=error, capsize=3, markersize=4, label=f"{arm} (seeds: {seeds})",
+                        **style)
     time_ax.set(xlabel=f"cumulative training step time ({unit})", ylabel=metric, title=f"{metric} against time")
     macs_ax.set(xlabel="training GMACs (forward, image + text towers, x samples seen)",
                 title=f"{metric} against compute")
-    if len(curves):
-        macs_ax.legend(fontsize=7)
+    if len(curves):  # one legend for both panels, outside the data (save_figure keeps it with bbox_inches="tight")
+        figure.legend(*time_ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                      fontsize=7, frameon=False)
     figure.suptitle("mean over seeds, bars: 95% t-interval over seeds", fontsize=9)
     figure.tight_layout()
     return figure
+
+
+ARM_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def arm_style(index: int) -> dict:
+    """The colour and marker of the `index`-th line of a figure: tab20's 20 colours, paired light and dark
+    tones taken dark ones first, with a marker cycle of another length, so no two of the first 20 lines look
+    alike (tab10 repeats after 10, which made the 11-arm comparison's 1x and uniform-10x the same blue)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"].colors
+    colour = palette[(2 * index) % 20 + (index // 10) % 2]
+    return {"color": colour, "marker": ARM_MARKERS[index % len(ARM_MARKERS)]}
 
 
 # ----------------------------------------------------------------------------------------------------------

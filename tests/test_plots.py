@@ -264,3 +264,21 @@ def test_plot_results_bars_each_method_above_chance():
     assert [bar.get_height() for bar in axis.patches] == pytest.approx([30, 55])
     assert [text.get_text() for text in axis.get_legend().texts] == ["chance (10%)"]
     plt.close(figure)
+
+
+def test_accuracy_curves_give_eleven_arms_eleven_looks_and_one_legend_outside_the_data(tmp_path):
+    arms = [f"arm-{index}" for index in range(11)]
+    runs = pd.DataFrame([{"arm": arm, "seed": seed, "epochs_done": epoch, "train_time_s": 10.0 * epoch * (1 + i),
+                          "train_gmacs": 5.0 * epoch * (1 + i), "R@10": epoch + i + 0.1 * seed}
+                         for i, arm in enumerate(arms) for seed in (0, 1) for epoch in (1, 2, 3)])
+    figure = plots.accuracy_curves(plots.metric_curves(runs, "R@10"), "R@10")
+    bars = figure.axes[0].containers  # one errorbar container per arm, its first line the means
+    assert [bar.get_label() for bar in bars] == [f"{arm} (seeds: 2)" for arm in arms]
+    assert len({(tuple(bar.lines[0].get_color()), bar.lines[0].get_marker()) for bar in bars}) == 11
+    assert [ax.get_legend() for ax in figure.axes] == [None, None]
+    assert [text.get_text() for text in figure.legends[0].texts] == [f"{arm} (seeds: 2)" for arm in arms]
+    figure.canvas.draw()
+    legend_box = figure.legends[0].get_window_extent()
+    assert all(legend_box.x0 >= ax.get_window_extent().x1 for ax in figure.axes)
+    assert read_png(plots.save_figure(figure, tmp_path / "curves.png")).ndim == 3
+    plt.close(figure)
