@@ -396,3 +396,27 @@ compression = 4
     assert result["trained"] == result["evaluated"] == ["4x-seed0"]
     final = json.loads((tmp_path / "out" / "runs" / "4x-seed0" / "final.json").read_text())
     assert final["metrics"]["retrieval_images"] == 8
+
+
+README_ARMS = {"`1x`": "1x", "learned 4x, batch prior": "learned-4x",
+               "learned 4x, image prior": "learned-4x-image-prior", "learned 4x, `topk`": "topk-4x",
+               "learned 4x, `topk`, Hilbert": "learned-4x-hilbert",
+               "uniform 4x": "uniform-4x", "2x2 pooling": "pool-2x2", "FLIP 50%": "flip-50", "FLIP 75%": "flip-75",
+               "learned 10x": "learned-10x", "uniform 10x": "uniform-10x"}
+
+
+def test_the_readme_comparison_table_is_the_committed_results():
+    """The README's all-arms table of "Does learning the boundaries help?" says what results/flickr8k_ti/runs.csv
+    says: seeds, test t2i R@10 and CIFAR-10 zero-shot (in %) and test loss, each the mean over the arm's runs."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("### Does learning the boundaries help?"):readme.index("## Efficiency\n")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith(("| arm ", "| --- "))]
+    runs = pd.read_csv(REPO_ROOT / "results/flickr8k_ti/runs.csv").dropna(subset=["final_val_loss"])
+    assert sorted(README_ARMS[row[0]] for row in rows) == sorted(runs["arm"].unique())
+    for name, seeds, recall, _, zeroshot, _, loss, *_ in rows:
+        arm = runs[runs["arm"] == README_ARMS[name]]
+        assert int(seeds) == len(arm), name
+        assert float(recall.split()[0]) == pytest.approx(100 * arm["final_text_to_image_R@10"].mean(), abs=0.005), name
+        assert float(zeroshot.split()[0]) == pytest.approx(100 * arm["final_zeroshot_top1"].mean(), abs=0.05), name
+        assert float(loss.split()[0]) == pytest.approx(arm["final_val_loss"].mean(), abs=0.0005), name
