@@ -20,6 +20,13 @@ from dtplib import experiment, stats
 from dtplib.utils import REPO_ROOT, data_path
 
 SAMPLE = REPO_ROOT / "data" / "sample"
+TINY_RUN = """epochs = 1
+batch_size = 16
+warmup = 1
+workers = 0
+threads = 1
+report_to = "none"
+"""  # one epoch of a few batches, in the test's process
 GRID = f"""
 reference = "1x"
 seeds = [0, 1]
@@ -30,13 +37,7 @@ model = "ViT-Ti-8-64"
 train_data = "{SAMPLE / 'train'}"
 val_data = "{SAMPLE / 'val'}"
 train_num_samples = 48
-epochs = 1
-batch_size = 16
-warmup = 1
-workers = 0
-threads = 1
-report_to = "none"
-
+{TINY_RUN}
 [final]
 val_data = "{SAMPLE / 'test'}"
 bootstrap = 20
@@ -381,13 +382,7 @@ limit = 48
 [shared]
 model = "ViT-Ti-8-64"
 train_data = "{shards / 'train'}"
-epochs = 1
-batch_size = 16
-warmup = 1
-workers = 0
-threads = 1
-report_to = "none"
-[final]
+{TINY_RUN}[final]
 val_data = "{shards / 'test'}"
 [arms.4x]
 compression = 4
