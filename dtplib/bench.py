@@ -10,7 +10,8 @@ Read top to bottom:
    holding `python -m dtplib.train` run folders), else from a short prior-only fit on the photos; every row of
    one model name uses the same weights, for timing and for memory alike.
 3. `bench`: every model in one process, interleaved step by step, warm-up steps dropped, device synchronised;
-   the whole CLIP training step (forward, backward, AdamW) and the image tower alone (forward and backward).
+   the whole CLIP training step (forward, backward, and training's AdamW update with the `--adamw-impl` kernel,
+   fused by default) and the image tower alone (forward and backward).
    Peak memory is CUDA's max allocated per model; on a CPU each model's peak RSS growth is measured in a fresh
    process that loads the same weights.
 4. The table: median and p10..p90 of step time, images/s, peak memory, realised compression, forward GMACs, the
@@ -43,7 +44,7 @@ from open_clip.loss import ClipLoss
 from dtplib import flops as dtp_flops
 from dtplib import plots
 from dtplib.clip import load_trained, open_clip_name, parse_dtp_name, read_state_dict
-from dtplib.config import TrainConfig
+from dtplib.config import ADAMW_IMPLS, TrainConfig
 from dtplib.model import (
     EXECUTIONS,
     fit_boundary_prior,
@@ -53,6 +54,7 @@ from dtplib.model import (
     token_budget,
     trace,
 )
+from dtplib.optim import make_optimizer
 from dtplib.plots import save_figure
 from dtplib.shards import read_captions
 from dtplib.specs import Spec, parse_spec, trained_spec
@@ -128,6 +130,16 @@ def real_batch(preprocess, tokenizer, batch_size: int) -> tuple[torch.Tensor, to
     return images, tokenizer(first)  # B x context
 
 
+def step_optimizer(model: torch.nn.Module, impl: str) -> torch.optim.AdamW:
+    """The update that training runs (`dtplib.optim.make_optimizer`: its parameter groups, the `impl` kernel) at
+    a tiny learning rate, so that the timed steps barely move the weights and so the boundaries."""
+    return make_optimizer(model, lr=1e-5, wd=TrainConfig.wd, impl=impl)
+
+
+def adamw_impl_of(optimizer: torch.optim.Optimizer) -> str:
+    return "fused" if optimizer.defaults.get("fused") else "torch"
+
+
 @dataclass
 class Subject:
     spec: Spec
@@ -169,7 +181,8 @@ def build_spec_model(spec: Spec, checkpoint: Path | None):
 
 
 def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps: int,
-                 checkpoint: Path | None = None, fitted: dict | None = None) -> Subject:
+                 checkpoint: Path | None = None, fitted: dict | None = None,
+                 adamw_impl: str = TrainConfig.adamw_impl) -> Subject:
     """A spec's model on `device` with its batch. Learned boundaries: the checkpoint's, or a prior-only fit
     (seeded; the fitted predictor is kept in `fitted` by name, so every row of one name has the same one)."""
     model, preprocess = build_spec_model(spec, checkpoint)
@@ -191,25 +204,28 @@ def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps:
                 fitted[spec.name] = {k: v.detach().clone() for k, v in predictor.state_dict().items()}
             source = f"prior-only fit, {prior_steps} steps"
     model.train()
-    return Subject(spec, model, images.to(device), texts.to(device),
-                   torch.optim.AdamW(model.parameters(), lr=1e-5), source)
+    return Subject(spec, model, images.to(device), texts.to(device), step_optimizer(model, adamw_impl), source)
 
 
-def trained_subject(label: str, checkpoint: Path, batch_size: int, device: torch.device) -> Subject:
-    """A `dtplib.train` checkpoint as it was trained (forced boundaries, reading order, boundary mode, patch dropout
-    and execution from its TrainConfig), with its weights, so its learned boundaries are the ones timed."""
+def trained_subject(label: str, checkpoint: Path, batch_size: int, device: torch.device,
+                    adamw_impl: str | None = None) -> Subject:
+    """A `dtplib.train` checkpoint as it was trained (forced boundaries, reading order, boundary mode, patch dropout,
+    execution and, unless `adamw_impl` is given, the AdamW kernel from its TrainConfig), with its weights, so its
+    learned boundaries are the ones timed."""
     model, preprocess, tokenizer, config = load_trained(checkpoint, device)
     spec = trained_spec(config)
     images, texts = real_batch(preprocess, tokenizer, batch_size)
     model.train()
-    return Subject(spec, model, images.to(device), texts.to(device), torch.optim.AdamW(model.parameters(), lr=1e-5),
+    return Subject(spec, model, images.to(device), texts.to(device),
+                   step_optimizer(model, adamw_impl or config.adamw_impl),
                    f"checkpoint {os.path.relpath(checkpoint, repo_path('.'))}", label=label)
 
 
 def time_checkpoints(checkpoints: dict[str, Path], batch_size: int, steps: int = 30, warmup: int = 5,
                      reference: str | None = None, device: str | None = None) -> pd.DataFrame:
-    """The whole CLIP training step of trained checkpoints (label -> path), timed in turn in one process (fp32),
-    as `table` rows named by label; speed-ups against `reference` (a label; default the first)."""
+    """The whole CLIP training step of trained checkpoints (label -> path), each with the AdamW kernel it was
+    trained with, timed in turn in one process (fp32), as `table` rows named by label; speed-ups against
+    `reference` (a label; default the first)."""
     device = default_device(device)
     subjects = [trained_subject(label, Path(path), batch_size, device) for label, path in checkpoints.items()]
     time_interleaved(subjects, ("clip",), steps, warmup, "fp32", device)
@@ -263,13 +279,14 @@ def time_interleaved(subjects: Sequence[Subject], modes: Sequence[str] = MODES, 
 def bench(specs: Sequence[Spec], batch_size: int, precision: str = "fp32", steps: int = 30, warmup: int = 5,
           device: str | None = None, prior_steps: int = 200, modes: Sequence[str] = MODES,
           measure_memory: bool = True, checkpoints: dict[str, Path] | None = None,
-          reference: str | None = None) -> pd.DataFrame:
+          reference: str | None = None, adamw_impl: str = TrainConfig.adamw_impl) -> pd.DataFrame:
     """Time every model in one process, step by step in turn, and return one row per model and mode."""
     device = default_device(device)
     check_precision(precision, device)
     checkpoints = checkpoints or {}
     fitted = {}
-    subjects = [make_subject(s, batch_size, device, prior_steps, checkpoints.get(s.name), fitted) for s in specs]
+    subjects = [make_subject(s, batch_size, device, prior_steps, checkpoints.get(s.name), fitted, adamw_impl)
+                for s in specs]
     time_interleaved(subjects, modes, steps, warmup, precision, device)
     if measure_memory and device.type == "cpu":
         with tempfile.TemporaryDirectory() as folder:
@@ -277,23 +294,26 @@ def bench(specs: Sequence[Spec], batch_size: int, precision: str = "fp32", steps
                 state = Path(folder) / f"{index}.pt"
                 torch.save(subject.model.state_dict(), state)  # the same weights, so the same boundaries
                 for mode in modes:
-                    subject.peak_memory_mb[mode] = cpu_peak_rss(subject.spec, batch_size, precision, mode, state)
+                    subject.peak_memory_mb[mode] = cpu_peak_rss(subject.spec, batch_size, precision, mode, state,
+                                                                adamw_impl)
     return table(subjects, batch_size, precision, device, modes, reference)
 
 
-def cpu_peak_rss(spec: Spec, batch_size: int, precision: str, mode: str, state: Path) -> float:
+def cpu_peak_rss(spec: Spec, batch_size: int, precision: str, mode: str, state: Path,
+                 adamw_impl: str = TrainConfig.adamw_impl) -> float:
     """Peak RSS growth (MiB) of a fresh process over 3 steps of one model: a CPU has no per-model allocator peak."""
     command = [sys.executable, "-m", "dtplib.bench", "--memory-probe", spec.label, "--batch-size", str(batch_size),
-               "--precision", precision, "--probe-mode", mode, "--probe-state", str(state)]
+               "--precision", precision, "--probe-mode", mode, "--probe-state", str(state), "--adamw-impl", adamw_impl]
     result = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ})
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
-def memory_probe(spec: Spec, batch_size: int, precision: str, mode: str, state: str) -> dict:
+def memory_probe(spec: Spec, batch_size: int, precision: str, mode: str, state: str,
+                 adamw_impl: str = TrainConfig.adamw_impl) -> dict:
     model, preprocess = build_spec_model(spec, None)
     model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
     images, texts = real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
-    subject = Subject(spec, model.train(), images, texts, torch.optim.AdamW(model.parameters(), lr=1e-5))
+    subject = Subject(spec, model.train(), images, texts, step_optimizer(model, adamw_impl))
     baseline = process_memory_mb("VmRSS")  # model, optimizer, inputs: what is not the step's own memory
     for _ in range(3):
         step(subject, mode, precision, torch.device("cpu"), ClipLoss())
@@ -359,6 +379,7 @@ def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: 
                 "forward_gmacs": macs / 1e9, "speedup": base_time / median,
                 "analytic_bound": bound, "padded_bound": padded_bound, "efficiency": base_time / median / own_bound,
                 "reference": base.label or base.spec.label, "steps": len(times),
+                "adamw": adamw_impl_of(subject.optimizer),
                 **run_info(device, precision, batch_size)})
     frame = pd.DataFrame(rows)
     frame["memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth"
@@ -368,7 +389,8 @@ def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: 
 def markdown(frame: pd.DataFrame) -> str:
     first = frame.iloc[0]
     lines = [f"Hardware: {first['hardware']}; {first['dtype']}; batch {first['batch_size']}; torch {first['torch']}; "
-             f"commit {first['commit']}; {first['steps']} timed steps after warm-up, models interleaved.",
+             f"commit {first['commit']}; {first['steps']} timed steps after warm-up, models interleaved; "
+             f"AdamW {' / '.join(frame['adamw'].unique()) if 'adamw' in frame else 'torch'}.",
              f"Memory: {first['memory_kind']}. Speed-ups are over {first['reference']}. A bound is the ratio of "
              "forward GMACs (image tower, plus the text tower for the clip step) to the reference's: packed, each "
              "image at its own segment count; padded, each batch at its largest. Efficiency is the speed-up over "
@@ -418,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                                                      "DTP-...-1x, else the first model")
     p.add_argument("--modes", default="clip,image")
     p.add_argument("--device", default=None)
+    p.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default=TrainConfig.adamw_impl,
+                   help="the AdamW kernel of the timed update (as dtplib.train's --adamw-impl); every row uses it")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-model peak-RSS processes")
     p.add_argument("--out", default=None, help="CSV/markdown stem; default results/efficiency_<device>_<tag>")
@@ -432,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
         print(json.dumps(memory_probe(parse_spec(args.memory_probe, args.execution), args.batch_size, args.precision,
-                                      args.probe_mode, args.probe_state)))
+                                      args.probe_mode, args.probe_state, args.adamw_impl)))
         return pd.DataFrame()
     if args.plot:
         if not args.out:
@@ -451,7 +475,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     except (ValueError, FileNotFoundError) as exn:
         p.error(str(exn))
     frame = bench(specs, args.batch_size, args.precision, args.steps, args.warmup, args.device, args.prior_steps,
-                  modes, measure_memory=not args.no_memory, checkpoints=checkpoints, reference=args.reference)
+                  modes, measure_memory=not args.no_memory, checkpoints=checkpoints, reference=args.reference,
+                  adamw_impl=args.adamw_impl)
     device = default_device(args.device)
     stem = repo_path(args.out) if args.out else repo_path("results") / (
         f"efficiency_{device_slug(device)}" + (f"_{args.tag}" if args.tag else ""))

@@ -2,8 +2,9 @@
 
 The command line is generated from it (`TrainConfig.parser()`), checkpoints and params.json store it as a plain
 dict (`to_dict()`), and every reader rebuilds it with `TrainConfig.from_dict`, which gives the fields an older
-checkpoint lacks their defaults and ignores keys that are not flags (params.json's provenance columns). Flag
-names follow open_clip_train where the meaning is the same; DTP's own flags are in the "model" group.
+checkpoint lacks what that run used (their defaults, or `LEGACY_DEFAULTS` where a default changed) and ignores
+keys that are not flags (params.json's provenance columns). Flag names follow open_clip_train where the meaning is
+the same; DTP's own flags are in the "model" group.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from dataclasses import asdict, dataclass, field, fields
 from .utils import REPO_ROOT
 
 PRECISIONS = ("fp32", "amp", "bf16", "amp_bf16", "amp_bfloat16")  # bf16 = bf16 autocast, as open_clip's amp_bf16
+ADAMW_IMPLS = ("fused", "torch")
+# what a stored config (params.json, a checkpoint's) that lacks a field was trained with, where that is not the
+# field's default: runs before --adamw-impl existed used torch's own AdamW
+LEGACY_DEFAULTS = {"adamw_impl": "torch"}
 
 
 def flag(default, help: str, group: str, *, type=None, choices: Sequence | None = None, required: bool = False):
@@ -73,6 +78,9 @@ class TrainConfig:
     beta1: float = flag(0.9, "AdamW beta1", "optimisation")
     beta2: float = flag(0.98, "AdamW beta2", "optimisation")
     eps: float = flag(1.0e-6, "AdamW epsilon", "optimisation")
+    adamw_impl: str = flag("fused", "AdamW kernel: one fused kernel over all parameters (CPU and CUDA), or torch's "
+                           "own choice (foreach on CUDA, a loop over the parameters on a CPU)", "optimisation",
+                           choices=ADAMW_IMPLS)
     warmup: int = flag(10000, "linear lr warm-up steps", "optimisation")
     lr_scheduler: str = flag("cosine", "after warm-up: cosine decay to 0, or constant", "optimisation",
                              choices=("cosine", "const"))
@@ -123,10 +131,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping) -> TrainConfig:
-        """A config from a stored dict: missing fields (an older checkpoint) take their defaults, other keys
-        (params.json's name, world size, provenance) are ignored."""
+        """A config from a stored dict: missing fields (an older checkpoint) take what such a run used, their
+        defaults or `LEGACY_DEFAULTS`; other keys (params.json's name, world size, provenance) are ignored."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        return cls(**{**LEGACY_DEFAULTS, **{k: v for k, v in values.items() if k in names}})
 
     @property
     def target_compression(self) -> float | None:

@@ -52,8 +52,8 @@ Outputs in `<out>`:
   (mean +- t(0.975, n-1) sd / sqrt(n): with 2 seeds t = 12.7, wide as it should be), paired differences against
   the reference arm (same seed), and which runs are complete, partial or missing.
 - `step_times.csv` ([timing]): per arm, the median, p10 and p90 of the whole training step of its final
-  checkpoint (fp32, one batch of real photos, `steps` timed steps after `warmup`, all arms interleaved), the
-  speed-up against the reference arm and the analytic bound; summary.md shows it.
+  checkpoint (its own AdamW kernel, fp32, one batch of real photos, `steps` timed steps after `warmup`, all arms
+  interleaved), the speed-up against the reference arm and the analytic bound; summary.md shows it.
 - `contrasts.csv` (`contrasts`): `contrast_table`: paired differences at the last epoch and at equal cost.
 - `alignment.csv`, `overlays/<arm>/` ([alignment]): `align_runs`, once per finished run.
 - `curves_<metric>.png`: the metric against cumulative training time and against training GMACs, mean over seeds

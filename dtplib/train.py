@@ -47,7 +47,7 @@ from dtplib import evaluate as dtp_eval
 from dtplib import loader as dtp_loader
 from dtplib.clip import build_from_config, parse_dtp_name, read_checkpoint, resolve_model
 from dtplib.config import TrainConfig
-from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step
+from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
 from dtplib.utils import (
     CLI_ERRORS,
     append_csv,
@@ -507,7 +507,7 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
     model.to(dist_env.device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    optimizer = make_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
+    optimizer = make_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps, args.adamw_impl)
     scaler = torch.amp.GradScaler(dist_env.device.type) if args.precision == "amp" else None
 
     loader = dtp_loader.make_loader(args.train_data, preprocess_train, tokenizer, args.batch_size, args.workers,
@@ -526,6 +526,7 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
         resume_from, state = resume
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["state_dict"].items()})
         optimizer.load_state_dict(state["optimizer"])
+        use_adamw_impl(optimizer, args.adamw_impl)  # the flag's kernel, not the checkpoint's
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, step = state["epoch"], state["step"]

@@ -22,6 +22,7 @@ def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
     assert list(written["model"][:7]) == models.split(",")
     assert (written["median_s"] > 0).all() and (written["p10_s"] <= written["p90_s"]).all()
     assert written["peak_memory_mb"].isna().all() and (written["batch_size"] == 8).all()
+    assert (written["adamw"] == "fused").all()  # training's default kernel, in every row
     assert (written["reference"] == "DTP-ViT-Ti-8-64-1x").all()  # the same-code 1x, not the first row
     reference = written[written["model"] == "DTP-ViT-Ti-8-64-1x"]
     assert (reference["speedup"] == 1).all() and (reference["analytic_bound"] == 1).all()
@@ -44,7 +45,7 @@ def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
     assert image.loc["ViT-Ti-8-64+pd0.5", "analytic_bound"] == pytest.approx(2, rel=0.1)  # half the patches
     assert image.loc["ViT-Ti-8-64+pd0.5", "realised_compression"] == 2
     text = (tmp_path / "eff.md").read_text()
-    assert "| clip | DTP-ViT-Ti-8-64-4x+padded | learned (prior fit) |" in text
+    assert "| clip | DTP-ViT-Ti-8-64-4x+padded | learned (prior fit) |" in text and "AdamW fused." in text
     assert (tmp_path / "eff.png").stat().st_size > 0
     assert len(frame) == 14
 
@@ -61,10 +62,26 @@ def test_learned_boundaries_come_from_a_trained_checkpoint(tmp_path):
     assert bench.find_checkpoints(tmp_path / "runs") == {"DTP-ViT-Ti-8-64-4x": run / "checkpoints" / "epoch_latest.pt"}
     frame = bench.main(["--models", "DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x", "--batch-size", "4", "--steps", "1",
                         "--warmup", "0", "--threads", "1", "--modes", "image", "--checkpoint-dir",
-                        str(tmp_path / "runs"), "--out", str(tmp_path / "eff")])
+                        str(tmp_path / "runs"), "--out", str(tmp_path / "eff"), "--adamw-impl", "torch"])
     row = frame.set_index("model").loc["DTP-ViT-Ti-8-64-4x"]
+    assert (frame["adamw"] == "torch").all()  # --adamw-impl is every row's, the memory probes' included
     assert row["boundary_source"].startswith("checkpoint") and row["realised_compression"] == 64
     assert row["peak_memory_mb"] > 0 and frame.set_index("model").loc["DTP-ViT-Ti-8-64-1x", "peak_memory_mb"] > 0
+
+
+def test_a_trained_run_is_timed_with_the_adamw_kernel_it_trained_with(tmp_path):
+    from dtplib.clip import build_from_config
+    from dtplib.config import TrainConfig
+
+    config = TrainConfig(model="ViT-Ti-8-64", compression=4, train_data="x")
+    state = build_from_config(config)[0].state_dict()
+    older = {k: v for k, v in config.to_dict().items() if k != "adamw_impl"}  # from before --adamw-impl
+    for name, args, impl in (("new.pt", config.to_dict(), "fused"), ("old.pt", older, "torch")):
+        torch.save({"epoch": 1, "state_dict": state, "args": args}, tmp_path / name)
+        subject = bench.trained_subject(name, tmp_path / name, 2, torch.device("cpu"))
+        assert bench.adamw_impl_of(subject.optimizer) == impl
+    forced = bench.trained_subject("old", tmp_path / "old.pt", 2, torch.device("cpu"), adamw_impl="fused")
+    assert bench.adamw_impl_of(forced.optimizer) == "fused"
 
 
 @pytest.mark.parametrize("spec, message", [("ViT-Nope-1", "unknown model"), ("ViT-Ti-8-64+pd1.5", "must be in"),

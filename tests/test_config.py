@@ -1,5 +1,6 @@
 """TrainConfig is the one description of the training flags; the optimisation step both loops use."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -9,7 +10,7 @@ from dtplib import train
 from dtplib.clip import build_from_config, build_model, load_trained, resolve_model, training_config
 from dtplib.config import TrainConfig
 from dtplib.model import get_tower, use_config
-from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step
+from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
 
 
 def test_every_field_is_a_flag_with_its_default_and_meaning():
@@ -42,6 +43,9 @@ def test_stored_dicts_rebuild_with_defaults_for_missing_fields():
     config = TrainConfig.from_dict(old)
     assert config.lr == 1e-3 and config.name == "run"
     assert (config.prior_scope, config.boundaries, config.execution) == ("batch", "threshold", "packed")
+    # a changed default: runs from before --adamw-impl used torch's AdamW, new ones the fused kernel
+    assert config.adamw_impl == "torch" and TrainConfig().adamw_impl == "fused"
+    assert TrainConfig.from_dict({**old, "adamw_impl": "fused"}).adamw_impl == "fused"
     assert TrainConfig.from_dict(config.to_dict()) == config
     assert training_config({"args": old}) == config
     assert training_config({"state_dict": {}}) is None  # not written by dtplib.train
@@ -96,6 +100,40 @@ def test_train_step_adds_the_towers_weighted_prior_and_refuses_non_finite_losses
     with pytest.raises(ValueError, match="shape the tower's parameters"):
         with use_config(model, compression=2):
             pass
+
+
+def test_the_fused_adamw_is_the_default_and_follows_torchs_own_to_rounding():
+    torch.manual_seed(0)
+    model = build_model("ViT-Ti-8-64", 4)[0]
+    images = torch.randn(4, 3, 64, 64)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = {}
+    for impl in ("fused", "torch"):
+        model.load_state_dict(start)
+        optimizer = make_optimizer(model, lr=1e-3, wd=0.1, impl=impl)
+        assert optimizer.defaults["fused"] is (True if impl == "fused" else None)
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.1]  # the same groups either way
+        for step in range(5):
+            torch.manual_seed(step)  # the same Gumbel noise, so the same boundaries and gradients
+            train_step(model, optimizer, lambda: (model.encode_image(images).square().mean(), None), lr=1e-3,
+                       step=step, device=torch.device("cpu"))
+        weights[impl] = {k: v.clone() for k, v in model.state_dict().items()}
+    moved = max((weights["fused"][k] - start[k]).abs().max().item() for k in start if start[k].is_floating_point())
+    assert moved > 1e-3  # the steps did update the weights
+    torch.testing.assert_close(weights["fused"], weights["torch"], rtol=1e-4, atol=1e-5)
+    assert make_optimizer(model, lr=1e-3, wd=0.1).defaults["fused"] is True
+    # a resumed run takes its flag's kernel, not the checkpoint's: a torch-kernel state goes on fused, and back
+    saved = optimizer.state_dict()  # the "torch" run's, 5 steps in
+    for impl in ("fused", "torch"):
+        resumed = make_optimizer(model, lr=1e-3, wd=0.1, impl=impl)
+        resumed.load_state_dict(copy.deepcopy(saved))  # as torch.load gives it: tensors of its own
+        use_adamw_impl(resumed, impl)
+        assert all(g["fused"] is (True if impl == "fused" else None) for g in resumed.param_groups)
+        train_step(model, resumed, lambda: (model.encode_image(images).square().mean(), None), lr=1e-3, step=5,
+                   device=torch.device("cpu"))
+        assert {s["step"].item() for s in resumed.state.values()} == {6.0}
+    with pytest.raises(ValueError, match="AdamW impl 'apex'"):
+        make_optimizer(model, lr=1e-3, wd=0.1, impl="apex")
 
 
 def test_lr_schedules():
