@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from dtplib import bench
+from dtplib.model import get_tower
 
 COLUMNS = {"model", "mode", "execution", "boundaries", "median_s", "p10_s", "p90_s", "images_per_s", "peak_memory_mb",
            "realised_compression", "forward_gmacs", "speedup", "analytic_bound", "padded_bound", "efficiency",
-           "reference", "hardware", "dtype", "batch_size", "torch", "commit"}
+           "reference", "hardware", "dtype", "batch_size", "torch", "commit", "adamw"}
 
 
 def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
@@ -67,6 +68,16 @@ def test_learned_boundaries_come_from_a_trained_checkpoint(tmp_path):
     assert (frame["adamw"] == "torch").all()  # --adamw-impl is every row's, the memory probes' included
     assert row["boundary_source"].startswith("checkpoint") and row["realised_compression"] == 64
     assert row["peak_memory_mb"] > 0 and frame.set_index("model").loc["DTP-ViT-Ti-8-64-1x", "peak_memory_mb"] > 0
+
+
+def test_every_row_of_one_model_name_has_the_same_weights():
+    fitted = {}
+    packed, padded, topk = (bench.make_subject(bench.parse_spec(label), 2, torch.device("cpu"), 2, fitted=fitted)
+                            for label in ("DTP-ViT-Ti-8-64-4x", "DTP-ViT-Ti-8-64-4x+padded", "DTP-ViT-Ti-8-64-4x+topk"))
+    assert list(fitted) == ["DTP-ViT-Ti-8-64-4x"]  # one prior fit for the three rows
+    torch.testing.assert_close(packed.model.state_dict(), padded.model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(packed.model.state_dict(), topk.model.state_dict(), rtol=0, atol=0)
+    assert get_tower(padded.model).dtp.execution == "padded" and get_tower(topk.model).dtp.boundaries == "topk"
 
 
 def test_a_trained_run_is_timed_with_the_adamw_kernel_it_trained_with(tmp_path):
