@@ -393,7 +393,7 @@ def markdown(frame: pd.DataFrame) -> str:
     first = frame.iloc[0]
     lines = [f"Hardware: {first['hardware']}; {first['dtype']}; batch {first['batch_size']}; torch {first['torch']}; "
              f"commit {first['commit']}; {first['steps']} timed steps after warm-up, models interleaved; "
-             f"AdamW {' / '.join(frame['adamw'].unique()) if 'adamw' in frame else 'torch'}.",
+             f"AdamW {' / '.join(frame['adamw'].unique())}.",
              f"Memory: {first['memory_kind']}. Speed-ups are over {first['reference']}. A bound is the ratio of "
              "forward GMACs (image tower, plus the text tower for the clip step) to the reference's: packed, each "
              "image at its own segment count; padded, each batch at its largest. Efficiency is the speed-up over "

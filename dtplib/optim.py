@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ADAMW_IMPLS
+from .config import ADAMW_IMPLS, TrainConfig
 from .model import TraceRecord, dtp_towers, trace
 from .utils import autocast, unwrap
 
@@ -27,7 +27,7 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, wd: float, betas: tuple[float, float] = (0.9, 0.98),
-                   eps: float = 1e-6, impl: str = "fused") -> torch.optim.AdamW:
+                   eps: float = 1e-6, impl: str = TrainConfig.adamw_impl) -> torch.optim.AdamW:
     """AdamW; as open_clip, no weight decay on gains, biases, norms, embeddings' 1-d params and logit_scale.
 
     `impl` (--adamw-impl): "fused" runs one kernel over all parameters (CPU and CUDA); "torch" leaves the choice
