@@ -281,7 +281,7 @@ def build_from_config(config: TrainConfig):
     dtp_fields = {}
     if resolve_model(config.model, compression, config.upsample)[1] is not None:
         dtp_fields = {"boundary_loss_weight": config.boundary_loss_weight, "prior_scope": config.prior_scope,
-                      "boundaries": config.boundaries, "execution": config.execution,
+                      "boundaries": config.boundaries, "execution": config.execution, "capacity": config.capacity,
                       "patch_order": config.patch_order, "forced_boundaries": config.forced_boundaries,
                       "upsample_weights": config.upsample_weights}
     elif config.forced_boundaries is not None or config.patch_order != "raster":

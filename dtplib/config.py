@@ -19,7 +19,7 @@ PRECISIONS = ("fp32", "amp", "bf16", "amp_bf16", "amp_bfloat16")  # bf16 = bf16 
 ADAMW_IMPLS = ("fused", "torch")
 # what a stored config (params.json, a checkpoint's) that lacks a field was trained with, where that is not the
 # field's default: runs before --adamw-impl existed used torch's own AdamW
-LEGACY_DEFAULTS = {"adamw_impl": "torch"}
+LEGACY_DEFAULTS = {"adamw_impl": "torch", "capacity": 0.0}  # and runs before the capacity cap had none
 
 
 def flag(default, help: str, group: str, *, type=None, choices: Sequence | None = None, required: bool = False):
@@ -54,10 +54,16 @@ class TrainConfig:
                                        "DTPConfig, which the training step reads)", "model")
     prior_scope: str = flag("batch", "DTP: boundary prior on the batch's count (hits the budget) or on each "
                             "image's (Nawrot)", "model", choices=("batch", "image"))
-    boundaries: str = flag("threshold", "DTP: Gumbel-Sigmoid threshold (a count per image) or exactly "
-                           "ceil(N / compression) per image", "model", choices=("threshold", "topk"))
-    execution: str = flag("packed", "DTP: shortened layers on the batch's real tokens only, or padded to its "
-                          "largest image", "model", choices=("packed", "padded"))
+    boundaries: str = flag("threshold", "DTP: Gumbel-Sigmoid threshold (a count per image), exactly "
+                           "ceil(N / compression) per image (topk), or B * ceil(N / compression) over the batch, "
+                           "shared by content (batch-topk)", "model", choices=("threshold", "topk", "batch-topk"))
+    execution: str = flag("static", "DTP: shortened layers on the batch's real tokens in a buffer of fixed capacity "
+                          "(no host sync; compiles to one graph), on the real tokens planned on the host once per "
+                          "forward (packed), or padded to the batch's largest image (padded, the reference)",
+                          "model", choices=("static", "packed", "padded"))
+    capacity: float = flag(1.25, "DTP, threshold boundaries in training: at most this many times the budget "
+                           "B * ceil(N / compression) segments per batch (the highest-logit boundaries are kept); "
+                           "0 = no cap", "model")
     forced_boundaries: int | None = flag(None, "DTP: a boundary every C patches, always (uniform pooling: no "
                                          "predictor, no prior); implies --compression C", "model", type=int)
     patch_order: str = flag("raster", "DTP: the order patches are read into runs: row by row, or along a Hilbert "

@@ -28,24 +28,29 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from .order import PATCH_ORDERS, patch_order
 from .packed import (
     Packing,
+    StaticPacking,
     block_forward,
     check_block,
     gather_segments,
+    pack_static,
     pack_tokens,
     segment_ids,
     segment_index,
     segment_means,
     unpack,
+    unpack_static,
 )
 
-EXECUTIONS = ("packed", "padded")  # DTPConfig.execution
-BOUNDARY_MODES = ("threshold", "topk")  # DTPConfig.boundaries
+EXECUTIONS = ("static", "packed", "padded")  # DTPConfig.execution
+BOUNDARY_MODES = ("threshold", "topk", "batch-topk")  # DTPConfig.boundaries
+THRESHOLD_MOMENTUM = 0.1  # batch-topk: the running eval threshold moves this far to each batch's (BatchNorm's 0.1)
 UPSAMPLE_WEIGHTS = ("straight-through", "normalised")  # DTPConfig.upsample_weights
 # DTPConfig fields that shape the tower's parameters; the others are read at run time and may change on a model
 STRUCTURAL_FIELDS = ("compression", "pre_layers", "short_layers", "post_layers", "upsample", "predictor_hidden",
@@ -68,8 +73,12 @@ class DTPConfig:
     predictor_hidden: int | None = None  # hidden width of the predictor MLP; None = model width
     pool: str = "tok"  # "tok": CLS token; "avg": masked mean over segments (or patches when upsampled)
     prior_scope: str = "batch"  # "batch": prior on the batch's boundary count (hits the budget); "image": Nawrot's
-    boundaries: str = "threshold"  # "threshold": Gumbel-Sigmoid > 0.5, a count per image; "topk": ceil(N/c) each
-    execution: str = "packed"  # "packed": shortened layers on the real tokens only; "padded": the masked reference
+    boundaries: str = "threshold"  # "threshold": Gumbel-Sigmoid > 0.5, a count per image; "topk": ceil(N/c) each;
+    # "batch-topk": B * ceil(N/c) over the batch, shared by content (eval: a running logit threshold, per image)
+    execution: str = "static"  # "static": a buffer of fixed capacity, no host sync (compiles to one graph);
+    # "packed": the real tokens only, planned on the host once per forward; "padded": the masked reference
+    capacity: float = 1.25  # training, threshold mode: at most capacity x B * ceil(N/c) segments per batch (the
+    # highest-logit boundaries are kept; 0 = no cap). Sizes the static buffer; every execution applies it
     patch_order: str = "raster"  # reading order of patches into runs: "raster" or "hilbert"
     forced_boundaries: int | None = None  # a boundary every c patches always (uniform pooling), no predictor built
     upsample_weights: str = "straight-through"  # upsampling: "straight-through" (ours) or "normalised" (Nawrot's)
@@ -95,6 +104,10 @@ class DTPConfig:
             raise ValueError(f"boundaries must be one of {BOUNDARY_MODES}, got {self.boundaries!r}")
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, float)) \
+                or not math.isfinite(self.capacity) or not (self.capacity == 0 or self.capacity >= 1):
+            raise ValueError(f"capacity must be 0 (no cap) or a number >= 1 (the segments a training batch may hold, "
+                             f"as a multiple of its budget B * ceil(N / compression)), got {self.capacity!r}")
         if self.upsample_weights not in UPSAMPLE_WEIGHTS:
             raise ValueError(f"upsample_weights must be one of {UPSAMPLE_WEIGHTS}, got {self.upsample_weights!r}")
         if self.patch_order not in PATCH_ORDERS:
@@ -134,9 +147,32 @@ class BoundaryPredictor(nn.Module):
         nn.init.zeros_(self.fc1.bias)
         nn.init.normal_(self.fc2.weight, std=3.0 / hidden ** 0.5)
         nn.init.zeros_(self.fc2.bias)
+        # batch-topk's eval rule: a boundary where the logit exceeds this running quantile of the training logits
+        self.register_buffer("threshold", torch.zeros(()))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.norm(tokens)))).squeeze(-1)  # B x N x D -> B x N
+
+    def track_threshold(self, logits: torch.Tensor, segments: int) -> None:
+        """Move `threshold` towards the batch's clean-logit quantile that batch-topk cuts at: midway between the
+        B * (segments - 1) largest logits of the first N - 1 patches and the rest (as BatchNorm tracks its mean)."""
+        with torch.no_grad():
+            clean = logits.detach()[:, :-1].flatten().float()  # B*(N-1)
+            chosen = logits.shape[0] * (segments - 1)
+            if chosen == 0:  # nothing chosen: above the largest
+                batch_threshold = clean.max() + 1
+            elif chosen >= clean.numel():  # everything chosen: below the smallest
+                batch_threshold = clean.min() - 1
+            else:
+                top = clean.topk(chosen + 1).values  # descending
+                batch_threshold = (top[-2] + top[-1]) / 2
+            self.threshold.lerp_(batch_threshold.to(self.threshold.dtype), THRESHOLD_MOMENTUM)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints from before batch-topk have no threshold: theirs is 0, the threshold rule's."""
+        if prefix + "fc2.weight" in state_dict:
+            state_dict.setdefault(prefix + "threshold", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def relaxed(logits: torch.Tensor, temperature: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +206,35 @@ def topk_boundaries(logits: torch.Tensor, segments: int, temperature: float,
     hard = torch.zeros_like(logits).scatter(-1, chosen, 1.0)
     hard[:, -1] = 1
     return hard + (soft - soft.detach()), torch.sigmoid(logits)
+
+
+def batch_topk_boundaries(logits: torch.Tensor, segments: int, temperature: float) -> torch.Tensor:
+    """Training: exactly B * `segments` boundaries over the batch, each image's last patch and the
+    B * (segments - 1) largest noisy logits among all images' other patches, so images share one budget by their
+    content. Straight-through as `topk_boundaries`. B x N."""
+    noisy, soft = relaxed(logits, temperature, training=True)
+    batch, num_patches = logits.shape
+    chosen = noisy[:, :-1].flatten().topk(batch * (segments - 1)).indices  # B*(segments - 1)
+    hard = torch.zeros_like(logits[:, :-1]).flatten().scatter(0, chosen, 1.0).view(batch, num_patches - 1)
+    hard = F.pad(hard, (0, 1), value=1.0)  # B x N, the last patch closes the last segment
+    return hard + (soft - soft.detach())
+
+
+def cap_boundaries(boundaries: torch.Tensor, scores: torch.Tensor,
+                   max_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most `max_segments` boundaries in the batch, on the device: every image keeps its closing boundary, and
+    of the others only the `max_segments - B` with the highest scores stay. Returns the boundaries (B x N, the
+    dropped ones 0 with their straight-through gradient kept) and how many were dropped (a 0-d tensor)."""
+    batch, num_patches = boundaries.shape
+    hard = boundaries.detach()
+    inner = hard[:, :-1] > 0.5  # B x (N-1): boundaries that are not an image's closing one
+    budget = max_segments - batch
+    if budget >= inner.numel():
+        return boundaries, hard.new_zeros(())
+    ranked = scores[:, :-1].detach().float().masked_fill(~inner, float("-inf")).flatten()  # B*(N-1)
+    kept = torch.zeros_like(ranked, dtype=torch.bool).scatter(0, ranked.topk(budget).indices, True)
+    dropped = F.pad(inner & ~kept.view_as(inner), (0, 1))  # B x N
+    return boundaries - dropped.to(boundaries.dtype), dropped.sum().to(hard.dtype)
 
 
 def close_last_segment(boundaries: torch.Tensor) -> torch.Tensor:
@@ -298,6 +363,8 @@ class DTPVisionTransformer(VisionTransformer):
         self.forced: torch.Tensor | str | int | None = None  # set by `forced_boundaries`
         self.tracers: list[list[TraceRecord]] = []  # set by `trace`
         self.last_boundary_loss: torch.Tensor | None = None  # read by the training loop
+        self.last_segments: torch.Tensor | None = None  # B, segments per image in the last forward (device)
+        self.last_dropped: torch.Tensor | None = None  # boundaries the capacity cap dropped in the last forward
         self.orders: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}  # (order, inverse)
 
     @property
@@ -347,26 +414,54 @@ class DTPVisionTransformer(VisionTransformer):
         term alone a prior-only fit of Ti-4x gave 4.4x in training but 20x in eval. The second term makes the
         token budget that FLOPs are reported at the one that was trained for.
 
-        `topk`: the count is exact by construction, so the prior on it would be a constant. The prior acts on the
-        deterministic threshold boundaries alone: it keeps about N/c logits above zero, so the logits stay centred
-        on the top-k margin, where sigmoid (and with it the straight-through gradient) is not saturated.
+        `topk` and `batch-topk`: the count is exact by construction, so the prior on it would be a constant. The
+        prior acts on the deterministic threshold boundaries alone: it keeps about N/c logits above zero, so the
+        logits stay centred on the top-k margin, where sigmoid (and with it the straight-through gradient) is not
+        saturated.
+
+        The capacity policy (threshold mode, training): where the sampled boundaries would give the batch more
+        than `segment_capacity` segments, only the highest noisy logits keep theirs (`cap_boundaries`; the count
+        dropped is `last_dropped`). The prior sees the boundaries before the cap, so it still pulls an
+        over-budget rate down.
         """
         per_image = self.dtp.prior_scope == "image"
         deterministic, probs = sample_boundaries(logits, self.dtp.temperature, training=False)
         deterministic = close_last_segment(deterministic)
-        if self.forced is None and self.dtp.boundaries == "topk":
-            boundaries, _ = topk_boundaries(logits, self.topk_segments, self.dtp.temperature, self.training)
-            return close_last_segment(boundaries), probs, boundary_loss(deterministic, self.dtp.prior, per_image)
+        self.last_dropped = logits.new_zeros(())
         if self.forced is not None:
             boundaries = self.fixed_boundaries(logits.shape, logits.device, logits.dtype)
-        elif self.training:
-            boundaries = close_last_segment(sample_boundaries(logits, self.dtp.temperature, training=True)[0])
-        else:
-            boundaries = deterministic
-        loss = boundary_loss(boundaries, self.dtp.prior, per_image)
-        if self.training and self.forced is None:
-            loss = loss + boundary_loss(deterministic, self.dtp.prior, per_image)
+            return boundaries, probs, boundary_loss(boundaries, self.dtp.prior, per_image)
+        if self.dtp.boundaries in ("topk", "batch-topk"):
+            if self.dtp.boundaries == "topk":
+                boundaries, _ = topk_boundaries(logits, self.topk_segments, self.dtp.temperature, self.training)
+            elif self.training:
+                boundaries = batch_topk_boundaries(logits, self.topk_segments, self.dtp.temperature)
+                self.predictor.track_threshold(logits, self.topk_segments)
+            else:  # per image: the running threshold, so an embedding never depends on its batch-mates
+                boundaries, _ = sample_boundaries(logits - self.predictor.threshold, self.dtp.temperature, False)
+            return close_last_segment(boundaries), probs, boundary_loss(deterministic, self.dtp.prior, per_image)
+        if not self.training:
+            return deterministic, probs, boundary_loss(deterministic, self.dtp.prior, per_image)
+        noisy, soft = relaxed(logits, self.dtp.temperature, training=True)
+        sampled = close_last_segment((soft > 0.5).to(logits.dtype) + (soft - soft.detach()))  # B x N
+        loss = boundary_loss(sampled, self.dtp.prior, per_image) + boundary_loss(deterministic, self.dtp.prior,
+                                                                                 per_image)
+        boundaries, self.last_dropped = cap_boundaries(sampled, noisy, self.segment_capacity(logits.shape[0]))
         return boundaries, probs, loss
+
+    def segment_capacity(self, batch: int) -> int:
+        """The most segments a batch of `batch` images can hold in this mode (a Python int: it sizes the static
+        buffer). Training with predicted boundaries: the threshold rule's cap, `capacity` x B * ceil(N/c), or
+        exactly B * ceil(N/c) for batch-topk. Eval and forced boundaries: every patch (B * N), so the cap never
+        binds and an image's embedding does not depend on its batch-mates."""
+        every_patch = batch * self.num_patches
+        if not self.training or self.forced is not None or self.predictor is None:
+            return every_patch
+        if self.dtp.boundaries != "threshold":
+            return batch * self.topk_segments
+        if not self.dtp.capacity:
+            return every_patch
+        return min(every_patch, max(batch, math.ceil(self.dtp.capacity * batch * self.topk_segments)))
 
     def fixed_boundaries(self, shape: torch.Size, device, dtype) -> torch.Tensor:
         """B x N boundaries in reading order from `forced` (a B x N tensor is given at grid positions) or, without
@@ -416,10 +511,13 @@ class DTPVisionTransformer(VisionTransformer):
             probs, self.last_boundary_loss = boundaries, patches.new_zeros(())
         else:
             boundaries, probs, self.last_boundary_loss = self.boundaries_for(self.predictor(patches))  # B x N
+        self.last_segments = boundaries.detach().sum(-1)  # B, read by the training loop every few steps
         self.record(boundaries, probs)
         static = self.static_segments()
         if static is not None:
             return self.forward_equal_counts(x, boundaries, static)
+        if self.dtp.execution == "static":
+            return self.forward_static(x, boundaries)
         if self.dtp.execution == "packed":
             return self.forward_packed(x, boundaries)
         num_segments = int(boundaries.detach().nan_to_num(1.0).sum(-1).max())  # NaN weights: a NaN loss, no crash
@@ -471,6 +569,26 @@ class DTPVisionTransformer(VisionTransformer):
             return short, None
         upsampled = gather_segments(short[:, 1:].flatten(0, 1), index, self.upsampling_weights(through_ids))
         return self.run_blocks(post_blocks, torch.cat([short[:, :1], upsampled], dim=1) + x), None
+
+    def forward_static(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shortened layers on the packed real tokens in a buffer of B + `segment_capacity(B)` rows
+        (`dtplib.packed.StaticPacking`): no host read, shapes fixed by the batch's shape alone."""
+        _, short_blocks, post_blocks = self.stages
+        batch = x.shape[0]
+        closing_only = F.pad(boundaries.new_zeros(batch, self.num_patches - 1), (0, 1), value=1.0)  # B x N
+        boundaries = torch.where(boundaries.isfinite(), boundaries, closing_only)  # NaN: a NaN loss, no overflow
+        lengths = boundaries.detach().sum(-1).long() + 1  # B: CLS + segments, on the device
+        packing = StaticPacking.plan(lengths, batch + self.segment_capacity(batch), self.num_patches + 1)
+        tokens, index, through_ids = pack_static(x[:, :1], x[:, 1:], boundaries, packing)  # T_cap x D
+        for block in short_blocks:
+            check_block(block)
+            tokens = self.call_block(block_forward, block, tokens, packing)
+        if not self.dtp.upsample:
+            return unpack_static(tokens, packing)  # B x (1+N) x D and its validity mask, for forward_head
+        upsampled = gather_segments(tokens, index, self.upsampling_weights(through_ids))  # B x N x D
+        cls_out = tokens.index_select(0, packing.starts).unsqueeze(1)  # B x 1 x D
+        full = torch.cat([cls_out, upsampled], dim=1) + x  # B x (1+N) x D, residual
+        return self.run_blocks(post_blocks, full), None
 
     def forward_packed(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The shortened layers on the packed real tokens (`dtplib.packed`); the output as `forward_features`'s."""

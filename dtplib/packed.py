@@ -117,6 +117,28 @@ class Packing:
     def num_tokens(self) -> int:
         return int(sum(self.lengths))
 
+    @property
+    def num_images(self) -> int:
+        return len(self.lengths)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """Self-attention within each image of packed T x H x hd queries, keys and values; returns T x H x hd."""
+        if dropout_p == 0 and varlen_attention_available(q.device, q.dtype):
+            from torch.nn.attention.varlen import varlen_attn
+
+            return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), self.cu_seqlens, self.cu_seqlens,
+                               self.max_length, self.max_length)
+        qkv = torch.stack([q, k, v], dim=1)  # T x 3 x H x hd
+        qkv = torch.cat([qkv, qkv.new_zeros(1, *qkv.shape[1:])])  # T+1: the last row pads
+        outputs = []
+        for bucket in self.buckets:
+            gathered = qkv.index_select(0, bucket.gather.flatten()).view(*bucket.gather.shape, *qkv.shape[1:])
+            q_b, k_b, v_b = gathered.permute(2, 0, 3, 1, 4).unbind(0)  # n x H x L x hd each
+            mask = bucket.mask if torch.compiler.is_compiling() or bucket.padded else None  # compiled: one graph
+            out = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=mask, dropout_p=dropout_p)
+            outputs.append(out.transpose(1, 2).flatten(0, 1))  # n*L x H x hd
+        return torch.cat(outputs).index_select(0, self.bucket_inverse)  # T x H x hd
+
     @staticmethod
     @torch.compiler.disable  # host bookkeeping: traced, its numpy would specialise on the counts of every batch
     def plan(segments: list[int], device: torch.device, buckets: int = CPU_BUCKETS) -> Packing:
@@ -220,31 +242,12 @@ def unpack(tokens: torch.Tensor, packing: Packing) -> tuple[torch.Tensor, torch.
     return padded.view(count, length, -1), packing.padded_gather < tokens.shape[0]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, dropout_p: float) -> torch.Tensor:
-    """Self-attention within each image of packed T x H x hd queries, keys and values; returns T x H x hd."""
-    if dropout_p == 0 and varlen_attention_available(q.device, q.dtype):
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), packing.cu_seqlens, packing.cu_seqlens,
-                           packing.max_length, packing.max_length)
-    qkv = torch.stack([q, k, v], dim=1)  # T x 3 x H x hd
-    qkv = torch.cat([qkv, qkv.new_zeros(1, *qkv.shape[1:])])  # T+1: the last row pads
-    outputs = []
-    for bucket in packing.buckets:
-        gathered = qkv.index_select(0, bucket.gather.flatten()).view(*bucket.gather.shape, *qkv.shape[1:])
-        q_b, k_b, v_b = gathered.permute(2, 0, 3, 1, 4).unbind(0)  # n x H x L x hd each
-        mask = bucket.mask if torch.compiler.is_compiling() or bucket.padded else None  # compiled: one graph
-        out = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=mask, dropout_p=dropout_p)
-        outputs.append(out.transpose(1, 2).flatten(0, 1))  # n*L x H x hd
-    return torch.cat(outputs).index_select(0, packing.bucket_inverse)  # T x H x hd
-
-
-def drop_path(module: nn.Module, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+def drop_path(module: nn.Module, x: torch.Tensor, packing: Packing | StaticPacking) -> torch.Tensor:
     """timm's per-sample stochastic depth on packed tokens: one draw per image, shared by its tokens."""
     if not isinstance(module, DropPath) or module.drop_prob == 0 or not module.training:
         return x
     keep = 1 - module.drop_prob
-    kept = x.new_empty(len(packing.lengths)).bernoulli_(keep)  # B
+    kept = x.new_empty(packing.num_images).bernoulli_(keep)  # B
     if module.scale_by_keep:
         kept = kept / keep
     return x * kept.index_select(0, packing.image_of_token)[:, None]
@@ -257,17 +260,102 @@ def check_block(block: nn.Module) -> None:
                          "use execution='padded'")
 
 
-def block_forward(block: Block, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+def block_forward(block: Block, x: torch.Tensor, packing: Packing | StaticPacking) -> torch.Tensor:
     """timm's `Block.forward` (pre-norm attention and MLP with layer scale and drop path) on packed T x D tokens."""
     attn = block.attn
     h = block.norm1(x)  # T x D
     gate = attn.gate(h).sigmoid() if attn.gate is not None else None
     q, k, v = attn.qkv(h).view(-1, 3, attn.num_heads, attn.head_dim).unbind(1)  # T x H x hd each
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = attend(q, k, v, packing, attn.attn_drop.p if attn.training else 0.0).flatten(1)  # T x H*hd
+    out = packing.attend(q, k, v, attn.attn_drop.p if attn.training else 0.0).flatten(1)  # T x H*hd
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
     x = x + drop_path(block.drop_path1, block.ls1(out), packing)
     return x + drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), packing)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Static capacity: the same packed layout in a buffer of fixed size, every index a device tensor
+
+
+@dataclass
+class StaticPacking:
+    """The packed layout of `Packing` in a buffer of `rows` rows fixed by the batch's shape, never by its content.
+
+    Image b's CLS token is row starts[b], its segments the rows after it; rows from the batch's total on are the
+    tail, zero on entry. Every field is computed on the device from the per-image lengths (`cumsum`,
+    `bucketize`): nothing is read to the host, so a compiled forward is one graph for every batch of one shape.
+    """
+
+    rows: int  # T_cap: B + the segment capacity (static)
+    max_length: int  # L = N + 1: the longest an image can be (static)
+    lengths: torch.Tensor  # B, long: 1 + segments per image
+    cu_seqlens: torch.Tensor  # B+1, int32: cumulative lengths
+    covering_seqlens: torch.Tensor  # B+1+E, int32: cu_seqlens, then the tail cut into E pieces of at most L rows
+    starts: torch.Tensor  # B, long: row of each image's CLS token
+    image_of_token: torch.Tensor  # T_cap, long: image of each row (the tail: the last image)
+    window: torch.Tensor  # B x L, long: rows starts[b] .. starts[b] + L - 1 (clamped), for windowed attention
+    key_mask: torch.Tensor  # B x 1 x 1 x L, bool: the window slots that are the image's own tokens
+    window_slot: torch.Tensor  # T_cap, long: flat slot in B x L of each row (the tail: a real slot, never read)
+    unpack_slot: torch.Tensor  # T_cap, long: flat slot in B x L of each row; the tail: B*L, a slot dropped after
+
+    @property
+    def num_images(self) -> int:
+        return self.lengths.shape[0]
+
+    @staticmethod
+    def plan(lengths: torch.Tensor, rows: int, max_length: int) -> StaticPacking:
+        """The layout of images with `lengths` (B, long, on the device; each >= 2, summing to at most `rows`)."""
+        count, device = lengths.shape[0], lengths.device
+        cu = F.pad(lengths.cumsum(0), (1, 0))  # B+1
+        starts = cu[:-1]
+        positions = torch.arange(rows, device=device)  # T_cap
+        image = torch.bucketize(positions, cu[1:], right=True)  # T_cap: cu[b] <= t < cu[b+1] -> b; the tail -> B
+        valid = image < count
+        image = image.clamp(max=count - 1)
+        slot = image * max_length + (positions - starts.index_select(0, image)).clamp(max=max_length - 1)  # T_cap
+        span = torch.arange(max_length, device=device)  # L
+        pieces = -(-max(rows - 2 * count, 0) // max_length)  # E: the tail is at most T_cap - 2B rows (S >= 1 each)
+        tail = (cu[-1] + torch.arange(1, pieces + 1, device=device) * max_length).clamp(max=rows)  # E
+        return StaticPacking(
+            rows=rows, max_length=max_length, lengths=lengths, cu_seqlens=cu.to(torch.int32),
+            covering_seqlens=torch.cat([cu, tail]).to(torch.int32), starts=starts, image_of_token=image,
+            window=(starts[:, None] + span).clamp(max=rows - 1),  # B x L
+            key_mask=(span[None] < lengths[:, None])[:, None, None, :],  # B x 1 x 1 x L
+            window_slot=slot, unpack_slot=torch.where(valid, slot, count * max_length))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """Self-attention within each image of T_cap x H x hd queries, keys and values; returns T_cap x H x hd.
+
+        CUDA fp16/bf16: varlen flash attention over `covering_seqlens` with the static maximum L, so the tail rows
+        attend among themselves and come out finite (varlen leaves rows outside every sequence unwritten).
+        Elsewhere: each image's window of L rows from its CLS token, keys masked to its own tokens (one SDPA call,
+        B x H x L x L); a row takes its output from its own image's window."""
+        if dropout_p == 0 and varlen_attention_available(q.device, q.dtype):
+            from torch.nn.attention.varlen import varlen_attn
+
+            return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), self.covering_seqlens,
+                               self.covering_seqlens, self.max_length, self.max_length)
+        qkv = torch.stack([q, k, v], dim=1)  # T_cap x 3 x H x hd
+        gathered = qkv.index_select(0, self.window.flatten()).view(*self.window.shape, *qkv.shape[1:])
+        q_w, k_w, v_w = gathered.permute(2, 0, 3, 1, 4).unbind(0)  # B x H x L x hd each
+        out = F.scaled_dot_product_attention(q_w, k_w, v_w, attn_mask=self.key_mask, dropout_p=dropout_p)
+        return out.transpose(1, 2).flatten(0, 1).index_select(0, self.window_slot)  # T_cap x H x hd
+
+
+def pack_static(cls_token: torch.Tensor, patches: torch.Tensor, boundaries: torch.Tensor,
+                packing: StaticPacking) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLS + segment means of every image in the T_cap x D buffer (the tail zero); and `segment_index`'s buffer
+    row of each patch's segment and straight-through weights (B x N)."""
+    index, through_ids = segment_index(boundaries, packing.starts + 1)  # B x N: segment s of image b at row start+1+s
+    tokens = segment_means(patches, index, through_ids, packing.rows)  # T_cap x D, CLS rows and the tail zero
+    return tokens.index_copy(0, packing.starts, cls_token[:, 0]), index, through_ids
+
+
+def unpack_static(tokens: torch.Tensor, packing: StaticPacking) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T_cap x D buffer as B x L x D (padding zero; L = N + 1, static) with its B x L validity mask."""
+    count, length = packing.window.shape
+    padded = tokens.new_zeros(count * length + 1, tokens.shape[-1]).index_copy(0, packing.unpack_slot, tokens)
+    return padded[:-1].view(count, length, -1), packing.key_mask.view(count, length)

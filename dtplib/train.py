@@ -80,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return TrainConfig.parse(argv, description=__doc__.split("\n")[0])
 
 
-FLOAT_FLAGS = ("compression", "boundary_loss_weight", "force_patch_dropout", "lr", "wd", "beta1", "beta2", "eps",
+FLOAT_FLAGS = ("compression", "capacity", "boundary_loss_weight", "force_patch_dropout", "lr", "wd", "beta1", "beta2", "eps",
                "grad_clip_norm")
 
 
@@ -116,6 +116,9 @@ def check_args(args: TrainConfig, world_size: int = 1) -> None:
     if args.lr <= 0 or args.wd < 0 or args.warmup < 0 or args.workers < 0:
         raise ValueError(f"need --lr > 0, --wd >= 0, --warmup >= 0, --workers >= 0; got {args.lr}, {args.wd}, "
                          f"{args.warmup}, {args.workers}")
+    if args.capacity != 0 and args.capacity < 1:
+        raise ValueError(f"--capacity must be 0 (no cap) or >= 1 (a multiple of the batch's segment budget), got "
+                         f"{args.capacity:g}")
     if args.boundary_loss_weight < 0:
         raise ValueError(f"--boundary-loss-weight must be >= 0, got {args.boundary_loss_weight}")
     if args.force_patch_dropout is not None and not 0 <= args.force_patch_dropout < 1:
