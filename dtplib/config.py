@@ -19,7 +19,8 @@ PRECISIONS = ("fp32", "amp", "bf16", "amp_bf16", "amp_bfloat16")  # bf16 = bf16 
 ADAMW_IMPLS = ("fused", "torch")
 # what a stored config (params.json, a checkpoint's) that lacks a field was trained with, where that is not the
 # field's default: runs before --adamw-impl existed used torch's own AdamW
-LEGACY_DEFAULTS = {"adamw_impl": "torch", "capacity": 0.0}  # and runs before the capacity cap had none
+# used torch's own AdamW; runs before the static execution and its capacity cap ran packed, with no cap
+LEGACY_DEFAULTS = {"adamw_impl": "torch", "execution": "packed", "capacity": 0.0}
 
 
 def flag(default, help: str, group: str, *, type=None, choices: Sequence | None = None, required: bool = False):
@@ -74,7 +75,8 @@ class TrainConfig:
                                  choices=("straight-through", "normalised"))
     force_patch_dropout: float | None = flag(None, "open_clip patch dropout (FLIP peer)", "model", type=float)
     grad_checkpointing: bool = flag(False, "recompute the blocks' activations in the backward pass", "model")
-    torchcompile: bool = flag(False, "torch.compile the model (dynamic shapes for DTP)", "model")
+    torchcompile: bool = flag(False, "torch.compile the model: static shapes, one graph (fullgraph) where the "
+                              "model allows it; the first steps compile", "model")
 
     # optimisation
     batch_size: int = flag(64, "per process", "optimisation")
@@ -104,7 +106,8 @@ class TrainConfig:
     save_frequency: int = flag(1, "write epoch_<n>.pt every n epochs", "run")
     zeroshot_frequency: int = flag(1, "evaluate every n epochs (0: never)", "run")
     val_frequency: int = flag(1, "retrieval on --val-data every n epochs (0: never)", "run")
-    log_every_n_steps: int = flag(20, "TensorBoard and progress-bar interval", "run")
+    log_every_n_steps: int = flag(100, "steps between reads of the logged values from the device (the loop's only "
+                                  "synchronisation): steps.csv rows, out.log lines, TensorBoard", "run")
     timing_warmup: int = flag(5, "first steps of the run timed apart", "run")
     report_to: str = flag("tensorboard", "where scalars go besides the CSV files", "run",
                           choices=("tensorboard", "none"))

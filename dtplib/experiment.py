@@ -122,7 +122,7 @@ RUNTIME_FLAGS = ("workers", "threads", "device", "dist_backend", "report_to", "l
 # epochs.csv columns that describe the training itself, not an evaluation (shown in runs.csv, not in the summary)
 TRAINING_COLUMNS = ("epoch", "first_epoch", "steps", "loss", "contrastive_loss", "boundary_loss", "lr_end",
                     "step_time_s", "step_time_median_s", "data_time_s", "samples_per_s", "warmup_step_time_s",
-                    "peak_memory_mb", "checkpoint")
+                    "peak_memory_mb", "checkpoint", "capacity_bound_steps", "capacity_dropped")
 NOT_A_METRIC = re.compile(r"skipped|_images$|_texts$|_count$|_items$|(_ci)?_(low|high|lo|hi)$|_ci$")
 COST_COLUMNS = ("compression", "gmacs_per_image", "samples_seen", "train_time_s", "train_gmacs")
 DRIVER_COLUMNS = ("arm", "seed", "model", "epoch", "epochs_done", "complete", "steps", "samples_seen", "train_time_s",

@@ -52,7 +52,7 @@ from dtplib.evaluate import (  # noqa: F401 (imagefolder_split: re-exported for 
     linear_probe,
 )
 from dtplib.model import dtp_towers, fit_boundary_prior, get_tower, token_budget, trace, use_config
-from dtplib.optim import lr_at, make_optimizer, train_step
+from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step
 from dtplib.utils import eval_mode, load_images, repo_path, run_info, seed_everything, unwrap
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,6 +228,8 @@ def finetune(model: nn.Module, split: ImageFolderSplit, *, preprocess_train, pre
                 result = train_step(classifier, optimizer, cross_entropy, step=step, device=torch.device(device),
                                     lr=lr_at(step, lr=lr, warmup=warmup, total_steps=total_steps),
                                     grad_clip_norm=grad_clip_norm, hint="try a lower lr")
+                if not result.finite:  # the update was skipped; stop here (a finetune reads its losses every step)
+                    raise NonFiniteLoss(f"loss is {result.loss.item()} at step {step}: stopping; try a lower lr")
                 step += 1
                 sums["loss"] += result.loss.item() * len(labels)
                 sums["cross_entropy"] += result.task_loss.item() * len(labels)
@@ -235,7 +237,7 @@ def finetune(model: nn.Module, split: ImageFolderSplit, *, preprocess_train, pre
                                           else 0.0) * len(labels)
                 sums["correct"] += (result.outputs.argmax(1) == labels).sum().item()
                 sums["images"] += len(labels)
-                sums["segments"] += result.record.tokens.sum().item() if pools else 0
+                sums["segments"] += result.segments.sum().item() if pools else 0
             seen = max(sums["images"], 1)
             history.append({"epoch": epoch, "loss": sums["loss"] / seen, "cross_entropy": sums["cross_entropy"] / seen,
                             "boundary_loss": sums["boundary_loss"] / seen, "train_top1": sums["correct"] / seen,

@@ -330,6 +330,7 @@ NO_MAC_OPS = (  # seen in these towers and deliberately counted as 0 MACs (see t
     # the packed path and equal counts: scatter-add into segments, gathers, packing (elementwise, O(N x D))
     "aten::index_add", "aten::index_copy", "aten::index", "aten::index_select", "aten::scatter", "aten::lt",
     "aten::lift_fresh", "aten::numel",  # host-built packing indices, constants in the trace
+    "aten::pad", "aten::isfinite", "aten::where", "aten::bucketize",  # the static path's device-built indices
     # lookups and bookkeeping
     "aten::embedding", "aten::argmax", "aten::unflatten", "aten::new_ones", "aten::ones_like", "aten::scalar_tensor",
 )

@@ -10,12 +10,19 @@ arXiv:2211.09761) applied to a Vision Transformer:
 The tower subclasses timm's VisionTransformer and keeps its parameter names (`blocks.i`, `norm_pre`, `norm`,
 `pos_embed`, ...), so CLIP ViT weights map onto the pre-, shortened and post-layers by timm's own converter.
 
-Images in one batch get different numbers of segments. Two executions of the shortened layers give the same
-result (`DTPConfig.execution`): "packed" (the default, `dtplib.packed`) runs them on the concatenated real tokens
-of the batch and keeps images apart in attention only, so nothing is computed for padding; "padded", the
-reference, pads every image to the batch's largest count and masks the padding in attention and pooling. In both
-an image's embedding does not depend on its batch-mates. With `boundaries="topk"` (or forced uniform boundaries)
-every image has the same count: shapes are static, and there is no padding and no host synchronisation.
+Images in one batch get different numbers of segments. Three executions of the shortened layers give the same
+result (`DTPConfig.execution`, `dtplib.packed`): "static" (the default) runs them on the concatenated real tokens
+of the batch in a buffer whose size is fixed by the batch's shape, with no value read to the host, so a compiled
+forward is one graph; "packed" does the same on exactly the real tokens, planned on the host once per forward;
+"padded", the reference, pads every image to the batch's largest count and masks the padding in attention and
+pooling. In all three an image's embedding does not depend on its batch-mates in eval.
+
+Boundary modes (`DTPConfig.boundaries`): "threshold" (Gumbel-Sigmoid > 0.5: a count per image; in training at most
+`capacity` x B * ceil(N/c) segments per batch, the highest logits kept), "topk" (exactly ceil(N/c) per image) and
+"batch-topk" (exactly B * ceil(N/c) over the batch in training, shared by content; in eval a per-image threshold,
+the running quantile of the training logits that batch-topk cut at, as BatchNorm tracks its statistics: so an
+embedding never depends on its batch-mates, and the eval count matches the training budget on the training
+distribution).
 """
 
 from __future__ import annotations
@@ -516,9 +523,9 @@ class DTPVisionTransformer(VisionTransformer):
         static = self.static_segments()
         if static is not None:
             return self.forward_equal_counts(x, boundaries, static)
-        if self.dtp.execution == "static":
+        if self.dtp.execution == "static" and (self.training or torch.compiler.is_compiling()):
             return self.forward_static(x, boundaries)
-        if self.dtp.execution == "packed":
+        if self.dtp.execution in ("static", "packed"):  # eager eval: exactly the real tokens (see forward_static)
             return self.forward_packed(x, boundaries)
         num_segments = int(boundaries.detach().nan_to_num(1.0).sum(-1).max())  # NaN weights: a NaN loss, no crash
         weights = membership(boundaries, num_segments)  # B x N x S
@@ -572,7 +579,12 @@ class DTPVisionTransformer(VisionTransformer):
 
     def forward_static(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The shortened layers on the packed real tokens in a buffer of B + `segment_capacity(B)` rows
-        (`dtplib.packed.StaticPacking`): no host read, shapes fixed by the batch's shape alone."""
+        (`dtplib.packed.StaticPacking`): no host read, shapes fixed by the batch's shape alone.
+
+        Training, and eval inside torch.compile. In eval nothing caps the count (an embedding must not depend on its
+        batch-mates), so a static buffer would have to hold B * (N + 1) rows and the shortened layers would cost
+        what the plain ViT's do; eager eval therefore takes the host-planned packed path, exactly the real tokens
+        (the same values), and only a compiled eval keeps the full buffer, to stay one graph."""
         _, short_blocks, post_blocks = self.stages
         batch = x.shape[0]
         closing_only = F.pad(boundaries.new_zeros(batch, self.num_patches - 1), (0, 1), value=1.0)  # B x N

@@ -3,14 +3,14 @@
 - `make_optimizer`: AdamW with open_clip's parameter groups (no weight decay on gains, biases, logit_scale),
   fused by default (`--adamw-impl`); `use_adamw_impl` keeps that choice over a loaded optimizer state.
 - `lr_at`: linear warm-up, then cosine decay to 0 or a constant rate, as a pure function of the step.
-- `train_step`: one optimisation step: the learning rate, the forward under autocast with the DTP towers
-  traced, task loss + the tower's boundary-loss weight x its boundary prior, a check that the loss is finite,
-  backward (through a GradScaler for fp16), gradient clipping and the update.
+- `train_step`: one optimisation step: the learning rate, the forward under autocast, task loss + the tower's
+  boundary-loss weight x its boundary prior, backward (through a GradScaler for fp16), gradient clipping and the
+  update, with no host read: whether the loss was finite is a device tensor that also skips the update
+  (the fused AdamW's `found_inf`), and the caller reads it with the step's logs every few steps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ADAMW_IMPLS, TrainConfig
-from .model import TraceRecord, dtp_towers, trace
+from .model import dtp_towers
 from .utils import autocast, unwrap
 
 
@@ -70,13 +70,22 @@ def lr_at(step: int, *, lr: float, warmup: int, total_steps: int, scheduler: str
 
 @dataclass
 class StepResult:
-    """What one `train_step` computed (losses detached to Python numbers by the caller when it needs them)."""
+    """What one `train_step` computed, as device tensors: the caller reads them to the host when it logs."""
 
     loss: torch.Tensor  # task loss + weight x boundary loss
     task_loss: torch.Tensor
     boundary_loss: torch.Tensor | None  # the prior, unweighted; None without a boundary predictor
     outputs: object  # what `compute` returned besides the task loss (logits, features, ...)
-    record: TraceRecord | None  # the DTP tower's decisions in this step; None for a model that does not pool
+    finite: torch.Tensor  # 0-d bool: the loss was finite (where it was not, the update was skipped)
+    segments: torch.Tensor | None  # B: segments per image of the DTP tower; None for a model that does not pool
+    dropped: torch.Tensor | None  # 0-d: boundaries the tower's capacity cap dropped in this step
+
+
+def skips_update_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer takes a device flag that skips its update (`found_inf`, as GradScaler sets it): the
+    fused AdamW does; torch's looped and foreach kernels do not."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -84,17 +93,23 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                device: torch.device, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
                grad_clip_norm: float | None = None, hint: str = "") -> StepResult:
     """One step: `compute()` runs the forward and returns (task loss, outputs); the DTP tower's prior, weighted by
-    its `DTPConfig.boundary_loss_weight`, is added. Raises NonFiniteLoss (before any update) when the loss is not
-    finite; `hint` ends that message."""
+    its `DTPConfig.boundary_loss_weight`, is added.
+
+    No host read: a non-finite loss skips the update on the device (the fused AdamW's `found_inf`; a GradScaler
+    skips it by itself) and is reported in `StepResult.finite`, which the caller reads with its logs and turns
+    into NonFiniteLoss before any checkpoint is written. An optimizer that cannot skip on the device (torch's
+    looped or foreach AdamW, `--adamw-impl torch`) is checked here instead, with one host read, and NonFiniteLoss
+    is raised before the update; `hint` ends that message."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     towers = [t for t in dtp_towers(unwrap(model)) if t.pools]
-    traced_run = trace(unwrap(model)) if towers else contextlib.nullcontext()
-    with autocast(precision, device), traced_run as traced:
+    with autocast(precision, device):
         task_loss, outputs = compute()
         boundary = towers[0].last_boundary_loss if towers and towers[0].predictor is not None else None
         loss = task_loss + towers[0].dtp.boundary_loss_weight * boundary if boundary is not None else task_loss
-    if not torch.isfinite(loss):
+    finite = torch.isfinite(loss.detach())
+    device_skip = scaler is None and skips_update_on_device(optimizer)
+    if scaler is None and not device_skip and not finite:
         raise NonFiniteLoss(f"loss is {loss.item()} at step {step}: stopping{'; ' + hint if hint else ''}")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -102,11 +117,20 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         if grad_clip_norm is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # skips the update where the gradients are not finite
         scaler.update()
     else:
         loss.backward()
         if grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        optimizer.step()
-    return StepResult(loss, task_loss, boundary, outputs, traced.last() if towers else None)
+        if device_skip:
+            optimizer.found_inf = (~finite).float()  # the fused kernel leaves weights and moments as they were
+        try:
+            optimizer.step()
+        finally:
+            if device_skip:
+                del optimizer.found_inf
+    tower = towers[0] if towers else None
+    return StepResult(loss.detach(), task_loss.detach(), boundary.detach() if boundary is not None else None,
+                      outputs, finite, tower.last_segments if tower is not None else None,
+                      tower.last_dropped if tower is not None else None)

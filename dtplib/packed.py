@@ -2,38 +2,49 @@
 
 Images of a batch keep different numbers of segments. The padded reference path (`DTPConfig.execution="padded"`)
 pads every image to the batch's largest count and masks the padding, so a batch pays for its largest image. The
-packed path (`execution="packed"`, the default) concatenates the real tokens of the batch, CLS + segments of image
-0, then of image 1, ..., into one T x D sequence (T = sum over images of 1 + segments):
+packed paths concatenate the real tokens of the batch, CLS + segments of image 0, then of image 1, ..., into one
+sequence:
 
-- token-wise work (norms, qkv, attention out-projection, MLP, layer scale) runs on the T real tokens;
-- attention is the only operation that must keep images apart. On CUDA in fp16/bf16 it is one call of PyTorch's
-  variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`) over cumulative sequence lengths. Other
-  cases (CPU, fp32 on CUDA, attention dropout) sort the images by length and cut them into a few length buckets;
-  each bucket is padded to its own maximum only and runs one masked `scaled_dot_product_attention`. The buckets are
-  chosen by dynamic programming to minimise sum over buckets of images x length^2 (the attention cost);
+- token-wise work (norms, qkv, attention out-projection, MLP, layer scale) runs on the packed rows;
+- attention is the only operation that must keep images apart;
 - downsampling is a scatter-add of each patch into its segment's row and upsampling a gather, both weighted by the
   straight-through segment ids, so the contrastive loss reaches the boundary predictor exactly as through the
   padded path's membership matrix (`model.membership`): the same values and the same gradients.
 
-Host-device synchronisation: the segment counts are read to the host once per forward (`Packing.plan`); every
-index the layers need (cumulative lengths, bucket gathers, the inverse permutation, the image of each token) is
-built on the host from them and moved to the device in one transfer. No layer synchronises.
+Two packed executions. Read top to bottom: the host-planned one, then the static one.
 
+`execution="packed"` (`Packing`): the sequence is exactly T = sum over images of 1 + segments rows. The counts are
+read to the host once per forward (`Packing.plan`) and every index is built there with numpy and moved in one
+transfer. Attention: on CUDA in fp16/bf16 one call of varlen flash attention over the cumulative lengths; elsewhere
+the images are sorted by length and cut into `CPU_BUCKETS` length buckets, each padded to its own longest and run
+as one masked SDPA call (buckets chosen by dynamic programming to minimise sum of images x length^2). The host read
+splits a compiled forward into several graphs and makes CUDA graphs impossible.
+
+`execution="static"` (`StaticPacking`, the default): the same layout in a buffer of T_cap = B + the segment
+capacity rows, fixed by the batch's shape (`DTPVisionTransformer.segment_capacity`: in training at most
+`capacity` x B * ceil(N/c) segments, a cap the tower enforces on the device before packing; in eval B * N). The
+cumulative lengths, the row of each segment and the image of each row are device tensors (`cumsum`, `bucketize`,
+`index_add`, `index_copy`); the rows past the batch's last token (the tail) start at zero, stay finite, and are
+read by nothing, so they add nothing to any gradient (a weight gradient X^T dY sees them with dY = 0). No value is
+read to the host: a compiled forward is one graph for every batch of one shape, as CUDA graphs need. Attention:
+- CUDA fp16/bf16: varlen flash attention with cumulative lengths as device data and the static maximum L = N + 1;
+  the tail is covered by extra sequences of at most L rows (varlen leaves rows outside every sequence unwritten);
+- elsewhere: each image's window of L rows from its CLS token, keys masked to its own tokens, one SDPA call.
 Measured on the development CPU (AMD EPYC, 1 of 2 cores, fp32, torch 2.14.1), attention alone, forward + backward,
-Ti short-layer shapes (width 192, 3 heads, batch 64, 1 + segments tokens per image with a learned-like spread:
-mean 20.5, std 16.2, max 65), against attention padded to the batch maximum:
+Ti short-layer shapes (width 192, 3 heads, batch 64, segments per image with a learned-like spread: mean 16,
+std 5.5; T = 1122 real rows in a static buffer of 1344 at capacity 1.25):
 
-    candidate                                           speed-up
-    padded to the batch maximum, masked (reference)     1.00x
-    one scaled_dot_product_attention call per image      1.99x
-    length buckets, 2 / 4 / 8 (equal-count splits)      2.21x / 2.29x / 2.40x
-    FlexAttention with a document mask                  no CPU backward in torch 2.14 ("does not support backward
-                                                        on CPU")
-    nested jagged tensors + SDPA                        fails on a CPU-only machine in torch 2.14 (it calls into
-                                                        CUDA)
+    candidate                                               ms
+    host-planned length buckets (execution="packed")        10.2
+    padded to the batch maximum, masked                      23.9
+    static: one window of N + 1 per image (kept)             35.7
+    static: block-diagonal mask over the whole buffer        90.9
+    FlexAttention with a document mask                      no CPU backward in torch 2.14
+    nested jagged tensors + SDPA                            reads the lengths to the host
 
-Buckets are kept: `CPU_BUCKETS` of them, split at the cost-optimal lengths. With two intra-op threads on a loaded
-2-core machine every small op is much slower (thread contention), so compare candidates on a quiet machine.
+A static shape must hold the worst case, so on a CPU the window pays for images up to N + 1 tokens long; the
+token-wise layers also run on the buffer's slack. On the whole Ti tower (eager, batch 64, 2 threads) the static
+path took 1.18x the host-planned one's time. What it buys is compilation: one graph, no recompile.
 """
 
 from __future__ import annotations

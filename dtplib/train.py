@@ -47,6 +47,7 @@ from dtplib import evaluate as dtp_eval
 from dtplib import loader as dtp_loader
 from dtplib.clip import build_from_config, parse_dtp_name, read_checkpoint, resolve_model
 from dtplib.config import TrainConfig
+from dtplib.model import dtp_towers
 from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
 from dtplib.utils import (
     CLI_ERRORS,
@@ -59,16 +60,15 @@ from dtplib.utils import (
     run_cli,
     run_info,
     seed_everything,
-    start_timer,
-    synchronize,
     unwrap,
 )
 
 log = logging.getLogger("dtplib.train")
 ESTIMATES = ("lost_samples_estimate",)  # loader skip counts that estimate, not count: left out of skipped_samples
 
-STEP_COLUMNS = ("epoch", "step", "loss", "contrastive_loss", "boundary_loss", "compression", "lr", "logit_scale",
-                "step_time_s", "data_time_s", "samples_per_s", "peak_memory_mb")
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests trace with "eager" (same graphs, no codegen)
+STEP_COLUMNS = ("epoch", "step", "loss", "contrastive_loss", "boundary_loss", "compression", "capacity_dropped", "lr",
+                "logit_scale", "step_time_s", "data_time_s", "samples_per_s", "peak_memory_mb")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,8 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return TrainConfig.parse(argv, description=__doc__.split("\n")[0])
 
 
-FLOAT_FLAGS = ("compression", "capacity", "boundary_loss_weight", "force_patch_dropout", "lr", "wd", "beta1", "beta2", "eps",
-               "grad_clip_norm")
+FLOAT_FLAGS = ("compression", "capacity", "boundary_loss_weight", "force_patch_dropout", "lr", "wd", "beta1", "beta2",
+               "eps", "grad_clip_norm")
 
 
 def check_args(args: TrainConfig, world_size: int = 1) -> None:
@@ -337,57 +337,132 @@ def truncate_csv(path: Path, keep) -> None:
 # 5. Training
 
 
+@dataclass
+class PendingStep:
+    """A step whose values are still on the device: read with the others of its log window, in one transfer."""
+
+    epoch: int
+    step: int
+    lr: float
+    data_time: float
+    host_time: float  # the step's own host time; the last step of a window also waits for the device
+    images: int
+    values: torch.Tensor  # len(STEP_VALUES), float32, on the device
+
+
+STEP_VALUES = ("loss", "contrastive_loss", "boundary_loss", "logit_scale", "finite", "segments_mean",
+               "capacity_dropped")
+
+
+def step_values(result, num_patches: int | None) -> torch.Tensor:
+    """The device values of one `train_step` to log, stacked (no host read)."""
+    zero = result.loss.new_zeros((), dtype=torch.float32)
+    return torch.stack([result.loss.float(), result.task_loss.float(),
+                        result.boundary_loss.float() if result.boundary_loss is not None else zero,
+                        result.outputs.detach().float().reshape(()), result.finite.float(),
+                        result.segments.float().mean() if result.segments is not None else zero + (num_patches or 1),
+                        result.dropped.float() if result.dropped is not None else zero])
+
+
+def read_steps(pending: list[PendingStep], device: torch.device, world_size: int,
+               num_patches: int | None) -> tuple[list[dict], str | None]:
+    """The rows of the pending steps, read to the host in one transfer (the loop's only synchronisation), up to
+    the first step whose loss was not finite (its update was skipped on the device), and then what that was."""
+    if not pending:
+        return [], None
+    wait = time.perf_counter()
+    values = torch.stack([p.values for p in pending]).tolist()  # steps x len(STEP_VALUES): one host read
+    pending[-1].host_time += time.perf_counter() - wait
+    memory = peak_memory_mb(device)
+    rows = []
+    for item, read in zip(pending, values, strict=True):
+        value = dict(zip(STEP_VALUES, read, strict=True))
+        if not value["finite"]:
+            pending.clear()
+            return rows, f"loss is {value['loss']} at step {item.step}"
+        rows.append({
+            "epoch": item.epoch, "step": item.step, "loss": value["loss"],
+            "contrastive_loss": value["contrastive_loss"], "boundary_loss": value["boundary_loss"],
+            "compression": (num_patches / value["segments_mean"]) if num_patches else 1.0,
+            "capacity_dropped": value["capacity_dropped"],
+            "lr": item.lr, "logit_scale": value["logit_scale"], "step_time_s": item.host_time,
+            "data_time_s": item.data_time, "samples_per_s": item.images * world_size / item.host_time,
+            "peak_memory_mb": memory,
+        })
+    pending.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return rows, None
+
+
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfig, dist_env: Dist, epoch: int,
                     step: int, total_steps: int, run_log: RunLog, kept: str,
-                    skip_batches: int = 0) -> tuple[int, list[dict], bool]:
+                    skip_batches: int = 0, read_every_step: int = 0) -> tuple[int, list[dict], bool]:
     """One pass over the loader with `optim.train_step`, the first `skip_batches` (done before a mid-epoch
     checkpoint) read and passed over; returns the global step after it, the per-step records, and whether the
-    epoch ran to its end (False when --max-steps stopped it)."""
+    epoch ran to its end (False when --max-steps stopped it).
+
+    No step waits for the device: the logged values stay device tensors until the window's end (every
+    --log-every-n-steps steps, the end of the epoch or a --max-steps stop; every step for the first
+    `read_every_step` steps, which time the warm-up exactly). Then they are read in one transfer and written
+    to steps.csv, with a line in out.log. On CUDA a step's `step_time_s` is its host time and the window's last
+    step also waits for the device: sums and means over a window are exact, single steps are not."""
     model.train()
     device = dist_env.device
-    records = []
+    tower = next(iter(dtp_towers(unwrap(model))), None)
+    num_patches = tower.num_patches if tower is not None and tower.pools else None
+    hint = f"epoch {epoch}; {kept}. Try a lower --lr, --grad-clip-norm, or fp32."
+    records, pending = [], []
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not dist_env.main or None, mininterval=2,
                leave=False, initial=skip_batches)
+
+    def flush() -> None:
+        rows, not_finite = read_steps(pending, device, dist_env.world_size, num_patches)
+        for row in rows:
+            records.append(row)
+            run_log.csv_row("steps.csv", row, STEP_COLUMNS)
+            if row["step"] % args.log_every_n_steps == 0 or row is rows[-1]:
+                run_log.scalars("train", row, row["step"])
+        if rows and dist_env.main:
+            last = rows[-1]
+            bar.set_postfix(loss=f"{last['loss']:.3f}", comp=f"{last['compression']:.2f}")
+            log.info("Train Epoch: %d [%d/%d] loss %.4f contrastive %.4f boundary %.4f compression %.2f lr %.3g "
+                     "logit scale %.2f step %.3fs data %.3fs", epoch, len(records) + skip_batches, len(loader),
+                     last["loss"], last["contrastive_loss"], last["boundary_loss"], last["compression"],
+                     last["lr"], last["logit_scale"], last["step_time_s"], last["data_time_s"])
+        if not_finite:
+            raise NonFiniteLoss(f"{not_finite}: stopping; {hint}")
+
     end = time.perf_counter()
     for index, (images, texts) in enumerate(loader):
         if index < skip_batches:
             continue
         if args.max_steps is not None and step >= args.max_steps:
+            flush()
             bar.close()
             return step, records, False
         data_time = time.perf_counter() - end
         lr = lr_at(step, lr=args.lr, warmup=args.warmup, total_steps=total_steps, scheduler=args.lr_scheduler)
         images = images.to(device, non_blocking=True)
         texts = texts.to(device, non_blocking=True)
-        start = start_timer(device)
+        start = time.perf_counter()
 
         def contrastive_loss(images=images, texts=texts):
             image_features, text_features, logit_scale = model(images, texts)[:3]
             return loss_fn(image_features, text_features, logit_scale), logit_scale
 
         result = train_step(model, optimizer, contrastive_loss, lr=lr, step=step, device=device,
-                            precision=args.precision, scaler=scaler, grad_clip_norm=args.grad_clip_norm,
-                            hint=f"epoch {epoch}; {kept}. Try a lower --lr, --grad-clip-norm, or fp32.")
+                            precision=args.precision, scaler=scaler, grad_clip_norm=args.grad_clip_norm, hint=hint)
         with torch.no_grad():  # open_clip clamps the temperature to 100
             unwrap(model).logit_scale.clamp_(0, math.log(100))
-        synchronize(device)
-        step_time = time.perf_counter() - start
-        record = {
-            "epoch": epoch, "step": step, "loss": result.loss.item(), "contrastive_loss": result.task_loss.item(),
-            "boundary_loss": result.boundary_loss.item() if result.boundary_loss is not None else 0.0,
-            "compression": result.record.budget if result.record is not None else 1.0,
-            "lr": lr, "logit_scale": result.outputs.item(), "step_time_s": step_time, "data_time_s": data_time,
-            "samples_per_s": len(images) * dist_env.world_size / step_time,
-            "peak_memory_mb": peak_memory_mb(device),
-        }
-        records.append(record)
-        run_log.csv_row("steps.csv", record, STEP_COLUMNS)
-        if step % args.log_every_n_steps == 0:
-            run_log.scalars("train", record, step)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", comp=f"{record['compression']:.2f}")
-        bar.update()
+        pending.append(PendingStep(epoch, step, lr, data_time, time.perf_counter() - start, len(images),
+                                   step_values(result, num_patches)))
         step += 1
+        if len(records) + len(pending) <= read_every_step or step % args.log_every_n_steps == 0:
+            flush()
+        bar.update()
         end = time.perf_counter()
+    flush()
     bar.close()
     return step, records, True
 
@@ -404,6 +479,9 @@ def epoch_summary(epoch: int, records: list[dict], timing_warmup: int, first_epo
         "epoch": epoch, "first_epoch": first_epoch, "steps": len(records),
         "loss": mean("loss", records), "contrastive_loss": mean("contrastive_loss", records),
         "boundary_loss": mean("boundary_loss", records), "compression": mean("compression", records),
+        "capacity_bound_steps": mean("capacity_bound", [{"capacity_bound": float(r["capacity_dropped"] > 0)}
+                                                         for r in records]),
+        "capacity_dropped": mean("capacity_dropped", records),
         "lr_end": records[-1]["lr"] if records else float("nan"),
         "step_time_s": mean("step_time_s", timed),
         "step_time_median_s": float(np.median([r["step_time_s"] for r in timed])) if timed else float("nan"),
@@ -557,11 +635,11 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
         atomic_write_text(run_dir / "params.json", json.dumps(params, indent=2, default=str))
 
     train_model = model
-    if args.torchcompile:
-        train_model = torch.compile(train_model, dynamic=True)
     if dist_env.world_size > 1:
         train_model = DistributedDataParallel(
             train_model, device_ids=[dist_env.device.index] if dist_env.device.type == "cuda" else None)
+    if args.torchcompile:
+        train_model = compile_for_training(train_model, model, dist_env.world_size)
     loss_fn = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
                        rank=dist_env.rank, world_size=dist_env.world_size)
     run_log = RunLog(run_dir, dist_env.main, args.report_to == "tensorboard")
@@ -572,9 +650,9 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
                 break
             loader.set_epoch(epoch)
             epoch_start = step - skip_batches
-            step, records, complete = train_one_epoch(train_model, loader, loss_fn, optimizer, scaler, args,
-                                                      dist_env, epoch, step, total_steps, run_log, checkpoints.kept(),
-                                                      skip_batches)
+            step, records, complete = train_one_epoch(
+                train_model, loader, loss_fn, optimizer, scaler, args, dist_env, epoch, step, total_steps, run_log,
+                checkpoints.kept(), skip_batches, read_every_step=args.timing_warmup if epoch == start_epoch else 0)
             skip_batches = 0
             if dist_env.world_size > 1:
                 dist.barrier()
@@ -611,6 +689,21 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
     finally:
         run_log.close()
     return {"run_dir": run_dir, "epochs": summaries, "checkpoint": checkpoints.latest()}
+
+
+def compile_for_training(train_model: torch.nn.Module, model: torch.nn.Module, world_size: int) -> torch.nn.Module:
+    """`torch.compile` of the (DDP-wrapped) model, as the PyTorch DDP + compile documentation has it: DDP first.
+
+    Static shapes (`dynamic=False`: the training loader's batches are all full) and `fullgraph=True` where the
+    model allows it: every DTP execution but the host-planned "packed" one, in a single process. Under DDP,
+    compile splits the graph at DDP's gradient buckets on purpose (its DDPOptimizer), so fullgraph is not asked.
+    The first steps compile (minutes on a CPU, about a minute for a B/32 CLIP on an H100) and are timed apart."""
+    host_planned = any(t.pools and t.dtp.execution == "packed" and t.static_segments() is None
+                       for t in dtp_towers(model))
+    fullgraph = world_size == 1 and not host_planned
+    log.info("torch.compile: fullgraph=%s, dynamic=False%s", fullgraph,
+             " (the packed execution plans on the host: use --execution static for one graph)" if host_planned else "")
+    return torch.compile(train_model, fullgraph=fullgraph, dynamic=False, backend=COMPILE_BACKEND)
 
 
 def _gather_rng(dist_env: Dist) -> list[dict]:

@@ -189,7 +189,9 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[s
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel (`module`) and/or torch.compile (`_orig_mod`) wrapper."""
+    """The model inside torch.compile (`_orig_mod`) and/or DistributedDataParallel (`module`) wrappers, in either
+    order (training compiles the DDP wrapper: DDP first, then compile)."""
+    model = getattr(model, "_orig_mod", model)
     model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     return getattr(model, "_orig_mod", model)
 

@@ -1,4 +1,5 @@
-"""Packed execution and the topk boundary mode: the same values and gradients as the padded reference path."""
+"""Packed executions (static capacity, the default; host-planned) and the topk boundary modes: the same values and
+gradients as the padded reference path."""
 
 import copy
 import itertools
@@ -13,8 +14,8 @@ import torch.nn.functional as F
 from conftest import flickr_captions, flickr_photos
 
 import dtplib
-from dtplib.model import get_tower
-from dtplib.packed import Packing, attend, bucket_splits, varlen_attention_available
+from dtplib.model import cap_boundaries, get_tower
+from dtplib.packed import Packing, StaticPacking, bucket_splits, varlen_attention_available
 from dtplib.utils import load_images
 
 
@@ -37,15 +38,16 @@ def forward_backward(model, images, training: bool, seed: int = 1):
     return features.detach(), grads, t.tokens.clone()
 
 
+@pytest.mark.parametrize("execution", ["static", "packed"])
 @pytest.mark.parametrize("arch", ["ViT-Ti-8-64", "ViT-B-32"])
 @pytest.mark.parametrize("upsample", [False, True], ids=["short", "upsample"])
-def test_packed_matches_padded(arch, upsample, one_thread):
-    """Pool "tok" and "avg": outputs in fp32 within 1e-5, eval and train (the same sampled boundaries); in training,
-    the gradient of every parameter, the predictor's included, within 1e-4 relative. Gradients are compared in
-    float64: the predictor's output bias gets a sum of cancelling terms whose fp32 rounding alone exceeds 1e-4 of
-    it."""
+def test_packed_matches_padded(arch, upsample, execution, one_thread):
+    """Pool "tok" and "avg": outputs in fp32 within 1e-5, eval and train (the same sampled boundaries, which the
+    untrained predictor puts above the capacity cap, so the cap binds in training); in training, the gradient of
+    every parameter, the predictor's included, within 1e-4 relative. Gradients are compared in float64: the
+    predictor's output bias gets a sum of cancelling terms whose fp32 rounding alone exceeds 1e-4 of it."""
     model, _, preprocess = dtplib.create_model_and_transforms(arch, compression=2 if upsample else 4,
-                                                              upsample=upsample)
+                                                              upsample=upsample, execution=execution)
     images = load_images(flickr_photos(8 if arch == "ViT-Ti-8-64" else 3), preprocess)
     padded = reference_copy(model)
     for pool in ("tok", "avg"):
@@ -106,9 +108,11 @@ def test_normalised_upsampling_cuts_only_the_boundary_gradient_through_upsamplin
         dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=2, upsample=True, upsample_weights="mean")
 
 
-def test_packed_batch_invariance_with_very_different_counts(one_thread):
+@pytest.mark.parametrize("execution", ["static", "packed"])
+def test_packed_batch_invariance_with_very_different_counts(execution, one_thread):
     """An image's embedding alone equals its embedding in a batch of 8 whose counts run from 1 to 64 segments."""
-    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, pool="avg")
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, pool="avg",
+                                                              execution=execution)
     model.eval()
     images = load_images(flickr_photos(8), preprocess)
     counts = [1, 2, 5, 11, 23, 40, 57, 64]
@@ -211,7 +215,7 @@ def test_packed_attention_keeps_images_apart(one_thread):
     lengths = [1, 7, 3, 12, 2, 12]
     packing = Packing.plan([n - 1 for n in lengths], torch.device("cpu"), buckets=3)
     q, k, v = torch.randn(3, sum(lengths), 2, 8).unbind(0)  # T x H x hd
-    out = attend(q, k, v, packing, dropout_p=0.0)
+    out = packing.attend(q, k, v, dropout_p=0.0)
     start = 0
     for n in lengths:
         part = slice(start, start + n)
@@ -248,7 +252,7 @@ def test_cuda_varlen_attention_and_one_synchronisation_per_forward():
     lengths = [1, 17, 5, 50, 33, 2, 50, 9]
     packing = Packing.plan([n - 1 for n in lengths], device)
     q, k, v = torch.randn(3, sum(lengths), 12, 64, device=device).to(torch.bfloat16).unbind(0)
-    out = attend(q, k, v, packing, dropout_p=0.0).float()  # varlen
+    out = packing.attend(q, k, v, dropout_p=0.0).float()  # varlen
     start = 0
     for n in lengths:
         part = slice(start, start + n)
@@ -290,9 +294,9 @@ def test_cuda_varlen_attention_and_one_synchronisation_per_forward():
 
 @pytest.mark.slow
 def test_torch_compile_runs_the_packed_path(one_thread):
-    """torch.compile (dynamic shapes) of the packed tower: eval output equals eager on two batches whose counts
-    differ, and a training step gives finite gradients that reach the predictor."""
-    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4)
+    """torch.compile (dynamic shapes) of the host-planned packed tower: eval output equals eager on two batches
+    whose counts differ, and a training step gives finite gradients that reach the predictor."""
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, execution="packed")
     images = load_images(flickr_photos(16), preprocess)
     compiled = torch.compile(model.visual, dynamic=True)
     model.eval()
@@ -304,3 +308,257 @@ def test_torch_compile_runs_the_packed_path(one_thread):
     grads = [p.grad for p in get_tower(model).predictor.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Static capacity: the layout, the cap, batch-topk, no host read, one compiled graph
+
+
+def test_static_packing_indices_describe_the_batch():
+    """Images of 3, 0, 5 and 1 + 1 segments (lengths 4, 1, 6, 2 would be T = 13) in a buffer of 16 rows: the CLS
+    rows, each row's image and window slot, the tail cut into pieces of at most L, the unpack slots."""
+    lengths = torch.tensor([4, 2, 6, 2])  # every image has at least its closing segment
+    packing = StaticPacking.plan(lengths, rows=17, max_length=7)
+    assert packing.cu_seqlens.tolist() == [0, 4, 6, 12, 14]
+    assert packing.starts.tolist() == [0, 4, 6, 12]
+    assert packing.covering_seqlens.tolist() == [0, 4, 6, 12, 14, 17, 17]  # tail: 3 rows, then an empty piece
+    assert packing.image_of_token.tolist() == [0] * 4 + [1] * 2 + [2] * 6 + [3] * 2 + [3] * 3  # the tail: last
+    real = packing.unpack_slot[:14]
+    assert real.tolist() == [0, 1, 2, 3, 7, 8, 14, 15, 16, 17, 18, 19, 21, 22]  # b * L + position
+    assert (packing.unpack_slot[14:] == 4 * 7).all()  # the tail goes to the dropped slot
+    assert torch.equal(packing.window_slot[:14], real)
+    assert packing.key_mask.view(4, 7).sum(1).tolist() == [4, 2, 6, 2]
+    tokens = torch.arange(17.0)[:, None]
+    padded, keep = dtplib.packed.unpack_static(tokens, packing)
+    assert padded.shape == (4, 7, 1) and torch.equal(padded[keep].flatten(), torch.arange(14.0))
+    assert (padded[~keep] == 0).all()
+
+
+def test_static_attention_keeps_images_apart_and_the_tail_finite(one_thread):
+    lengths = [2, 7, 3, 12, 2, 12]
+    rows = sum(lengths) + 9
+    packing = StaticPacking.plan(torch.tensor(lengths), rows=rows, max_length=13)
+    q, k, v = torch.randn(3, rows, 2, 8).unbind(0)  # T_cap x H x hd
+    out = packing.attend(q, k, v, dropout_p=0.0)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        expected = F.scaled_dot_product_attention(*(x[part].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
+        torch.testing.assert_close(out[part], expected, atol=1e-6, rtol=0)
+        start += n
+
+
+def test_cap_keeps_the_closing_boundaries_and_the_highest_scores():
+    generator = torch.Generator().manual_seed(0)
+    hard = (torch.rand(6, 20, generator=generator) < 0.6).float()
+    hard[:, -1] = 1
+    soft = torch.rand(6, 20, generator=generator, requires_grad=True)
+    boundaries = hard + (soft - soft.detach())
+    scores = torch.randn(6, 20, generator=generator)
+    capped, dropped = cap_boundaries(boundaries, scores, max_segments=30)
+    kept = capped.detach()
+    assert kept.sum() == 30 and dropped == hard.sum() - 30
+    assert (kept[:, -1] == 1).all() and ((kept == 0) | (kept == 1)).all() and (kept <= hard).all()
+    inner_kept, inner_dropped = (kept == 1)[:, :-1], ((hard == 1) & (kept == 0))[:, :-1]
+    assert scores[:, :-1][inner_kept].min() > scores[:, :-1][inner_dropped].max()  # the highest scores stay
+    capped.sum().backward()
+    assert torch.equal(soft.grad, torch.ones_like(soft))  # straight-through, dropped positions included
+    same, none = cap_boundaries(boundaries, scores, max_segments=int(hard.sum()))
+    assert torch.equal(same, boundaries) and none == 0  # under the cap: untouched
+
+
+@pytest.mark.parametrize("execution", ["static", "padded"])
+def test_capacity_binds_exactly_as_the_policy_says(execution, one_thread):
+    """Every logit far above 0 (all patches boundaries) and an untrained predictor (about half of them) both exceed
+    1.25 x the budget in training: the batch gets exactly the cap's segments, each image at least one, every patch
+    in a segment; eval is never capped."""
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, execution=execution)
+    images = load_images(flickr_photos(8), preprocess)
+    tower = get_tower(model)
+    cap = math.ceil(1.25 * 8 * 16)
+    for bias in (50.0, 0.0):
+        with torch.no_grad():
+            tower.predictor.fc2.bias.fill_(bias)
+        model.train()
+        with dtplib.trace(model) as t:
+            features = model.encode_image(images)
+        assert torch.isfinite(features).all()
+        assert t.tokens.sum().item() == cap and (t.tokens >= 1).all()
+        assert tower.last_dropped.item() > 0 and tower.last_segments.sum().item() == cap
+        assert t.boundaries[:, -1].all()  # every image keeps its closing boundary: no patch is dropped
+        assert (t.segment_ids.amax(1) == t.tokens - 1).all()
+        model.eval()
+        with torch.no_grad(), dtplib.trace(model) as t:
+            model.encode_image(images)
+        assert t.tokens.sum().item() > cap and tower.last_dropped.item() == 0
+    with pytest.raises(ValueError, match="capacity must be 0"):
+        dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, capacity=0.5)
+
+
+def test_batch_topk_shares_one_budget_and_evaluates_per_image(one_thread):
+    """Training: exactly B * ceil(N/c) segments over the batch, unequal per image, and a predictor gradient from the
+    contrastive loss alone. The running threshold brings the eval count on the training batch to that budget, and
+    an eval embedding is the same alone and in a batch of 8. An older checkpoint without the threshold loads."""
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, boundaries="batch-topk",
+                                                              boundary_loss_weight=0)
+    files = flickr_photos(8)
+    images, texts = load_images(files, preprocess), open_clip.get_tokenizer("ViT-Ti-8-64")(flickr_captions(files))
+    tower = get_tower(model)
+    model.train()
+    with dtplib.trace(model) as t:
+        loss = open_clip.ClipLoss()(*model(images, texts)[:3])
+    assert t.tokens.sum().item() == 8 * 16 and len(set(t.tokens.tolist())) > 1
+    loss.backward()
+    grads = [p.grad for p in tower.predictor.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum().item() for g in grads) > 0
+    with torch.no_grad():
+        for _ in range(80):  # the threshold follows the batch's quantile (momentum 0.1)
+            model.encode_image(images)
+    model.eval()
+    with torch.no_grad():
+        with dtplib.trace(model) as t:
+            batched = model.encode_image(images)
+        alone = torch.cat([model.encode_image(images[i:i + 1]) for i in range(8)])
+    assert abs(t.tokens.sum().item() - 8 * 16) <= 2
+    torch.testing.assert_close(alone, batched, atol=1e-5, rtol=0)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("predictor.threshold")}
+    fresh, _, _ = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, boundaries="batch-topk")
+    fresh.load_state_dict(state)  # strict: the missing threshold is the threshold rule's 0
+    assert get_tower(fresh).predictor.threshold.item() == 0
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero")
+
+
+class CountHostReads:
+    """Counts calls of the Tensor methods that read a value to the host, while inside the block."""
+
+    def __enter__(self):
+        self.calls, self.saved = [], {name: getattr(torch.Tensor, name) for name in HOST_READS}
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, self.counting(name, method))
+        return self
+
+    def counting(self, name, method):
+        def wrapped(tensor, *args, **kwargs):
+            self.calls.append(name)
+            return method(tensor, *args, **kwargs)
+        return wrapped
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("boundaries", ["threshold", "batch-topk"])
+def test_static_training_forward_and_backward_read_nothing_from_the_host(boundaries, one_thread):
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, boundaries=boundaries)
+    images = load_images(flickr_photos(8), preprocess)
+    model.train()
+    model.encode_image(images).square().mean().backward()  # first call: lazy caches (patch order, ...)
+    with CountHostReads() as reads:
+        loss = model.encode_image(images).square().mean() + get_tower(model).last_boundary_loss
+        loss.backward()
+    assert reads.calls == []
+    with CountHostReads() as reads:  # the counter itself sees what the host-planned path reads
+        with dtplib.use_execution(model, "packed"):
+            model.encode_image(images)
+    assert "tolist" in reads.calls
+
+
+def test_train_step_reads_nothing_from_the_host(one_thread):
+    from dtplib.optim import make_optimizer, train_step
+
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4)
+    files = flickr_photos(8)
+    images, texts = load_images(files, preprocess), open_clip.get_tokenizer("ViT-Ti-8-64")(flickr_captions(files))
+    optimizer = make_optimizer(model, lr=1e-4, wd=0.1)  # fused, the default
+
+    def compute():
+        image_features, text_features, logit_scale = model(images, texts)[:3]
+        return open_clip.ClipLoss()(image_features, text_features, logit_scale), logit_scale
+
+    model.train()
+    train_step(model, optimizer, compute, lr=1e-4, step=0, device=torch.device("cpu"), grad_clip_norm=1.0)
+    with CountHostReads() as reads:
+        result = train_step(model, optimizer, compute, lr=1e-4, step=1, device=torch.device("cpu"),
+                            grad_clip_norm=1.0)
+    assert reads.calls == []
+    assert result.finite.item() and result.segments.shape == (8,)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("boundaries", ["threshold", "batch-topk"])
+def test_static_tower_compiles_to_one_graph_for_every_batch(boundaries, one_thread):
+    """torch.compile(fullgraph=True, dynamic=False) of the training tower serves six batches whose boundaries
+    differ with one graph and no recompile (a counting backend), and agrees with eager in eval."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4, boundaries=boundaries)
+    images = load_images(flickr_photos(48), preprocess)
+    counter = CompileCounter()
+    compiled = torch.compile(model.visual, backend=counter, fullgraph=True, dynamic=False)
+    model.train()
+    seen = set()
+    for batch in images.split(8):
+        compiled(batch).square().mean().backward()
+        seen.add(tuple(get_tower(model).last_segments.tolist()))
+    assert len(seen) == 6 and counter.frame_count == 1
+    model.eval()
+    with torch.no_grad():  # compiled eval runs the static buffer at full capacity, eager eval the packed path
+        batched = compiled(images[:8])
+        torch.testing.assert_close(batched, model.visual(images[:8]), atol=1e-5, rtol=0)
+        assert counter.frame_count == 2  # eval is its own graph (no noise, no cap), once
+        alone = torch.cat([compiled(images[i:i + 1]) for i in range(8)])  # one more graph, for batch 1
+    torch.testing.assert_close(alone, batched, atol=1e-5, rtol=0)  # batch invariance on the static path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_static_path_matches_padded_and_never_synchronises():
+    """On CUDA: static varlen attention (bf16, the tail covered by extra sequences) against each image alone; the
+    whole B/32 tower static against padded in fp32 (window attention) and in bf16 (varlen), gradients finite; no
+    synchronisation in a training forward and backward (torch's sync debug mode)."""
+    device = torch.device("cuda")
+    lengths = [2, 17, 5, 50, 33, 2, 50, 9]
+    rows = sum(lengths) + 70  # a tail longer than one sequence of L = 50
+    packing = StaticPacking.plan(torch.tensor(lengths, device=device), rows=rows, max_length=50)
+    q, k, v = torch.randn(3, rows, 12, 64, device=device).to(torch.bfloat16).unbind(0)
+    out = packing.attend(q, k, v, dropout_p=0.0).float()  # varlen
+    assert torch.isfinite(out).all()
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        expected = F.scaled_dot_product_attention(*(x[part].float().transpose(0, 1) for x in (q, k, v)))
+        torch.testing.assert_close(out[part], expected.transpose(0, 1), atol=2e-2, rtol=2e-2)
+        start += n
+
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-B-32", compression=4)
+    images = load_images(flickr_photos(8), preprocess).to(device)
+    model.to(device)
+    padded = reference_copy(model)
+    for training in (False, True):
+        static_out, static_grads, static_tokens = forward_backward(model, images, training)
+        padded_out, _, padded_tokens = forward_backward(padded, images, training)
+        assert torch.equal(static_tokens, padded_tokens)
+        torch.testing.assert_close(static_out, padded_out, atol=1e-4, rtol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        static_bf16, grads_bf16, _ = forward_backward(model, images, True)
+        padded_bf16, _, _ = forward_backward(padded, images, True)
+    torch.testing.assert_close(static_bf16.float(), padded_bf16.float(), atol=5e-2, rtol=5e-2)
+    assert all(torch.isfinite(g).all() for g in grads_bf16.values())
+
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model.encode_image(images).float().square().mean().backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.autocast("cuda", dtype=torch.bfloat16):
+            warnings.simplefilter("always")
+            model.encode_image(images).float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [str(w.message) for w in caught if "synchroniz" in str(w.message)] == []

@@ -110,7 +110,8 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     """A run killed with SIGKILL mid-epoch resumes with `--resume latest` from its last whole checkpoint."""
     shards = write_shards(tmp_path / "shards", flickr_photos(64), per_shard=32)
     argv = [sys.executable, "-m", "dtplib.train", "--train-data", shards, "--logs", str(tmp_path), "--name", "k",
-            *QUIET, *TI_4X, "--batch-size", "8", "--epochs", "4", "--warmup", "1"]
+            *QUIET, *TI_4X, "--batch-size", "8", "--epochs", "4", "--warmup", "1",
+            "--log-every-n-steps", "1"]  # steps.csv rows as the steps go, to see where the kill fell
     latest = tmp_path / "k" / "checkpoints" / "epoch_latest.pt"
     process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -337,3 +338,27 @@ def test_checkpoint_rebuilds_an_unregistered_ratio_for_evaluation(tmp_path, shar
                                trained["visual.trunk.predictor.fc2.weight"])
     metrics = evaluate.main(["--checkpoint", str(result["checkpoint"]), "--val-data", shards32])
     assert metrics["retrieval_images"] == 32 and 0 <= metrics["image_to_text_R@1"] <= 1
+
+
+@pytest.mark.parametrize("boundaries", ["threshold", "batch-topk"])
+def test_torchcompile_trains_in_one_graph_and_matches_eager(tmp_path, shards32, monkeypatch, boundaries):
+    """--torchcompile: the CLIP model is traced whole (fullgraph=True, so any graph break would fail the run) into one
+    graph that serves every step, with no recompile, and the compiled run's steps equal the eager run's. The graphs
+    are run by the "eager" backend here (the same dynamo capture as inductor, without its minutes of code
+    generation on a CPU)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(train, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    flags = [*TI_4X, "--boundaries", boundaries, "--batch-size", "8", "--epochs", "1", "--lr", "1e-3",
+             "--warmup", "1", "--seed", "5", "--log-every-n-steps", "2"]
+    compiled = run(tmp_path, shards32, *flags, "--torchcompile", name="compiled")
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    eager = run(tmp_path, shards32, *flags, name="eager")
+    expected, got = read_csv(eager["run_dir"] / "steps.csv"), read_csv(compiled["run_dir"] / "steps.csv")
+    assert [r["step"] for r in got] == ["0", "1", "2", "3"]
+    for a, b in zip(expected, got, strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4), (a, b)
+        assert a["compression"] == b["compression"]
+    assert "fullgraph=True" in (compiled["run_dir"] / "out.log").read_text()
