@@ -17,7 +17,7 @@ LAB_ARGS ?=
 # jupyter refuses to run as root (containers) without --allow-root
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: install test test-fast test-demo lint demo lab clean
+.PHONY: install test test-fast test-demo lint demo lab clean gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,8 @@ lab: install
 
 clean:
 	rm -rf $(VENV) results/demo
+
+# On a GPU machine without network (no .venv: wheels in .whl/, ../shared/gpu/README.md): pytest -m gpu, the
+# benchmark eager and compiled, a compiled training smoke run, within 9 minutes into $OUT or results/gpu_check/<time>
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)

@@ -2,22 +2,28 @@
 
 Read top to bottom:
 1. `parse_spec`: a model is an open_clip name (dtplib's DTP-ViT names included) with optional modifiers:
-   `+pd0.5` FLIP-style patch dropout (open_clip's `force_patch_dropout`), and for a DTP tower that pools `+padded`
-   (the padded reference execution; `--execution` sets the default), `+uniform` (a boundary every c patches) or
-   `+topk` (exactly ceil(N / c) segments per image). E.g. `DTP-ViT-B-32-4x+padded`, `ViT-B-32+pd0.75`.
+   `+pd0.5` FLIP-style patch dropout (open_clip's `force_patch_dropout`), and for a DTP tower that pools `+packed`
+   (host-planned) or `+padded` (the reference; `--execution` sets the default, the static-capacity path), and
+   `+uniform` (a boundary every c patches), `+topk` (exactly ceil(N / c) segments per image) or `+batch-topk`
+   (B * ceil(N / c) over the batch); without these the threshold rule with the capacity cap.
+   E.g. `DTP-ViT-B-32-4x+padded`, `DTP-ViT-B-32-4x+batch-topk`, `ViT-B-32+pd0.75`.
 2. `Subject`: one model with its real input batch (Flickr8k photos and captions), optimiser and loss. Learned
    boundaries come from a trained checkpoint when one is given (`--checkpoint NAME=PATH`, or `--checkpoint-dir`
    holding `python -m dtplib.train` run folders), else from a short prior-only fit on the photos; every row of
    one model name uses the same weights, for timing and for memory alike.
 3. `bench`: every model in one process, interleaved step by step, warm-up steps dropped, device synchronised;
    the whole CLIP training step (forward, backward, and training's AdamW update with the `--adamw-impl` kernel,
-   fused by default) and the image tower alone (forward and backward).
+   fused by default) and the image tower alone (forward and backward). `--torchcompile` wraps every model (and
+   its image tower) in `torch.compile` with static shapes, one graph but where a tower reads its segment counts
+   on the host (packed, padded);
+   each model's first step compiles and is reported apart as `compile_s`, and the speed-ups are then compiled
+   against compiled.
    Peak memory is CUDA's max allocated per model; on a CPU each model's peak RSS growth is measured in a fresh
    process that loads the same weights.
 4. The table: median and p10..p90 of step time, images/s, peak memory, realised compression, forward GMACs, the
    speed-up over the reference (the same-code `DTP-...-1x` when it is in the list) and the analytic bound that
-   `dtplib.flops` gives for the row's execution (packed: each image at its own count; padded: each batch at its
-   largest), with efficiency = speed-up / bound; CSV, markdown and a figure in results/.
+   `dtplib.flops` gives for the row's execution (static and packed: each image at its own count; padded: each
+   batch at its largest), with efficiency = speed-up / bound; CSV, markdown and a figure in results/.
 """
 
 from __future__ import annotations
@@ -52,7 +58,6 @@ from dtplib.model import (
     get_tower,
     last_boundary_loss,
     token_budget,
-    trace,
 )
 from dtplib.optim import make_optimizer
 from dtplib.plots import save_figure
@@ -118,15 +123,22 @@ def parse_checkpoints(pairs: Sequence[str], folder: str | None) -> dict[str, Pat
 # 2. One model with its inputs
 
 
+PHOTOS: dict[tuple[str, int], tuple[torch.Tensor, list[str]]] = {}  # (preprocess, batch) -> photos and captions
+
+
 def real_batch(preprocess, tokenizer, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `batch_size` Flickr8k photos (repeated if fewer) and their first captions."""
-    files = sorted((FLICKR / "images").glob("*.jpg"))
-    if not files:
-        raise FileNotFoundError(f"no photos under {FLICKR / 'images'} (DTPLIB_DATA, default ../shared/data)")
-    captions = read_captions(FLICKR / "captions.tsv")
-    chosen = [files[i % len(files)] for i in range(batch_size)]
-    images = load_images(chosen, preprocess)  # B x 3 x H x W
-    first = [captions[f.name].captions[0] if f.name in captions else "a photo" for f in chosen]
+    """The first `batch_size` Flickr8k photos (repeated if fewer) and their first captions. Decoded once per
+    preprocessing and batch size: every model of a run reads the same photos (1024 of them take seconds)."""
+    key = (repr(preprocess), batch_size)
+    if key not in PHOTOS:
+        files = sorted((FLICKR / "images").glob("*.jpg"))
+        if not files:
+            raise FileNotFoundError(f"no photos under {FLICKR / 'images'} (DTPLIB_DATA, default ../shared/data)")
+        captions = read_captions(FLICKR / "captions.tsv")
+        chosen = [files[i % len(files)] for i in range(batch_size)]
+        first = [captions[f.name].captions[0] if f.name in captions else "a photo" for f in chosen]
+        PHOTOS[key] = load_images(chosen, preprocess), first  # B x 3 x H x W
+    images, first = PHOTOS[key]
     return images, tokenizer(first)  # B x context
 
 
@@ -152,6 +164,25 @@ class Subject:
     times: dict = field(default_factory=lambda: {m: [] for m in MODES})
     counts: list = field(default_factory=list)  # per step, the segments of every image (B,)
     peak_memory_mb: dict = field(default_factory=dict)
+    compiled: bool = False  # each mode's callable wrapped in torch.compile (`runner`)
+    compile_s: dict = field(default_factory=dict)  # mode -> wall time of its first step, which compiles
+    runners: dict = field(default_factory=dict)  # mode -> what its steps call
+
+    @property
+    def fullgraph(self) -> bool:
+        """One graph, as training compiles: all but a DTP tower whose execution plans on the host (packed reads the
+        counts, padded its largest count), which breaks the graph there; equal counts (topk, uniform) never do."""
+        return not (self.spec.pools and self.spec.execution in ("packed", "padded")
+                    and self.spec.boundaries not in ("topk", "uniform"))
+
+    def runner(self, mode: str):
+        """What a step of `mode` calls: the CLIP model, or its image tower (open_clip's encode_image, unnormalised);
+        compiled, a torch.compile wrapper with static shapes, which compiles at its first call."""
+        if mode not in self.runners:
+            module = self.model if mode == "clip" else self.model.visual
+            self.runners[mode] = torch.compile(module, fullgraph=self.fullgraph, dynamic=False) if self.compiled \
+                else module
+        return self.runners[mode]
 
     @property
     def compression(self) -> float:
@@ -176,17 +207,18 @@ def build_spec_model(spec: Spec, checkpoint: Path | None):
     if spec.pools:
         tower = get_tower(model)
         tower.dtp.execution = spec.execution
-        tower.dtp.boundaries = "topk" if spec.boundaries == "topk" else "threshold"
+        tower.dtp.boundaries = spec.boundaries if spec.boundaries in ("topk", "batch-topk") else "threshold"
     return model, preprocess
 
 
 def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps: int,
                  checkpoint: Path | None = None, fitted: dict | None = None,
-                 adamw_impl: str = TrainConfig.adamw_impl) -> Subject:
-    """A spec's model on `device` with its batch. Learned boundaries: the checkpoint's, or a prior-only fit
-    (seeded; the fitted predictor is kept in `fitted` by name). The initial weights are seeded too, so every row of
-    one name has the same tower and the same predictor, and so the same boundaries (before, an unseeded trunk gave
-    a B/32 4x row 3.8x and its padded row 1.7x under one fitted predictor)."""
+                 adamw_impl: str = TrainConfig.adamw_impl, compiled: bool = False) -> Subject:
+    """A spec's model on `device` with its batch (`compiled`: its steps run under torch.compile). Learned boundaries:
+    the checkpoint's, or a prior-only fit (seeded; the fitted predictor is kept in `fitted` by name). The initial
+    weights are seeded too, so every row of one name has the same tower and the same predictor, and so the same
+    boundaries (before, an unseeded trunk gave a B/32 4x row 3.8x and its padded row 1.7x under one fitted
+    predictor)."""
     seed_everything(0)
     model, preprocess = build_spec_model(spec, checkpoint)
     images, texts = real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
@@ -207,7 +239,8 @@ def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps:
                 fitted[spec.name] = {k: v.detach().clone() for k, v in predictor.state_dict().items()}
             source = f"prior-only fit, {prior_steps} steps"
     model.train()
-    return Subject(spec, model, images.to(device), texts.to(device), step_optimizer(model, adamw_impl), source)
+    return Subject(spec, model, images.to(device), texts.to(device), step_optimizer(model, adamw_impl), source,
+                   compiled=compiled)
 
 
 def trained_subject(label: str, checkpoint: Path, batch_size: int, device: torch.device,
@@ -235,30 +268,32 @@ def time_checkpoints(checkpoints: dict[str, Path], batch_size: int, steps: int =
     return table(subjects, batch_size, "fp32", device, ("clip",), reference)
 
 
-def step(subject: Subject, mode: str, precision: str, device: torch.device, loss_fn: ClipLoss) -> float:
-    """One timed step; returns seconds. Records the segment counts of DTP towers that pool."""
-    model = subject.model
-    traced = trace(model) if subject.spec.pools else contextlib.nullcontext()
+def step(subject: Subject, mode: str, precision: str, device: torch.device, loss_fn: ClipLoss,
+         peak: bool = True) -> float:
+    """One timed step; returns seconds. Records the segment counts of DTP towers that pool (the tower's
+    `last_segments`, read after the step: a trace would append inside a compiled forward) and, on CUDA, the peak
+    memory unless `peak` is False (a compiling step's)."""
+    model, run = subject.model, subject.runner(mode)
     start = start_timer(device)
-    with subject.boundary_context(), traced as record, autocast(precision, device):
+    with subject.boundary_context(), autocast(precision, device):
         if mode == "clip":
-            image_features, text_features, logit_scale = model(subject.images, subject.texts)[:3]
+            image_features, text_features, logit_scale = run(subject.images, subject.texts)[:3]
             loss = loss_fn(image_features, text_features, logit_scale)
             boundary = last_boundary_loss(model)
             loss = loss + boundary if boundary is not None and subject.spec.boundaries != "uniform" else loss
         else:
-            loss = model.encode_image(subject.images).float().square().mean()
+            loss = run(subject.images).float().square().mean()
     loss.backward()
     if mode == "clip":
         subject.optimizer.step()
     subject.optimizer.zero_grad(set_to_none=True)
     synchronize(device)
     elapsed = time.perf_counter() - start
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        subject.peak_memory_mb[mode] = max(subject.peak_memory_mb.get(mode, 0.0), peak)
+    if device.type == "cuda" and peak:
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        subject.peak_memory_mb[mode] = max(subject.peak_memory_mb.get(mode, 0.0), peak_mb)
     if subject.spec.pools:
-        subject.counts.append(record.tokens.detach().cpu())
+        subject.counts.append(get_tower(model).last_segments.detach().cpu())  # B
     return elapsed
 
 
@@ -269,29 +304,42 @@ def step(subject: Subject, mode: str, precision: str, device: torch.device, loss
 def time_interleaved(subjects: Sequence[Subject], modes: Sequence[str] = MODES, steps: int = 30, warmup: int = 5,
                      precision: str = "fp32", device: str | torch.device = "cpu") -> None:
     """Time the subjects step by step in turn, so that drift in clocks or load hits every model alike; the times
-    after `warmup` steps are appended to each subject's `times[mode]`."""
+    after `warmup` steps are appended to each subject's `times[mode]`. A compiled subject's first step (a warm-up
+    step) builds its graphs: its wall time is `compile_s[mode]`."""
     device, loss_fn = torch.device(device), ClipLoss()
-    for mode in modes:
-        for index in range(warmup + steps):
-            for subject in subjects:
-                elapsed = step(subject, mode, precision, device, loss_fn)
-                if index >= warmup:
-                    subject.times[mode].append(elapsed)
+    compiled = [s for s in subjects if s.compiled]
+    if compiled and warmup < 1:
+        raise ValueError("compiled models need --warmup >= 1: the first step compiles")
+    # every model's forward is one code object (CLIP.forward, or its tower's): each further model recompiles it,
+    # and past dynamo's recompile limit (8) the rest would run eager without a word
+    limit = max(torch._dynamo.config.recompile_limit, 2 * len(compiled) + 8)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        for mode in modes:
+            for index in range(warmup + steps):
+                for subject in subjects:
+                    compiling = subject.compiled and index == 0
+                    elapsed = step(subject, mode, precision, device, loss_fn, peak=not compiling)
+                    if compiling:
+                        subject.compile_s[mode] = elapsed
+                    if index >= warmup:
+                        subject.times[mode].append(elapsed)
 
 
 def bench(specs: Sequence[Spec], batch_size: int, precision: str = "fp32", steps: int = 30, warmup: int = 5,
           device: str | None = None, prior_steps: int = 200, modes: Sequence[str] = MODES,
           measure_memory: bool = True, checkpoints: dict[str, Path] | None = None,
-          reference: str | None = None, adamw_impl: str = TrainConfig.adamw_impl) -> pd.DataFrame:
-    """Time every model in one process, step by step in turn, and return one row per model and mode."""
+          reference: str | None = None, adamw_impl: str = TrainConfig.adamw_impl,
+          compiled: bool = False) -> pd.DataFrame:
+    """Time every model in one process, step by step in turn, and return one row per model and mode. `compiled`:
+    every model under torch.compile; a CPU's peak-RSS probes are then skipped (they would measure the eager step)."""
     device = default_device(device)
     check_precision(precision, device)
     checkpoints = checkpoints or {}
     fitted = {}
-    subjects = [make_subject(s, batch_size, device, prior_steps, checkpoints.get(s.name), fitted, adamw_impl)
-                for s in specs]
+    subjects = [make_subject(s, batch_size, device, prior_steps, checkpoints.get(s.name), fitted, adamw_impl,
+                             compiled) for s in specs]
     time_interleaved(subjects, modes, steps, warmup, precision, device)
-    if measure_memory and device.type == "cpu":
+    if measure_memory and device.type == "cpu" and not compiled:
         with tempfile.TemporaryDirectory() as folder:
             for index, subject in enumerate(subjects):
                 state = Path(folder) / f"{index}.pt"
@@ -328,8 +376,8 @@ def memory_probe(spec: Spec, batch_size: int, precision: str, mode: str, state: 
 
 
 def forward_macs(subject: Subject, mode: str, execution: str = "packed") -> float:
-    """Forward MACs per image (image tower, plus the text tower for clip) at the measured segment counts: packed,
-    the mean over images of each image's own cost; padded, every image at its step's largest count."""
+    """Forward MACs per image (image tower, plus the text tower for clip) at the measured segment counts: packed
+    (and static), the mean over images of each image's own cost; padded, every image at its step's largest count."""
     segments = None
     if subject.counts:
         counts = torch.stack(subject.counts).double()  # steps x B
@@ -382,7 +430,8 @@ def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: 
                 "forward_gmacs": macs / 1e9, "speedup": base_time / median,
                 "analytic_bound": bound, "padded_bound": padded_bound, "efficiency": base_time / median / own_bound,
                 "reference": base.label or base.spec.label, "steps": len(times),
-                "adamw": adamw_impl_of(subject.optimizer),
+                "adamw": adamw_impl_of(subject.optimizer), "compiled": subject.compiled,
+                "compile_s": subject.compile_s.get(mode, float("nan")),
                 **run_info(device, precision, batch_size)})
     frame = pd.DataFrame(rows)
     frame["memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth"
@@ -391,26 +440,31 @@ def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: 
 
 def markdown(frame: pd.DataFrame) -> str:
     first = frame.iloc[0]
+    compiled = bool(frame["compiled"].any())
     lines = [f"Hardware: {first['hardware']}; {first['dtype']}; batch {first['batch_size']}; torch {first['torch']}; "
              f"commit {first['commit']}; {first['steps']} timed steps after warm-up, models interleaved; "
-             f"AdamW {' / '.join(frame['adamw'].unique())}.",
+             f"AdamW {' / '.join(frame['adamw'].unique())}"
+             + ("; compiled (torch.compile, static shapes), the first step's wall time reported as the compile "
+                "time, apart from the step statistics." if compiled else "."),
              f"Memory: {first['memory_kind']}. Speed-ups are over {first['reference']}. A bound is the ratio of "
-             "forward GMACs (image tower, plus the text tower for the clip step) to the reference's: packed, each "
-             "image at its own segment count; padded, each batch at its largest. Efficiency is the speed-up over "
-             "the bound of the row's own execution.", ""]
+             "forward GMACs (image tower, plus the text tower for the clip step) to the reference's: packed (and "
+             "static), each image at its own segment count; padded, each batch at its largest. Efficiency is the "
+             "speed-up over the bound of the row's own execution.", ""]
     rows = []
     for _, r in frame.iterrows():
         memory = "" if pd.isna(r["peak_memory_mb"]) else f"{r['peak_memory_mb']:.0f}"
         segments = "" if pd.isna(r["max_segments"]) else f"{r['segments_mean']:.1f} / {r['max_segments']:.1f}"
         source = r["boundaries"] + (" (checkpoint)" if str(r["boundary_source"]).startswith("checkpoint")
-                                    else " (prior fit)" if r["boundaries"] in ("learned", "topk") else "")
-        rows.append([r["mode"], r["model"], source if r["boundaries"] else "", f"{r['median_s']:.4f}",
+                                    else " (prior fit)" if r["boundaries"] in ("learned", "topk", "batch-topk") else "")
+        compile_s = [f"{r['compile_s']:.1f}" if r["compiled"] else ""] if compiled else []
+        rows.append([r["mode"], r["model"], source if r["boundaries"] else "", *compile_s, f"{r['median_s']:.4f}",
                      f"{r['p10_s']:.4f}..{r['p90_s']:.4f}", f"{r['images_per_s']:.1f}", memory,
                      f"{r['realised_compression']:.2f}", segments, f"{r['forward_gmacs']:.3f}", f"{r['speedup']:.2f}x",
                      f"{r['analytic_bound']:.2f}x", f"{r['padded_bound']:.2f}x", f"{100 * r['efficiency']:.0f}%"])
-    lines += markdown_table(["mode", "model", "boundaries", "median step (s)", "p10..p90 (s)", "images/s",
-                             "peak memory (MiB)", "compression", "segments mean / batch max", "forward GMACs",
-                             "speed-up", "bound, packed", "bound, padded", "efficiency"], rows)
+    lines += markdown_table(["mode", "model", "boundaries", *(["compile (s)"] if compiled else []), "median step (s)",
+                             "p10..p90 (s)", "images/s", "peak memory (MiB)", "compression",
+                             "segments mean / batch max", "forward GMACs", "speed-up", "bound, packed",
+                             "bound, padded", "efficiency"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -423,17 +477,23 @@ def device_slug(device: torch.device) -> str:
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(prog="python -m dtplib.bench", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="ViT-Ti-8-64,DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-2x,DTP-ViT-Ti-8-64-4x,"
-                                       "DTP-ViT-Ti-8-64-4x+padded,DTP-ViT-Ti-8-64-4x+uniform,DTP-ViT-Ti-8-64-4x+topk,"
-                                       "DTP-ViT-Ti-8-64-10x,DTP-ViT-Ti-8-64-10x+padded,ViT-Ti-8-64+pd0.5,"
-                                       "ViT-Ti-8-64+pd0.75",
+                                       "DTP-ViT-Ti-8-64-4x+packed,DTP-ViT-Ti-8-64-4x+padded,"
+                                       "DTP-ViT-Ti-8-64-4x+batch-topk,DTP-ViT-Ti-8-64-4x+uniform,"
+                                       "DTP-ViT-Ti-8-64-4x+topk,DTP-ViT-Ti-8-64-10x,DTP-ViT-Ti-8-64-10x+padded,"
+                                       "ViT-Ti-8-64+pd0.5,ViT-Ti-8-64+pd0.75",
                    help="comma-separated open_clip names with modifiers: +pdRATE patch dropout; for DTP towers that "
-                        "pool +padded, +uniform, +topk")
+                        "pool +static, +packed, +padded (execution) and +uniform, +topk, +batch-topk (boundaries)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     p.add_argument("--steps", type=int, default=30, help="timed steps per model and mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per model and mode")
-    p.add_argument("--execution", choices=EXECUTIONS, default="packed",
-                   help="execution of DTP towers without a +padded/+packed modifier")
+    p.add_argument("--execution", choices=EXECUTIONS, default="static",
+                   help="execution of DTP towers without a +static/+packed/+padded modifier")
+    p.add_argument("--torchcompile", action="store_true",
+                   help="torch.compile every model (static shapes; one graph but for the host-planned packed and "
+                        "padded executions); each model's first step compiles and is reported apart (compile_s); "
+                        "needs --warmup >= 1. On a CPU the peak-RSS probes are skipped (they would measure the "
+                        "eager step)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="learned boundaries from the trained runs (python -m dtplib.train folders) under this folder")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
@@ -446,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     p.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default=TrainConfig.adamw_impl,
                    help="the AdamW kernel of the timed update (as dtplib.train's --adamw-impl); every row uses it")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
-    p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-model peak-RSS processes")
+    p.add_argument("--no-memory", action="store_true",
+                   help="CPU: skip the per-model peak-RSS processes (always skipped with --torchcompile)")
     p.add_argument("--out", default=None, help="CSV/markdown stem; default results/efficiency_<device>_<tag>")
     p.add_argument("--tag", default="", help="suffix of the default output name, e.g. ti or b32")
     p.add_argument("--plot", nargs="+", default=None, metavar="CSV",
@@ -469,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     modes = [m.strip() for m in args.modes.split(",")]
     if any(m not in MODES for m in modes) or args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
         p.error(f"need modes in {MODES}, --batch-size >= 2, --steps >= 1, --warmup >= 0")
+    if args.torchcompile and args.warmup < 1:
+        p.error("--torchcompile needs --warmup >= 1: the first step compiles")
     try:
         specs = [parse_spec(s, args.execution) for s in args.models.split(",") if s.strip()]
         if not specs:
@@ -479,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         p.error(str(exn))
     frame = bench(specs, args.batch_size, args.precision, args.steps, args.warmup, args.device, args.prior_steps,
                   modes, measure_memory=not args.no_memory, checkpoints=checkpoints, reference=args.reference,
-                  adamw_impl=args.adamw_impl)
+                  adamw_impl=args.adamw_impl, compiled=args.torchcompile)
     device = default_device(args.device)
     stem = repo_path(args.out) if args.out else repo_path("results") / (
         f"efficiency_{device_slug(device)}" + (f"_{args.tag}" if args.tag else ""))

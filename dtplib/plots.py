@@ -531,16 +531,16 @@ def efficiency_table(folders: list[str | Path],
 def speedup_plot(bench_csvs: list[str | Path]):
     """Measured speed-up against realised compression, beside the analytic bound of each execution: one row of
     panels per timed mode (whole CLIP step, image tower), one column per kind of boundaries (learned, uniform,
-    topk); patch-dropout peers in every panel. The legend sits outside the panels."""
+    topk, batch-topk); patch-dropout peers in every panel. The legend sits outside the panels."""
     import matplotlib.pyplot as plt
 
     frames = [(Path(c).stem, pd.read_csv(c)) for c in bench_csvs]
-    kinds = [k for k in ("learned", "uniform", "topk")
+    kinds = [k for k in ("learned", "uniform", "topk", "batch-topk")
              if any((f.get("boundaries", pd.Series(dtype=str)) == k).any() for _, f in frames)] or ["learned"]
     modes = [m for m in ("clip", "image") if any((f["mode"] == m).any() for _, f in frames)]
     figure, axes = plt.subplots(len(modes), len(kinds), figsize=(4.2 * len(kinds) + 2.6, 3.6 * len(modes)),
                                 squeeze=False, sharey="row")
-    styles = {"packed": ("o", "-"), "padded": ("s", "--")}
+    styles = {"static": ("^", "-"), "packed": ("o", "-"), "padded": ("s", "--")}
     for column, kind in enumerate(kinds):
         for row, mode in enumerate(modes):
             ax = axes[row, column]

@@ -1,9 +1,13 @@
 """Model specs of the benchmark: an open_clip name (dtplib's DTP-ViT names included) with optional modifiers.
 
-`NAME[+pdRATE][+padded|+packed][+uniform|+topk]`: `+pd0.5` FLIP-style patch dropout (open_clip's
-`force_patch_dropout`), and for a DTP tower that pools `+padded` (the padded reference execution), `+uniform` (a
-boundary every c patches) or `+topk` (exactly ceil(N / c) segments per image). E.g. `DTP-ViT-B-32-4x+padded`,
-`ViT-B-32+pd0.75`. Used by `dtplib.bench` (what to time) and `dtplib.plots` (reading its rows back).
+`NAME[+pdRATE][+static|+packed|+padded][+uniform|+topk|+batch-topk]`: `+pd0.5` FLIP-style patch dropout
+(open_clip's `force_patch_dropout`), and for a DTP tower that pools its execution (`+packed`, the host-planned
+path, or `+padded`, the reference; without one the static-capacity path, the towers' default) and where its
+boundaries come from: learned by the threshold rule (no modifier; the capacity cap applies in training), `+uniform`
+(a boundary every c patches), `+topk` (exactly ceil(N / c) segments per image) or `+batch-topk` (B * ceil(N / c)
+over the batch). E.g. `DTP-ViT-B-32-4x+padded`, `DTP-ViT-B-32-4x+batch-topk`, `ViT-B-32+pd0.75`. CSVs written
+before the static path label their packed rows without a modifier (`DTP-ViT-B-32-4x`); their `execution` column
+says packed. Used by `dtplib.bench` (what to time) and `dtplib.plots` (reading its rows back).
 """
 
 from __future__ import annotations
@@ -17,18 +21,19 @@ from .clip import open_clip_name, parse_dtp_name
 from .config import TrainConfig
 from .model import EXECUTIONS
 
-BOUNDARY_MODIFIERS = ("uniform", "topk")
+BOUNDARY_MODIFIERS = ("uniform", "topk", "batch-topk")
+LABELLED_EXECUTIONS = ("packed", "padded")  # static, the default, has no modifier
 
 
 @dataclass(frozen=True)
 class Spec:
     """An open_clip model name, optional patch dropout (a FLIP-style peer) and, for a DTP tower that pools, its
-    execution and where its boundaries come from ("learned", "uniform" or "topk")."""
+    execution and where its boundaries come from ("learned", "uniform", "topk" or "batch-topk")."""
 
     name: str
     patch_dropout: float | None = None
-    execution: str = ""  # "packed" or "padded" for a DTP tower that pools, "" otherwise
-    boundaries: str = ""  # "learned", "uniform" or "topk" for a DTP tower that pools, "" otherwise
+    execution: str = ""  # "static", "packed" or "padded" for a DTP tower that pools, "" otherwise
+    boundaries: str = ""  # "learned", "uniform", "topk" or "batch-topk" for a DTP tower that pools, "" otherwise
 
     @property
     def pools(self) -> bool:
@@ -37,13 +42,14 @@ class Spec:
     @property
     def label(self) -> str:
         modifiers = [f"pd{self.patch_dropout:g}"] if self.patch_dropout else []
-        modifiers += ["padded"] if self.execution == "padded" else []
+        modifiers += [self.execution] if self.execution in LABELLED_EXECUTIONS else []
         modifiers += [self.boundaries] if self.boundaries in BOUNDARY_MODIFIERS else []
         return "+".join([self.name, *modifiers])
 
 
-def parse_spec(text: str, execution: str = "packed") -> Spec:
-    """NAME[+pdRATE][+padded|+packed][+uniform|+topk]; `execution` is the default for a DTP tower that pools."""
+def parse_spec(text: str, execution: str = "static") -> Spec:
+    """NAME[+pdRATE][+static|+packed|+padded][+uniform|+topk|+batch-topk]; `execution` is the default for a DTP
+    tower that pools."""
     name, *modifiers = text.strip().split("+")
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model {name!r} in --models (see open_clip.list_models())")
@@ -63,8 +69,9 @@ def parse_spec(text: str, execution: str = "packed") -> Spec:
             execution = modifier if modifier in EXECUTIONS else execution
             boundaries = modifier if modifier in BOUNDARY_MODIFIERS else boundaries
         else:
-            raise ValueError(f"model spec {text!r}: expected NAME[+pdRATE][+padded][+uniform|+topk] "
-                             f"(e.g. ViT-B-32+pd0.5, DTP-ViT-B-32-4x+padded), not +{modifier}")
+            raise ValueError(f"model spec {text!r}: expected NAME[+pdRATE][+static|+packed|+padded]"
+                             f"[+uniform|+topk|+batch-topk] (e.g. ViT-B-32+pd0.5, DTP-ViT-B-32-4x+padded), "
+                             f"not +{modifier}")
     return Spec(name, rate, execution if pools else "", boundaries)
 
 
@@ -74,7 +81,8 @@ def trained_spec(config: TrainConfig) -> Spec:
     parsed = parse_dtp_name(name)
     if parsed is None or parsed[1] <= 1:
         return Spec(name, config.force_patch_dropout or None)
-    boundaries = "uniform" if config.forced_boundaries else "topk" if config.boundaries == "topk" else "learned"
+    boundaries = "uniform" if config.forced_boundaries else config.boundaries if config.boundaries in (
+        "topk", "batch-topk") else "learned"
     return Spec(name, None, config.execution, boundaries)
 
 

@@ -4,23 +4,25 @@ import pandas as pd
 import pytest
 import torch
 
-from dtplib import bench
+from dtplib import bench, plots
 from dtplib.model import get_tower
+from dtplib.utils import repo_path
 
 COLUMNS = {"model", "mode", "execution", "boundaries", "median_s", "p10_s", "p90_s", "images_per_s", "peak_memory_mb",
            "realised_compression", "forward_gmacs", "speedup", "analytic_bound", "padded_bound", "efficiency",
-           "reference", "hardware", "dtype", "batch_size", "torch", "commit", "adamw"}
+           "reference", "hardware", "dtype", "batch_size", "torch", "commit", "adamw", "compiled", "compile_s"}
 
 
 def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
-    models = ("ViT-Ti-8-64,DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x,DTP-ViT-Ti-8-64-4x+padded,DTP-ViT-Ti-8-64-4x+uniform,"
-              "DTP-ViT-Ti-8-64-4x+topk,ViT-Ti-8-64+pd0.5")
+    models = ("ViT-Ti-8-64,DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x,DTP-ViT-Ti-8-64-4x+packed,DTP-ViT-Ti-8-64-4x+padded,"
+              "DTP-ViT-Ti-8-64-4x+uniform,DTP-ViT-Ti-8-64-4x+topk,DTP-ViT-Ti-8-64-4x+batch-topk,ViT-Ti-8-64+pd0.5")
     frame = bench.main(["--models", models, "--batch-size", "8", "--steps", "3", "--warmup", "1", "--prior-steps", "20",
                         "--threads", "1", "--no-memory", "--out", str(tmp_path / "eff")])  # memory: the next test
     written = pd.read_csv(tmp_path / "eff.csv", keep_default_na=False, na_values=[""])
     assert COLUMNS <= set(written.columns)
-    assert len(written) == 14 and list(written["mode"]) == ["clip"] * 7 + ["image"] * 7
-    assert list(written["model"][:7]) == models.split(",")
+    assert len(written) == 18 and list(written["mode"]) == ["clip"] * 9 + ["image"] * 9
+    assert list(written["model"][:9]) == models.split(",")
+    assert not written["compiled"].any() and written["compile_s"].isna().all()  # eager
     assert (written["median_s"] > 0).all() and (written["p10_s"] <= written["p90_s"]).all()
     assert written["peak_memory_mb"].isna().all() and (written["batch_size"] == 8).all()
     assert (written["adamw"] == "fused").all()  # training's default kernel, in every row
@@ -30,9 +32,11 @@ def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
     rows = written.set_index(["mode", "model"])
     for mode in ("clip", "image"):
         learned, padded = rows.loc[(mode, "DTP-ViT-Ti-8-64-4x")], rows.loc[(mode, "DTP-ViT-Ti-8-64-4x+padded")]
-        assert learned["execution"] == "packed" and padded["execution"] == "padded"
+        assert learned["execution"] == "static" and padded["execution"] == "padded"  # static: the default
+        assert rows.loc[(mode, "DTP-ViT-Ti-8-64-4x+packed"), "execution"] == "packed"
         assert learned["boundaries"] == padded["boundaries"] == "learned"
         assert learned["boundary_source"] == padded["boundary_source"] == "prior-only fit, 20 steps"
+        assert rows.loc[(mode, "DTP-ViT-Ti-8-64-4x+batch-topk"), "boundaries"] == "batch-topk"
         assert padded["padded_bound"] <= padded["analytic_bound"]  # padding can only cost more
         assert padded["efficiency"] == pytest.approx(padded["speedup"] / padded["padded_bound"])
         assert learned["efficiency"] == pytest.approx(learned["speedup"] / learned["analytic_bound"])
@@ -48,7 +52,7 @@ def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
     text = (tmp_path / "eff.md").read_text()
     assert "| clip | DTP-ViT-Ti-8-64-4x+padded | learned (prior fit) |" in text and "AdamW fused." in text
     assert (tmp_path / "eff.png").stat().st_size > 0
-    assert len(frame) == 14
+    assert len(frame) == 18
 
 
 def test_learned_boundaries_come_from_a_trained_checkpoint(tmp_path):
@@ -72,12 +76,65 @@ def test_learned_boundaries_come_from_a_trained_checkpoint(tmp_path):
 
 def test_every_row_of_one_model_name_has_the_same_weights():
     fitted = {}
-    packed, padded, topk = (bench.make_subject(bench.parse_spec(label), 2, torch.device("cpu"), 2, fitted=fitted)
-                            for label in ("DTP-ViT-Ti-8-64-4x", "DTP-ViT-Ti-8-64-4x+padded", "DTP-ViT-Ti-8-64-4x+topk"))
-    assert list(fitted) == ["DTP-ViT-Ti-8-64-4x"]  # one prior fit for the three rows
-    torch.testing.assert_close(packed.model.state_dict(), padded.model.state_dict(), rtol=0, atol=0)
-    torch.testing.assert_close(packed.model.state_dict(), topk.model.state_dict(), rtol=0, atol=0)
-    assert get_tower(padded.model).dtp.execution == "padded" and get_tower(topk.model).dtp.boundaries == "topk"
+    static, padded, topk, batch_topk = (
+        bench.make_subject(bench.parse_spec(label), 2, torch.device("cpu"), 2, fitted=fitted)
+        for label in ("DTP-ViT-Ti-8-64-4x", "DTP-ViT-Ti-8-64-4x+padded", "DTP-ViT-Ti-8-64-4x+topk",
+                      "DTP-ViT-Ti-8-64-4x+batch-topk"))
+    assert list(fitted) == ["DTP-ViT-Ti-8-64-4x"]  # one prior fit for the four rows
+    for other in (padded, topk, batch_topk):
+        torch.testing.assert_close(static.model.state_dict(), other.model.state_dict(), rtol=0, atol=0)
+    assert get_tower(static.model).dtp.execution == "static" and get_tower(padded.model).dtp.execution == "padded"
+    assert [get_tower(s.model).dtp.boundaries for s in (static, topk, batch_topk)] == ["threshold", "topk",
+                                                                                       "batch-topk"]
+
+
+def test_labels_name_the_execution_unless_it_is_static():
+    """A label parses back to its spec; static, the default, has no modifier, so an old CSV's label still parses."""
+    for label, execution, boundaries in (("DTP-ViT-Ti-8-64-4x", "static", "learned"),
+                                         ("DTP-ViT-Ti-8-64-4x+packed", "packed", "learned"),
+                                         ("DTP-ViT-Ti-8-64-4x+padded+topk", "padded", "topk"),
+                                         ("DTP-ViT-Ti-8-64-4x+batch-topk", "static", "batch-topk"),
+                                         ("DTP-ViT-Ti-8-64-4x+packed+uniform", "packed", "uniform")):
+        spec = bench.parse_spec(label)
+        assert (spec.execution, spec.boundaries, spec.label) == (execution, boundaries, label)
+    assert bench.parse_spec("DTP-ViT-Ti-8-64-4x+static").label == "DTP-ViT-Ti-8-64-4x"
+    assert bench.parse_spec("DTP-ViT-Ti-8-64-4x", execution="packed").label == "DTP-ViT-Ti-8-64-4x+packed"
+    assert bench.parse_spec("ViT-Ti-8-64+pd0.5").execution == ""  # no tower that pools: no execution
+
+
+def test_committed_results_read_back():
+    """The efficiency CSVs in results/ (packed rows labelled without a modifier) parse and draw."""
+    import matplotlib.pyplot as plt
+
+    csvs = plots.efficiency_csvs([repo_path("results")])
+    assert csvs
+    for csv in csvs:
+        for label in pd.read_csv(csv)["model"]:
+            bench.parse_spec(label)
+    figure = plots.speedup_plot(csvs)
+    assert figure.axes
+    plt.close(figure)
+
+
+@pytest.mark.slow
+def test_compiled_rows_report_the_compile_time_apart(tmp_path):
+    """--torchcompile: the same-code 1x, the learned tower (threshold with the capacity cap, the static path) and
+    batch-topk, each one graph; the first step's wall time is compile_s, not in the step statistics."""
+    models = "DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x,DTP-ViT-Ti-8-64-4x+batch-topk"
+    frame = bench.main(["--models", models, "--torchcompile", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                        "--prior-steps", "10", "--modes", "clip", "--threads", "1", "--no-memory",
+                        "--out", str(tmp_path / "eff")])
+    written = pd.read_csv(tmp_path / "eff.csv")
+    assert list(written["model"]) == models.split(",") and written["compiled"].all()
+    assert (written["compile_s"] > 0).all() and (written["steps"] == 2).all()
+    assert (written["compile_s"] > written["p90_s"]).all()  # compiling is not in the timed steps
+    assert list(written["execution"].fillna("")) == ["", "static", "static"]
+    rows = written.set_index("model")
+    assert rows.loc["DTP-ViT-Ti-8-64-4x", "realised_compression"] > 1  # the counts are read after compiled steps
+    assert rows.loc["DTP-ViT-Ti-8-64-4x+batch-topk", "realised_compression"] == pytest.approx(4, rel=0.1)
+    text = (tmp_path / "eff.md").read_text()
+    assert "compile (s)" in text and "compiled (torch.compile" in text
+    assert len(frame) == 3
 
 
 def test_a_trained_run_is_timed_with_the_adamw_kernel_it_trained_with(tmp_path):
@@ -126,6 +183,7 @@ def test_trained_runs_give_the_accuracy_of_the_rows_that_time_their_tower(tmp_pa
               "DTP-ViT-Ti-8-64-4x+uniform": TrainConfig(**ti, forced_boundaries=4),
               "DTP-ViT-Ti-8-64-4x+uniform+hilbert": TrainConfig(**ti, forced_boundaries=4, patch_order="hilbert"),
               "DTP-ViT-Ti-8-64-4x+topk": TrainConfig(**ti, compression=4, boundaries="topk"),
+              "DTP-ViT-Ti-8-64-4x+batch-topk": TrainConfig(**ti, compression=4, boundaries="batch-topk"),
               "DTP-ViT-Ti-8-64-4x+image-prior": TrainConfig(**ti, compression=4, prior_scope="image"),
               "DTP-ViT-Ti-8-64-4x-up+normalised-up": TrainConfig(**ti, compression=4, upsample=True,
                                                                  upsample_weights="normalised"),
