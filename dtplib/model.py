@@ -585,36 +585,35 @@ class DTPVisionTransformer(VisionTransformer):
         batch-mates), so a static buffer would have to hold B * (N + 1) rows and the shortened layers would cost
         what the plain ViT's do; eager eval therefore takes the host-planned packed path, exactly the real tokens
         (the same values), and only a compiled eval keeps the full buffer, to stay one graph."""
-        _, short_blocks, post_blocks = self.stages
         batch = x.shape[0]
         closing_only = F.pad(boundaries.new_zeros(batch, self.num_patches - 1), (0, 1), value=1.0)  # B x N
         boundaries = torch.where(boundaries.isfinite(), boundaries, closing_only)  # NaN: a NaN loss, no overflow
         lengths = boundaries.detach().sum(-1).long() + 1  # B: CLS + segments, on the device
         packing = StaticPacking.plan(lengths, batch + self.segment_capacity(batch), self.num_patches + 1)
         tokens, index, through_ids = pack_static(x[:, :1], x[:, 1:], boundaries, packing)  # T_cap x D
-        for block in short_blocks:
-            check_block(block)
-            tokens = self.call_block(block_forward, block, tokens, packing)
-        if not self.dtp.upsample:
-            return unpack_static(tokens, packing)  # B x (1+N) x D and its validity mask, for forward_head
-        upsampled = gather_segments(tokens, index, self.upsampling_weights(through_ids))  # B x N x D
-        cls_out = tokens.index_select(0, packing.starts).unsqueeze(1)  # B x 1 x D
-        full = torch.cat([cls_out, upsampled], dim=1) + x  # B x (1+N) x D, residual
-        return self.run_blocks(post_blocks, full), None
+        return self.run_packed(x, tokens, index, through_ids, packing, unpack_static, lambda rows: rows)
 
     def forward_packed(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The shortened layers on the packed real tokens (`dtplib.packed`); the output as `forward_features`'s."""
-        _, short_blocks, post_blocks = self.stages
         counts = boundaries.detach().nan_to_num(1.0).sum(-1)  # B
         packing = Packing.plan(counts.long().tolist(), x.device)  # the forward's one host-device synchronisation
         tokens, index, through_ids = pack_tokens(x[:, :1], x[:, 1:], boundaries, packing)  # T x D
+        return self.run_packed(x, tokens, index, through_ids, packing, unpack,
+                               lambda rows: rows.index_select(0, packing.segment_rows))
+
+    def run_packed(self, x: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor, through_ids: torch.Tensor,
+                   packing, unpack_rows, segment_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shortened layers on packed rows (`packing` either execution's), then the output as
+        `forward_features`'s: without upsampling, `unpack_rows` gives B x (1+S) x D and its validity mask for
+        forward_head; with it, each patch gathers its segment's row (`segment_rows` picks the segment rows, in the
+        order `index` counts them) and the full-length post blocks run with the residual."""
+        _, short_blocks, post_blocks = self.stages
         for block in short_blocks:
             check_block(block)
             tokens = self.call_block(block_forward, block, tokens, packing)
         if not self.dtp.upsample:
-            return unpack(tokens, packing)  # B x (1+S_max) x D and its validity mask, for forward_head
-        upsampled = gather_segments(tokens.index_select(0, packing.segment_rows), index,
-                                    self.upsampling_weights(through_ids))  # B x N x D
+            return unpack_rows(tokens, packing)
+        upsampled = gather_segments(segment_rows(tokens), index, self.upsampling_weights(through_ids))  # B x N x D
         cls_out = tokens.index_select(0, packing.starts).unsqueeze(1)  # B x 1 x D
         full = torch.cat([cls_out, upsampled], dim=1) + x  # B x (1+N) x D, residual
         return self.run_blocks(post_blocks, full), None

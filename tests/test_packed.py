@@ -26,6 +26,32 @@ def reference_copy(model):
     return padded
 
 
+def assert_attends_each_image_alone(packing, lengths: list[int], rows: int, device: str = "cpu") -> None:
+    """The packing's attention over `rows` rows (T x H x hd, the tail past the images included) is finite everywhere
+    and equals attention over each image's rows alone. CPU: fp32, 1e-6; CUDA: varlen flash attention with bf16
+    inputs, as flash needs, against fp32, 2e-2."""
+    cuda = device == "cuda"
+    heads, dim = (12, 64) if cuda else (2, 8)
+    q, k, v = torch.randn(3, rows, heads, dim, device=device).to(torch.bfloat16 if cuda else torch.float32).unbind(0)
+    out = packing.attend(q, k, v, dropout_p=0.0).float()
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        expected = F.scaled_dot_product_attention(*(x[part].float().transpose(0, 1) for x in (q, k, v)))
+        tolerance = 2e-2 if cuda else 1e-6
+        torch.testing.assert_close(out[part], expected.transpose(0, 1), atol=tolerance, rtol=tolerance if cuda else 0)
+        start += n
+
+
+def cuda_b32_and_padded_copy():
+    """The B/32 4x CLIP on CUDA, 8 Flickr8k photos there, and the model's padded reference copy."""
+    model, _, preprocess = dtplib.create_model_and_transforms("ViT-B-32", compression=4)
+    images = load_images(flickr_photos(8), preprocess).to("cuda")
+    model.to("cuda")
+    return model, images, reference_copy(model)
+
+
 def forward_backward(model, images, training: bool, seed: int = 1):
     """Image embeddings and every parameter's gradient of (sum of squares + prior); same noise for every call."""
     model.train(training)
@@ -214,14 +240,7 @@ def test_packed_attention_keeps_images_apart(one_thread):
     """Bucketed attention over packed tokens equals attention of each image alone."""
     lengths = [1, 7, 3, 12, 2, 12]
     packing = Packing.plan([n - 1 for n in lengths], torch.device("cpu"), buckets=3)
-    q, k, v = torch.randn(3, sum(lengths), 2, 8).unbind(0)  # T x H x hd
-    out = packing.attend(q, k, v, dropout_p=0.0)
-    start = 0
-    for n in lengths:
-        part = slice(start, start + n)
-        expected = F.scaled_dot_product_attention(*(x[part].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
-        torch.testing.assert_close(out[part], expected, atol=1e-6, rtol=0)
-        start += n
+    assert_attends_each_image_alone(packing, lengths, sum(lengths))
 
 
 def test_grad_checkpointing_keeps_packed_gradients(one_thread):
@@ -251,19 +270,8 @@ def test_cuda_varlen_attention_and_one_synchronisation_per_forward():
     assert varlen_attention_available(device, torch.bfloat16)
     lengths = [1, 17, 5, 50, 33, 2, 50, 9]
     packing = Packing.plan([n - 1 for n in lengths], device)
-    q, k, v = torch.randn(3, sum(lengths), 12, 64, device=device).to(torch.bfloat16).unbind(0)
-    out = packing.attend(q, k, v, dropout_p=0.0).float()  # varlen
-    start = 0
-    for n in lengths:
-        part = slice(start, start + n)
-        expected = F.scaled_dot_product_attention(*(x[part].float().transpose(0, 1) for x in (q, k, v)))
-        torch.testing.assert_close(out[part], expected.transpose(0, 1), atol=2e-2, rtol=2e-2)
-        start += n
-
-    model, _, preprocess = dtplib.create_model_and_transforms("ViT-B-32", compression=4)
-    images = load_images(flickr_photos(8), preprocess).to(device)
-    model.to(device)
-    padded = reference_copy(model)
+    assert_attends_each_image_alone(packing, lengths, sum(lengths), "cuda")
+    model, images, padded = cuda_b32_and_padded_copy()
     for training in (False, True):
         packed_out, packed_grads, _ = forward_backward(model, images, training)
         padded_out, padded_grads, _ = forward_backward(padded, images, training)
@@ -338,15 +346,7 @@ def test_static_attention_keeps_images_apart_and_the_tail_finite(one_thread):
     lengths = [2, 7, 3, 12, 2, 12]
     rows = sum(lengths) + 9
     packing = StaticPacking.plan(torch.tensor(lengths), rows=rows, max_length=13)
-    q, k, v = torch.randn(3, rows, 2, 8).unbind(0)  # T_cap x H x hd
-    out = packing.attend(q, k, v, dropout_p=0.0)
-    assert out.shape == q.shape and torch.isfinite(out).all()
-    start = 0
-    for n in lengths:
-        part = slice(start, start + n)
-        expected = F.scaled_dot_product_attention(*(x[part].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
-        torch.testing.assert_close(out[part], expected, atol=1e-6, rtol=0)
-        start += n
+    assert_attends_each_image_alone(packing, lengths, rows)
 
 
 def test_cap_keeps_the_closing_boundaries_and_the_highest_scores():
@@ -525,20 +525,8 @@ def test_cuda_static_path_matches_padded_and_never_synchronises():
     lengths = [2, 17, 5, 50, 33, 2, 50, 9]
     rows = sum(lengths) + 70  # a tail longer than one sequence of L = 50
     packing = StaticPacking.plan(torch.tensor(lengths, device=device), rows=rows, max_length=50)
-    q, k, v = torch.randn(3, rows, 12, 64, device=device).to(torch.bfloat16).unbind(0)
-    out = packing.attend(q, k, v, dropout_p=0.0).float()  # varlen
-    assert torch.isfinite(out).all()
-    start = 0
-    for n in lengths:
-        part = slice(start, start + n)
-        expected = F.scaled_dot_product_attention(*(x[part].float().transpose(0, 1) for x in (q, k, v)))
-        torch.testing.assert_close(out[part], expected.transpose(0, 1), atol=2e-2, rtol=2e-2)
-        start += n
-
-    model, _, preprocess = dtplib.create_model_and_transforms("ViT-B-32", compression=4)
-    images = load_images(flickr_photos(8), preprocess).to(device)
-    model.to(device)
-    padded = reference_copy(model)
+    assert_attends_each_image_alone(packing, lengths, rows, "cuda")
+    model, images, padded = cuda_b32_and_padded_copy()
     for training in (False, True):
         static_out, static_grads, static_tokens = forward_backward(model, images, training)
         padded_out, _, padded_tokens = forward_backward(padded, images, training)
