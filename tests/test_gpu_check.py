@@ -73,7 +73,9 @@ def test_the_plan_fits_nine_minutes_in_priority_order():
 
     text = gpu_check("--dry-run").stdout
     assert "of a 540 s budget" in text
-    make = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO_ROOT, capture_output=True, text=True)
+    # --no-print-directory: under `make test` this make is a sub-make, which would print "Entering directory"
+    make = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check"], cwd=REPO_ROOT, capture_output=True,
+                          text=True)
     assert make.stdout.strip() == "bash scripts/gpu_check.sh"
 
 
