@@ -51,8 +51,6 @@ from .packed import (
     segment_ids,
     segment_index,
     segment_means,
-    unpack,
-    unpack_static,
 )
 
 EXECUTIONS = ("static", "packed", "padded")  # DTPConfig.execution
@@ -591,29 +589,28 @@ class DTPVisionTransformer(VisionTransformer):
         lengths = boundaries.detach().sum(-1).long() + 1  # B: CLS + segments, on the device
         packing = StaticPacking.plan(lengths, batch + self.segment_capacity(batch), self.num_patches + 1)
         tokens, index, through_ids = pack_static(x[:, :1], x[:, 1:], boundaries, packing)  # T_cap x D
-        return self.run_packed(x, tokens, index, through_ids, packing, unpack_static, lambda rows: rows)
+        return self.run_packed(x, tokens, index, through_ids, packing)
 
     def forward_packed(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The shortened layers on the packed real tokens (`dtplib.packed`); the output as `forward_features`'s."""
         counts = boundaries.detach().nan_to_num(1.0).sum(-1)  # B
         packing = Packing.plan(counts.long().tolist(), x.device)  # the forward's one host-device synchronisation
         tokens, index, through_ids = pack_tokens(x[:, :1], x[:, 1:], boundaries, packing)  # T x D
-        return self.run_packed(x, tokens, index, through_ids, packing, unpack,
-                               lambda rows: rows.index_select(0, packing.segment_rows))
+        return self.run_packed(x, tokens, index, through_ids, packing)
 
     def run_packed(self, x: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor, through_ids: torch.Tensor,
-                   packing, unpack_rows, segment_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The shortened layers on packed rows (`packing` either execution's), then the output as
-        `forward_features`'s: without upsampling, `unpack_rows` gives B x (1+S) x D and its validity mask for
-        forward_head; with it, each patch gathers its segment's row (`segment_rows` picks the segment rows, in the
-        order `index` counts them) and the full-length post blocks run with the residual."""
+                   packing: Packing | StaticPacking) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shortened layers on packed rows (either execution's packing), then the output as
+        `forward_features`'s: without upsampling, B x (1+S) x D and its validity mask for forward_head; with it,
+        each patch gathers its segment's row and the full-length post blocks run with the residual."""
         _, short_blocks, post_blocks = self.stages
         for block in short_blocks:
             check_block(block)
             tokens = self.call_block(block_forward, block, tokens, packing)
         if not self.dtp.upsample:
-            return unpack_rows(tokens, packing)
-        upsampled = gather_segments(segment_rows(tokens), index, self.upsampling_weights(through_ids))  # B x N x D
+            return packing.unpack(tokens)
+        upsampled = gather_segments(packing.segment_tokens(tokens), index,
+                                    self.upsampling_weights(through_ids))  # B x N x D
         cls_out = tokens.index_select(0, packing.starts).unsqueeze(1)  # B x 1 x D
         full = torch.cat([cls_out, upsampled], dim=1) + x  # B x (1+N) x D, residual
         return self.run_blocks(post_blocks, full), None

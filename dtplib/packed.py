@@ -132,6 +132,13 @@ class Packing:
     def num_images(self) -> int:
         return len(self.lengths)
 
+    def segment_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The segment rows of packed T x D tokens, S_total x D, in the order pack_tokens' segment index counts."""
+        return tokens.index_select(0, self.segment_rows)
+
+    def unpack(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return unpack(tokens, self)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """Self-attention within each image of packed T x H x hd queries, keys and values; returns T x H x hd."""
         if dropout_p == 0 and varlen_attention_available(q.device, q.dtype):
@@ -336,6 +343,13 @@ class StaticPacking:
             window=(starts[:, None] + span).clamp(max=rows - 1),  # B x L
             key_mask=(span[None] < lengths[:, None])[:, None, None, :],  # B x 1 x 1 x L
             window_slot=slot, unpack_slot=torch.where(valid, slot, count * max_length))
+
+    def segment_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The rows pack_static's segment index counts: the whole buffer (its index names buffer rows)."""
+        return tokens
+
+    def unpack(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return unpack_static(tokens, self)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """Self-attention within each image of T_cap x H x hd queries, keys and values; returns T_cap x H x hd.
