@@ -170,10 +170,11 @@ class Subject:
 
     @property
     def fullgraph(self) -> bool:
-        """One graph, as training compiles: all but a DTP tower whose execution plans on the host (packed reads the
-        counts, padded its largest count), which breaks the graph there; equal counts (topk, uniform) never do."""
-        return not (self.spec.pools and self.spec.execution in ("packed", "padded")
-                    and self.spec.boundaries not in ("topk", "uniform"))
+        """One graph, as training compiles (`compile_for_training`): all but a DTP tower that plans on the host."""
+        if not self.spec.pools:
+            return True
+        with self.boundary_context():  # uniform: forced boundaries, equal counts
+            return not get_tower(self.model).plans_on_host()
 
     def runner(self, mode: str):
         """What a step of `mode` calls: the CLIP model, or its image tower (open_clip's encode_image, unnormalised);

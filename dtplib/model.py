@@ -489,6 +489,12 @@ class DTPVisionTransformer(VisionTransformer):
             return self.topk_segments
         return None
 
+    def plans_on_host(self) -> bool:
+        """Whether a forward reads the segment counts to the host: a tower that pools with varying counts in the
+        host-planned executions (packed reads every count, padded the largest). torch.compile breaks its graph
+        there, so it cannot compile with fullgraph; the static execution and equal counts (topk, forced) never do."""
+        return self.pools and self.dtp.execution in ("packed", "padded") and self.static_segments() is None
+
     def forward_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Images to CLS + patch tokens after the full-length pre-layers: B x 3 x H x W -> B x (1+N) x D."""
         self.check_input(x)

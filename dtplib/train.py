@@ -695,14 +695,14 @@ def compile_for_training(train_model: torch.nn.Module, model: torch.nn.Module, w
     """`torch.compile` of the (DDP-wrapped) model, as the PyTorch DDP + compile documentation has it: DDP first.
 
     Static shapes (`dynamic=False`: the training loader's batches are all full) and `fullgraph=True` where the
-    model allows it: every DTP execution but the host-planned "packed" one, in a single process. Under DDP,
-    compile splits the graph at DDP's gradient buckets on purpose (its DDPOptimizer), so fullgraph is not asked.
-    The first steps compile (minutes on a CPU, about a minute for a B/32 CLIP on an H100) and are timed apart."""
-    host_planned = any(t.pools and t.dtp.execution == "packed" and t.static_segments() is None
-                       for t in dtp_towers(model))
+    model allows it: all but a tower that plans on the host (`plans_on_host`: the packed and padded executions
+    with varying counts), in a single process. Under DDP, compile splits the graph at DDP's gradient buckets on
+    purpose (its DDPOptimizer), so fullgraph is not asked. The first steps compile (minutes on a CPU, about a
+    minute for a B/32 CLIP on an H100) and are timed apart."""
+    host_planned = any(t.plans_on_host() for t in dtp_towers(model))
     fullgraph = world_size == 1 and not host_planned
     log.info("torch.compile: fullgraph=%s, dynamic=False%s", fullgraph,
-             " (the packed execution plans on the host: use --execution static for one graph)" if host_planned else "")
+             " (this execution plans on the host: use --execution static for one graph)" if host_planned else "")
     return torch.compile(train_model, fullgraph=fullgraph, dynamic=False, backend=COMPILE_BACKEND)
 
 
