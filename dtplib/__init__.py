@@ -20,20 +20,18 @@ Which module to open for what:
 - `utils`: provenance, atomic writes, CSV appends, the data location (`DTPLIB_DATA`), devices.
 """
 
-from .clip import (
+from .tower.clip import (
     ARCHS,
     LoadReport,
     build_model,
     create_model_and_transforms,
     dtp_name,
     load_dtp_weights,
-    load_trained,
     load_vit_weights,
     register,
     variant_names,
 )
-from .config import TrainConfig
-from .model import (
+from .tower.model import (
     DTPConfig,
     DTPVisionTransformer,
     boundary_loss,
@@ -47,6 +45,8 @@ from .model import (
     use_config,
     use_execution,
 )
+from .training.checkpoint import load_trained
+from .training.config import TrainConfig
 
 register()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import papermill
 from traitlets.config import Config
 
-from .utils import REPO_ROOT, repo_path
+from .common.paths import REPO_ROOT, repo_path
 
 # CurveZMQ keys for the kernel's sockets (the python3 kernelspec declares support): ipykernel otherwise warns at every
 # start that it "is running over TCP without encryption"

@@ -31,8 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dtplib import evaluate as ev
-from dtplib.clip import (
+from .common.images import load_images
+from .common.paths import repo_path
+from .common.provenance import run_info
+from .common.runtime import eval_mode, seed_everything, unwrap
+from .data.imagefolder import ImageFolderSplit, Sample, image_loader, zeroshot_classes
+from .measure import evaluate as ev
+from .measure.evaluate import ProbeResult, extract_features, head_accuracy, linear_probe
+from .tower.clip import (
     LoadReport,
     check_model_name,
     check_pretrained,
@@ -41,19 +47,8 @@ from dtplib.clip import (
     load_vit_weights,
     read_state_dict,
 )
-from dtplib.evaluate import (  # noqa: F401 (imagefolder_split: re-exported for the notebooks and tests)
-    ImageFolderSplit,
-    ProbeResult,
-    Sample,
-    extract_features,
-    head_accuracy,
-    image_loader,
-    imagefolder_split,
-    linear_probe,
-)
-from dtplib.model import dtp_towers, fit_boundary_prior, get_tower, token_budget, trace, use_config
-from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step
-from dtplib.utils import eval_mode, load_images, repo_path, run_info, seed_everything, unwrap
+from .tower.model import dtp_towers, fit_boundary_prior, get_tower, token_budget, trace, use_config
+from .training.optim import NonFiniteLoss, lr_at, make_optimizer, train_step
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Zero-shot of pretrained open_clip models
@@ -95,7 +90,7 @@ def pretrained_zeroshot(specs: str | Sequence[str | tuple[str, str]], data_dir: 
         specs = [spec for spec in specs.split(",") if spec.strip()]
     parsed = [parse_pretrained(spec) for spec in specs]
     data_dir = repo_path(data_dir)
-    ev.zeroshot_classes(data_dir)  # a missing or empty folder fails before any model work
+    zeroshot_classes(data_dir)  # a missing or empty folder fails before any model work
     rows = []
     for name, tag in parsed:
         row = {"model": name, "pretrained": tag, "status": "ok", "top1": float("nan"), "top5": float("nan"),

@@ -1,21 +1,23 @@
 """Contrastive (CLIP) pretraining of DTP-ViT and peers: `python -m dtplib.train`, on one device or under torchrun.
 
 The command line only: nothing in the package imports this module. Read top to bottom:
-1. `parse_args` / `check_args`: the flags of `dtplib.config.TrainConfig`; every bad flag, path or model name fails
-   here, before any long work.
-2. The model is `clip.build_from_config(config)`: a DTP-ViT CLIP (`--model ViT-B-32 --compression 4`, or a
-   registered name such as `DTP-ViT-B-32-4x`), or any open_clip model as the peer (`--model ViT-B-32`).
+1. `parse_args`: the flags of `dtplib.training.config.TrainConfig`; `TrainConfig.check` refuses every bad flag,
+   path or model name before any long work.
+2. The model is `dtplib.training.checkpoint.build_from_config(config)`: a DTP-ViT CLIP (`--model ViT-B-32
+   --compression 4`, or a registered name such as `DTP-ViT-B-32-4x`), or any open_clip model as the peer
+   (`--model ViT-B-32`).
 3. `train_one_epoch`: `optim.train_step` (ClipLoss + the tower's weight x boundary prior, AdamW, cosine schedule
    with warm-up, autocast, gradient clipping) over the loader; one row per step in steps.csv.
 4. `Checkpoints`: `epoch_<n>.pt` and `epoch_latest.pt`, written atomically and only when every tensor is finite,
    holding model, optimizer, scaler, schedule position, per-rank RNG states, the TrainConfig and the run's id;
    `--resume latest` continues a killed run exactly (from the newest checkpoint that reads whole), and a stop at
    --max-steps inside an epoch is saved as `epoch_latest.pt` marked `mid_epoch`, resumed at the same batch.
-5. `main`: the run, per-epoch means in epochs.csv (the first epoch and the timing warm-up steps apart), the
-   evaluations of dtplib.evaluate, TensorBoard events.
+5. `train(config)` (Python, notebooks) and `main(argv)` (the command line): the run, per-epoch means in epochs.csv
+   (the first epoch and the timing warm-up steps apart), the evaluations of `dtplib.measure.evaluate`, TensorBoard
+   events.
 
 Several processes: `torchrun --nproc_per_node N -m dtplib.train ...` (NCCL on GPUs, gloo on CPU);
-`launch(argv, nproc_per_node)` does that from Python (the 03 notebook).
+`run(config, num_gpus=N)` does that from Python (the 03 notebook) with `config.to_argv()`.
 """
 
 from __future__ import annotations
@@ -43,25 +45,17 @@ from open_clip.loss import ClipLoss
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dtplib import evaluate as dtp_eval
-from dtplib import loader as dtp_loader
-from dtplib.clip import build_from_config, parse_dtp_name, read_checkpoint, resolve_model
-from dtplib.config import TrainConfig
-from dtplib.model import dtp_towers
-from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
-from dtplib.utils import (
-    CLI_ERRORS,
-    append_csv,
-    atomic_write_bytes,
-    atomic_write_text,
-    check_precision,
-    default_device,
-    process_memory_mb,
-    run_cli,
-    run_info,
-    seed_everything,
-    unwrap,
-)
+from .common.cli import CLI_ERRORS, run_cli
+from .common.files import append_csv, atomic_write_bytes, atomic_write_text
+from .common.provenance import run_info
+from .common.runtime import default_device, process_memory_mb, seed_everything, unwrap
+from .data import loader as dtp_loader
+from .measure import evaluate as dtp_eval
+from .tower.clip import read_checkpoint
+from .tower.model import dtp_towers
+from .training.checkpoint import build_from_config
+from .training.config import TrainConfig
+from .training.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
 
 log = logging.getLogger("dtplib.train")
 ESTIMATES = ("lost_samples_estimate",)  # loader skip counts that estimate, not count: left out of skipped_samples
@@ -80,73 +74,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return TrainConfig.parse(argv, description=__doc__.split("\n")[0])
 
 
-FLOAT_FLAGS = ("compression", "capacity", "boundary_loss_weight", "force_patch_dropout", "lr", "wd", "beta1", "beta2",
-               "eps", "grad_clip_norm")
-
-
-def check_args(args: TrainConfig, world_size: int = 1) -> None:
-    """Every inconsistency a user can make, as a ValueError or FileNotFoundError, before any model is built."""
-    not_finite = [name for name in FLOAT_FLAGS if getattr(args, name) is not None
-                  and not math.isfinite(getattr(args, name))]
-    if not_finite:
-        raise ValueError(f"--{not_finite[0].replace('_', '-')} must be a finite number, got "
-                         f"{getattr(args, not_finite[0])}")
-    if args.compression is not None and args.compression < 1:
-        raise ValueError(f"--compression must be >= 1 (1 = no pooling), got {args.compression:g}")
-    if args.forced_boundaries is not None:
-        if args.forced_boundaries < 2:
-            raise ValueError(f"--forced-boundaries C needs C >= 2 (a boundary every C patches), got "
-                             f"{args.forced_boundaries}")
-        if args.compression is not None and args.compression != args.forced_boundaries:
-            raise ValueError(f"--forced-boundaries {args.forced_boundaries} means compression "
-                             f"{args.forced_boundaries}, but --compression {args.compression:g} was given")
-    named = parse_dtp_name(args.model)
-    if args.forced_boundaries is not None and named is not None and named[1] != args.forced_boundaries:
-        raise ValueError(f"--model {args.model} means compression {named[1]:g}, not --forced-boundaries "
-                         f"{args.forced_boundaries}")
-    arch, compression, _ = resolve_model(args.model, args.target_compression, args.upsample)
-    if compression is None and (args.forced_boundaries is not None or args.patch_order != "raster"):
-        raise ValueError("--forced-boundaries and --patch-order need a DTP model (an arch with --compression, or a "
-                         "DTP-ViT-* name)")
-    for flag in ("batch_size", "epochs", "save_frequency", "log_every_n_steps"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.batch_size * world_size < 2:
-        raise ValueError("the contrastive loss needs at least 2 pairs per global batch (--batch-size)")
-    if args.lr <= 0 or args.wd < 0 or args.warmup < 0 or args.workers < 0:
-        raise ValueError(f"need --lr > 0, --wd >= 0, --warmup >= 0, --workers >= 0; got {args.lr}, {args.wd}, "
-                         f"{args.warmup}, {args.workers}")
-    if args.capacity != 0 and args.capacity < 1:
-        raise ValueError(f"--capacity must be 0 (no cap) or >= 1 (a multiple of the batch's segment budget), got "
-                         f"{args.capacity:g}")
-    if args.boundary_loss_weight < 0:
-        raise ValueError(f"--boundary-loss-weight must be >= 0, got {args.boundary_loss_weight}")
-    if args.force_patch_dropout is not None and not 0 <= args.force_patch_dropout < 1:
-        raise ValueError(f"--force-patch-dropout must be in [0, 1), got {args.force_patch_dropout}")
-    if args.local_loss and world_size == 1:
-        log.info("--local-loss has no effect in a single process")
-    check_precision(args.precision, default_device(args.device))
-    shards = dtp_loader.expand_shards(args.train_data)  # missing shards fail here
-    available = dtp_loader.dataset_size(shards)
-    if not args.train_num_samples and not available:
-        raise ValueError(f"epoch size unknown: no sizes.json next to {shards[0]}; pass --train-num-samples")
-    if available is not None and available < args.batch_size * world_size and not args.dataset_resampled:
-        raise ValueError(f"--train-data holds {available} samples, fewer than one global batch of "
-                         f"{args.batch_size} x {world_size} processes; lower --batch-size")
-    if args.val_data:
-        dtp_loader.expand_shards(args.val_data)
-    for flag in ("zeroshot_data", "imagenet_val"):
-        if getattr(args, flag):
-            dtp_eval.zeroshot_classes(getattr(args, flag))  # missing or empty folders fail here
-    if args.resume and args.resume != "latest" and not Path(args.resume).is_file():
-        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint file")
-
-
 def default_name(args: TrainConfig) -> str:
-    arch, compression, upsample = resolve_model(args.model, args.target_compression, args.upsample)
-    model = f"{arch}-{compression:g}x{'-up' if upsample else ''}" if compression is not None else arch
-    model += "-uniform" if args.forced_boundaries else ""
-    model += "-hilbert" if args.patch_order == "hilbert" else ""
+    dtp = args.dtp
+    model = args.model_name.removeprefix("DTP-")
+    model += "-uniform" if dtp is not None and dtp.forced_boundaries else ""
+    model += "-hilbert" if dtp is not None and dtp.patch_order == "hilbert" else ""
     return f"{datetime.now():%Y_%m_%d-%H_%M_%S}-{model}-b{args.batch_size}-s{args.seed}"
 
 
@@ -509,10 +441,15 @@ def run_evaluations(model, preprocess_val, tokenizer, args, device, epoch_done: 
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Run training; returns {"run_dir", "epochs" (per-epoch rows), "checkpoint"}."""
-    args = parse_args(argv)
+    """Run training from command-line flags; returns {"run_dir", "epochs" (per-epoch rows), "checkpoint"}."""
+    return train(parse_args(argv))
+
+
+def train(args: TrainConfig) -> dict:
+    """Run training in this process (under torchrun: this rank's part); returns {"run_dir", "epochs",
+    "checkpoint"}. The config is checked first, before any run folder exists."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    check_args(args, world_size)
+    args.check(world_size)
     dist_env = init_distributed(args)
     try:
         return _run(args, dist_env)
@@ -722,27 +659,28 @@ def _setup_file_logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def launch(argv: Sequence[str], nproc_per_node: int, extra_torchrun: Sequence[str] = ()) -> Path:
-    """Run `torchrun --nproc_per_node N -m dtplib.train argv` and wait; returns the run folder."""
-    args = parse_args(argv)
-    check_args(args, nproc_per_node)
-    if args.name is None:  # fix the name here so that the caller knows where the run lands
-        args = args.replace(name=default_name(args))
-        argv = [*argv, "--name", args.name]
+def launch(config: TrainConfig, nproc_per_node: int, extra_torchrun: Sequence[str] = ()) -> Path:
+    """Run `torchrun --nproc_per_node N -m dtplib.train <config's flags>` and wait; returns the run folder."""
+    config.check(nproc_per_node)
+    if config.name is None:  # fix the name here so that the caller knows where the run lands
+        config = config.replace(name=default_name(config))
     # "--" ends torchrun's own flags: without it torchrun reads our --logs as an abbreviation of its --logs-specs
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
-               *extra_torchrun, "-m", "dtplib.train", "--", *argv]
+               *extra_torchrun, "-m", "dtplib.train", "--", *config.to_argv()]
     subprocess.run(command, check=True)
-    return Path(args.logs) / args.name
+    return Path(config.logs) / config.name
 
 
-def run(argv: Sequence[str], num_gpus: int = 1) -> Path:
-    """Train in this process (one device) or through torchrun (num_gpus > 1); returns the run folder."""
+def run(config: TrainConfig | Sequence[str], num_gpus: int = 1) -> Path:
+    """Train in this process (one device) or through torchrun (num_gpus > 1); returns the run folder. `config`: a
+    TrainConfig (`TrainConfig.from_options(train_data=..., model=..., compression=4)`), or command-line flags."""
+    if not isinstance(config, TrainConfig):
+        config = parse_args(config)
     if num_gpus > 1:
         if torch.cuda.device_count() < num_gpus:
             raise ValueError(f"num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA devices are visible")
-        return launch(argv, num_gpus)
-    return Path(main(argv)["run_dir"])
+        return launch(config, num_gpus)
+    return Path(train(config)["run_dir"])
 
 
 if __name__ == "__main__":

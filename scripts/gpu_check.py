@@ -118,7 +118,7 @@ def plan(work: Path, tiny: bool = False, python: str = sys.executable) -> list[P
                 f"{', '.join(kinds)}")
         return Piece(name, what, command, timeouts["compiled" if compiled else "eager"], f"{name}.csv", stretch)
 
-    unpack = ("import json, sys, torch; from dtplib.shards import SAMPLE_DIR, unpack_shards; "
+    unpack = ("import json, sys, torch; from dtplib.data.shards import SAMPLE_DIR, unpack_shards; "
               "unpack_shards(sorted(str(p) for p in SAMPLE_DIR.glob('*/*.tar')), sys.argv[1]); "
               "cuda = torch.cuda.is_available(); "
               "print(json.dumps({'torch': torch.__version__, 'python': sys.version.split()[0], "

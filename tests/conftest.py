@@ -10,7 +10,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dtplib.utils import data_root  # noqa: E402
+from dtplib.common.paths import data_root  # noqa: E402
 
 FLICKR = data_root() / "flickr8k"  # DTPLIB_DATA as set when pytest starts
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import webdataset as wds
 from conftest import FLICKR
 
-from dtplib.utils import data_root
+from dtplib.common.paths import data_root
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")

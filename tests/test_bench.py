@@ -4,9 +4,12 @@ import pandas as pd
 import pytest
 import torch
 
-from dtplib import bench, plots
-from dtplib.model import get_tower
-from dtplib.utils import repo_path
+from dtplib import bench as bench_cmd
+from dtplib.common.paths import repo_path
+from dtplib.figures import plots
+from dtplib.measure import bench, tables
+from dtplib.measure.specs import parse_spec
+from dtplib.tower.model import get_tower
 
 COLUMNS = {"model", "mode", "execution", "boundaries", "median_s", "p10_s", "p90_s", "images_per_s", "peak_memory_mb",
            "realised_compression", "forward_gmacs", "speedup", "analytic_bound", "padded_bound", "efficiency",
@@ -16,8 +19,9 @@ COLUMNS = {"model", "mode", "execution", "boundaries", "median_s", "p10_s", "p90
 def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
     models = ("ViT-Ti-8-64,DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x,DTP-ViT-Ti-8-64-4x+packed,DTP-ViT-Ti-8-64-4x+padded,"
               "DTP-ViT-Ti-8-64-4x+uniform,DTP-ViT-Ti-8-64-4x+topk,DTP-ViT-Ti-8-64-4x+batch-topk,ViT-Ti-8-64+pd0.5")
-    frame = bench.main(["--models", models, "--batch-size", "8", "--steps", "3", "--warmup", "1", "--prior-steps", "20",
-                        "--threads", "1", "--no-memory", "--out", str(tmp_path / "eff")])  # memory: the next test
+    # memory: the next test
+    frame = bench_cmd.main(["--models", models, "--batch-size", "8", "--steps", "3", "--warmup", "1",
+                            "--prior-steps", "20", "--threads", "1", "--no-memory", "--out", str(tmp_path / "eff")])
     written = pd.read_csv(tmp_path / "eff.csv", keep_default_na=False, na_values=[""])
     assert COLUMNS <= set(written.columns)
     assert len(written) == 18 and list(written["mode"]) == ["clip"] * 9 + ["image"] * 9
@@ -57,7 +61,7 @@ def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
 
 def test_learned_boundaries_come_from_a_trained_checkpoint(tmp_path):
     """--checkpoint-dir finds a training run by its params.json; timing and memory use the checkpoint's weights."""
-    model, _ = bench.build_spec_model(bench.parse_spec("DTP-ViT-Ti-8-64-4x"), None)
+    model, _ = bench.build_spec_model(parse_spec("DTP-ViT-Ti-8-64-4x"), None)
     with torch.no_grad():
         model.visual.trunk.predictor.fc2.bias.fill_(-50.0)  # every logit far below 0: one segment per image
     run = tmp_path / "runs" / "ti4x"
@@ -65,7 +69,7 @@ def test_learned_boundaries_come_from_a_trained_checkpoint(tmp_path):
     torch.save({"epoch": 1, "state_dict": model.state_dict()}, run / "checkpoints" / "epoch_latest.pt")
     (run / "params.json").write_text('{"model": "ViT-Ti-8-64", "compression": 4.0, "upsample": false}')
     assert bench.find_checkpoints(tmp_path / "runs") == {"DTP-ViT-Ti-8-64-4x": run / "checkpoints" / "epoch_latest.pt"}
-    frame = bench.main(["--models", "DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x", "--batch-size", "4", "--steps", "1",
+    frame = bench_cmd.main(["--models", "DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x", "--batch-size", "4", "--steps", "1",
                         "--warmup", "0", "--threads", "1", "--modes", "image", "--checkpoint-dir",
                         str(tmp_path / "runs"), "--out", str(tmp_path / "eff"), "--adamw-impl", "torch"])
     row = frame.set_index("model").loc["DTP-ViT-Ti-8-64-4x"]
@@ -77,7 +81,7 @@ def test_learned_boundaries_come_from_a_trained_checkpoint(tmp_path):
 def test_every_row_of_one_model_name_has_the_same_weights():
     fitted = {}
     static, padded, topk, batch_topk = (
-        bench.make_subject(bench.parse_spec(label), 2, torch.device("cpu"), 2, fitted=fitted)
+        bench.make_subject(parse_spec(label), 2, torch.device("cpu"), 2, fitted=fitted)
         for label in ("DTP-ViT-Ti-8-64-4x", "DTP-ViT-Ti-8-64-4x+padded", "DTP-ViT-Ti-8-64-4x+topk",
                       "DTP-ViT-Ti-8-64-4x+batch-topk"))
     assert list(fitted) == ["DTP-ViT-Ti-8-64-4x"]  # one prior fit for the four rows
@@ -95,22 +99,22 @@ def test_labels_name_the_execution_unless_it_is_static():
                                          ("DTP-ViT-Ti-8-64-4x+padded+topk", "padded", "topk"),
                                          ("DTP-ViT-Ti-8-64-4x+batch-topk", "static", "batch-topk"),
                                          ("DTP-ViT-Ti-8-64-4x+packed+uniform", "packed", "uniform")):
-        spec = bench.parse_spec(label)
+        spec = parse_spec(label)
         assert (spec.execution, spec.boundaries, spec.label) == (execution, boundaries, label)
-    assert bench.parse_spec("DTP-ViT-Ti-8-64-4x+static").label == "DTP-ViT-Ti-8-64-4x"
-    assert bench.parse_spec("DTP-ViT-Ti-8-64-4x", execution="packed").label == "DTP-ViT-Ti-8-64-4x+packed"
-    assert bench.parse_spec("ViT-Ti-8-64+pd0.5").execution == ""  # no tower that pools: no execution
+    assert parse_spec("DTP-ViT-Ti-8-64-4x+static").label == "DTP-ViT-Ti-8-64-4x"
+    assert parse_spec("DTP-ViT-Ti-8-64-4x", execution="packed").label == "DTP-ViT-Ti-8-64-4x+packed"
+    assert parse_spec("ViT-Ti-8-64+pd0.5").execution == ""  # no tower that pools: no execution
 
 
 def test_committed_results_read_back():
     """The efficiency CSVs in results/ (packed rows labelled without a modifier) parse and draw."""
     import matplotlib.pyplot as plt
 
-    csvs = plots.efficiency_csvs([repo_path("results")])
+    csvs = tables.efficiency_csvs([repo_path("results")])
     assert csvs
     for csv in csvs:
         for label in pd.read_csv(csv)["model"]:
-            bench.parse_spec(label)
+            parse_spec(label)
     figure = plots.speedup_plot(csvs)
     assert figure.axes
     plt.close(figure)
@@ -121,7 +125,7 @@ def test_compiled_rows_report_the_compile_time_apart(tmp_path):
     """--torchcompile: the same-code 1x, the learned tower (threshold with the capacity cap, the static path) and
     batch-topk, each one graph; the first step's wall time is compile_s, not in the step statistics."""
     models = "DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x,DTP-ViT-Ti-8-64-4x+batch-topk"
-    frame = bench.main(["--models", models, "--torchcompile", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+    frame = bench_cmd.main(["--models", models, "--torchcompile", "--batch-size", "4", "--steps", "2", "--warmup", "1",
                         "--prior-steps", "10", "--modes", "clip", "--threads", "1", "--no-memory",
                         "--out", str(tmp_path / "eff")])
     written = pd.read_csv(tmp_path / "eff.csv")
@@ -138,10 +142,10 @@ def test_compiled_rows_report_the_compile_time_apart(tmp_path):
 
 
 def test_a_trained_run_is_timed_with_the_adamw_kernel_it_trained_with(tmp_path):
-    from dtplib.clip import build_from_config
-    from dtplib.config import TrainConfig
+    from dtplib.training.checkpoint import build_from_config
+    from dtplib.training.config import TrainConfig
 
-    config = TrainConfig(model="ViT-Ti-8-64", compression=4, train_data="x")
+    config = TrainConfig.from_options(model="ViT-Ti-8-64", compression=4, train_data="x")
     state = build_from_config(config)[0].state_dict()
     older = {k: v for k, v in config.to_dict().items() if k != "adamw_impl"}  # from before --adamw-impl
     for name, args, impl in (("new.pt", config.to_dict(), "fused"), ("old.pt", older, "torch")):
@@ -158,7 +162,7 @@ def test_a_trained_run_is_timed_with_the_adamw_kernel_it_trained_with(tmp_path):
                                            ("DTP-ViT-Ti-8-64-4x+fast", "expected NAME")])
 def test_bad_model_specs(spec, message):
     with pytest.raises(ValueError, match=message):
-        bench.parse_spec(spec)
+        parse_spec(spec)
 
 
 def test_bad_flags_fail_before_any_model_is_built(capsys):
@@ -166,29 +170,29 @@ def test_bad_flags_fail_before_any_model_is_built(capsys):
                           (["--checkpoint-dir", "/nonexistent/runs"], "no such folder"),
                           (["--models", "DTP-ViT-Ti-8-64-4x", "--reference", "ViT-B-32"], "is not one of")):
         with pytest.raises(SystemExit) as exit_info:
-            bench.main(argv)
+            bench_cmd.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_trained_runs_give_the_accuracy_of_the_rows_that_time_their_tower(tmp_path):
-    """`dtplib.specs.trained_label` names what a run trained in the benchmark's spec labels; the efficiency table
-    takes zero-shot accuracy from an experiment's complete runs of that tower only (any execution)."""
-    from dtplib import plots
-    from dtplib.config import TrainConfig
-    from dtplib.specs import trained_label
+    """`dtplib.measure.specs.trained_label` names what a run trained in the benchmark's spec labels; the efficiency
+    table takes zero-shot accuracy from an experiment's complete runs of that tower only (any execution)."""
+    from dtplib.measure.specs import trained_label
+    from dtplib.training.config import TrainConfig
 
     ti = {"model": "ViT-Ti-8-64", "train_data": "x"}
-    labels = {"DTP-ViT-Ti-8-64-1x": TrainConfig(**ti, compression=1),
-              "DTP-ViT-Ti-8-64-4x": TrainConfig(**ti, compression=4, execution="padded"),
-              "DTP-ViT-Ti-8-64-4x+uniform": TrainConfig(**ti, forced_boundaries=4),
-              "DTP-ViT-Ti-8-64-4x+uniform+hilbert": TrainConfig(**ti, forced_boundaries=4, patch_order="hilbert"),
-              "DTP-ViT-Ti-8-64-4x+topk": TrainConfig(**ti, compression=4, boundaries="topk"),
-              "DTP-ViT-Ti-8-64-4x+batch-topk": TrainConfig(**ti, compression=4, boundaries="batch-topk"),
-              "DTP-ViT-Ti-8-64-4x+image-prior": TrainConfig(**ti, compression=4, prior_scope="image"),
-              "DTP-ViT-Ti-8-64-4x-up+normalised-up": TrainConfig(**ti, compression=4, upsample=True,
-                                                                 upsample_weights="normalised"),
-              "DTP-ViT-Ti-8-64-1x+pd0.5": TrainConfig(**ti, compression=1, force_patch_dropout=0.5),
-              "ViT-Ti-8-64": TrainConfig(**ti)}
+    options = {"DTP-ViT-Ti-8-64-1x": {"compression": 1},
+               "DTP-ViT-Ti-8-64-4x": {"compression": 4, "execution": "padded"},
+               "DTP-ViT-Ti-8-64-4x+uniform": {"forced_boundaries": 4},
+               "DTP-ViT-Ti-8-64-4x+uniform+hilbert": {"forced_boundaries": 4, "patch_order": "hilbert"},
+               "DTP-ViT-Ti-8-64-4x+topk": {"compression": 4, "boundaries": "topk"},
+               "DTP-ViT-Ti-8-64-4x+batch-topk": {"compression": 4, "boundaries": "batch-topk"},
+               "DTP-ViT-Ti-8-64-4x+image-prior": {"compression": 4, "prior_scope": "image"},
+               "DTP-ViT-Ti-8-64-4x-up+normalised-up": {"compression": 4, "upsample": True,
+                                                       "upsample_weights": "normalised"},
+               "DTP-ViT-Ti-8-64-1x+pd0.5": {"compression": 1, "force_patch_dropout": 0.5},
+               "ViT-Ti-8-64": {}}
+    labels = {label: TrainConfig.from_options(**ti, **flags) for label, flags in options.items()}
     assert {trained_label(config): label for label, config in labels.items()} == {name: name for name in labels}
 
     runs = pd.DataFrame([  # two complete seeds of 4x, an unfinished one, a uniform run, a Hilbert run
@@ -211,7 +215,7 @@ def test_trained_runs_give_the_accuracy_of_the_rows_that_time_their_tower(tmp_pa
     pd.DataFrame([{**bench_row, "model": m} for m in ("DTP-ViT-Ti-8-64-4x", "DTP-ViT-Ti-8-64-4x+padded",
                                                       "DTP-ViT-Ti-8-64-4x+uniform", "DTP-ViT-Ti-8-64-4x+topk")]
                  ).to_csv(tmp_path / "efficiency_test.csv", index=False)
-    table = plots.efficiency_table([tmp_path], accuracy_runs=tmp_path / "runs.csv").set_index("model")
+    table = tables.efficiency_table([tmp_path], accuracy_runs=tmp_path / "runs.csv").set_index("model")
     assert table.loc["DTP-ViT-Ti-8-64-4x", "zero-shot top-1"] == pytest.approx(0.25)  # last epochs, complete runs
     assert table.loc["DTP-ViT-Ti-8-64-4x+padded", "zero-shot top-5"] == pytest.approx(0.65)
     assert table.loc["DTP-ViT-Ti-8-64-4x+uniform", "zero-shot top-1"] == pytest.approx(0.45)  # its [final] score

@@ -10,9 +10,9 @@ import pytest
 import torch
 from shard_io import FLICKR_IMAGES
 
-from dtplib.clip import read_checkpoint
-from dtplib.shards import SAMPLE_DIR, split_shards
-from dtplib.utils import REPO_ROOT
+from dtplib.common.paths import REPO_ROOT
+from dtplib.data.shards import SAMPLE_DIR, split_shards
+from dtplib.tower.clip import read_checkpoint
 
 
 def run(module: str, *args) -> subprocess.CompletedProcess:

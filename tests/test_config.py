@@ -1,26 +1,36 @@
 """TrainConfig is the one description of the training flags; the optimisation step both loops use."""
 
+import argparse
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from dtplib import train
-from dtplib.clip import build_from_config, build_model, load_trained, resolve_model, training_config
-from dtplib.config import TrainConfig
-from dtplib.model import get_tower, use_config
-from dtplib.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
+from dtplib.tower.clip import build_model, resolve_model
+from dtplib.tower.model import DTPConfig, get_tower, use_config
+from dtplib.training.checkpoint import build_from_config, load_trained, training_config
+from dtplib.training.config import TrainConfig
+from dtplib.training.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
 
 
 def test_every_field_is_a_flag_with_its_default_and_meaning():
+    """Each TrainConfig field is a flag; the nested tower gives one flag per DTPConfig setting (absent unless
+    given), so a DTP setting is declared once, in DTPConfig."""
     parser = TrainConfig.parser()
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    assert set(actions) == set(fields)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "dtp"}
+    settings = {f.name: f for f in DTPConfig.settings()}
+    assert set(actions) == set(fields) | set(settings) and not set(fields) & set(settings)
     for name, field in fields.items():
         assert actions[name].default == field.default, name
         assert field.metadata["help"], f"{name} has no meaning"
+    for name, setting in settings.items():
+        assert actions[name].default == argparse.SUPPRESS and setting.metadata["help"], name
+        assert actions[name].choices == setting.metadata["choices"], name
+    assert "compression" in settings and "pre_layers" not in settings  # the layer split is the arch's
     help_text = parser.format_help()
     assert "--boundary-loss-weight" in help_text and "--force-patch-dropout" in help_text
 
@@ -29,12 +39,52 @@ def test_command_line_and_keyword_construction_agree():
     config = train.parse_args(["--train-data", "x.tar", "--model", "ViT-Ti-8-64", "--compression", "4",
                                "--boundaries", "topk", "--upsample", "--upsample-weights", "normalised",
                                "--lr", "1e-3"])
-    assert config == TrainConfig(train_data="x.tar", model="ViT-Ti-8-64", compression=4.0, boundaries="topk",
-                                 upsample=True, upsample_weights="normalised", lr=1e-3)
+    assert config == TrainConfig.from_options(train_data="x.tar", model="ViT-Ti-8-64", compression=4.0,
+                                              boundaries="topk", upsample=True, upsample_weights="normalised",
+                                              lr=1e-3)
     dtp = get_tower(build_from_config(config)[0]).dtp
     assert (dtp.boundaries, dtp.upsample, dtp.upsample_weights) == ("topk", True, "normalised")
+    assert dtp == config.dtp  # the nested field is the tower's whole config, the arch's layer split included
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "ViT-Ti-8-64"])  # --train-data is required
+    with pytest.raises(ValueError, match="not TrainConfig fields or flags"):
+        TrainConfig.from_options(train_data="x.tar", learning_rate=1.0)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "ViT-Ti-8-64"],
+    ["--model", "ViT-Ti-8-64", "--force-patch-dropout", "0.5", "--epochs", "3"],
+    ["--model", "ViT-Ti-8-64", "--compression", "4", "--boundaries", "batch-topk", "--capacity", "1.5"],
+    ["--model", "DTP-ViT-Ti-8-64-4x-up", "--upsample-weights", "normalised", "--torchcompile"],
+    ["--model", "ViT-Ti-8-64", "--forced-boundaries", "4", "--patch-order", "hilbert", "--execution", "padded"],
+    ["--model", "ViT-Ti-8-64", "--compression", "2.5", "--prior-scope", "image", "--boundary-loss-weight", "0"],
+])
+def test_flags_objects_and_stored_dicts_round_trip(argv):
+    """parse -> to_argv -> parse, and to_dict -> from_dict, give the same config: what a new process (torchrun,
+    the grid's children) receives is what the caller built."""
+    config = TrainConfig.parse(["--train-data", "x.tar", *argv])
+    assert TrainConfig.parse(config.to_argv()) == config
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_the_tower_comes_from_the_model_name_or_the_flags():
+    named = TrainConfig.from_options(train_data="x", model="DTP-ViT-Ti-8-64-4x", boundaries="topk")
+    flagged = TrainConfig.from_options(train_data="x", model="ViT-Ti-8-64", compression=4, boundaries="topk")
+    assert named.dtp == flagged.dtp and named.model_name == flagged.model_name == "DTP-ViT-Ti-8-64-4x"
+    assert flagged.dtp.short_layers == 4  # the Ti arch's split, not DTPConfig's B/32 default
+    uniform = TrainConfig.from_options(train_data="x", model="ViT-Ti-8-64", forced_boundaries=4)
+    assert uniform.dtp.compression == 4 and uniform.target_compression == 4
+    plain = TrainConfig.from_options(train_data="x", model="ViT-Ti-8-64", boundaries="topk")
+    assert plain.dtp is None and plain.model_name == "ViT-Ti-8-64"  # a plain tower has no boundaries to set
+    for options, message in [({"model": "DTP-ViT-Ti-8-64-4x", "compression": 2}, "means compression 4"),
+                             ({"model": "ViT-Ti-8-64", "patch_order": "hilbert"}, "need a DTP model"),
+                             ({"model": "ViT-Ti-8-64", "forced_boundaries": 1}, "needs C >= 2"),
+                             ({"model": "ViT-Ti-8-64", "compression": 4, "forced_boundaries": 2},
+                              "means compression 2"),
+                             ({"model": "ViT-Ti-8-64", "compression": 0.5}, "--compression must be >= 1")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_options(train_data="x", **options)
 
 
 def test_stored_dicts_rebuild_with_defaults_for_missing_fields():
@@ -42,7 +92,8 @@ def test_stored_dicts_rebuild_with_defaults_for_missing_fields():
            "name": "run", "world_size": 2, "commit": "abc1234", "steps_per_epoch": 10}  # params.json extras
     config = TrainConfig.from_dict(old)
     assert config.lr == 1e-3 and config.name == "run"
-    assert (config.prior_scope, config.boundaries, config.execution) == ("batch", "threshold", "packed")
+    assert (config.dtp.prior_scope, config.dtp.boundaries, config.dtp.execution) == ("batch", "threshold", "packed")
+    assert config.dtp.capacity == 0  # runs from before the cap had none
     # a changed default: runs from before --adamw-impl used torch's AdamW, new ones the fused kernel
     assert config.adamw_impl == "torch" and TrainConfig().adamw_impl == "fused"
     assert TrainConfig.from_dict({**old, "adamw_impl": "fused"}).adamw_impl == "fused"
@@ -54,14 +105,14 @@ def test_stored_dicts_rebuild_with_defaults_for_missing_fields():
 
 
 def test_an_older_checkpoint_without_the_newer_flags_loads(tmp_path):
-    config = TrainConfig(model="ViT-Ti-8-64", compression=3, boundary_loss_weight=2.5)
+    config = TrainConfig.from_options(model="ViT-Ti-8-64", compression=3, boundary_loss_weight=2.5)
     model = build_from_config(config)[0]
-    stored = {k: v for k, v in config.to_dict().items() if k not in ("prior_scope", "boundaries", "execution")}
+    stored = {k: v for k, v in config.flag_values().items() if k not in ("prior_scope", "boundaries", "execution")}
     path = tmp_path / "epoch_1.pt"
     torch.save({"state_dict": model.state_dict(), "args": stored}, path)
     loaded, _, _, read = load_trained(path)
     tower = get_tower(loaded)
-    assert read.compression == 3 and tower.dtp.compression == 3 and tower.dtp.execution == "packed"
+    assert read.dtp.compression == 3 and tower.dtp.compression == 3 and tower.dtp.execution == "packed"
     assert tower.dtp.boundary_loss_weight == 2.5  # the weight lives in the tower's DTPConfig
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from shard_io import FLICKR_IMAGES, read_tars
 
-from dtplib import data
-from dtplib.shards import SAMPLE_DIR, split_shards
+from dtplib.data import cli
+from dtplib.data.shards import SAMPLE_DIR, split_shards
 
 
 def test_from_captions_command_prints_the_counts(tmp_path, capsys):
@@ -21,25 +21,25 @@ def test_from_captions_command_prints_the_counts(tmp_path, capsys):
                                                                  for i, p in enumerate(FLICKR_IMAGES[:3])))
     argv = ["from-captions", "--images", str(images), "--captions", str(tmp_path / "c.tsv"), "--out",
             str(tmp_path / "out"), "--val-size", "0", "--test-size", "0", "--processes", "1"]
-    data.main(argv)
+    cli.main(argv)
     printed = json.loads(capsys.readouterr().out)
     assert list(printed) == ["images_in", "pairs_in", "samples_out", "captions_out", "skipped",
                              "captions_skipped", "splits"]
     assert printed["samples_out"] == 3 and printed["splits"]["train"]["shards"] == "train/000000.tar"
     assert len(read_tars((tmp_path / "out" / "train").glob("*.tar"))) == 3
     with pytest.raises(FileExistsError, match="--overwrite"):
-        data.main(argv)
-    data.main([*argv, "--overwrite"])
+        cli.main(argv)
+    cli.main([*argv, "--overwrite"])
 
     with pytest.raises(SystemExit) as exit_info:  # no subcommand: argparse's usage error
-        data.main([])
+        cli.main([])
     assert exit_info.value.code == 2
 
 
 def test_bench_command_appends_a_results_row(tmp_path, capsys):
     out_csv = tmp_path / "bench.csv"
     for workers in (0, 1):
-        data.main(["bench", split_shards(SAMPLE_DIR, "train"), "--workers", str(workers),
+        cli.main(["bench", split_shards(SAMPLE_DIR, "train"), "--workers", str(workers),
                    "--batch-size", "16", "--image-size", "64", "--warmup", "2", "--csv", str(out_csv)])
     assert "images/s" in capsys.readouterr().out
     with open(out_csv) as f:

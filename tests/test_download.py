@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from shard_io import COCO, read_tars
 
-from dtplib.download import from_urls, serve_directory, success_rate_table
-from dtplib.loader import dataset_size, expand_shards
+from dtplib.data.download import from_urls, serve_directory, success_rate_table
+from dtplib.data.loader import dataset_size, expand_shards
 
 
 def test_url_list_errors_before_work(tmp_path):

@@ -18,9 +18,12 @@ from timm.data import ImageNetInfo
 from torch import nn
 
 import dtplib
-from dtplib import evaluate as ev
-from dtplib.shards import SAMPLE_DIR, split_shards
-from dtplib.utils import data_root, load_images
+from dtplib import evaluate as evaluate_command
+from dtplib.common.images import load_images
+from dtplib.common.paths import data_root
+from dtplib.data import imagefolder
+from dtplib.data.shards import SAMPLE_DIR, split_shards
+from dtplib.measure import evaluate as ev
 
 CIFAR = data_root() / "cifar10-test"
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -121,7 +124,7 @@ def test_retrieval_recall_by_hand():
 
 
 def test_zeroshot_classes_layouts(tmp_path):
-    assert ev.zeroshot_classes(CIFAR) == (CIFAR_NAMES, "names")
+    assert imagefolder.zeroshot_classes(CIFAR) == (CIFAR_NAMES, "names")
     def class_folder(path):  # a class folder holds an image (an empty one is refused)
         path.mkdir(parents=True)
         (path / "a.png").write_bytes(red)
@@ -130,32 +133,32 @@ def test_zeroshot_classes_layouts(tmp_path):
     named = tmp_path / "named"
     for folder in ("sea_lion", "apple", ".ipynb_checkpoints"):
         class_folder(named / folder)
-    assert ev.zeroshot_classes(named) == (["apple", "sea lion"], "names")
+    assert imagefolder.zeroshot_classes(named) == (["apple", "sea lion"], "names")
 
     subset = tmp_path / "subset"  # goldfish is index 1, tench 0, toilet paper 999 in the standard order
     for wnid in ("n15075141", "n01443537", "n01440764"):
         class_folder(subset / wnid)
-    assert ev.zeroshot_classes(subset) == (["tench", "goldfish", "toilet paper"], "imagenet")
+    assert imagefolder.zeroshot_classes(subset) == (["tench", "goldfish", "toilet paper"], "imagenet")
 
     full = tmp_path / "full"
     for wnid in ImageNetInfo("imagenet-1k").label_names():
         class_folder(full / wnid)
-    assert ev.zeroshot_classes(full) == (list(IMAGENET_CLASSNAMES), "imagenet")
+    assert imagefolder.zeroshot_classes(full) == (list(IMAGENET_CLASSNAMES), "imagenet")
     assert ev.templates_for("imagenet") is open_clip.OPENAI_IMAGENET_TEMPLATES
     assert len(ev.templates_for("names")) == 18 and ev.templates_for("names")[0] == "a photo of a {}."
 
 
 def test_zeroshot_classes_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
-        ev.zeroshot_classes(tmp_path / "missing")
+        imagefolder.zeroshot_classes(tmp_path / "missing")
     with pytest.raises(ValueError, match=f"{tmp_path} has no class folders"):
-        ev.zeroshot_classes(tmp_path)
+        imagefolder.zeroshot_classes(tmp_path)
     (tmp_path / "n99999999").mkdir()
     with pytest.raises(ValueError, match="not ImageNet-1k classes"):
-        ev.zeroshot_classes(tmp_path)
+        imagefolder.zeroshot_classes(tmp_path)
     (tmp_path / "cat").mkdir()
     with pytest.raises(ValueError, match="mixes WordNet-id folders"):
-        ev.zeroshot_classes(tmp_path)
+        imagefolder.zeroshot_classes(tmp_path)
 
 
 @pytest.fixture
@@ -315,7 +318,7 @@ def test_load_model_errors(monkeypatch, tmp_path):
 def test_command_line(tiny, tmp_path, capsys):
     checkpoint = save_checkpoint(tiny[0], tmp_path / "epoch_1.pt")
     output = tmp_path / "results.json"
-    metrics = ev.main(["--model", TINY, "--checkpoint", str(checkpoint), "--zeroshot-data", str(CIFAR),
+    metrics = evaluate_command.main(["--model", TINY, "--checkpoint", str(checkpoint), "--zeroshot-data", str(CIFAR),
                        "--max-per-class", "1", "--val-data", split_shards(SAMPLE_DIR, "test"), "--max-images", "3",
                        "--batch-size", "4", "--output", str(output)])
     record = json.loads(output.read_text())
@@ -328,7 +331,7 @@ def test_command_line(tiny, tmp_path, capsys):
                           (["--val-data", str(tmp_path / "{000000..000002}.tar")], "do not exist"),
                           (["--val-data", "x.tar", "--checkpoint", str(tmp_path / "no.pt")], "checkpoint not found")]:
         with pytest.raises(SystemExit) as exit_info:
-            ev.main(["--model", TINY, *argv])
+            evaluate_command.main(["--model", TINY, *argv])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -362,12 +365,12 @@ def test_zero_shot_refuses_or_skips_an_empty_class_folder(oracle, colour_folders
     (colour_folders / "yellow").mkdir()
     (colour_folders / "yellow" / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match="found no valid file for the classes \\['yellow'\\]"):
-        ev.zeroshot_classes(colour_folders)
+        imagefolder.zeroshot_classes(colour_folders)
     with pytest.raises(ValueError, match="yellow"):
         ev.zero_shot_eval(model, preprocess, tokenizer, colour_folders)
     with pytest.raises(ValueError, match="yellow"):
         ev.evaluate(model, preprocess, tokenizer, zeroshot_data=colour_folders)
-    assert ev.zeroshot_classes(colour_folders, skip_empty_classes=True) == (["blue", "green", "red"], "names")
+    assert imagefolder.zeroshot_classes(colour_folders, skip_empty_classes=True) == (["blue", "green", "red"], "names")
     metrics = ev.zero_shot_eval(model, preprocess, tokenizer, colour_folders, skip_empty_classes=True)
     assert metrics == {"zeroshot_top1": 0.8, "zeroshot_top5": 1.0, "zeroshot_images": 5, "zeroshot_skipped": 1,
                        "zeroshot_skipped_classes": 1}
@@ -382,9 +385,9 @@ def test_command_line_refuses_or_skips_an_empty_class_folder(tmp_path, capsys):
         (tmp_path / name / "0.jpg").write_bytes(sorted((CIFAR / name).glob("*.jpg"))[0].read_bytes())
     (tmp_path / "frog").mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        ev.main(["--model", TINY, "--zeroshot-data", str(tmp_path)])
+        evaluate_command.main(["--model", TINY, "--zeroshot-data", str(tmp_path)])
     assert exit_info.value.code == 2 and "found no valid file for the classes ['frog']" in capsys.readouterr().err
-    metrics = ev.main(["--model", TINY, "--zeroshot-data", str(tmp_path), "--zeroshot-skip-empty"])
+    metrics = evaluate_command.main(["--model", TINY, "--zeroshot-data", str(tmp_path), "--zeroshot-skip-empty"])
     assert metrics["zeroshot_images"] == 2 and metrics["zeroshot_skipped_classes"] == 1
 
 
@@ -475,7 +478,7 @@ def test_compare_a_checkpoint_with_itself_and_another(tiny, flickr_shards, tmp_p
     b = save_checkpoint(dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4)[0], tmp_path / "b.pt")
     data = ["--model", TINY, "--val-data", shards, "--zeroshot-data", str(CIFAR), "--max-per-class", "1",
             "--loss-batch-size", "4", "--bootstrap", "100"]
-    same = ev.main(["--compare", str(a), str(a), *data, "--output", str(tmp_path / "same.csv")])
+    same = evaluate_command.main(["--compare", str(a), str(a), *data, "--output", str(tmp_path / "same.csv")])
     assert same["a"] == same["b"] and len(same["differences"]) == 9
     for row in same["differences"]:
         assert (row["difference"], row["ci_low"], row["ci_high"]) == (0.0, 0.0, 0.0), row
@@ -484,8 +487,8 @@ def test_compare_a_checkpoint_with_itself_and_another(tiny, flickr_shards, tmp_p
         rows = list(csv.DictReader(f))
     assert len(rows) == 9 and rows[0]["checkpoint_a"] == str(a) and rows[0]["commit"] and rows[0]["metric"]
 
-    single = ev.main(["--checkpoint", str(b), *data[:-2]])
-    other = ev.main(["--compare", str(a), str(b), *data])
+    single = evaluate_command.main(["--checkpoint", str(b), *data[:-2]])
+    other = evaluate_command.main(["--compare", str(a), str(b), *data])
     assert other["b"] == single
     for row in other["differences"]:
         assert row["difference"] == pytest.approx(row["a"] - row["b"])
@@ -495,7 +498,7 @@ def test_compare_a_checkpoint_with_itself_and_another(tiny, flickr_shards, tmp_p
 
 def test_linear_probe_on_cifar(tiny):
     model, preprocess, tokenizer = tiny
-    split = ev.imagefolder_split(CIFAR, per_class_train=5, per_class_test=5, seed=0)
+    split = imagefolder.imagefolder_split(CIFAR, per_class_train=5, per_class_test=5, seed=0)
     assert not {path for path, _ in split.train} & {path for path, _ in split.test}  # disjoint
     options = dict(probe_data=CIFAR, probe_per_class=5, probe_test_per_class=5, seed=0)
     metrics = ev.evaluate(model, preprocess, tokenizer, bootstrap=100, **options)
@@ -512,7 +515,8 @@ def test_linear_probe_on_cifar(tiny):
 def test_training_writes_val_loss_per_epoch(tmp_path):
     """`train.run_evaluations` passes --val-data to `evaluate`, so the held-out loss lands in epochs.csv."""
     from dtplib import train
-    from dtplib.utils import REPO_ROOT, flags
+    from dtplib.common.cli import flags
+    from dtplib.common.paths import REPO_ROOT
 
     sample = REPO_ROOT / "data/sample"
     train.main(flags(model="ViT-Ti-8-64", compression=4, train_data=sample / "test/000000.tar",

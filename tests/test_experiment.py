@@ -16,8 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dtplib import experiment, stats
-from dtplib.utils import REPO_ROOT, data_path
+from dtplib import experiment
+from dtplib.common.paths import REPO_ROOT, data_path
+from dtplib.grid import report, spec
+from dtplib.measure import stats
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 TINY_RUN = """epochs = 1
@@ -157,9 +159,9 @@ def test_the_report_takes_its_provenance_before_it_writes(finished, monkeypatch)
     its own runs.csv: the commit is read once, before the first file is rewritten."""
     grid, out, _ = finished
     events = []
-    real_info, real_write = experiment.run_info, experiment.atomic_write_text
-    monkeypatch.setattr(experiment, "run_info", lambda *a, **k: events.append("info") or real_info(*a, **k))
-    monkeypatch.setattr(experiment, "atomic_write_text", lambda *a, **k: events.append("write") or real_write(*a, **k))
+    real_info, real_write = report.run_info, report.atomic_write_text
+    monkeypatch.setattr(report, "run_info", lambda *a, **k: events.append("info") or real_info(*a, **k))
+    monkeypatch.setattr(report, "atomic_write_text", lambda *a, **k: events.append("write") or real_write(*a, **k))
     experiment.main(["--grid", str(grid), "--out", str(out), "--report-only"])
     assert events[0] == "info" and events.count("info") == 1 and events.count("write") == 3  # runs, summary, contrasts
 
@@ -182,8 +184,8 @@ def test_a_killed_grid_resumes_to_the_same_rows(finished, tmp_path):
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the dtplib.train child it started
     finally:
         process.wait()
-    assert experiment.epochs_done(out / "runs" / "1x-seed0") == 1
-    assert experiment.epochs_done(out / "runs" / "4x-seed0") == 0
+    assert spec.epochs_done(out / "runs" / "1x-seed0") == 1
+    assert spec.epochs_done(out / "runs" / "4x-seed0") == 0
     assert (out / "runs" / "1x-seed0" / "final.json").is_file()  # each run is evaluated before the next trains
     result = experiment.main(command[3:])
     assert result["trained"] == result["evaluated"] == ["4x-seed0"]
@@ -261,33 +263,33 @@ def test_missing_data_is_one_line_before_any_run(tmp_path, split):
 
 
 def test_json_grids_and_the_smallrun_grid_load(tmp_path):
-    from_json = experiment.load_grid(write_grid(tmp_path, json.dumps(tomllib.loads(GRID)), "grid.json"))
-    from_toml = experiment.load_grid(write_grid(tmp_path, GRID))
+    from_json = spec.load_grid(write_grid(tmp_path, json.dumps(tomllib.loads(GRID)), "grid.json"))
+    from_toml = spec.load_grid(write_grid(tmp_path, GRID))
     assert (from_json.seeds, from_json.shared, from_json.arms) == (from_toml.seeds, from_toml.shared, from_toml.arms)
-    small = experiment.load_grid("experiments/smallrun.toml")
+    small = spec.load_grid("experiments/smallrun.toml")
     assert small.runs() == [("1x", 0), ("4x", 0), ("1x", 1), ("4x", 1)] and small.reference == "1x"
-    config = experiment.parse_options(small.options("4x", 1), "4x")
-    assert (config.model, config.compression, config.epochs, config.batch_size, config.seed) == (
+    config = spec.parse_options(small.options("4x", 1), "4x")
+    assert (config.model, config.dtp.compression, config.epochs, config.batch_size, config.seed) == (
         "ViT-Ti-8-64", 4.0, 6, 128, 1)
     assert config.zeroshot_frequency == config.val_frequency == 1
-    towers = experiment.load_grid("experiments/ti_towers.toml")  # every grid the README names loads
+    towers = spec.load_grid("experiments/ti_towers.toml")  # every grid the README names loads
     assert towers.runs() == [("2x", 0), ("4x", 0), ("10x", 0)]
-    arm_seeds = experiment.load_grid(write_grid(tmp_path, GRID.replace("compression = 4",
+    arm_seeds = spec.load_grid(write_grid(tmp_path, GRID.replace("compression = 4",
                                                                        "compression = 4\nseeds = [2, 0]")))
     assert arm_seeds.runs() == [("1x", 0), ("4x", 0), ("1x", 1), ("4x", 2)]  # an arm's own seeds
     assert arm_seeds.runs(seeds=[2]) == [("4x", 2)] and "seeds" not in arm_seeds.arms["4x"]
-    comparison = experiment.load_grid("experiments/flickr8k_ti.toml")
+    comparison = spec.load_grid("experiments/flickr8k_ti.toml")
     runs = comparison.runs()
     assert len(runs) == 27 and runs.count(("1x", 2)) == 1 and ("flip-75", 2) not in runs
     assert ("topk-4x", 2) in runs and ("learned-4x", 2) not in runs  # the best learned mode has the third seed
     assert comparison.alignment["arms"] == ["learned-4x", "learned-4x-image-prior", "topk-4x", "learned-4x-hilbert",
                                             "learned-10x"]  # the learned arms, found from their flags
     assert ("learned-4x", "uniform-4x") in comparison.contrasts
-    named = experiment.load_grid(write_grid(tmp_path, GRID.replace("compression = 4", 'model = "DTP-ViT-Ti-8-64-4x"'),
+    named = spec.load_grid(write_grid(tmp_path, GRID.replace("compression = 4", 'model = "DTP-ViT-Ti-8-64-4x"'),
                                             "named.toml"))  # a DTP-ViT-* name pools without --compression
-    assert named.alignment["arms"] == ["4x"] and experiment.pooling_arms(named) == {"4x": True}
-    config = experiment.parse_options(comparison.options("pool-2x2", 2), "pool-2x2")
-    assert (config.forced_boundaries, config.patch_order, config.execution) == (4, "hilbert", "packed")
+    assert named.alignment["arms"] == ["4x"] and spec.pooling_arms(named) == {"4x": True}
+    config = spec.parse_options(comparison.options("pool-2x2", 2), "pool-2x2")
+    assert (config.dtp.forced_boundaries, config.dtp.patch_order, config.dtp.execution) == (4, "hilbert", "packed")
     b32 = experiment.main(["--grid", "experiments/b32_laion.toml", "--out", str(tmp_path / "b32"), "--dry-run",
                            "--seeds", "1"])["commands"]  # nothing checked against the data, nothing written
     assert len(b32) == 4 and not (tmp_path / "b32").exists()
@@ -296,11 +298,11 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     assert "--forced-boundaries 4" in b32[2] and "--force-patch-dropout 0.5" in b32[3]
     small = experiment.main(["--grid", "experiments/smallrun.toml", "--out", str(tmp_path / "s"), "--dry-run"])
     assert f"--zeroshot-data {data_path('$DTPLIB_DATA/cifar10-test')} " in small["commands"][0]
-    pilot = experiment.load_grid("experiments/flickr8k_pilot.toml")
+    pilot = spec.load_grid("experiments/flickr8k_pilot.toml")
     assert pilot.runs() == [("lr5e-4", 0), ("lr1e-3", 0)]
-    upsampling = experiment.load_grid("experiments/upsampling.toml")
-    config = experiment.parse_options(upsampling.options("normalised", 1), "normalised")
-    assert (config.model, config.upsample_weights, upsampling.reference) == (
+    upsampling = spec.load_grid("experiments/upsampling.toml")
+    config = spec.parse_options(upsampling.options("normalised", 1), "normalised")
+    assert (config.model, config.dtp.upsample_weights, upsampling.reference) == (
         "DTP-ViT-Ti-8-64-4x-up", "normalised", "straight-through")
 
 
@@ -308,18 +310,18 @@ def test_equal_cost_reads_both_curves_where_both_spent_the_same():
     """value_at interpolates a run's per-epoch metric along a cost axis; contrast_table pairs seeds and reads both
     runs at the smaller final cost."""
     curve = pd.DataFrame({"train_time_s": [10.0, 20.0, 30.0], "acc": [0.1, 0.3, float("nan")]})
-    assert experiment.value_at(curve, "train_time_s", "acc", 15.0) == pytest.approx(0.2)
-    assert math.isnan(experiment.value_at(curve, "train_time_s", "acc", 5.0))  # before the first evaluation
-    assert math.isnan(experiment.value_at(curve, "train_time_s", "acc", 25.0))  # past the last one with a value
+    assert report.value_at(curve, "train_time_s", "acc", 15.0) == pytest.approx(0.2)
+    assert math.isnan(report.value_at(curve, "train_time_s", "acc", 5.0))  # before the first evaluation
+    assert math.isnan(report.value_at(curve, "train_time_s", "acc", 25.0))  # past the last one with a value
     rows = []
     for arm, seconds, acc in (("fast", 5.0, [0.2, 0.4]), ("slow", 10.0, [0.1, 0.5])):
         for seed in (0, 1):
             for epoch in (0, 1):
                 rows.append({"arm": arm, "seed": seed, "epoch": epoch, "complete": True,
                              "train_time_s": seconds * (epoch + 1), "acc": acc[epoch] + seed / 10})
-    grid = experiment.Grid(Path("g.toml"), [0, 1], {}, {"fast": {}, "slow": {}}, metrics=["acc"],
+    grid = spec.Grid(Path("g.toml"), [0, 1], {}, {"fast": {}, "slow": {}}, metrics=["acc"],
                            figure_metrics=["acc"], contrasts=[("fast", "slow")])
-    table = experiment.contrast_table(grid, pd.DataFrame(rows)).set_index("at")
+    table = report.contrast_table(grid, pd.DataFrame(rows)).set_index("at")
     assert table.loc["last epoch", "difference"] == pytest.approx(-0.1)  # 0.4 - 0.5 on both seeds
     assert table.loc["last epoch", "pairs"] == 2 and table.loc["last epoch", "excludes_zero"]
     # at 10 s the fast run has finished (0.4) and the slow one has done its first epoch (0.1): +0.3 on both seeds
@@ -360,7 +362,7 @@ compression = 4
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
     assert runs["complete"].all() and runs["samples_seen"].tolist() == [32]  # 2 steps of 8 on each of 2 ranks
     with pytest.raises(ValueError, match="nproc_per_node must be an integer >= 1"):
-        experiment.load_grid(write_grid(tmp_path, GRID.replace('reference = "1x"',
+        spec.load_grid(write_grid(tmp_path, GRID.replace('reference = "1x"',
                                                                'reference = "1x"\nnproc_per_node = 0')))
 
 

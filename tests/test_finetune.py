@@ -8,7 +8,10 @@ from PIL import Image
 import dtplib
 from dtplib import finetune as ft
 from dtplib import train
-from dtplib.utils import REPO_ROOT, data_root, flags, load_images
+from dtplib.common.cli import flags
+from dtplib.common.images import load_images
+from dtplib.common.paths import REPO_ROOT, data_root
+from dtplib.measure.evaluate import imagefolder_split
 
 CIFAR = data_root() / "cifar10-test"
 TI = "ViT-Ti-8-64"
@@ -29,7 +32,7 @@ def vit_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_split():
-    return ft.imagefolder_split(CIFAR, per_class_train=3, per_class_test=2, seed=0)
+    return imagefolder_split(CIFAR, per_class_train=3, per_class_test=2, seed=0)
 
 
 def blobs(num_classes: int, per_class: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,16 +89,16 @@ def test_pretrained_zeroshot_reports_missing_weights(monkeypatch, tmp_path):
 
 
 def test_imagefolder_split_is_deterministic_and_disjoint():
-    split = ft.imagefolder_split(CIFAR, per_class_train=5, per_class_test=3, seed=0)
+    split = imagefolder_split(CIFAR, per_class_train=5, per_class_test=3, seed=0)
     assert split.classnames[:2] == ["airplane", "automobile"] and split.layout == "names"
     assert len(split.train) == 50 and len(split.test) == 30
     assert not {path for path, _ in split.train} & {path for path, _ in split.test}
     assert all(path.parent.name == split.classnames[label].replace(" ", "_") for path, label in split.train)
-    assert ft.imagefolder_split(CIFAR, 5, 3, seed=0) == split
-    assert ft.imagefolder_split(CIFAR, 5, 3, seed=1).train != split.train
-    assert ft.imagefolder_split(CIFAR, 8, 3, seed=0).train[:5] == split.train[:5]  # a larger split extends it
+    assert imagefolder_split(CIFAR, 5, 3, seed=0) == split
+    assert imagefolder_split(CIFAR, 5, 3, seed=1).train != split.train
+    assert imagefolder_split(CIFAR, 8, 3, seed=0).train[:5] == split.train[:5]  # a larger split extends it
     with pytest.raises(ValueError, match="too few images"):
-        ft.imagefolder_split(CIFAR, 999, 2)
+        imagefolder_split(CIFAR, 999, 2)
 
 
 def test_imagefolder_split_imagenet_layout_with_test_dir(tmp_path):
@@ -104,7 +107,7 @@ def test_imagefolder_split_imagenet_layout_with_test_dir(tmp_path):
             (tmp_path / root / wnid).mkdir(parents=True)
             for i in range(3):
                 Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / root / wnid / f"{i}.png")
-    split = ft.imagefolder_split(tmp_path / "train", 2, None, test_dir=tmp_path / "val")
+    split = imagefolder_split(tmp_path / "train", 2, None, test_dir=tmp_path / "val")
     assert split.classnames == ["tench", "goldfish"] and split.layout == "imagenet"
     assert len(split.train) == 4 and len(split.test) == 6
     assert all("val" in path.parts for path, _ in split.test)

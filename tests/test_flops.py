@@ -11,8 +11,9 @@ from conftest import FLICKR, flickr_photos
 from fvcore.nn import FlopCountAnalysis
 
 import dtplib
-from dtplib import flops
-from dtplib.utils import load_images
+from dtplib import flops as flops_command
+from dtplib.common.images import load_images
+from dtplib.measure import flops
 
 TI_PATCHES = 64  # ViT-Ti-8-64: 64 x 64 images, 8 x 8 patches
 
@@ -146,7 +147,7 @@ def test_bad_segment_counts(ti_photos):
 
 def test_cli_table_and_csv(tmp_path, capsys):
     output = tmp_path / "flops.csv"
-    flops.main(["--model", "DTP-ViT-Ti-8-64-4x-up", "--images", str(FLICKR / "images"), "--num-images", "8",
+    flops_command.main(["--model", "DTP-ViT-Ti-8-64-4x-up", "--images", str(FLICKR / "images"), "--num-images", "8",
                 "--compressions", "1,4", "--output", str(output)])
     printed = capsys.readouterr().out
     for text in ("GMACs", "GFLOPs", "total, fvcore", "fixed 4x", "realised, padded", "text tower"):
@@ -167,5 +168,5 @@ def test_cli_table_and_csv(tmp_path, capsys):
 def test_cli_rejects_bad_input_before_building(args, message, capsys, monkeypatch):
     monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **k: pytest.fail("built a model"))
     with pytest.raises(SystemExit):
-        flops.main(args)
+        flops_command.main(args)
     assert message in capsys.readouterr().err

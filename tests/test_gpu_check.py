@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from dtplib.specs import parse_spec
-from dtplib.utils import REPO_ROOT
+from dtplib.common.paths import REPO_ROOT
+from dtplib.measure.specs import parse_spec
 
 PRIORITY = ["setup", "pytest_gpu", "b32_256_eager", "b32_256_compiled", "train", "b32_1024_eager", "b16_256_eager"]
 

@@ -19,7 +19,9 @@ import pytest
 import torch
 import websocket  # websocket-client, a dependency of jupyter_server
 
-from dtplib.utils import REPO_ROOT, data_path, data_root, load_photos, stop_process
+from dtplib.common.cli import stop_process
+from dtplib.common.images import load_photos
+from dtplib.common.paths import REPO_ROOT, data_path, data_root
 
 KERNEL = re.search(r"^KERNEL := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M).group(1)  # what make lab uses
 NOTEBOOKS = sorted(p.name for p in (REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -135,8 +137,8 @@ def test_make_lab_serves_the_notebooks_and_runs_the_project_kernel(tmp_path: Pat
         ws = websocket.create_connection(f"ws://127.0.0.1:{port}/api/kernels/{kernel['id']}/channels",
                                          header=[f"Authorization: token {token}"], timeout=60)
         try:
-            out = execute(ws, "import sys, dtplib, dtplib.utils\n"
-                              "print(dtplib.__file__); print(sys.prefix); print(dtplib.utils.data_root())")
+            out = execute(ws, "import sys, dtplib, dtplib.common.paths\n"
+                              "print(dtplib.__file__); print(sys.prefix); print(dtplib.common.paths.data_root())")
         finally:
             ws.close()
         assert out.split("\n")[:3] == [str(REPO_ROOT / "dtplib" / "__init__.py"), sys.prefix, str(data_copy)]

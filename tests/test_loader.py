@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from shard_io import FLICKR_IMAGES, read_tars, write_shard
 
-from dtplib.loader import iter_samples, make_loader
-from dtplib.shards import from_captions, split_shards, unpack_shards
-from dtplib.utils import REPO_ROOT
+from dtplib.common.paths import REPO_ROOT
+from dtplib.data.loader import iter_samples, make_loader
+from dtplib.data.shards import from_captions, split_shards, unpack_shards
 
 
 @pytest.fixture(scope="module")

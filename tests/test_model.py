@@ -6,8 +6,8 @@ import torch
 from conftest import flickr_captions, flickr_photos
 
 import dtplib
-from dtplib.model import DTPConfig, DTPVisionTransformer, downsample, membership, segment_ids, upsample
-from dtplib.utils import load_images
+from dtplib.common.images import load_images
+from dtplib.tower.model import DTPConfig, DTPVisionTransformer, downsample, membership, segment_ids, upsample
 
 
 @pytest.fixture(scope="module")

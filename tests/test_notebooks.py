@@ -5,8 +5,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from dtplib.common.paths import REPO_ROOT
 from dtplib.demo import run_notebook
-from dtplib.utils import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 

@@ -10,9 +10,9 @@ from test_train import QUIET, read_csv, write_shards
 
 import dtplib
 from dtplib import train
-from dtplib.evaluate import load_model
-from dtplib.order import hilbert_order, patch_order
-from dtplib.utils import load_images
+from dtplib.common.images import load_images
+from dtplib.measure.evaluate import load_model
+from dtplib.tower.order import hilbert_order, patch_order
 
 
 def is_neighbour_walk(order: list[int], cols: int) -> bool:
@@ -107,7 +107,7 @@ def test_forced_boundary_training_keeps_the_budget_and_rebuilds_from_its_checkpo
     assert len(steps) == 4 and {r["compression"] for r in steps} == {"4"}  # 64 / 16 at every step
     assert {r["boundary_loss"] for r in steps} == {"0"}  # no predictor, no prior
     params = json.loads((result["run_dir"] / "params.json").read_text())
-    assert (params["forced_boundaries"], params["patch_order"]) == (4, "hilbert")
+    assert (params["dtp"]["forced_boundaries"], params["dtp"]["patch_order"]) == (4, "hilbert")
     model, preprocess, _ = load_model(checkpoint=result["checkpoint"])  # the checkpoint alone rebuilds it
     tower = dtplib.get_tower(model)
     assert tower.predictor is None and tower.dtp.forced_boundaries == 4 and tower.dtp.patch_order == "hilbert"

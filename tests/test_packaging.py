@@ -6,7 +6,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from dtplib.utils import REPO_ROOT
+from dtplib.common.paths import REPO_ROOT
 
 
 def pyproject_requirements() -> dict[str, Requirement]:

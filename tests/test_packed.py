@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from conftest import flickr_captions, flickr_photos
 
-import dtplib
-from dtplib.model import cap_boundaries, get_tower
-from dtplib.packed import Packing, StaticPacking, bucket_splits, varlen_attention_available
-from dtplib.utils import load_images
+import dtplib.tower.packed
+from dtplib.common.images import load_images
+from dtplib.tower.model import cap_boundaries, get_tower
+from dtplib.tower.packed import Packing, StaticPacking, bucket_splits, varlen_attention_available
 
 
 def reference_copy(model):
@@ -337,7 +337,7 @@ def test_static_packing_indices_describe_the_batch():
     assert torch.equal(packing.window_slot[:14], real)
     assert packing.key_mask.view(4, 7).sum(1).tolist() == [4, 2, 6, 2]
     tokens = torch.arange(17.0)[:, None]
-    padded, keep = dtplib.packed.unpack_static(tokens, packing)
+    padded, keep = dtplib.tower.packed.unpack_static(tokens, packing)
     assert padded.shape == (4, 7, 1) and torch.equal(padded[keep].flatten(), torch.arange(14.0))
     assert (padded[~keep] == 0).all()
 
@@ -468,7 +468,7 @@ def test_static_training_forward_and_backward_read_nothing_from_the_host(boundar
 
 
 def test_train_step_reads_nothing_from_the_host(one_thread):
-    from dtplib.optim import make_optimizer, train_step
+    from dtplib.training.optim import make_optimizer, train_step
 
     model, _, preprocess = dtplib.create_model_and_transforms("ViT-Ti-8-64", compression=4)
     files = flickr_photos(8)

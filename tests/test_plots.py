@@ -1,4 +1,4 @@
-"""dtplib.plots: overlays drawn exactly where boundaries put them, figures labelled with the tokens kept, the
+"""dtplib.figures.plots: overlays drawn exactly where boundaries put them, figures labelled with the tokens kept, the
 notebooks' figures, and the one way of saving them (`save_figure`)."""
 
 import matplotlib.pyplot as plt
@@ -11,8 +11,9 @@ from conftest import flickr_photos
 from PIL import Image
 
 import dtplib
-from dtplib import plots, viz
-from dtplib.utils import load_images
+from dtplib.common.images import load_images
+from dtplib.figures import plots, viz
+from dtplib.measure import tables
 
 GREY = 128  # every PALETTE tint moves a mid-grey pixel by at least 22 levels, the edge and wrap colours are far
 
@@ -271,7 +272,7 @@ def test_accuracy_curves_give_eleven_arms_eleven_looks_and_one_legend_outside_th
     runs = pd.DataFrame([{"arm": arm, "seed": seed, "epochs_done": epoch, "train_time_s": 10.0 * epoch * (1 + i),
                           "train_gmacs": 5.0 * epoch * (1 + i), "R@10": epoch + i + 0.1 * seed}
                          for i, arm in enumerate(arms) for seed in (0, 1) for epoch in (1, 2, 3)])
-    figure = plots.accuracy_curves(plots.metric_curves(runs, "R@10"), "R@10")
+    figure = plots.accuracy_curves(tables.metric_curves(runs, "R@10"), "R@10")
     bars = figure.axes[0].containers  # one errorbar container per arm, its first line the means
     assert [bar.get_label() for bar in bars] == [f"{arm} (seeds: 2)" for arm in arms]
     assert len({(tuple(bar.lines[0].get_color()), bar.lines[0].get_marker()) for bar in bars}) == 11

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from shard_io import COCO, FLICKR, FLICKR_IMAGES, read_tars
 
-from dtplib.shards import SPLITS, assign_splits, from_captions, read_captions
+from dtplib.data.shards import SPLITS, assign_splits, from_captions, read_captions
 
 # ---------------------------------------------------------------------------------------------------------
 # from-captions

@@ -1,10 +1,10 @@
-"""Bootstrap confidence intervals (dtplib.stats): the interval holds the estimate, narrows with more items, is
+"""Bootstrap confidence intervals (dtplib.measure.stats): the interval holds the estimate, narrows with more items, is
 seeded, weights make a ratio of sums, and a paired comparison of identical scores is exactly 0 with [0, 0]."""
 
 import numpy as np
 import pytest
 
-from dtplib.stats import bootstrap_ci, paired_ci
+from dtplib.measure.stats import bootstrap_ci, paired_ci
 
 
 def hits(count: int, rate: float, seed: int) -> np.ndarray:

@@ -15,10 +15,12 @@ import torch
 import webdataset as wds
 from conftest import flickr_captions, flickr_photos
 
-from dtplib import evaluate, train
-from dtplib.model import get_tower
-from dtplib.optim import lr_at
-from dtplib.utils import REPO_ROOT
+from dtplib import evaluate as evaluate_command
+from dtplib import train
+from dtplib.common.paths import REPO_ROOT
+from dtplib.measure import evaluate
+from dtplib.tower.model import get_tower
+from dtplib.training.optim import lr_at
 
 TI_4X = ["--model", "ViT-Ti-8-64", "--compression", "4"]
 # one process of batch 32 against two of 16 with learned boundaries: rank 1 samples other Gumbel noise and crops, and
@@ -145,7 +147,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, shards32):
     flags = ["--model", "ViT-Ti-8-64", "--compression", "1", "--epochs", "4", "--lr", "1e-3", "--warmup", "1",
              "--train-data", shards32, "--logs", str(tmp_path), *QUIET]
     one = train.main([*flags, "--batch-size", "32", "--name", "one"])
-    two = train.launch([*flags, "--batch-size", "16", "--name", "two"], nproc_per_node=2,
+    two = train.launch(train.parse_args([*flags, "--batch-size", "16", "--name", "two"]), nproc_per_node=2,
                        extra_torchrun=["--master_port", "29517"])
     params = json.loads((two / "params.json").read_text())
     assert params["world_size"] == 2
@@ -165,11 +167,12 @@ def test_two_gloo_processes_of_the_packed_path_match(tmp_path, shards32):
     flags = [*TI_4X, "--epochs", "4", "--lr", "1e-3", "--warmup", "1", "--train-data", shards32,
              "--logs", str(tmp_path), *QUIET]
     one = train.main([*flags, "--batch-size", "32", "--name", "one"])
-    runs = {execution: train.launch([*flags, "--batch-size", "16", "--execution", execution, "--name", execution],
+    runs = {execution: train.launch(train.parse_args([*flags, "--batch-size", "16", "--execution", execution,
+                                                      "--name", execution]),
                                     nproc_per_node=2, extra_torchrun=["--master_port", "29519"])
             for execution in ("packed", "padded")}
     params = json.loads((runs["packed"] / "params.json").read_text())
-    assert params["world_size"] == 2 and params["execution"] == "packed"
+    assert params["world_size"] == 2 and params["dtp"]["execution"] == "packed"
     packed, padded = (read_csv(runs[e] / "steps.csv") for e in ("packed", "padded"))
     assert len(packed) == len(padded) == 4
     for a, b in zip(packed, padded, strict=True):
@@ -336,7 +339,7 @@ def test_checkpoint_rebuilds_an_unregistered_ratio_for_evaluation(tmp_path, shar
     trained = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     torch.testing.assert_close(model.state_dict()["visual.trunk.predictor.fc2.weight"],
                                trained["visual.trunk.predictor.fc2.weight"])
-    metrics = evaluate.main(["--checkpoint", str(result["checkpoint"]), "--val-data", shards32])
+    metrics = evaluate_command.main(["--checkpoint", str(result["checkpoint"]), "--val-data", shards32])
     assert metrics["retrieval_images"] == 32 and 0 <= metrics["image_to_text_R@1"] <= 1
 
 

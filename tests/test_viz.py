@@ -9,9 +9,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import dtplib
-from dtplib import viz
-from dtplib.model import expand_forced
-from dtplib.order import patch_order
+from dtplib import viz as viz_command
+from dtplib.figures import viz
+from dtplib.tower.model import expand_forced
+from dtplib.tower.order import patch_order
 
 
 def read_png(path) -> np.ndarray:
@@ -184,7 +185,7 @@ def test_alignment_of_boundaries_forced_on_and_off_coco_outlines(ti):
 def test_align_command_prints_the_table_and_appends_rows(tmp_path, capsys):
     output = tmp_path / "alignment.csv"
     for _ in range(2):
-        table = viz.main(["align", "--model", "DTP-ViT-Ti-8-64-4x", "--num-images", "4", "--draws", "10",
+        table = viz_command.main(["align", "--model", "DTP-ViT-Ti-8-64-4x", "--num-images", "4", "--draws", "10",
                           "--output", str(output)])
     printed = capsys.readouterr()
     assert "random (same count)" in printed.out and "untrained" in printed.err
@@ -198,23 +199,23 @@ def test_align_command_prints_the_table_and_appends_rows(tmp_path, capsys):
 
 
 def test_overlay_command_writes_three_pngs(tmp_path):
-    viz.main(["overlay", "--model", "DTP-ViT-Ti-8-64-4x", "--num-images", "6", "--shown", "2",
+    viz_command.main(["overlay", "--model", "DTP-ViT-Ti-8-64-4x", "--num-images", "6", "--shown", "2",
               "--out", str(tmp_path)])
     for name in ("overlays.png", "token_grid.png", "tokens_hist.png"):
         assert read_png(tmp_path / name).shape[0] > 100
 
 
 def test_align_command_reads_the_model_from_a_training_checkpoint(tmp_path, capsys):
-    from dtplib.clip import build_from_config
-    from dtplib.config import TrainConfig
+    from dtplib.training.checkpoint import build_from_config
+    from dtplib.training.config import TrainConfig
 
-    config = TrainConfig(model="ViT-Ti-8-64", compression=4, train_data="unused.tar")
+    config = TrainConfig.from_options(model="ViT-Ti-8-64", compression=4, train_data="unused.tar")
     model, _, preprocess, _ = build_from_config(config)
     checkpoint = tmp_path / "epoch_1.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "args": config.to_dict()},
                checkpoint)
     output = tmp_path / "alignment.csv"
-    table = viz.main(["align", "--checkpoint", str(checkpoint), "--num-images", "3", "--draws", "5",
+    table = viz_command.main(["align", "--checkpoint", str(checkpoint), "--num-images", "3", "--draws", "5",
                       "--output", str(output)])
     assert "untrained" not in capsys.readouterr().err
     assert (pd.read_csv(output)["model"] == "DTP-ViT-Ti-8-64-4x").all()

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common.runtime import autocast, unwrap
+from ..tower.model import dtp_towers
 from .config import ADAMW_IMPLS, TrainConfig
-from .model import dtp_towers
-from .utils import autocast, unwrap
 
 
 class NonFiniteLoss(FloatingPointError):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import open_clip
 
-from .clip import open_clip_name, parse_dtp_name
-from .config import TrainConfig
-from .model import EXECUTIONS
+from ..tower.clip import parse_dtp_name
+from ..tower.model import EXECUTIONS
+from ..training.config import TrainConfig
 
 BOUNDARY_MODIFIERS = ("uniform", "topk", "batch-topk")
 LABELLED_EXECUTIONS = ("packed", "padded")  # static, the default, has no modifier
@@ -77,13 +77,12 @@ def parse_spec(text: str, execution: str = "static") -> Spec:
 
 def trained_spec(config: TrainConfig) -> Spec:
     """The spec of the tower a `dtplib.train` run trained, with its execution: what the benchmark would time."""
-    name = open_clip_name(config.model, config.target_compression, config.upsample)
-    parsed = parse_dtp_name(name)
-    if parsed is None or parsed[1] <= 1:
+    name, dtp = config.model_name, config.dtp
+    if dtp is None or dtp.compression <= 1:
         return Spec(name, config.force_patch_dropout or None)
-    boundaries = "uniform" if config.forced_boundaries else config.boundaries if config.boundaries in (
+    boundaries = "uniform" if dtp.forced_boundaries else dtp.boundaries if dtp.boundaries in (
         "topk", "batch-topk") else "learned"
-    return Spec(name, None, config.execution, boundaries)
+    return Spec(name, None, dtp.execution, boundaries)
 
 
 def trained_label(config: TrainConfig) -> str:
@@ -94,7 +93,8 @@ def trained_label(config: TrainConfig) -> str:
     spec = trained_spec(config)
     extras = []
     if spec.pools:
-        extras += ["hilbert"] if config.patch_order == "hilbert" else []
-        extras += ["image-prior"] if not config.forced_boundaries and config.prior_scope == "image" else []
-        extras += ["normalised-up"] if config.upsample and config.upsample_weights == "normalised" else []
+        dtp = config.dtp
+        extras += ["hilbert"] if dtp.patch_order == "hilbert" else []
+        extras += ["image-prior"] if not dtp.forced_boundaries and dtp.prior_scope == "image" else []
+        extras += ["normalised-up"] if dtp.upsample and dtp.upsample_weights == "normalised" else []
     return "+".join([Spec(spec.name, spec.patch_dropout, "", spec.boundaries).label, *extras])

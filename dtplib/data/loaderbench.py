@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from dtplib.loader import expand_shards, make_loader
+from .loader import expand_shards, make_loader
 
 
 def benchmark_loader(shards: str | Sequence[str], workers: int = 0, batch_size: int = 64, image_size: int = 224,

@@ -26,8 +26,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from dtplib.loader import DECODE_ERRORS, IMAGE_EXTENSIONS, expand_shards
-from dtplib.utils import REPO_ROOT, atomic_write_text
+from ..common.files import atomic_write_text
+from ..common.paths import REPO_ROOT
+from .loader import DECODE_ERRORS, IMAGE_EXTENSIONS, expand_shards
 
 log = logging.getLogger(__name__)
 

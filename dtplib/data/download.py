@@ -23,7 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from dtplib.shards import (
+from ..common.cli import stop_process
+from ..common.files import atomic_write_text
+from ..common.paths import repo_path
+from .shards import (
     SAMPLE_DIR,
     brace_pattern,
     from_captions,
@@ -32,7 +35,6 @@ from dtplib.shards import (
     split_shards,
     unpack_shards,
 )
-from dtplib.utils import atomic_write_text, repo_path, stop_process
 
 
 def from_urls(url_list: str | Path, out: str | Path, *, url_col: str = "url", caption_col: str = "caption",

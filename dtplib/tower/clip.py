@@ -28,7 +28,6 @@ from open_clip.pretrained import download_pretrained
 from timm.models import register_model
 from timm.models.vision_transformer import _convert_openai_clip
 
-from .config import TrainConfig
 from .model import STRUCTURAL_FIELDS, DTPConfig, DTPVisionTransformer, get_tower
 
 TEXT_B = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
@@ -275,51 +274,12 @@ def build_model(model: str, compression: float | None = None, upsample: bool = F
     return built, preprocess_train, preprocess_val, tokenizer
 
 
-def build_from_config(config: TrainConfig):
-    """`build_model` with a training run's settings: exactly the model that run trained."""
-    compression = config.target_compression
-    dtp_fields = {}
-    if resolve_model(config.model, compression, config.upsample)[1] is not None:
-        dtp_fields = {"boundary_loss_weight": config.boundary_loss_weight, "prior_scope": config.prior_scope,
-                      "boundaries": config.boundaries, "execution": config.execution, "capacity": config.capacity,
-                      "patch_order": config.patch_order, "forced_boundaries": config.forced_boundaries,
-                      "upsample_weights": config.upsample_weights}
-    elif config.forced_boundaries is not None or config.patch_order != "raster":
-        raise ValueError("--forced-boundaries and --patch-order need a DTP model (an arch with --compression, or a "
-                         "DTP-ViT-* name)")
-    return build_model(config.model, compression, config.upsample, force_patch_dropout=config.force_patch_dropout,
-                       **dtp_fields)
 
 
-def training_config(checkpoint: str | Path | dict) -> TrainConfig | None:
-    """The TrainConfig a `dtplib.train` checkpoint records (older ones lack fields: defaults fill them), or None
-    for a checkpoint that was not written by `dtplib.train`."""
-    raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-    stored = raw.get("args") if isinstance(raw, dict) else None
-    if not isinstance(stored, dict) or not {"model", "compression", "upsample"} <= stored.keys():
-        return None
-    return TrainConfig.from_dict(stored)
 
 
-def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, preprocess_val, tokenizer, TrainConfig) rebuilt from a `dtplib.train` checkpoint, with
-    its weights: a tower that has no registered name (`--compression 3`, other DTP settings) comes back as it
-    was trained."""
-    raw = read_checkpoint(checkpoint)
-    config = training_config(raw)
-    if config is None:
-        raise ValueError(f"{checkpoint} was not written by dtplib.train (no training flags): give a model name")
-    model, _, preprocess, tokenizer = build_from_config(config)
-    load_state_dict(model, read_state_dict(raw), source=checkpoint, name=config.model)
-    return model.to(device).eval(), preprocess, tokenizer, config
 
 
-def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, name: str) -> None:
-    """`model.load_state_dict(state)` with an error that names the file and the model."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exn:
-        raise RuntimeError(f"checkpoint {source} does not fit model {name}: {exn}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

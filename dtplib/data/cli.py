@@ -17,10 +17,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from dtplib.download import from_urls
-from dtplib.loaderbench import benchmark_loader
-from dtplib.shards import from_captions
-from dtplib.utils import append_csv, run_cli, run_info
+from ..common.cli import run_cli
+from ..common.files import append_csv
+from ..common.provenance import run_info
+from .download import from_urls
+from .loaderbench import benchmark_loader
+from .shards import from_captions
 
 
 def main(argv: Sequence[str] | None = None) -> None:

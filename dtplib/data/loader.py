@@ -25,7 +25,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dtplib.utils import open_rgb
+from ..common.images import open_rgb
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,54 @@
+"""Provenance of every results row: the commit, the hardware, dtype and batch size."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .paths import REPO_ROOT
+
+
+def git_commit() -> str:
+    """Short commit of the working tree, with '+dirty' when it has uncommitted changes. DTPLIB_COMMIT overrides it
+    for a copy of a clean checkout that has no .git (a machine that receives the files alone)."""
+    if os.environ.get("DTPLIB_COMMIT"):
+        return os.environ["DTPLIB_COMMIT"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware(device: str | torch.device = "cpu") -> str:
+    """Human-readable name of the device that produced a number (GPU name, or CPU model and core count)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} x{len(os.sched_getaffinity(0))} cores"
+
+
+def run_info(device: str | torch.device = "cpu", dtype: str = "fp32", batch_size: int | None = None) -> dict:
+    """Provenance columns that every row written to results/ carries."""
+    return {
+        "hardware": hardware(device),
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "torch": torch.__version__,
+        "commit": git_commit(),
+    }

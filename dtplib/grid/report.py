@@ -1,0 +1,393 @@
+"""Reading a grid's runs back: `runs.csv`, the contrasts, `summary.md` and the curves figures.
+
+Outputs in `<out>`:
+- `runs.csv`: one row per run and epoch: arm, seed, model (`dtplib.specs.trained_label`: what the run trained, in
+  the benchmark's spec labels), epoch (0-based, as epochs.csv) and epochs_done, complete, every
+  column of the run's epochs.csv (its evaluations included), steps, samples_seen, train_time_s (cumulative sum of
+  steps.csv's step times: data loading and evaluation excluded), gmacs_per_image (analytic image-tower forward
+  MACs per image at the epoch's realised training compression, and with --force-patch-dropout its kept tokens),
+  text_gmacs, train_gmacs (cumulative forward MACs of both towers over the samples seen; a backward pass costs about
+  twice a forward, not counted), train_image_gmacs (the image tower's share), the run's provenance from its
+  params.json (commit, hardware, torch, dtype, batch_size) and the arm's flags.
+  With a [final] table, the last epoch's row also has `final_<metric>` columns from the run's final.json (with
+  --bootstrap their per-run intervals, `final_<metric>_ci_low/_ci_high`).
+- `summary.md`: per arm the last epoch's metrics of the complete runs, mean and 95% Student-t interval over seeds
+  (mean +- t(0.975, n-1) sd / sqrt(n): with 2 seeds t = 12.7, wide as it should be), paired differences against
+  the reference arm (same seed), and which runs are complete, partial or missing.
+- `step_times.csv` ([timing]): per arm, the median, p10 and p90 of the whole training step of its final
+  checkpoint (its own AdamW kernel, fp32, one batch of real photos, `steps` timed steps after `warmup`, all arms
+  interleaved), the speed-up against the reference arm and the analytic bound; summary.md shows it.
+- `contrasts.csv` (`contrasts`): `contrast_table`: paired differences at the last epoch and at equal cost.
+- `alignment.csv`, `overlays/<arm>/` ([alignment]): `align_runs`, once per finished run.
+- `curves_<metric>.png`: the metric against cumulative training time and against training GMACs, mean over seeds
+  with 95% t-interval bars (`dtplib.plots.accuracy_curves`).
+- `.gitignore`: the runs' checkpoints and TensorBoard events stay out of git; their CSVs and params.json do not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..common.files import atomic_write_text, markdown_table
+from ..common.provenance import run_info
+from ..figures import plots
+from ..measure import tables
+from ..measure.flops import analytic_macs, image_tower, patch_count, text_macs, total
+from ..measure.specs import trained_label
+from ..measure.stats import t_interval
+from ..training.checkpoint import build_from_config
+from ..training.config import TrainConfig
+from .spec import (
+    ALIGNMENT_FILE,
+    CONTRASTS_FILE,
+    FINAL_FILE,
+    TIMING_FILE,
+    Grid,
+    close_names,
+    epochs_done,
+    run_label,
+    shown_flags,
+    shown_path,
+)
+
+COST_AXES = ("train_time_s", "train_gmacs")  # the cost axes of the equal-cost contrasts (runs.csv columns)
+
+
+# epochs.csv columns that describe the training itself, not an evaluation (shown in runs.csv, not in the summary)
+TRAINING_COLUMNS = ("epoch", "first_epoch", "steps", "loss", "contrastive_loss", "boundary_loss", "lr_end",
+                    "step_time_s", "step_time_median_s", "data_time_s", "samples_per_s", "warmup_step_time_s",
+                    "peak_memory_mb", "checkpoint", "capacity_bound_steps", "capacity_dropped")
+
+
+NOT_A_METRIC = re.compile(r"skipped|_images$|_texts$|_count$|_items$|(_ci)?_(low|high|lo|hi)$|_ci$")
+
+
+COST_COLUMNS = ("compression", "gmacs_per_image", "samples_seen", "train_time_s", "train_gmacs")
+
+
+DRIVER_COLUMNS = ("arm", "seed", "model", "epoch", "epochs_done", "complete", "steps", "samples_seen", "train_time_s",
+                  "gmacs_per_image", "text_gmacs", "train_gmacs", "train_image_gmacs", "commit", "hardware", "torch",
+                  "dtype", "batch_size", "flags", "run")
+
+
+FIGURE_DEFAULTS = ("zeroshot_top1", "text_to_image_R@10", "image_to_text_R@10", "imagenet_top1")
+
+
+def cost_model(config: TrainConfig):
+    """(image-tower MACs per image as a function of the realised compression, text MACs per pair)."""
+    model = build_from_config(config)[0]
+    tower = image_tower(model)
+    patches = patch_count(tower)
+    text = float(total(text_macs(model)))
+
+    def image(compression: float) -> float:
+        segments = patches / compression if math.isfinite(compression) and compression > 0 else None
+        return float(total(analytic_macs(model, segments, patch_dropout=config.force_patch_dropout)))
+
+    return image, text
+
+
+def run_rows(grid: Grid, arm: str, seed: int, run_dir: Path, costs: dict) -> list[dict]:
+    """runs.csv rows of one run folder (none when it has no finished epoch)."""
+    if epochs_done(run_dir) == 0:
+        return []
+    epochs = pd.read_csv(run_dir / "epochs.csv")
+    params = json.loads((run_dir / "params.json").read_text())
+    config = TrainConfig.from_dict(params)
+    if arm not in costs:
+        costs[arm] = cost_model(config)
+    image_macs, text = costs[arm]
+    steps = pd.read_csv(run_dir / "steps.csv") if (run_dir / "steps.csv").is_file() else None
+    per_step = config.batch_size * int(params.get("world_size", 1))
+    provenance = {k: params.get(k) for k in ("commit", "hardware", "torch", "dtype", "batch_size")}
+    arm_flags = " ".join(shown_flags(grid.arms[arm])) or "(shared flags)"
+    final = final_metrics(run_dir) if len(epochs) >= config.epochs else {}
+    rows, seen, gmacs, image_gmacs = [], 0, 0.0, 0.0
+    for record in epochs.to_dict("records"):
+        epoch = int(record["epoch"])
+        samples = int(record["steps"]) * per_step
+        seen += samples
+        if steps is not None and "step_time_s" in steps:
+            train_time = float(steps.loc[steps["epoch"] <= epoch, "step_time_s"].sum())
+        else:
+            train_time = float("nan")
+        per_image = image_macs(float(record.get("compression", float("nan")))) / 1e9
+        gmacs += (per_image + text / 1e9) * samples
+        image_gmacs += per_image * samples
+        metrics = {k: v for k, v in record.items() if k not in ("epoch", "first_epoch", "steps", "checkpoint")}
+        rows.append({"arm": arm, "seed": seed, "model": trained_label(config), "epoch": epoch, "epochs_done": epoch + 1,
+                     "complete": len(epochs) >= config.epochs, **metrics, "steps": int(record["steps"]),
+                     "samples_seen": seen, "train_time_s": train_time, "gmacs_per_image": per_image,
+                     "text_gmacs": text / 1e9, "train_gmacs": gmacs, "train_image_gmacs": image_gmacs,
+                     **provenance, "flags": arm_flags, "run": shown_path(run_dir)})
+    if final:
+        rows[-1].update(final)  # the last epoch's checkpoint is the one [final] evaluated
+    return rows
+
+
+def final_metrics(run_dir: Path) -> dict:
+    """A run's final.json metrics as `final_<metric>` (numbers only); empty when there is none."""
+    path = run_dir / FINAL_FILE
+    if not path.is_file():
+        return {}
+    metrics = json.loads(path.read_text()).get("metrics", {})
+    return {f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def collect(grid: Grid, out: Path) -> pd.DataFrame:
+    """Every epoch of every run folder of the grid, as runs.csv's rows."""
+    costs: dict = {}
+    rows = [row for arm, seed in grid.runs() for row in run_rows(grid, arm, seed, out / "runs" / run_label(arm, seed),
+                                                                  costs)]
+    return pd.DataFrame(rows)
+
+
+def metric_columns(runs: pd.DataFrame, chosen: Sequence[str] | None = None) -> list[str]:
+    """The summary's rows: `chosen`, else every numeric evaluation column (not training statistics, counts or
+    per-run interval bounds) followed by the cost columns."""
+    if chosen:
+        missing = [c for c in chosen if c not in runs]
+        if missing:
+            raise ValueError(f"metric {missing[0]!r} is not a column of runs.csv{close_names(missing[0], list(runs))}")
+        return list(chosen)
+    found = [c for c in runs.columns if c not in DRIVER_COLUMNS and c not in TRAINING_COLUMNS
+             and c not in COST_COLUMNS and not NOT_A_METRIC.search(c) and pd.api.types.is_numeric_dtype(runs[c])
+             and runs[c].notna().any()]
+    return found + [c for c in COST_COLUMNS if c in runs]
+
+
+def _cell(mean: float, low: float, high: float, marked: bool = False) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    text = f"{mean:.4g}"
+    if np.isfinite(low):
+        text += f" [{low:.4g}, {high:.4g}]"
+    return text + (" *" if marked and np.isfinite(low) and (low > 0 or high < 0) else "")
+
+
+def status_lines(grid: Grid, runs: pd.DataFrame, out: Path) -> list[str]:
+    wanted = [run_label(a, s) for a, s in grid.runs()]
+    done = set() if runs.empty else {run_label(a, s) for a, s in tables.last_epochs(runs)[["arm", "seed"]].itertuples(
+        index=False)}
+    counts = {label: epochs_done(out / "runs" / label) for label in wanted if label not in done}
+    partial = [f"{label} ({count} epochs)" for label, count in counts.items() if count]
+    missing = [label for label, count in counts.items() if not count]
+    lines = [f"Runs complete: {len(done)} of {len(wanted)}."]
+    if partial:
+        lines.append(f"Partial (resume with the same command): {', '.join(partial)}.")
+    if missing:
+        lines.append(f"Not started: {', '.join(missing)}.")
+    return lines
+
+
+def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, info: dict | None = None) -> str:
+    """summary.md's text; `info` is the provenance (`run_info()`), taken before any report file is rewritten."""
+    info = info or run_info()
+    lines = [f"# Experiment {grid.path.stem}", ""]
+    if grid.description:
+        lines += [grid.description, ""]
+    lines += [f"Grid: `{shown_path(grid.path)}`; seeds {grid.seeds}; shared flags: "
+              f"`{' '.join(shown_flags(grid.shared))}`. Generated by `{command}` at commit {info['commit']} "
+              f"(torch {info['torch']}); every run's own commit and hardware are in runs.csv.", ""]
+    lines += markdown_table(["arm", "flags"], [
+        [arm, f"`{' '.join(shown_flags(options)) or '(shared flags)'}`"
+              f"{f' (seeds {grid.seeds_of(arm)})' if grid.seeds_of(arm) != grid.seeds else ''}"]
+        for arm, options in grid.arms.items()])
+    lines += ["", *status_lines(grid, runs, out), ""]
+    if runs.empty:
+        return "\n".join(lines + ["No epoch finished yet."]) + "\n"
+    metrics = metric_columns(runs, grid.metrics)
+    last = tables.last_epochs(runs)
+    if last.empty:
+        return "\n".join(lines + ["No run is complete yet."]) + "\n"
+    arms = [arm for arm in grid.arms if arm in set(last["arm"])]
+    lines += ["## Last epoch: mean [95% CI] over seeds", "",
+              "Complete runs only. Interval: Student-t over seeds, mean ± t(0.975, n−1)·sd/√n (t = 12.7 with 2 "
+              "seeds, 4.3 with 3: honest, and wide); none with one seed. Costs: compression is the realised "
+              "training compression; gmacs_per_image the image tower's forward GMACs per image at it; "
+              "train_time_s the summed training step times; train_gmacs the forward GMACs of both towers over "
+              "the samples seen.", ""]
+    seeds = {arm: len(last[last["arm"] == arm]) for arm in arms}
+    lines += markdown_table(["metric", *(f"{arm} (n={seeds[arm]})" for arm in arms)], [
+        [metric, *(_cell(*t_interval(last.loc[last["arm"] == arm, metric])[:3]) for arm in arms)]
+        for metric in metrics])
+    lines += timing_lines(grid, out)
+    reference = grid.reference
+    if reference and reference in arms and len(arms) > 1:
+        others = [arm for arm in arms if arm != reference]
+        ref = last[last["arm"] == reference].set_index("seed")
+        lines += ["", f"## Paired differences against {reference} (same seed)", "",
+                  f"arm − {reference} on each seed that both completed, mean [95% t-interval over those seeds]; "
+                  "* marks an interval that excludes 0.", ""]
+        pairs = {arm: sorted(set(last.loc[last["arm"] == arm, "seed"]) & set(ref.index)) for arm in others}
+        own = {arm: last[last["arm"] == arm].set_index("seed") for arm in others}
+
+        def paired(arm: str, metric: str) -> str:
+            differences = [own[arm].at[s, metric] - ref.at[s, metric] for s in pairs[arm]]
+            return _cell(*t_interval(differences)[:3], marked=True)
+
+        lines += markdown_table(["metric", *(f"{arm} − {reference} (pairs={len(pairs[arm])})" for arm in others)],
+                                [[metric, *(paired(arm, metric) for arm in others)] for metric in metrics])
+    lines += contrast_lines(contrast_table(grid, runs))
+    lines += alignment_lines(grid, out)
+    return "\n".join(lines) + "\n"
+
+
+def value_at(curve: pd.DataFrame, axis: str, metric: str, cost: float) -> float:
+    """A run's per-epoch `metric` at `cost` along `axis` (a cumulative runs.csv column), linearly interpolated
+    between its evaluations; NaN before the first evaluation or past the last."""
+    points = curve[[axis, metric]].dropna().sort_values(axis)
+    if points.empty or not points[axis].iloc[0] <= cost <= points[axis].iloc[-1]:
+        return float("nan")
+    return float(np.interp(cost, points[axis].to_numpy(float), points[metric].to_numpy(float)))
+
+
+CONTRAST_COLUMNS = ("contrast", "arm", "against", "at", "cost", "metric", "pairs", "difference", "ci_low", "ci_high",
+                    "excludes_zero")
+
+
+def contrast_table(grid: Grid, runs: pd.DataFrame) -> pd.DataFrame:
+    """contrasts.csv: for each `contrasts` pair (arm, against), arm − against on each seed both completed, mean and
+    95% t-interval over those seeds (`dtplib.stats.t_interval`), for
+
+    - at = "last epoch": every summary metric of the last epoch;
+    - at = "equal <axis>" for each cost axis (cumulative training step time, training GMACs): the figure metrics
+      (the per-epoch evaluations) of both runs read off their curves at the same cost, the smaller of the two
+      runs' final costs (linear interpolation between epochs; `cost` is its mean over the seeds): the cheaper
+      run's final value against what the dearer run had reached when it had spent as much.
+    """
+    if not grid.contrasts or runs.empty or not runs["complete"].astype(bool).any():
+        return pd.DataFrame(columns=list(CONTRAST_COLUMNS))
+    last = tables.last_epochs(runs)
+    complete = runs[runs["complete"].astype(bool)]
+    metrics, curves = metric_columns(runs, grid.metrics), figure_metrics(grid, runs)
+    rows = []
+
+    def add(base: dict, at: str, cost: float, metric: str, differences: list[float]) -> None:
+        mean, low, high, n = t_interval(differences)
+        rows.append({**base, "at": at, "cost": cost, "metric": metric, "pairs": n, "difference": mean, "ci_low": low,
+                     "ci_high": high, "excludes_zero": bool(low > 0 or high < 0)})
+
+    for arm, against in grid.contrasts:
+        own, other = (last[last["arm"] == a].set_index("seed") for a in (arm, against))
+        pairs = sorted(set(own.index) & set(other.index))
+        base = {"contrast": f"{arm} − {against}", "arm": arm, "against": against}
+        for metric in metrics:
+            add(base, "last epoch", float("nan"), metric, [own.at[s, metric] - other.at[s, metric] for s in pairs])
+        for axis in (a for a in COST_AXES if a in runs):
+            for metric in curves:
+                differences, costs = [], []
+                for seed in pairs:
+                    first, second = (complete[(complete["arm"] == a) & (complete["seed"] == seed)]
+                                     for a in (arm, against))
+                    cost = float(min(first[axis].max(), second[axis].max()))
+                    differences.append(value_at(first, axis, metric, cost) - value_at(second, axis, metric, cost))
+                    costs.append(cost)
+                add(base, f"equal {axis}", float(np.mean(costs)) if costs else float("nan"), metric, differences)
+    return pd.DataFrame(rows, columns=list(CONTRAST_COLUMNS))
+
+
+def _contrast_cell(block: pd.DataFrame, contrast: str, metric: str) -> str:
+    row = block[(block["contrast"] == contrast) & (block["metric"] == metric)]
+    return _cell(*row[["difference", "ci_low", "ci_high"]].iloc[0], marked=True) if len(row) else "–"
+
+
+def contrast_lines(table: pd.DataFrame) -> list[str]:
+    """summary.md's contrast tables: one per `at`, a row per metric, a column per contrast."""
+    if table.empty:
+        return []
+    lines = ["", "## Contrasts: paired differences over seeds", "",
+             "arm − against on each seed that both completed, mean [95% t-interval over those seeds]; * marks an "
+             "interval that excludes 0. At equal cost, both runs' per-epoch evaluations (validation split) are read "
+             "off their curves where both had spent the same: the smaller of the two final costs (its mean over "
+             "the seeds in the header), linear between epochs."]
+    contrasts = list(dict.fromkeys(table["contrast"]))
+    for at, block in table.groupby("at", sort=False):
+        lines += ["", f"### At {at}", ""]
+        heads = []
+        for contrast in contrasts:
+            rows = block[block["contrast"] == contrast]
+            cost = rows["cost"].iloc[0] if len(rows) else float("nan")
+            heads.append(f"{contrast} (pairs={int(rows['pairs'].max()) if len(rows) else 0}"
+                         + (f", at {cost:.4g}" if np.isfinite(cost) else "") + ")")
+        lines += markdown_table(["metric", *heads], [[metric, *(_contrast_cell(block, c, metric) for c in contrasts)]
+                                                     for metric in dict.fromkeys(block["metric"])])
+    return lines
+
+
+def alignment_lines(grid: Grid, out: Path) -> list[str]:
+    """summary.md's alignment table, from alignment.csv, and the overlay figures drawn."""
+    path = out / ALIGNMENT_FILE
+    if not grid.alignment or not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    lines = ["", "## Boundary alignment with COCO object outlines", "",
+             f"Each finished run's eval-time boundaries on `{grid.alignment['coco']}` (`dtplib.viz.alignment`): the "
+             "share of an image's boundaries that fall between patches covered by different sets of objects, mean "
+             "over images [95% bootstrap interval over images], next to uniform and random boundaries with the same "
+             "count per image and the chance rate.", ""]
+    kinds = ("learned", "uniform (same count)", "random (same count)")
+    table = []
+    for run, rows in frame.groupby("run", sort=False):
+        by_kind = {r["boundaries"]: r for _, r in rows.iterrows()}
+        cells = [_cell(k["alignment"], k["ci low"], k["ci high"]) if k is not None else "–"
+                 for k in (by_kind.get(n) for n in kinds)]
+        first = rows.iloc[0]
+        table.append([run, *cells, f"{first['chance']:.4g}", f"{first['boundaries per image']:.3g}",
+                      str(int(first["images"]))])
+    lines += markdown_table(["run", *kinds, "chance", "boundaries per image", "images"], table)
+    drawn = [arm for arm in grid.alignment["overlays"] if (out / "overlays" / arm / "overlays.png").is_file()]
+    if drawn:
+        lines += ["", "Overlays (seed " + str(grid.alignment["overlay_seed"]) + "): "
+                  + ", ".join(f"`overlays/{arm}/overlays.png`" for arm in drawn) + "."]
+    return lines
+
+
+def timing_lines(grid: Grid, out: Path) -> list[str]:
+    """summary.md's step-time table, from step_times.csv when [timing] wrote it."""
+    path = out / TIMING_FILE
+    if not grid.timing or not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    first = frame.iloc[0]
+    lines = ["", f"## Training step time: the final checkpoints (seed {first['seed']}), timed in turn", "",
+             f"The whole CLIP step (forward, backward, AdamW) on one batch of {first['batch_size']} Flickr8k photos, "
+             f"{first['steps']} timed steps per arm after a warm-up, interleaved; {first['hardware']}, "
+             f"{first['dtype']}, commit {first['commit']}. Speed-up against {first['reference']}; the bound is the "
+             "ratio of forward MACs at the measured segment counts.", ""]
+    lines += markdown_table(["arm", "median step (s)", "p10–p90 (s)", "speed-up", "bound", "compression"], [
+        [r["arm"], f"{r['median_s']:.3f}", f"{r['p10_s']:.3f}–{r['p90_s']:.3f}", f"{r['speedup']:.2f}",
+         f"{r['analytic_bound']:.2f}", f"{r['realised_compression']:.2f}"] for _, r in frame.iterrows()])
+    return lines
+
+
+def figure_metrics(grid: Grid, runs: pd.DataFrame) -> list[str]:
+    if grid.figure_metrics:
+        return [m for m in grid.figure_metrics if m in runs and runs[m].notna().any()]
+    found = [m for m in FIGURE_DEFAULTS if m in runs and runs[m].notna().any()]
+    return found[:1]
+
+
+def write_report(grid: Grid, out: Path, command: str) -> pd.DataFrame:
+    """runs.csv, summary.md and the curves figures from the run folders as they are now."""
+    from matplotlib import pyplot
+
+    info = run_info()  # before runs.csv is rewritten: a report committed with the code is not "dirty" by itself
+    runs = collect(grid, out)
+    atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
+    atomic_write_text(out / "summary.md", summary_markdown(grid, runs, out, command, info))
+    if grid.contrasts:
+        atomic_write_text(out / CONTRASTS_FILE, contrast_table(grid, runs).to_csv(index=False))
+    for metric in figure_metrics(grid, runs) if not runs.empty else []:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.replace("@", "_at_"))
+        figure = plots.accuracy_curves(tables.metric_curves(runs, metric), metric)
+        plots.save_figure(figure, out / f"curves_{name}.png")
+        pyplot.close(figure)
+    return runs

@@ -1,0 +1,401 @@
+"""The grid file: its schema, its checks, and the layout of a grid's run folders.
+
+Grid file:
+
+    reference = "1x"            # the arm the paired differences are taken against (optional)
+    nproc_per_node = 8          # optional: train every run under torchrun with 8 processes (GPUs)
+    seeds = [0, 1]
+    metrics = ["text_to_image_R@10"]        # optional: summary rows (default: every evaluation column)
+    figure_metrics = ["zeroshot_top1"]      # optional: one curves figure each (default: the first evaluated)
+    [data.from_captions]        # optional: shards written once by dtplib.shards.from_captions (skipped when
+    images = "$DTPLIB_DATA/flickr8k/images"  # out/stats.json exists); its keyword arguments, paths may start
+    captions = "$DTPLIB_DATA/flickr8k/captions.tsv"  # with $DTPLIB_DATA, others are from the repository root
+    out = "logs/data/flickr8k-64"
+    [shared]                    # flags of every run: the fields of dtplib.config.TrainConfig (--lr -> lr)
+    model = "ViT-Ti-8-64"
+    [final]                     # optional: `dtplib.evaluate` flags for each complete run's last checkpoint,
+    val_data = "logs/data/flickr8k-64/test"  # run once per run (its final.json), e.g. on the test split
+    bootstrap = 1000
+    [timing]                    # optional: time the training step of every arm's final checkpoint (this seed's
+    seed = 0                    # runs) in turn in one process, once all of them are finished: step_times.csv
+    contrasts = [["4x", "1x"]]  # optional: (arm, against) pairs differenced on each seed: contrasts.csv
+    [alignment]                 # optional: COCO outline alignment of every finished run of `arms` (default: the
+    num_images = 200            # learned-boundary arms), keys ALIGNMENT_KEYS; overlays = [arm, ...] draws
+    overlays = ["4x"]           # overlays/<arm>/ for their overlay_seed runs
+    [arms.1x]                   # each arm's own flags, over the shared ones
+    compression = 1
+    seeds = [0, 1, 2]           # optional: this arm's own seeds instead of the grid's
+
+Everything is checked before any training: unknown keys (one line naming the bad key), flag types and choices
+(TrainConfig's parser and `TrainConfig.from_options`), then `TrainConfig.check` on every run (missing data, bad
+model names), in this process. A run folder trained with other flags than the grid
+now gives (a grid edited between pieces) is refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..common.cli import PATH_FLAGS, flags
+from ..common.paths import REPO_ROOT, data_path, repo_path
+from ..data.shards import from_captions
+from ..measure import evaluate
+from ..training.config import TrainConfig
+
+TOP_LEVEL = ("reference", "seeds", "shared", "arms", "data", "final", "timing", "metrics", "figure_metrics",
+             "description", "nproc_per_node", "contrasts", "alignment")
+
+
+ALIGNMENT_KEYS = {"arms": None, "coco": "$DTPLIB_DATA/coco-mini", "num_images": None, "draws": 100, "batch_size": 64,
+                  "overlays": [], "overlay_seed": 0, "overlay_images": "$DTPLIB_DATA/flickr8k/images"}
+
+
+TIMING_KEYS = {"seed": 0, "steps": 30, "warmup": 5, "batch_size": None}  # None: the runs' own batch size
+
+
+FINAL_SET_BY_DRIVER = ("checkpoint", "compare", "model", "pretrained", "output")
+
+
+FINAL_PATH_FLAGS = ("val_data", "zeroshot_data", "imagenet_val", "probe_data")
+
+
+DRIVER_FLAGS = ("logs", "name", "resume", "seed")  # set by the driver for each run
+
+
+RUNTIME_FLAGS = ("workers", "threads", "device", "dist_backend", "report_to", "log_every_n_steps",
+                 *PATH_FLAGS)  # may change between the pieces of a grid without changing what a run trains
+
+
+FINAL_FILE = "final.json"  # a run folder's [final] evaluation (dtplib.evaluate --output)
+
+
+TIMING_FILE = "step_times.csv"  # [timing]: the interleaved benchmark of the final checkpoints
+
+
+ALIGNMENT_FILE = "alignment.csv"  # [alignment]: COCO outline alignment of each complete run of its arms
+
+
+CONTRASTS_FILE = "contrasts.csv"  # paired differences of the `contrasts` pairs, at the last epoch and at equal cost
+
+
+@dataclass
+class Grid:
+    """A parsed, checked grid: `runs()` lists its (arm, seed) runs, seed by seed."""
+
+    path: Path
+    seeds: list[int]
+    shared: dict
+    arms: dict[str, dict]
+    reference: str | None = None
+    data: dict | None = None
+    metrics: list[str] | None = None
+    figure_metrics: list[str] | None = None
+    description: str = ""
+    final: dict | None = None  # dtplib.evaluate flags for each complete run's last checkpoint
+    timing: dict | None = None  # [timing] with its defaults filled in
+    arm_seeds: dict[str, list[int]] | None = None  # arms with their own `seeds = [...]` (the others: `seeds`)
+    nproc_per_node: int = 1  # > 1: every run trains under torchrun with this many processes
+    contrasts: list[tuple[str, str]] | None = None  # (arm, against) pairs: contrasts.csv and their summary tables
+    alignment: dict | None = None  # [alignment] with its defaults filled in (arms: the learned-boundary arms)
+
+    def options(self, arm: str, seed: int) -> dict:
+        """The run's TrainConfig fields as the grid gives them (paths as written), seed included."""
+        return {**self.shared, **self.arms[arm], "seed": seed}
+
+    def seeds_of(self, arm: str) -> list[int]:
+        return (self.arm_seeds or {}).get(arm, self.seeds)
+
+    def runs(self, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[tuple[str, int]]:
+        every_seed = list(dict.fromkeys([*self.seeds, *(s for arm in self.arms for s in self.seeds_of(arm))]))
+        return [(arm, seed) for seed in every_seed if seeds is None or seed in seeds
+                for arm in self.arms if (arms is None or arm in arms) and seed in self.seeds_of(arm)]
+
+
+def shown_path(path: Path) -> str:
+    """A path as the report shows it: from the repository root when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def run_label(arm: str, seed: int) -> str:
+    return f"{arm}-seed{seed}"
+
+
+def read_grid_file(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file not found: {path}")
+    text = path.read_text()
+    try:
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a valid {'JSON' if path.suffix == '.json' else 'TOML'} grid: {error}") from None
+
+
+def close_names(name: str, names: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def check_flags(where: str, options: dict) -> None:
+    """Keys of a [shared] or [arms.X] table: TrainConfig fields, not set by the driver, booleans as booleans."""
+    if not isinstance(options, dict):
+        raise ValueError(f"{where} must be a table of flags, got {type(options).__name__}")
+    known = TrainConfig.flag_fields()
+    for key, value in options.items():
+        if key not in known:
+            hint = close_names(key.replace("-", "_"), list(known))
+            raise ValueError(f"{where}: unknown flag {key!r}: not a dtplib.train flag (the TrainConfig field names, "
+                             f"e.g. train_data for --train-data){hint}")
+        if key in DRIVER_FLAGS:
+            instead = "seeds = [...]" if key == "seed" else "--out"
+            raise ValueError(f"{where}: {key!r} is set by the driver for each run (use {instead})")
+        if isinstance(known[key].default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{where}: {key} is a switch: give true or false, got {value!r}")
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{where}: {key} must be a single value, got {value!r}")
+
+
+def check_seeds(where: str, seeds) -> list[int]:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ValueError(f"{where} must be a list of distinct integers, got {seeds!r}")
+    return seeds
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file: structure and flag names, without touching data or models."""
+    path = repo_path(path)
+    raw = read_grid_file(path)
+    unknown = [key for key in raw if key not in TOP_LEVEL]
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r}{close_names(unknown[0], TOP_LEVEL)}; a grid has "
+                         f"{', '.join(TOP_LEVEL)} (flags go in [shared] or [arms.NAME])")
+    seeds = check_seeds(f"{path}: seeds", raw.get("seeds", [0]))
+    arms = raw.get("arms")
+    if not isinstance(arms, dict) or not arms:
+        raise ValueError(f"{path}: no arms: add [arms.NAME] tables (an empty table runs the shared flags alone)")
+    arm_seeds = {}
+    for arm in arms:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", arm):
+            raise ValueError(f"{path}: arm name {arm!r}: use letters, digits and _ . + - (it names a run folder)")
+        if isinstance(arms[arm], dict) and "seeds" in arms[arm]:
+            arms[arm] = dict(arms[arm])
+            arm_seeds[arm] = check_seeds(f"{path}: [arms.{arm}] seeds", arms[arm].pop("seeds"))
+    shared = raw.get("shared", {})
+    check_flags(f"{path.name} [shared]", shared)
+    for arm, options in arms.items():
+        check_flags(f"{path.name} [arms.{arm}]", options)
+    reference = raw.get("reference")
+    if reference is not None and reference not in arms:
+        raise ValueError(f"{path}: reference {reference!r} is not an arm (arms: {', '.join(arms)})")
+    data = raw.get("data")
+    if data is not None:
+        if not isinstance(data, dict) or set(data) != {"from_captions"}:
+            raise ValueError(f"{path}: [data] holds one table, [data.from_captions] (dtplib.shards.from_captions "
+                             "arguments)")
+        accepted = set(inspect.signature(from_captions).parameters)
+        bad = sorted(set(data["from_captions"]) - accepted)
+        missing = sorted({"images", "captions", "out"} - set(data["from_captions"]))
+        if bad or missing:
+            problem = f"unknown argument {bad[0]!r}{close_names(bad[0], sorted(accepted))}" if bad else \
+                f"needs {', '.join(missing)}"
+            raise ValueError(f"{path}: [data.from_captions] {problem}")
+    lists = {}
+    for key in ("metrics", "figure_metrics"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{path}: {key} must be a list of column names, got {value!r}")
+        lists[key] = value
+    final = check_final(path.name, raw["final"]) if "final" in raw else None
+    timing = check_timing(path.name, raw["timing"]) if "timing" in raw else None
+    nproc = raw.get("nproc_per_node", 1)
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ValueError(f"{path}: nproc_per_node must be an integer >= 1 (processes per run, under torchrun), "
+                         f"got {nproc!r}")
+    contrasts = check_contrasts(path.name, raw["contrasts"], arms) if "contrasts" in raw else None
+    grid = Grid(path, seeds, shared, arms, reference, data, **lists, description=str(raw.get("description", "")),
+                final=final, timing=timing, arm_seeds=arm_seeds or None, nproc_per_node=nproc, contrasts=contrasts)
+    for arm in arms:  # types and choices, by the training command's own parser
+        parse_options(grid.options(arm, seeds[0]), f"{path.name} [arms.{arm}]")
+    if "alignment" in raw:
+        grid.alignment = check_alignment(path.name, raw["alignment"], grid)
+    return grid
+
+
+def check_contrasts(where: str, contrasts, arms: dict) -> list[tuple[str, str]]:
+    """`contrasts = [["learned-4x", "uniform-4x"], ...]`: pairs of two different arms (arm, against)."""
+    if not isinstance(contrasts, list) or not contrasts:
+        raise ValueError(f"{where}: contrasts must be a list of [arm, against] pairs, got {contrasts!r}")
+    pairs = []
+    for pair in contrasts:
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(a, str) for a in pair):
+            raise ValueError(f"{where}: contrasts: {pair!r} is not a pair of arm names [arm, against]")
+        for arm in pair:
+            if arm not in arms:
+                raise ValueError(f"{where}: contrasts: {arm!r} is not an arm{close_names(arm, list(arms))}")
+        if pair[0] == pair[1]:
+            raise ValueError(f"{where}: contrasts: {pair!r} compares an arm with itself")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def pooling_arms(grid: Grid) -> dict[str, bool]:
+    """The arms whose tower pools tokens (DTP at compression > 1, by --compression, --forced-boundaries or a
+    DTP-ViT-* name), each with whether it predicts its boundaries (no --forced-boundaries)."""
+    arms = {}
+    for arm in grid.arms:
+        config = parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm)
+        if config.dtp is not None and config.dtp.compression > 1:
+            arms[arm] = config.dtp.forced_boundaries is None
+    return arms
+
+
+def learned_arms(grid: Grid) -> list[str]:
+    """Arms whose tower predicts its boundaries: DTP (compression > 1) without --forced-boundaries."""
+    return [arm for arm, learned in pooling_arms(grid).items() if learned]
+
+
+def check_alignment(where: str, table, grid: Grid) -> dict:
+    """An [alignment] table: arms (default: every learned-boundary arm), coco, num_images, draws, batch_size,
+    overlays (arms whose overlay_seed run gets overlay figures), overlay_seed, overlay_images."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: [alignment] must be a table ({', '.join(ALIGNMENT_KEYS)}), got {table!r}")
+    for key in table:
+        if key not in ALIGNMENT_KEYS:
+            raise ValueError(f"{where}: [alignment] unknown key {key!r}{close_names(key, list(ALIGNMENT_KEYS))}; it "
+                             f"takes {', '.join(ALIGNMENT_KEYS)}")
+    spec = {**ALIGNMENT_KEYS, **table}
+    dtp = pooling_arms(grid)
+    if spec["arms"] is None:
+        spec["arms"] = learned_arms(grid)
+    for key in ("arms", "overlays"):
+        if not isinstance(spec[key], list) or not all(isinstance(a, str) for a in spec[key]):
+            raise ValueError(f"{where}: [alignment] {key} must be a list of arm names, got {spec[key]!r}")
+        for arm in spec[key]:
+            if arm not in grid.arms:
+                raise ValueError(f"{where}: [alignment] {key}: {arm!r} is not an arm"
+                                 f"{close_names(arm, list(grid.arms))}")
+            if arm not in dtp:
+                raise ValueError(f"{where}: [alignment] {key}: arm {arm!r} pools no tokens (compression 1): it has "
+                                 "no boundaries to align")
+    for key in ("draws", "batch_size", "overlay_seed", "num_images"):
+        value, least = spec[key], 0 if key == "overlay_seed" else 1
+        if key == "num_images" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{where}: [alignment] {key} must be an integer >= {least}, got {value!r}")
+    for key in ("coco", "overlay_images"):
+        if not isinstance(spec[key], str):
+            raise ValueError(f"{where}: [alignment] {key} must be a path, got {spec[key]!r}")
+    return spec
+
+
+def check_final(where: str, final) -> dict:
+    """A [final] table: `python -m dtplib.evaluate` flags (field names, as in [shared]) with at least one data flag,
+    checked by that command's own parser; the checkpoint and output are the driver's."""
+    if not isinstance(final, dict) or not any(key in final for key in FINAL_PATH_FLAGS):
+        raise ValueError(f"{where}: [final] must be a table of dtplib.evaluate flags with at least one of "
+                         f"{', '.join(FINAL_PATH_FLAGS)}, got {final!r}")
+    parser = evaluate.build_parser()
+    known = list(vars(parser.parse_args(["--checkpoint", "-"])))
+    for key, value in final.items():
+        if key not in known:
+            raise ValueError(f"{where}: [final] unknown flag {key!r}: not a dtplib.evaluate flag"
+                             f"{close_names(key.replace('-', '_'), known)}")
+        if key in FINAL_SET_BY_DRIVER:
+            raise ValueError(f"{where}: [final] {key!r} is set by the driver (each run's last checkpoint)")
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{where}: [final] {key} must be a single value, got {value!r}")
+
+    def error(message: str):
+        raise ValueError(f"{where}: [final]: {message}")
+
+    parser.error = error
+    parser.parse_args(final_argv(final, "checkpoint.pt", "final.json"))
+    return final
+
+
+def check_timing(where: str, timing) -> dict:
+    """A [timing] table: seed (whose runs are timed), warmup (>= 0), steps and batch_size (>= 1), integers."""
+    if not isinstance(timing, dict):
+        raise ValueError(f"{where}: [timing] must be a table ({', '.join(TIMING_KEYS)}), got {timing!r}")
+    for key, value in timing.items():
+        if key not in TIMING_KEYS:
+            raise ValueError(f"{where}: [timing] unknown key {key!r}{close_names(key, list(TIMING_KEYS))}; it takes "
+                             f"{', '.join(TIMING_KEYS)}")
+        least = 0 if key in ("seed", "warmup") else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{where}: [timing] {key} must be an integer >= {least}, got {value!r}")
+    return {**TIMING_KEYS, **timing}
+
+
+def final_argv(final: dict, checkpoint: str | Path, output: str | Path) -> list[str]:
+    """The `dtplib.evaluate` command line of a [final] table, paths as `resolved` gives them."""
+    return flags(**resolved(final, FINAL_PATH_FLAGS), checkpoint=str(checkpoint), output=str(output))
+
+
+def check_final_data(grid: Grid) -> None:
+    """The [final] data exists (and class folders are not empty) before anything trains; paths inside the folder
+    that [data.from_captions] writes are left to that step (a fresh clone has not made its shards yet)."""
+    if grid.final:
+        made = data_path(grid.data["from_captions"]["out"]).resolve() if grid.data else None
+        paths = {key: path for key, path in resolved({k: v for k, v in grid.final.items() if k in FINAL_PATH_FLAGS},
+                                                     FINAL_PATH_FLAGS).items()
+                 if made is None or not Path(path).resolve().is_relative_to(made)}
+        evaluate.check_data(paths.get("zeroshot_data"), paths.get("imagenet_val"), paths.get("val_data"),
+                            bool(grid.final.get("zeroshot_skip_empty")), paths.get("probe_data"))
+
+
+def shown_flags(options: dict) -> list[str]:
+    """Flags as the grid writes them, paths unresolved (`$DTPLIB_DATA/...` stays), for the reports."""
+    argv = []
+    for key, value in options.items():
+        if key in PATH_FLAGS and isinstance(value, str):
+            argv += [f"--{key.replace('_', '-')}", value]
+        else:
+            argv += flags(**{key: value})
+    return argv
+
+
+def resolved(options: dict, path_flags: Sequence[str] = PATH_FLAGS) -> dict:
+    """Path flags (dtplib.train's, or `path_flags`) with a leading $DTPLIB_DATA expanded, other relative paths
+    from the repository root."""
+    return {k: str(data_path(v)) if k in path_flags and isinstance(v, str) and "://" not in v else v
+            for k, v in options.items()}
+
+
+def parse_options(options: dict, where: str) -> TrainConfig:
+    """The TrainConfig that `python -m dtplib.train` would parse from these options (a bad type or choice is a
+    ValueError naming `where`); the model name and compression are checked too."""
+    parser = TrainConfig.parser()
+
+    def error(message: str):
+        raise ValueError(f"{where}: {message}")
+
+    parser.error = error  # argparse reports through error(): one line instead of exit 2
+    values = vars(parser.parse_args(flags(**resolved(options))))
+    try:
+        return TrainConfig.from_options(**values)  # the model name and the tower's flags are checked here
+    except ValueError as problem:
+        raise ValueError(f"{where}: {problem}") from None
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint that [final], [timing] and [alignment] read: the run's epoch_latest.pt."""
+    return run_dir / "checkpoints" / "epoch_latest.pt"
+
+
+def epochs_done(run_dir: Path) -> int:
+    """Rows of the run's epochs.csv (0 when it has none yet)."""
+    path = run_dir / "epochs.csv"
+    if not path.is_file():
+        return 0
+    with path.open() as f:
+        return max(sum(1 for line in f if line.strip()) - 1, 0)

@@ -1,0 +1,12 @@
+"""Measuring models: accuracy, cost and the statistics over them.
+
+- `evaluate`: zero-shot, image-text retrieval, held-out contrastive loss, linear probe, paired comparisons;
+- `stats`: bootstrap and t intervals;
+- `flops`: analytic and fvcore MACs with attention counted;
+- `bench`: step time and memory of models side by side, and `specs`, the model specs it takes;
+- `tables`: the tables behind the notebooks" figures (variants, token flow, prior fits, run logs, efficiency).
+
+Command lines: `python -m dtplib.evaluate`, `python -m dtplib.flops`, `python -m dtplib.bench`.
+"""
+
+__all__ = ["bench", "evaluate", "flops", "specs", "stats", "tables"]

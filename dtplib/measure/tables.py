@@ -1,0 +1,188 @@
+"""The tables behind the figures: tower variants and their costs, token flow through a tower, prior fits, a
+run's logs, efficiency and accuracy tables from results/, metric curves of a grid. Data frames only: drawing is
+`dtplib.figures.plots`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import pandas as pd
+import torch
+
+from ..data.loader import iter_samples
+from ..tower.clip import ARCHS, create_model_and_transforms, parse_dtp_name
+from ..tower.model import (
+    dtp_towers,
+    fit_boundary_prior,
+    get_tower,
+    realised_compression,
+    trace,
+)
+from .flops import analytic_macs, image_tower, patch_count, total
+from .specs import Spec, parse_spec
+from .stats import t_interval
+
+EVAL_COLUMNS = ("zeroshot_top1", "zeroshot_top5", "imagenet_top1", "imagenet_top5", "image_to_text_R@1",
+                "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@1", "text_to_image_R@5",
+                "text_to_image_R@10")
+
+
+def parameter_count(module: torch.nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def variant_table(arch: str, compressions: list[float], upsample: bool = False) -> pd.DataFrame:
+    """Parameters (millions) of each variant's image tower, predictor and text tower."""
+    rows = []
+    for c in compressions:
+        model, _, _ = create_model_and_transforms(arch, compression=c, upsample=upsample and c > 1)
+        tower = get_tower(model)
+        rows.append({"compression": c, "layers (pre/short/post)":
+                     f"{tower.dtp.pre_layers}/{tower.dtp.short_layers}/{tower.dtp.post_layers}",
+                     "image tower (M)": parameter_count(model.visual) / 1e6,
+                     "predictor (M)": parameter_count(tower.predictor) / 1e6,
+                     "text tower (M)": (parameter_count(model) - parameter_count(model.visual)) / 1e6,
+                     "patches": tower.num_patches})
+    return pd.DataFrame(rows)
+
+
+def token_flow(model: torch.nn.Module, images: torch.Tensor) -> pd.DataFrame:
+    """Tokens (CLS included) that each stage of the tower processes on `images`: mean, min, max per image."""
+    tower = get_tower(model)
+    with torch.no_grad(), trace(model) as t:
+        model.encode_image(images)
+    full = torch.full_like(t.tokens, tower.num_patches) + 1  # B, CLS + patches
+    short = t.tokens + 1  # B, CLS + segments
+    stages = [("patch embedding", full, 1), ("pre-layers", full, tower.dtp.pre_layers),
+              ("shortened layers", short, tower.dtp.short_layers)]
+    if tower.dtp.upsample:
+        stages.append(("post-layers", full, tower.dtp.post_layers))
+    return pd.DataFrame([{"stage": name, "layers": layers, "tokens (mean)": tokens.float().mean().item(),
+                          "tokens (min)": tokens.min().item(), "tokens (max)": tokens.max().item()}
+                         for name, tokens, layers in stages])
+
+
+def prior_fit_table(arch: str, compressions: list[float], images: torch.Tensor, steps: int = 300) -> pd.DataFrame:
+    """Realised compression (eval and train mode) before and after fitting the predictor to the prior alone."""
+    rows = []
+    for c in compressions:
+        if c <= 1:
+            continue
+        model, _, _ = create_model_and_transforms(arch, compression=c)
+        row = {"target": c}
+        for when in ("before", "after"):
+            if when == "after":
+                fit_boundary_prior(model, images, steps=steps)
+            model.eval()
+            row[f"eval {when}"] = realised_compression(model, images)
+            model.train()
+            row[f"train {when}"] = realised_compression(model, images)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_tables(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(steps, epochs) of a `python -m dtplib.train` run folder."""
+    run_dir = Path(run_dir)
+    return pd.read_csv(run_dir / "steps.csv"), pd.read_csv(run_dir / "epochs.csv")
+
+
+def epoch_report(run_dir: str | Path) -> pd.DataFrame:
+    """The per-epoch table, with the columns a reader compares first."""
+    _, epochs = run_tables(run_dir)
+    first = ["epoch", "first_epoch", "loss", "compression", "step_time_s", "samples_per_s", "peak_memory_mb"]
+    shown = [c for c in first if c in epochs] + [c for c in EVAL_COLUMNS if c in epochs]
+    return epochs[shown]
+
+
+def _geometry(name: str) -> tuple[int, int]:
+    parsed = parse_dtp_name(name)
+    if parsed is not None:
+        return ARCHS[parsed[0]].image_size, ARCHS[parsed[0]].patch_size
+    vision = open_clip.get_model_config(name)["vision_cfg"]
+    return vision["image_size"], vision["patch_size"]
+
+
+def efficiency_csvs(folders: list[str | Path]) -> list[Path]:
+    return [p for folder in folders for p in sorted(Path(folder).glob("efficiency_*.csv"))]
+
+
+def last_epochs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The last row of each complete run of an experiment's runs.csv."""
+    complete = runs[runs["complete"].astype(bool)]
+    return complete.sort_values("epoch").groupby(["arm", "seed"], sort=False).tail(1)
+
+
+def trained_accuracy(runs_csv: str | Path) -> pd.DataFrame:
+    """Mean zero-shot top-1/top-5 of the complete runs of an experiment's runs.csv, by what they trained (the
+    `model` column, `dtplib.specs.trained_label`): the [final] scores (`final_zeroshot_*`, the whole test set) where
+    a run has them, else its last epoch's evaluation; empty when the file or its zero-shot columns are missing."""
+    runs_csv = Path(runs_csv)
+    columns = ["zeroshot_top1", "zeroshot_top5"]
+    if not runs_csv.is_file():
+        return pd.DataFrame(columns=columns)
+    runs = pd.read_csv(runs_csv)
+    if not {"model", *columns} <= set(runs.columns):
+        return pd.DataFrame(columns=columns)
+    last = last_epochs(runs)
+    for column in columns:
+        if f"final_{column}" in last:
+            last[column] = last[f"final_{column}"].fillna(last[column])
+    return last.groupby("model")[columns].mean()
+
+
+def efficiency_table(folders: list[str | Path],
+                     accuracy_runs: str | Path = "results/flickr8k_ti/runs.csv") -> pd.DataFrame:
+    """The seed's table: model, image-tower GMACs and GFLOPs (at the benchmark's realised compression), resolution,
+    patch, zero-shot top-1/top-5 (mean over the complete runs of an experiment that trained that tower, from its
+    runs.csv), peak memory and step time (clip step), from every efficiency_*.csv that `python -m dtplib.bench`
+    wrote into the folders."""
+    frames = [pd.read_csv(p).assign(source=p.name) for p in efficiency_csvs(folders)]
+    if not frames:
+        raise FileNotFoundError(f"no efficiency_*.csv in {folders}: run python -m dtplib.bench first")
+    bench_rows = pd.concat(frames)
+    bench_rows = bench_rows[bench_rows["mode"] == "clip"]
+    accuracy = trained_accuracy(accuracy_runs)
+    rows, models = [], {}
+    for _, r in bench_rows.iterrows():
+        spec = parse_spec(r["model"])
+        name, dropout = spec.name, spec.patch_dropout
+        size, patch = _geometry(name)
+        if name not in models:  # one build per name: the GPU tables repeat B-16 and B-32 rows
+            models[name] = open_clip.create_model(name)
+        model = models[name]
+        towers = dtp_towers(model)
+        if towers and towers[0].pools:  # at the benchmark's mean segment count
+            macs = float(total(analytic_macs(model, patch_count(image_tower(model)) / r["realised_compression"])))
+        else:
+            macs = float(total(analytic_macs(model, patch_dropout=dropout)))
+        trained = Spec(name, dropout, "", spec.boundaries).label  # the execution does not change what is learned
+        top = accuracy.loc[trained] if trained in accuracy.index else None
+        rows.append({"model": r["model"], "execution": r.get("execution", ""), "image GMACs": macs / 1e9,
+                     "image GFLOPs": 2 * macs / 1e9,
+                     "resolution": size, "patch": patch, "compression": r["realised_compression"],
+                     "zero-shot top-1": top["zeroshot_top1"] if top is not None else float("nan"),
+                     "zero-shot top-5": top["zeroshot_top5"] if top is not None else float("nan"),
+                     "peak memory (MiB)": r["peak_memory_mb"], "step time (s)": r["median_s"],
+                     "speed-up": r["speedup"], "bound": r["analytic_bound"], "hardware": r["hardware"],
+                     "batch": r["batch_size"], "dtype": r["dtype"], "source": r["source"]})
+    return pd.DataFrame(rows)
+
+
+def metric_curves(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per arm and epoch: mean over seeds of the cumulative costs, and the metric's mean and 95% t-interval."""
+    rows = []
+    present = runs.dropna(subset=[metric])
+    for (arm, epoch), group in present.groupby(["arm", "epochs_done"], sort=False):
+        mean, low, high, n = t_interval(group[metric])
+        rows.append({"arm": arm, "epochs_done": epoch, "seeds": n, "train_time_s": group["train_time_s"].mean(),
+                     "train_gmacs": group["train_gmacs"].mean(), "mean": mean, "low": low, "high": high})
+    return pd.DataFrame(rows, columns=["arm", "epochs_done", "seeds", "train_time_s", "train_gmacs", "mean", "low",
+                                       "high"])
+
+
+def caption_lengths(shards: str | Sequence[str]) -> list[int]:
+    """Words per caption, over every caption of every sample."""
+    return [len(c.split()) for sample in iter_samples(shards) for c in sample["captions"]]

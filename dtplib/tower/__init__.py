@@ -1,0 +1,10 @@
+"""The method: the DTP-ViT image tower and how it runs.
+
+- `model`: `DTPConfig`, `DTPVisionTransformer` (boundary predictor, pooling, the padded, packed and static
+  executions), the boundary prior, `trace`;
+- `packed`: the variable-length shortened layers (host-planned buckets and the device-side static buffer);
+- `order`: the order patches are read into runs (raster or Hilbert);
+- `clip`: the registered timm and open_clip names, `build_model`, weight transfer from a plain CLIP ViT.
+"""
+
+__all__ = ["clip", "model", "order", "packed"]

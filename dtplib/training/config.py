@@ -1,0 +1,317 @@
+"""`TrainConfig`: every flag of `python -m dtplib.train`, its default and its meaning, in one dataclass.
+
+The command line is generated from it (`TrainConfig.parser()`), checkpoints and params.json store it as a plain
+dict (`to_dict()`), and every reader rebuilds it with `TrainConfig.from_dict`, which gives the fields an older
+checkpoint lacks what that run used (their defaults, or `LEGACY_DEFAULTS` where a default changed) and ignores
+keys that are not flags (params.json's provenance columns). Flag names follow open_clip_train where the meaning is
+the same; DTP's own flags are in the "model" group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from ..common.paths import REPO_ROOT
+from ..common.runtime import check_precision, default_device
+from ..data.imagefolder import zeroshot_classes
+from ..data.loader import dataset_size, expand_shards
+from ..tower.clip import ARCHS, dtp_name, parse_dtp_name, resolve_model, tower_config
+from ..tower.model import DTPConfig
+
+log = logging.getLogger("dtplib.train")
+
+PRECISIONS = ("fp32", "amp", "bf16", "amp_bf16", "amp_bfloat16")  # bf16 = bf16 autocast, as open_clip's amp_bf16
+ADAMW_IMPLS = ("fused", "torch")
+# what a stored config (params.json, a checkpoint's) that lacks a field was trained with, where that is not the
+# field's default: runs before --adamw-impl existed used torch's own AdamW; runs before the static execution and
+# its capacity cap ran packed, with no cap (stored configs before `dtp` was nested keep the tower's flags flat)
+LEGACY_DEFAULTS = {"adamw_impl": "torch", "execution": "packed", "capacity": 0.0}
+FLOAT_FLAGS = ("force_patch_dropout", "lr", "wd", "beta1", "beta2", "eps", "grad_clip_norm")  # must be finite
+DTP_FLAGS = tuple(f.name for f in DTPConfig.settings())  # the tower's flags, from DTPConfig's settings
+
+
+def tower_for(model: str, settings: Mapping) -> DTPConfig | None:
+    """The DTP tower that --model and the tower's flags (`settings`, the given ones only) describe: the arch's layer
+    split with the settings over it, or None for a plain open_clip model. --forced-boundaries C implies
+    --compression C. Contradictions (a DTP-ViT-*-4x name with --compression 2) and DTP flags that need a DTP tower
+    raise ValueError naming the flags."""
+    settings = dict(settings)
+    for name, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    forced = settings.get("forced_boundaries")
+    compression = settings.pop("compression", None)
+    if forced is not None:
+        if isinstance(forced, bool) or not isinstance(forced, int) or forced < 2:
+            raise ValueError(f"--forced-boundaries C needs C >= 2, an integer (a boundary every C patches), got "
+                             f"{forced}")
+        if compression is not None and compression != forced:
+            raise ValueError(f"--forced-boundaries {forced} means compression {forced}, but --compression "
+                             f"{compression:g} was given")
+        named = parse_dtp_name(model)
+        if named is not None and named[1] != forced:
+            raise ValueError(f"--model {model} means compression {named[1]:g}, not --forced-boundaries {forced}")
+        compression = forced
+    if compression is not None and not compression >= 1:
+        raise ValueError(f"--compression must be >= 1 (1 = no pooling), got {compression:g}")
+    arch, compression, upsample = resolve_model(model, compression, settings.pop("upsample", False))
+    if compression is None:
+        if forced is not None or settings.get("patch_order", "raster") != "raster":
+            raise ValueError("--forced-boundaries and --patch-order need a DTP model (an arch with --compression, or "
+                             "a DTP-ViT-* name)")
+        return None  # the other tower flags describe a DTP tower that a plain model does not have
+    return replace(tower_config(ARCHS[arch], compression, upsample), **settings)
+
+
+def flag(default, help: str, group: str, *, type=None, choices: Sequence | None = None, required: bool = False):
+    """A TrainConfig field: its default, one line of meaning, its argparse group; `type` when the default is None."""
+    return field(default=default, metadata={"help": help, "group": group, "type": type, "choices": choices,
+                                            "required": required})
+
+
+@dataclass
+class TrainConfig:
+    """The training run's settings; `python -m dtplib.train --help` lists the same fields as flags."""
+
+    # data
+    train_data: str | None = flag(None, "webdataset shards, brace notation: dir/{000000..000009}.tar", "data",
+                                  type=str, required=True)
+    train_num_samples: int | None = flag(None, "epoch size; default: sizes.json by the shards", "data", type=int)
+    dataset_resampled: bool = flag(False, "draw shards with replacement (open_clip)", "data")
+    val_data: str | None = flag(None, "caption shards for image-text retrieval R@1/5/10", "data", type=str)
+    zeroshot_data: str | None = flag(None, "ImageFolder for zero-shot top-1/5 (e.g. CIFAR-10 layout)", "data",
+                                     type=str)
+    imagenet_val: str | None = flag(None, "ImageNet validation folder (wnid sub-folders)", "data", type=str)
+    zeroshot_max_per_class: int | None = flag(None, "first n images per class (CPU runs)", "data", type=int)
+    val_max_images: int | None = flag(None, "first n images of --val-data", "data", type=int)
+    workers: int = flag(1, "dataloader workers per process", "data")
+
+    # model
+    model: str = flag("ViT-B-32", "with --compression: an arch of dtplib.ARCHS; a registered DTP-ViT-* name; or "
+                      "any open_clip model (the peer, trained by the same loop)", "model")
+    # the DTP tower: its flags are DTPConfig's settings (--compression, --boundaries, ...); None: a plain open_clip
+    # model, or a DTP tower given by name (DTP-ViT-*) is resolved into one (`tower_for`)
+    dtp: DTPConfig | None = field(default=None, metadata={"group": "model", "nested": DTPConfig})
+    force_patch_dropout: float | None = flag(None, "open_clip patch dropout (FLIP peer)", "model", type=float)
+    grad_checkpointing: bool = flag(False, "recompute the blocks' activations in the backward pass", "model")
+    torchcompile: bool = flag(False, "torch.compile the model: static shapes, one graph (fullgraph) where the "
+                              "model allows it; the first steps compile", "model")
+
+    # optimisation
+    batch_size: int = flag(64, "per process", "optimisation")
+    epochs: int = flag(32, "passes over --train-num-samples", "optimisation")
+    lr: float = flag(5.0e-4, "peak learning rate (AdamW)", "optimisation")
+    wd: float = flag(0.2, "weight decay (not on gains, biases and logit_scale)", "optimisation")
+    beta1: float = flag(0.9, "AdamW beta1", "optimisation")
+    beta2: float = flag(0.98, "AdamW beta2", "optimisation")
+    eps: float = flag(1.0e-6, "AdamW epsilon", "optimisation")
+    adamw_impl: str = flag("fused", "AdamW kernel: one fused kernel over all parameters (CPU and CUDA), or torch's "
+                           "own choice (foreach on CUDA, a loop over the parameters on a CPU)", "optimisation",
+                           choices=ADAMW_IMPLS)
+    warmup: int = flag(10000, "linear lr warm-up steps", "optimisation")
+    lr_scheduler: str = flag("cosine", "after warm-up: cosine decay to 0, or constant", "optimisation",
+                             choices=("cosine", "const"))
+    grad_clip_norm: float | None = flag(None, "clip the gradients' global norm to this", "optimisation", type=float)
+    precision: str = flag("fp32", "amp = fp16 autocast + GradScaler", "optimisation", choices=PRECISIONS)
+    local_loss: bool = flag(False, "ClipLoss: logits of local features vs all (DDP)", "optimisation")
+    gather_with_grad: bool = flag(False, "ClipLoss: all-gather with gradient (DDP)", "optimisation")
+    seed: int = flag(0, "seeds torch, numpy and random (plus the process's rank)", "optimisation")
+
+    # run
+    logs: str = flag(str(REPO_ROOT / "logs"), "runs go to <logs>/<name>/", "run")
+    name: str | None = flag(None, "default: date-model-compression-batch-seed", "run", type=str)
+    resume: str | None = flag(None, "'latest' (of this --name; starts fresh if none) or a checkpoint", "run",
+                              type=str)
+    save_frequency: int = flag(1, "write epoch_<n>.pt every n epochs", "run")
+    zeroshot_frequency: int = flag(1, "evaluate every n epochs (0: never)", "run")
+    val_frequency: int = flag(1, "retrieval on --val-data every n epochs (0: never)", "run")
+    log_every_n_steps: int = flag(100, "steps between reads of the logged values from the device (the loop's only "
+                                  "synchronisation): steps.csv rows, out.log lines, TensorBoard", "run")
+    timing_warmup: int = flag(5, "first steps of the run timed apart", "run")
+    report_to: str = flag("tensorboard", "where scalars go besides the CSV files", "run",
+                          choices=("tensorboard", "none"))
+    device: str | None = flag(None, "default: cuda if available, else cpu", "run", type=str)
+    dist_backend: str | None = flag(None, "default: nccl on cuda, gloo on cpu", "run", type=str)
+    threads: int | None = flag(None, "CPU intra-op threads (torch.set_num_threads)", "run", type=int)
+    max_steps: int | None = flag(None, "stop after this many steps in total (smoke runs)", "run", type=int)
+
+    @classmethod
+    def parser(cls, prog: str = "python -m dtplib.train", description: str = "") -> argparse.ArgumentParser:
+        """The argparse parser of these fields: `--train-data` for `train_data`, store_true for booleans; the
+        nested `dtp` field gives one flag per DTPConfig setting, absent from the result unless given."""
+        parser = argparse.ArgumentParser(prog=prog, description=description,
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        groups: dict[str, argparse._ArgumentGroup] = {}
+        for f in fields(cls):
+            meta = f.metadata
+            group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(
+                meta["group"]))
+            if "nested" in meta:
+                for setting in meta["nested"].settings():
+                    add_flag(group, setting.name, setting.default, setting.metadata, argparse.SUPPRESS)
+                continue
+            add_flag(group, f.name, f.default, meta, f.default)
+        return parser
+
+    @classmethod
+    def flag_fields(cls) -> dict:
+        """{flag's field name: dataclass Field}: the top-level fields and the tower's settings, as flags."""
+        top = {f.name: f for f in fields(cls) if f.name != "dtp"}
+        return top | {f.name: f for f in DTPConfig.settings()}
+
+    @classmethod
+    def parse(cls, argv: Sequence[str] | None = None, **parser_options) -> TrainConfig:
+        """A config from command-line flags (bad flags: argparse's usage error; contradictions: ValueError)."""
+        return cls.from_options(**vars(cls.parser(**parser_options).parse_args(argv)))
+
+    @classmethod
+    def from_options(cls, **options) -> TrainConfig:
+        """A config from the flags' values by field name, as Python objects: `TrainConfig.from_options(
+        train_data="shards/{000000..000009}.tar", model="ViT-Ti-8-64", compression=4, epochs=3)`. The tower's flags
+        (DTPConfig's settings) build `dtp` through `tower_for`; unknown names raise ValueError."""
+        settings = {name: options.pop(name) for name in DTP_FLAGS if name in options}
+        names = {f.name for f in fields(cls)} - {"dtp"}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"not TrainConfig fields or flags: {unknown}")
+        config = cls(**options)
+        return replace(config, dtp=tower_for(config.model, settings))
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> TrainConfig:
+        """A config from a stored dict (`to_dict`, params.json, a checkpoint's): missing fields (an older
+        checkpoint) take what such a run used, their defaults or `LEGACY_DEFAULTS`; other keys (params.json's name,
+        world size, provenance) are ignored. Configs stored before `dtp` was nested hold the tower's flags flat."""
+        names = {f.name for f in fields(cls)}
+        if "dtp" in values:
+            kept = {k: v for k, v in values.items() if k in names and k != "dtp"}
+            kept = {k: v for k, v in LEGACY_DEFAULTS.items() if k in names} | kept
+            dtp = None if values["dtp"] is None else DTPConfig(**values["dtp"])
+            return cls(**kept, dtp=dtp)
+        flat = {**LEGACY_DEFAULTS, **values}  # flat: the tower's flags as top-level keys, None where not given
+        options = {k: v for k, v in flat.items() if k in names and k != "dtp"}
+        settings = {k: flat[k] for k in DTP_FLAGS if k in flat and flat[k] is not None}
+        return cls.from_options(**options, **settings)
+
+    @property
+    def target_compression(self) -> float | None:
+        """The DTP tower's target compression (None: a plain open_clip model)."""
+        return None if self.dtp is None else self.dtp.compression
+
+    @property
+    def model_name(self) -> str:
+        """The open_clip name of what this config trains (`DTP-ViT-Ti-8-64-4x`, or the plain model's own)."""
+        if self.dtp is None:
+            return self.model
+        arch = resolve_model(self.model, self.dtp.compression, self.dtp.upsample)[0]
+        return dtp_name(arch, self.dtp.compression, self.dtp.upsample)
+
+    def to_argv(self) -> list[str]:
+        """The command-line flags that give this config back (`TrainConfig.parse(config.to_argv()) == config`): for
+        a new process (torchrun, the grid driver's children). Fields at their default are left out."""
+        argv: list[str] = []
+        for f in fields(self):
+            if f.name == "dtp":
+                argv += [] if self.dtp is None else dtp_argv(self.model, self.dtp)
+                continue
+            argv += flag_argv(f.name, getattr(self, f.name), f.default)
+        return argv
+
+    def check(self, world_size: int = 1) -> None:
+        """Every inconsistency a user can make, as a ValueError or FileNotFoundError naming the flag, before any
+        model is built or run folder made: the training entry point, `launch` and the grid driver call it."""
+        not_finite = [name for name in FLOAT_FLAGS if getattr(self, name) is not None
+                      and not math.isfinite(getattr(self, name))]
+        if not_finite:
+            raise ValueError(f"--{not_finite[0].replace('_', '-')} must be a finite number, got "
+                             f"{getattr(self, not_finite[0])}")
+        if self.dtp is not None:
+            arch = resolve_model(self.model, self.dtp.compression, self.dtp.upsample)[0]
+            try:
+                self.dtp.validate(ARCHS[arch].depth)
+            except ValueError as error:  # the tower's field names are its flags' names
+                raise ValueError(f"--{str(error).replace('_', '-')}") from None
+        for name in ("batch_size", "epochs", "save_frequency", "log_every_n_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size * world_size < 2:
+            raise ValueError("the contrastive loss needs at least 2 pairs per global batch (--batch-size)")
+        if self.lr <= 0 or self.wd < 0 or self.warmup < 0 or self.workers < 0:
+            raise ValueError(f"need --lr > 0, --wd >= 0, --warmup >= 0, --workers >= 0; got {self.lr}, {self.wd}, "
+                             f"{self.warmup}, {self.workers}")
+        if self.force_patch_dropout is not None and not 0 <= self.force_patch_dropout < 1:
+            raise ValueError(f"--force-patch-dropout must be in [0, 1), got {self.force_patch_dropout}")
+        if self.local_loss and world_size == 1:
+            log.info("--local-loss has no effect in a single process")
+        check_precision(self.precision, default_device(self.device))
+        self.check_data(world_size)
+        if self.resume and self.resume != "latest" and not Path(self.resume).is_file():
+            raise FileNotFoundError(f"--resume {self.resume}: no such checkpoint file")
+
+    def check_data(self, world_size: int) -> None:
+        """The data flags point at data: shards that exist, an epoch size, one global batch, class folders."""
+        shards = expand_shards(self.train_data)  # missing shards fail here
+        available = dataset_size(shards)
+        if not self.train_num_samples and not available:
+            raise ValueError(f"epoch size unknown: no sizes.json next to {shards[0]}; pass --train-num-samples")
+        if available is not None and available < self.batch_size * world_size and not self.dataset_resampled:
+            raise ValueError(f"--train-data holds {available} samples, fewer than one global batch of "
+                             f"{self.batch_size} x {world_size} processes; lower --batch-size")
+        if self.val_data:
+            expand_shards(self.val_data)
+        for name in ("zeroshot_data", "imagenet_val"):
+            if getattr(self, name):
+                zeroshot_classes(getattr(self, name))  # missing or empty folders fail here
+
+    def to_dict(self) -> dict:
+        """Every field, `dtp` as a nested dict (None for a plain model): what params.json and checkpoints store."""
+        return asdict(self)
+
+    def flag_values(self) -> dict:
+        """{flag name: value}: the top-level fields and the tower's settings (None each for a plain model), as the
+        command line names them; the tower's other fields follow from --model."""
+        values = {k: v for k, v in self.to_dict().items() if k != "dtp"}
+        return values | {name: None if self.dtp is None else getattr(self.dtp, name) for name in DTP_FLAGS}
+
+    def replace(self, **changes) -> TrainConfig:
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"not TrainConfig fields: {sorted(unknown)}")
+        return replace(self, **changes)
+
+
+def add_flag(group, name: str, default, meta: Mapping, parsed_default) -> None:
+    """One flag of a field: `--name` (store_true for a boolean), its type, choices and help."""
+    flag_name = "--" + name.replace("_", "-")
+    if isinstance(default, bool):
+        group.add_argument(flag_name, action="store_true", default=parsed_default, help=meta["help"])
+        return
+    help = meta["help"] + (f" (default: {default})" if parsed_default is argparse.SUPPRESS else "")
+    group.add_argument(flag_name, type=meta.get("type") or type(default), default=parsed_default,
+                       choices=meta.get("choices"), required=meta.get("required", False), help=help)
+
+
+def flag_argv(name: str, value, default) -> list[str]:
+    """`--name value` for a value other than the default (a boolean: `--name` when True)."""
+    if value == default:
+        return []
+    if isinstance(value, bool):
+        return [f"--{name.replace('_', '-')}"] if value else []
+    return [f"--{name.replace('_', '-')}", str(value)]
+
+
+def dtp_argv(model: str, dtp: DTPConfig) -> list[str]:
+    """The tower's flags for `dtp` on --model: --compression and --upsample unless the DTP-ViT-* name says them,
+    then every other setting that differs from its default."""
+    argv = []
+    if parse_dtp_name(model) is None:
+        argv += ["--compression", f"{dtp.compression:g}"] + (["--upsample"] if dtp.upsample else [])
+    for setting in DTPConfig.settings():
+        if setting.name not in ("compression", "upsample"):
+            argv += flag_argv(setting.name, getattr(dtp, setting.name), setting.default)
+    return argv
