@@ -1,25 +1,26 @@
 """DTP-ViT: CLIP image towers that learn where to merge patch tokens (dynamic token pooling).
 
 Importing dtplib registers the DTP-ViT variants in timm and open_clip, so
-`open_clip.create_model_and_transforms("DTP-ViT-B-32-4x")` works unchanged.
+`open_clip.create_model_and_transforms("DTP-ViT-B-32-4x")` works unchanged; the names below are the public API.
 
-Which module to open for what:
-- the tower: `model` (DTPConfig, boundaries, pooling, tracing), `packed` (the variable-length shortened layers),
-  `order` (the patch reading order: raster or Hilbert);
-- building models: `clip` (registered names, models from training flags or a training checkpoint, weight
-  transfer); `config` (TrainConfig: every training flag);
-- training: `optim` (optimizer, schedule, the one training step), `train` and `finetune` (command line and
-  notebook entry points, imported by no other module);
-- data: `shards` (writing webdataset shards), `download` (img2dataset), `loader` (reading shards), `loaderbench`,
-  and `data` (their command line);
-- measuring: `evaluate` (zero-shot, retrieval, held-out loss, linear probe, paired comparisons), `stats`
-  (bootstrap intervals), `flops`, `bench` (step time and memory), `specs` (benchmark
-  model specs), `experiment` (grids of training runs from experiments/*.toml: runs.csv, summary.md with
-  intervals over seeds, accuracy-against-cost curves);
-- looking: `viz` (boundaries on photos, alignment with objects), `plots` (every notebook figure and table);
-- `utils`: provenance, atomic writes, CSV appends, the data location (`DTPLIB_DATA`), devices.
+The package is laid out by job, one folder per job, from the bottom up (a folder imports only the folders before
+it, so each can be read without the ones after it; tests/test_structure.py holds the order):
+- `common`: paths, files, images, runtime, provenance, command-line plumbing;
+- `tower`: the method: the tower and its config, packed execution, patch order, registered names;
+- `data`: image-caption shards, downloads, the loader, folder-per-class datasets;
+- `training`: TrainConfig (every setting of a run, the tower's DTPConfig nested), the optimisation step,
+  models from checkpoints;
+- `measure`: evaluation, statistics, FLOPs, the benchmark, the tables behind the figures;
+- `figures`: drawing, and boundaries on photos;
+- `grid`: the experiment driver (grid files, child runs, reports).
+The top-level modules are the command lines (`python -m dtplib.train|evaluate|bench|flops|viz|experiment|demo`,
+and `python -m dtplib.data`) and the notebooks' entry points (`train.run(config)`, `finetune`): nothing in the
+folders imports them, so the library never depends on a command line's flags.
 """
 
+
+from .common.cli import quiet_open_clip_random_init
+from .tower.boundaries import boundary_loss
 from .tower.clip import (
     ARCHS,
     LoadReport,
@@ -31,23 +32,21 @@ from .tower.clip import (
     register,
     variant_names,
 )
-from .tower.model import (
-    DTPConfig,
-    DTPVisionTransformer,
-    boundary_loss,
+from .tower.control import (
     fit_boundary_prior,
     forced_boundaries,
     get_tower,
     last_boundary_loss,
     realised_compression,
-    token_budget,
     trace,
     use_config,
     use_execution,
 )
+from .tower.model import DTPConfig, DTPVisionTransformer, token_budget
 from .training.checkpoint import load_trained
 from .training.config import TrainConfig
 
+quiet_open_clip_random_init()  # open_clip's "initialized randomly" warning: dtplib builds models that way on purpose
 register()
 
 __all__ = [

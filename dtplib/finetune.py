@@ -47,14 +47,15 @@ from .tower.clip import (
     load_vit_weights,
     read_state_dict,
 )
-from .tower.model import dtp_towers, fit_boundary_prior, get_tower, token_budget, trace, use_config
+from .tower.control import dtp_towers, fit_boundary_prior, get_tower, trace, use_config
+from .tower.model import token_budget
 from .training.optim import NonFiniteLoss, lr_at, make_optimizer, train_step
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Zero-shot of pretrained open_clip models
 
 
-def parse_pretrained(spec: str | tuple[str, str | None]) -> tuple[str, str]:
+def _parse_pretrained(spec: str | tuple[str, str | None]) -> tuple[str, str]:
     """("RN50x16", "openai") from "RN50x16/openai" or a (name, tag) pair; the tag may also be a weights file.
 
     A name without a tag ("ViT-B-16") means open_clip's first tag for that model (`list_pretrained_tags_by_model`,
@@ -81,14 +82,14 @@ def pretrained_zeroshot(specs: str | Sequence[str | tuple[str, str]], data_dir: 
                         workers: int = 0) -> pd.DataFrame:
     """Zero-shot top-1/top-5 on an ImageFolder for each pretrained CLIP, one row per spec, in the given order.
 
-    `specs`: "NAME/TAG" strings (or one comma-separated string, or (name, tag) pairs), see `parse_pretrained`. All specs
-    are checked before any model is loaded. Weights come from disk (open_clip's Hugging Face cache, or a file);
+    `specs`: "NAME/TAG" strings (or one comma-separated string, or (name, tag) pairs), see `_parse_pretrained`. All
+    specs are checked before any model is loaded. Weights come from disk (open_clip's Hugging Face cache, or a file);
     where HF_HUB_OFFLINE is unset, missing ones are fetched, as `python -m dtplib.evaluate` does. A model whose
     weights cannot be had gets status "weights not on disk" and the reason in `message`; the others "ok".
     """
     if isinstance(specs, str):
         specs = [spec for spec in specs.split(",") if spec.strip()]
-    parsed = [parse_pretrained(spec) for spec in specs]
+    parsed = [_parse_pretrained(spec) for spec in specs]
     data_dir = repo_path(data_dir)
     zeroshot_classes(data_dir)  # a missing or empty folder fails before any model work
     rows = []
@@ -112,7 +113,7 @@ def pretrained_zeroshot(specs: str | Sequence[str | tuple[str, str]], data_dir: 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Finetuning the image tower with a linear head
+# 2. Finetuning the image tower with a linear head
 
 
 def zeroshot_head(model: nn.Module, tokenizer, classnames: Sequence[str], layout: str = "names",
@@ -180,20 +181,7 @@ def finetune(model: nn.Module, split: ImageFolderSplit, *, preprocess_train, pre
         raise ValueError(f"need epochs >= 1, lr > 0 and batch_size >= 1, got {epochs}, {lr}, {batch_size}")
     model = unwrap(model).to(device)
     seed_everything(seed)
-    if head is None:
-        head = "zeroshot" if tokenizer is not None else "probe"
-    if head == "zeroshot":
-        if tokenizer is None:
-            raise ValueError("head='zeroshot' needs the model's tokenizer")
-        head = zeroshot_head(model, tokenizer, split.classnames, split.layout, device=device)
-    elif head == "probe":
-        train_features, train_labels = extract_features(model, preprocess_val, split.train, batch_size, device)
-        head = linear_probe(train_features, train_labels, train_features, train_labels,
-                            num_classes=split.num_classes, seed=seed).classifier
-    elif isinstance(head, nn.Linear):
-        head = copy.deepcopy(head)
-    else:
-        raise ValueError(f"head must be 'zeroshot', 'probe' or an nn.Linear, got {head!r}")
+    head = _initial_head(model, split, head, tokenizer, preprocess_val, batch_size, device, seed)
     classifier = ImageClassifier(model.visual, head.to(device))
     test_features, test_labels = extract_features(model, preprocess_val, split.test, batch_size, device)
     head_top1_before = head_accuracy(head, test_features, test_labels)["top1"]
@@ -209,30 +197,9 @@ def finetune(model: nn.Module, split: ImageFolderSplit, *, preprocess_train, pre
     weight = use_config(model, boundary_loss_weight=boundary_loss_weight) if pools else contextlib.nullcontext()
     with weight:
         for epoch in range(epochs):
-            sums = {"loss": 0.0, "cross_entropy": 0.0, "boundary_loss": 0.0, "correct": 0, "images": 0,
-                    "segments": 0}
-            for images, labels, _ in loader:
-                if images is None:
-                    continue
-                images, labels = images.to(device), labels.to(device)
-
-                def cross_entropy(images=images, labels=labels):
-                    logits = classifier(images)  # B x C
-                    return F.cross_entropy(logits, labels), logits
-
-                result = train_step(classifier, optimizer, cross_entropy, step=step, device=torch.device(device),
-                                    lr=lr_at(step, lr=lr, warmup=warmup, total_steps=total_steps),
-                                    grad_clip_norm=grad_clip_norm, hint="try a lower lr")
-                if not result.finite:  # the update was skipped; stop here (a finetune reads its losses every step)
-                    raise NonFiniteLoss(f"loss is {result.loss.item()} at step {step}: stopping; try a lower lr")
-                step += 1
-                sums["loss"] += result.loss.item() * len(labels)
-                sums["cross_entropy"] += result.task_loss.item() * len(labels)
-                sums["boundary_loss"] += (result.boundary_loss.item() if result.boundary_loss is not None
-                                          else 0.0) * len(labels)
-                sums["correct"] += (result.outputs.argmax(1) == labels).sum().item()
-                sums["images"] += len(labels)
-                sums["segments"] += result.segments.sum().item() if pools else 0
+            sums, step = _finetune_epoch(classifier, optimizer, loader, step, lr=lr, warmup=warmup,
+                                        total_steps=total_steps, grad_clip_norm=grad_clip_norm, device=device,
+                                        pools=pools)
             seen = max(sums["images"], 1)
             history.append({"epoch": epoch, "loss": sums["loss"] / seen, "cross_entropy": sums["cross_entropy"] / seen,
                             "boundary_loss": sums["boundary_loss"] / seen, "train_top1": sums["correct"] / seen,
@@ -252,8 +219,58 @@ def finetune(model: nn.Module, split: ImageFolderSplit, *, preprocess_train, pre
             "head": head, **run_info(device, "fp32", batch_size)}
 
 
+def _initial_head(model: nn.Module, split: ImageFolderSplit, head: nn.Linear | str | None, tokenizer,
+                 preprocess_val, batch_size: int, device: str | torch.device, seed: int) -> nn.Linear:
+    """The head a finetune starts from: "zeroshot" (CLIP's text classifier), "probe" (a linear probe on the frozen
+    features), a copy of a given layer; None: "zeroshot" when a tokenizer is given, else "probe"."""
+    if head is None:
+        head = "zeroshot" if tokenizer is not None else "probe"
+    if head == "zeroshot":
+        if tokenizer is None:
+            raise ValueError("head='zeroshot' needs the model's tokenizer")
+        return zeroshot_head(model, tokenizer, split.classnames, split.layout, device=device)
+    if head == "probe":
+        train_features, train_labels = extract_features(model, preprocess_val, split.train, batch_size, device)
+        return linear_probe(train_features, train_labels, train_features, train_labels,
+                            num_classes=split.num_classes, seed=seed).classifier
+    if isinstance(head, nn.Linear):
+        return copy.deepcopy(head)
+    raise ValueError(f"head must be 'zeroshot', 'probe' or an nn.Linear, got {head!r}")
+
+
+def _finetune_epoch(classifier: nn.Module, optimizer: torch.optim.Optimizer, loader, step: int, *, lr: float,
+                   warmup: int, total_steps: int, grad_clip_norm: float | None, device: str | torch.device,
+                   pools: bool) -> tuple[dict, int]:
+    """One pass over the training images: cross-entropy (+ the tower's weighted prior) steps. Returns the sums
+    over the epoch (loss parts and correct answers weighted by images, segments) and the next step."""
+    sums = {"loss": 0.0, "cross_entropy": 0.0, "boundary_loss": 0.0, "correct": 0, "images": 0, "segments": 0}
+    for images, labels, _ in loader:
+        if images is None:
+            continue
+        images, labels = images.to(device), labels.to(device)
+
+        def cross_entropy(images=images, labels=labels):
+            logits = classifier(images)  # B x C
+            return F.cross_entropy(logits, labels), logits
+
+        result = train_step(classifier, optimizer, cross_entropy, step=step, device=torch.device(device),
+                            lr=lr_at(step, lr=lr, warmup=warmup, total_steps=total_steps),
+                            grad_clip_norm=grad_clip_norm, hint="try a lower lr")
+        if not result.finite:  # the update was skipped; stop here (a finetune reads its losses every step)
+            raise NonFiniteLoss(f"loss is {result.loss.item()} at step {step}: stopping; try a lower lr")
+        step += 1
+        sums["loss"] += result.loss.item() * len(labels)
+        sums["cross_entropy"] += result.task_loss.item() * len(labels)
+        sums["boundary_loss"] += (result.boundary_loss.item() if result.boundary_loss is not None
+                                  else 0.0) * len(labels)
+        sums["correct"] += (result.outputs.argmax(1) == labels).sum().item()
+        sums["images"] += len(labels)
+        sums["segments"] += result.segments.sum().item() if pools else 0
+    return sums, step
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 5. A DTP-ViT from a plain ViT
+# 3. A DTP-ViT from a plain ViT
 
 
 @dataclass
@@ -269,7 +286,7 @@ class FromViT:
     compression: float  # realised in eval on the prior images after the fit (1.0 for compression 1)
 
 
-def vit_state_dict(vit: str | Path | dict | nn.Module) -> dict | str | Path:
+def _vit_state_dict(vit: str | Path | dict | nn.Module) -> dict | str | Path:
     """A ViT source for `load_vit_weights`: a checkpoint file (a relative path is also tried from the repository
     root), a state dict, an open_clip CLIP, or "NAME/TAG" (open_clip pretrained weights, which must be on disk:
     `evaluate`'s message says how to fetch them)."""
@@ -279,7 +296,7 @@ def vit_state_dict(vit: str | Path | dict | nn.Module) -> dict | str | Path:
         return vit
     if Path(vit).is_file() or repo_path(vit).is_file():
         return vit if Path(vit).is_file() else repo_path(vit)
-    name, tag = parse_pretrained(str(vit))  # not a file: an open_clip pretrained spec, or an error naming the choices
+    name, tag = _parse_pretrained(str(vit))  # not a file: an open_clip pretrained spec, or an error naming the choices
     check_pretrained(name, tag)
     model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag)
     return model.state_dict()
@@ -290,11 +307,11 @@ def dtp_from_vit(arch: str, compression: float, vit: str | Path | dict | nn.Modu
                  upsample: bool = False, seed: int = 0, device: str | torch.device = "cpu", **overrides) -> FromViT:
     """`create_model_and_transforms(arch, compression)` with every ViT tensor of `vit` loaded, then the boundary
     predictor fitted to the binomial prior on `prior_images` (the rest frozen), so that it starts at its token
-    budget rather than at the random predictor's. `vit`: see `vit_state_dict`; a DTP-ViT CLIP of the same size
+    budget rather than at the random predictor's. `vit`: see `_vit_state_dict`; a DTP-ViT CLIP of the same size
     (such as a DTP-1x run of `dtplib.train`) loads too, see `load_dtp_weights`. The fit needs real images (a
     tensor, or samples / paths that the eval transform loads); compression 1 has no predictor and skips it."""
     model, preprocess_train, preprocess = create_model_and_transforms(arch, compression, upsample, **overrides)
-    state = read_state_dict(vit_state_dict(vit))
+    state = read_state_dict(_vit_state_dict(vit))
     report = load_dtp_weights(model, state) if any(k.startswith("visual.trunk.") for k in state) else (
         load_vit_weights(model, state))
     model.to(device)

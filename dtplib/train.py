@@ -6,9 +6,10 @@ The command line only: nothing in the package imports this module. Read top to b
 2. The model is `dtplib.training.checkpoint.build_from_config(config)`: a DTP-ViT CLIP (`--model ViT-B-32
    --compression 4`, or a registered name such as `DTP-ViT-B-32-4x`), or any open_clip model as the peer
    (`--model ViT-B-32`).
-3. `train_one_epoch`: `optim.train_step` (ClipLoss + the tower's weight x boundary prior, AdamW, cosine schedule
-   with warm-up, autocast, gradient clipping) over the loader; one row per step in steps.csv.
-4. `Checkpoints`: `epoch_<n>.pt` and `epoch_latest.pt`, written atomically and only when every tensor is finite,
+3. `_train_one_epoch`: `dtplib.training.optim.train_step` (ClipLoss + the tower's weight x boundary prior, AdamW,
+   cosine schedule with warm-up, autocast, gradient clipping) over the loader; one row per step in steps.csv.
+4. `_restore` and `_run_epochs`, with the run folder's `Checkpoints` and logs (`dtplib.training.runfolder`):
+   `epoch_<n>.pt` and `epoch_latest.pt`, written atomically and only when every tensor is finite,
    holding model, optimizer, scaler, schedule position, per-rank RNG states, the TrainConfig and the run's id;
    `--resume latest` continues a killed run exactly (from the newest checkpoint that reads whole), and a stop at
    --max-steps inside an epoch is saved as `epoch_latest.pt` marked `mid_epoch`, resumed at the same batch.
@@ -22,19 +23,16 @@ Several processes: `torchrun --nproc_per_node N -m dtplib.train ...` (NCCL on GP
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
 import os
-import random
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -46,16 +44,26 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .common.cli import CLI_ERRORS, run_cli
-from .common.files import append_csv, atomic_write_bytes, atomic_write_text
+from .common.files import atomic_write_text
 from .common.provenance import run_info
 from .common.runtime import default_device, process_memory_mb, seed_everything, unwrap
 from .data import loader as dtp_loader
 from .measure import evaluate as dtp_eval
 from .tower.clip import read_checkpoint
-from .tower.model import dtp_towers
+from .tower.control import dtp_towers
 from .training.checkpoint import build_from_config
 from .training.config import TrainConfig
 from .training.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
+from .training.runfolder import (
+    Checkpoints,
+    NonFiniteState,
+    RunLog,
+    format_value,
+    remove_partial_files,
+    rng_state,
+    set_rng_state,
+    truncate_csv,
+)
 
 log = logging.getLogger("dtplib.train")
 ESTIMATES = ("lost_samples_estimate",)  # loader skip counts that estimate, not count: left out of skipped_samples
@@ -74,7 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return TrainConfig.parse(argv, description=__doc__.split("\n")[0])
 
 
-def default_name(args: TrainConfig) -> str:
+def _default_name(args: TrainConfig) -> str:
     dtp = args.dtp
     model = args.model_name.removeprefix("DTP-")
     model += "-uniform" if dtp is not None and dtp.forced_boundaries else ""
@@ -100,7 +108,7 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(args: TrainConfig) -> Dist:
+def _init_distributed(args: TrainConfig) -> Dist:
     """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU); else one process."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -121,152 +129,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Checkpoints
-
-
-def rng_state() -> dict:
-    """This process's RNG states as tensors and plain values (loadable with weights_only=True)."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
-            "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(_as_tuples(state["python"]))
-
-
-def _as_tuples(value):
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-class NonFiniteState(FloatingPointError):
-    """The weights or optimizer state are NaN or infinite: they are not written as a checkpoint."""
-
-
-def non_finite_tensors(state: dict) -> list[str]:
-    """Names of the floating-point tensors of a training state (model and optimizer) that hold a NaN or an inf."""
-    found = [k for k, v in state["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    for index, values in state["optimizer"].get("state", {}).items():
-        found += [f"optimizer state {index}.{k}" for k, v in values.items()
-                  if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
-    return found
-
-
-class Checkpoints:
-    """`<run>/checkpoints/epoch_<n>.pt` every --save-frequency epochs and `epoch_latest.pt` every epoch (or where
-    --max-steps stops mid-epoch, marked `mid_epoch`), each written to a temporary file and renamed, so a kill at
-    any moment leaves the previous checkpoint whole. A state with a non-finite tensor is never written."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def save(self, state: dict, epoch: int, keep_numbered: bool) -> Path:
-        bad = non_finite_tensors(state)
-        if bad:
-            raise NonFiniteState(f"{len(bad)} tensors are not finite ({', '.join(bad[:3])}, ...) at step "
-                                 f"{state['step']}: no checkpoint written; {self.kept()}")
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        payload = buffer.getvalue()
-        if keep_numbered:
-            atomic_write_bytes(self.folder / f"epoch_{epoch}.pt", payload)
-        latest = self.folder / "epoch_latest.pt"
-        atomic_write_bytes(latest, payload)
-        return latest
-
-    def candidates(self) -> list[Path]:
-        """Checkpoints to resume from, best first: epoch_latest.pt, then epoch_<n>.pt from the newest."""
-        numbered = sorted(self.folder.glob("epoch_[0-9]*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
-        latest = self.folder / "epoch_latest.pt"
-        return ([latest] if latest.is_file() else []) + numbered
-
-    def latest(self) -> Path | None:
-        found = self.candidates()
-        return found[0] if found else None
-
-    def load_latest(self) -> tuple[Path, dict] | None:
-        """The newest checkpoint that reads whole, with its state; a corrupt one is passed over and said so."""
-        for path in self.candidates():
-            try:
-                return path, read_checkpoint(path)
-            except (ValueError, OSError) as exn:  # read_checkpoint names a torn or foreign file
-                log.warning("checkpoint %s cannot be read (%s): trying an older one", path, str(exn)[:200] or
-                            type(exn).__name__)
-        return None
-
-    def kept(self) -> str:
-        latest = self.latest()
-        return f"the last good checkpoint is kept: {latest}" if latest else "there is no checkpoint of this run"
-
-
-def remove_partial_files(*folders: Path) -> None:
-    """Remove the hidden temporary files of atomic writes that a killed process left behind."""
-    for folder in folders:
-        for partial in folder.glob(".*.tmp"):
-            partial.unlink(missing_ok=True)
-            log.info("removed %s, a partial write of a killed run", partial)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. Logging
-
-
-class RunLog:
-    """steps.csv, epochs.csv, TensorBoard and out.log in the run folder; only the main process writes."""
-
-    def __init__(self, folder: Path, enabled: bool, tensorboard: bool):
-        self.folder, self.enabled = folder, enabled
-        self.writer = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(folder / "tensorboard"))
-
-    def csv_row(self, file: str, row: dict, columns: Sequence[str] | None = None) -> None:
-        """Append a row; a row with columns the file lacks (an evaluation every n epochs) widens the file."""
-        if self.enabled:
-            append_csv(self.folder / file, {k: _fmt(v) for k, v in row.items()}, columns)
-
-    def scalars(self, prefix: str, values: dict, step: int) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _fmt(value):
-    return f"{value:.6g}" if isinstance(value, float) else ("" if value is None else value)
-
-
-def truncate_csv(path: Path, keep) -> None:
-    """Drop rows a resumed run will write again (steps after the checkpoint), so the CSV has no duplicates."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-        columns = list(rows[0]) if rows else None
-    if columns is None:
-        return
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(r for r in rows if keep(r))
-    atomic_write_text(path, out.getvalue())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 5. Training
+# 3. Training
 
 
 @dataclass
@@ -286,7 +149,7 @@ STEP_VALUES = ("loss", "contrastive_loss", "boundary_loss", "logit_scale", "fini
                "capacity_dropped")
 
 
-def step_values(result, num_patches: int | None) -> torch.Tensor:
+def _step_values(result, num_patches: int | None) -> torch.Tensor:
     """The device values of one `train_step` to log, stacked (no host read)."""
     zero = result.loss.new_zeros((), dtype=torch.float32)
     return torch.stack([result.loss.float(), result.task_loss.float(),
@@ -296,7 +159,7 @@ def step_values(result, num_patches: int | None) -> torch.Tensor:
                         result.dropped.float() if result.dropped is not None else zero])
 
 
-def read_steps(pending: list[PendingStep], device: torch.device, world_size: int,
+def _read_steps(pending: list[PendingStep], device: torch.device, world_size: int,
                num_patches: int | None) -> tuple[list[dict], str | None]:
     """The rows of the pending steps, read to the host in one transfer (the loop's only synchronisation), up to
     the first step whose loss was not finite (its update was skipped on the device), and then what that was."""
@@ -327,7 +190,7 @@ def read_steps(pending: list[PendingStep], device: torch.device, world_size: int
     return rows, None
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfig, dist_env: Dist, epoch: int,
+def _train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfig, dist_env: Dist, epoch: int,
                     step: int, total_steps: int, run_log: RunLog, kept: str,
                     skip_batches: int = 0, read_every_step: int = 0) -> tuple[int, list[dict], bool]:
     """One pass over the loader with `optim.train_step`, the first `skip_batches` (done before a mid-epoch
@@ -349,7 +212,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfig
                leave=False, initial=skip_batches)
 
     def flush() -> None:
-        rows, not_finite = read_steps(pending, device, dist_env.world_size, num_patches)
+        rows, not_finite = _read_steps(pending, device, dist_env.world_size, num_patches)
         for row in rows:
             records.append(row)
             run_log.csv_row("steps.csv", row, STEP_COLUMNS)
@@ -388,7 +251,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfig
         with torch.no_grad():  # open_clip clamps the temperature to 100
             unwrap(model).logit_scale.clamp_(0, math.log(100))
         pending.append(PendingStep(epoch, step, lr, data_time, time.perf_counter() - start, len(images),
-                                   step_values(result, num_patches)))
+                                   _step_values(result, num_patches)))
         step += 1
         if len(records) + len(pending) <= read_every_step or step % args.log_every_n_steps == 0:
             flush()
@@ -399,7 +262,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfig
     return step, records, True
 
 
-def epoch_summary(epoch: int, records: list[dict], timing_warmup: int, first_epoch: bool) -> dict:
+def _epoch_summary(epoch: int, records: list[dict], timing_warmup: int, first_epoch: bool) -> dict:
     """Per-epoch means; step-time statistics exclude the process's first `timing_warmup` steps (reported apart).
     The first epoch of a process (a fresh or a resumed run) is marked: its first steps are slower."""
     def mean(key, rows):
@@ -423,14 +286,14 @@ def epoch_summary(epoch: int, records: list[dict], timing_warmup: int, first_epo
     }
 
 
-def due(epoch_done: int, frequency: int, epochs: int) -> bool:
+def _due(epoch_done: int, frequency: int, epochs: int) -> bool:
     """Evaluate after epoch n (1-based) when n is a multiple of frequency, and always after the last."""
     return frequency > 0 and (epoch_done % frequency == 0 or epoch_done == epochs)
 
 
 def run_evaluations(model, preprocess_val, tokenizer, args, device, epoch_done: int) -> dict:
-    zeroshot = due(epoch_done, args.zeroshot_frequency, args.epochs)
-    retrieval = due(epoch_done, args.val_frequency, args.epochs) and args.val_data
+    zeroshot = _due(epoch_done, args.zeroshot_frequency, args.epochs)
+    retrieval = _due(epoch_done, args.val_frequency, args.epochs) and args.val_data
     if not (zeroshot and (args.zeroshot_data or args.imagenet_val)) and not retrieval:
         return {}
     return dtp_eval.evaluate(
@@ -450,7 +313,7 @@ def train(args: TrainConfig) -> dict:
     "checkpoint"}. The config is checked first, before any run folder exists."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     args.check(world_size)
-    dist_env = init_distributed(args)
+    dist_env = _init_distributed(args)
     try:
         return _run(args, dist_env)
     finally:
@@ -461,7 +324,7 @@ def train(args: TrainConfig) -> dict:
 def _run(args: TrainConfig, dist_env: Dist) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = args.name or default_name(args)
+    name = args.name or _default_name(args)
     if dist_env.world_size > 1 and args.name is None:  # every rank must agree on the folder: take rank 0's
         names = [name]
         dist.broadcast_object_list(names, src=0)
@@ -473,7 +336,7 @@ def _run(args: TrainConfig, dist_env: Dist) -> dict:
     if args.resume and args.resume != "latest":
         resume = Path(args.resume), read_checkpoint(args.resume)
         if params_file.exists():  # a folder records its run; a checkpoint records the run it belongs to
-            held, incoming = run_identity(json.loads(params_file.read_text())), run_identity(resume[1])
+            held, incoming = _run_identity(json.loads(params_file.read_text())), _run_identity(resume[1])
             if held != incoming:
                 raise FileExistsError(f"run folder {run_dir} holds run {held}, but --resume {args.resume} belongs "
                                       f"to run {incoming}: give a new --name to continue from it")
@@ -512,65 +375,61 @@ def _latest_or_fresh(run_dir: Path, checkpoints: Checkpoints, main: bool) -> tup
     return resume
 
 
-def run_identity(record: dict) -> str:
+def _run_identity(record: dict) -> str:
     """The run a params.json or a checkpoint belongs to: its run_id (older runs: their name)."""
     return record.get("run_id") or record.get("name") or "unknown"
+
+
+@dataclass
+class Position:
+    """Where a run stands: the epoch it starts at, the global step, batches of that epoch already done (a stop at
+    --max-steps), and the run's id (kept across resumes)."""
+
+    epoch: int = 0
+    step: int = 0
+    skip_batches: int = 0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class Training:
+    """The objects one run trains with (`train_model`: the model under DDP and torch.compile, when asked)."""
+
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    loss_fn: ClipLoss
+    loader: object
+    preprocess_val: object
+    tokenizer: object
 
 
 def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoints: Checkpoints,
            resume: tuple[Path, dict] | None) -> dict:
     seed_everything(args.seed + dist_env.rank)
-
     model, preprocess_train, preprocess_val, tokenizer = build_from_config(args)
     model.to(dist_env.device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = make_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps, args.adamw_impl)
     scaler = torch.amp.GradScaler(dist_env.device.type) if args.precision == "amp" else None
-
     loader = dtp_loader.make_loader(args.train_data, preprocess_train, tokenizer, args.batch_size, args.workers,
                                     resampled=args.dataset_resampled, seed=args.seed, is_train=True,
                                     num_samples=args.train_num_samples, pin_memory=dist_env.device.type == "cuda")
-    steps_per_epoch = loader.num_batches
-    total_steps = steps_per_epoch * args.epochs
+    total_steps = loader.num_batches * args.epochs
     if args.warmup >= total_steps and args.lr_scheduler == "cosine":
         log.warning("--warmup %d >= total steps %d: the learning rate never reaches --lr nor decays",
                     args.warmup, total_steps)
-
-    start_epoch, step, skip_batches, run_id = 0, 0, 0, uuid.uuid4().hex
     if args.resume == "latest":
         resume = _latest_or_fresh(run_dir, checkpoints, dist_env.main)
-    if resume is not None:
-        resume_from, state = resume
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state["state_dict"].items()})
-        optimizer.load_state_dict(state["optimizer"])
-        use_adamw_impl(optimizer, args.adamw_impl)  # the flag's kernel, not the checkpoint's
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"], state["step"]
-        skip_batches = state.get("batches_done", 0) if state.get("mid_epoch") else 0
-        if (run_dir / "params.json").exists() or args.resume == "latest":  # its own run; else a new run from it
-            run_id = state.get("run_id", run_id)
-        rng = state.get("rng", [])
-        if len(rng) == dist_env.world_size:
-            set_rng_state(rng[dist_env.rank])
-        else:
-            log.warning("checkpoint has RNG states of %d processes, this run has %d: reseeding", len(rng),
-                        dist_env.world_size)
-            seed_everything(args.seed + start_epoch + dist_env.rank)
-        if dist_env.main:
-            truncate_csv(run_dir / "steps.csv", lambda r: int(r["step"]) < step)
-            truncate_csv(run_dir / "epochs.csv", lambda r: int(r["epoch"]) < start_epoch)
-        log.info("resumed from %s at epoch %d, step %d%s", resume_from, start_epoch, step,
-                 f" ({skip_batches} batches into the epoch)" if skip_batches else "")
-
+    position = Position() if resume is None else _restore(args, dist_env, run_dir, resume, model, optimizer, scaler)
     if dist_env.main:
-        params = {**args.to_dict(), "name": name, "run_id": run_id, "world_size": dist_env.world_size,
-                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+        params = {**args.to_dict(), "name": name, "run_id": position.run_id, "world_size": dist_env.world_size,
+                  "steps_per_epoch": loader.num_batches, "total_steps": total_steps,
                   "samples_per_epoch": loader.num_samples, "parameters": sum(p.numel() for p in model.parameters()),
                   **run_info(dist_env.device, args.precision, args.batch_size)}
         atomic_write_text(run_dir / "params.json", json.dumps(params, indent=2, default=str))
-
     train_model = model
     if dist_env.world_size > 1:
         train_model = DistributedDataParallel(
@@ -579,53 +438,100 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
         train_model = compile_for_training(train_model, model, dist_env.world_size)
     loss_fn = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
                        rank=dist_env.rank, world_size=dist_env.world_size)
+    training = Training(model, train_model, optimizer, scaler, loss_fn, loader, preprocess_val, tokenizer)
     run_log = RunLog(run_dir, dist_env.main, args.report_to == "tensorboard")
-    summaries = []
     try:
-        for epoch in range(start_epoch, args.epochs):
-            if args.max_steps is not None and step >= args.max_steps:
-                break
-            loader.set_epoch(epoch)
-            epoch_start = step - skip_batches
-            step, records, complete = train_one_epoch(
-                train_model, loader, loss_fn, optimizer, scaler, args, dist_env, epoch, step, total_steps, run_log,
-                checkpoints.kept(), skip_batches, read_every_step=args.timing_warmup if epoch == start_epoch else 0)
-            skip_batches = 0
-            if dist_env.world_size > 1:
-                dist.barrier()
-            state = {"epoch": epoch + 1 if complete else epoch, "step": step, "name": name, "run_id": run_id,
-                     "mid_epoch": not complete, "batches_done": step - epoch_start,
-                     "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler else {},
-                     "schedule": {"kind": args.lr_scheduler, "step": step, "total_steps": total_steps,
-                                  "warmup": args.warmup, "lr": args.lr}, "args": args.to_dict()}
-            if not complete:  # --max-steps: resumable, never labelled as a finished epoch
-                state["rng"] = _gather_rng(dist_env)
-                if dist_env.main:
-                    path = checkpoints.save(state, epoch, keep_numbered=False)
-                    log.info("stopped at --max-steps %d, %d batches into epoch %d: %s", step,
-                             state["batches_done"], epoch, path)
-                break
-            summary = epoch_summary(epoch, records, args.timing_warmup, first_epoch=epoch == start_epoch)
-            skipped = dict(sorted(loader.skipped.items()))
-            summary["skipped_samples"] = sum(v for k, v in skipped.items() if k not in ESTIMATES)
-            summary.update({f"skipped_{reason}": count for reason, count in skipped.items()})
-            if dist_env.main:
-                summary.update(run_evaluations(model, preprocess_val, tokenizer, args, dist_env.device, epoch + 1))
-            if dist_env.world_size > 1:
-                dist.barrier()
-            state["rng"] = _gather_rng(dist_env)
-            if dist_env.main:  # the row first: a kill before the checkpoint is written drops it on resume
-                summary["checkpoint"] = "epoch_latest.pt"
-                run_log.csv_row("epochs.csv", summary)
-                checkpoints.save(state, epoch + 1, keep_numbered=(epoch + 1) % args.save_frequency == 0
-                                 or epoch + 1 == args.epochs)
-                run_log.scalars("epoch", summary, epoch + 1)
-                log.info("epoch %d: %s", epoch, {k: _fmt(v) for k, v in summary.items()})
-            summaries.append(summary)
+        summaries = _run_epochs(args, dist_env, name, training, position, total_steps, checkpoints, run_log)
     finally:
         run_log.close()
     return {"run_dir": run_dir, "epochs": summaries, "checkpoint": checkpoints.latest()}
+
+
+def _restore(args: TrainConfig, dist_env: Dist, run_dir: Path, resume: tuple[Path, dict], model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> Position:
+    """Load a checkpoint's weights, optimizer, scaler and RNG states; drop the CSV rows past it. Returns where the
+    run stands: the checkpoint's own run id when it continues its run, a new one when a new run starts from it."""
+    resume_from, state = resume
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state["state_dict"].items()})
+    optimizer.load_state_dict(state["optimizer"])
+    use_adamw_impl(optimizer, args.adamw_impl)  # the flag's kernel, not the checkpoint's
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    position = Position(state["epoch"], state["step"],
+                        state.get("batches_done", 0) if state.get("mid_epoch") else 0)
+    if (run_dir / "params.json").exists() or args.resume == "latest":  # its own run; else a new run from it
+        position.run_id = state.get("run_id", position.run_id)
+    rng = state.get("rng", [])
+    if len(rng) == dist_env.world_size:
+        set_rng_state(rng[dist_env.rank])
+    else:
+        log.warning("checkpoint has RNG states of %d processes, this run has %d: reseeding", len(rng),
+                    dist_env.world_size)
+        seed_everything(args.seed + position.epoch + dist_env.rank)
+    if dist_env.main:
+        truncate_csv(run_dir / "steps.csv", lambda r: int(r["step"]) < position.step)
+        truncate_csv(run_dir / "epochs.csv", lambda r: int(r["epoch"]) < position.epoch)
+    log.info("resumed from %s at epoch %d, step %d%s", resume_from, position.epoch, position.step,
+             f" ({position.skip_batches} batches into the epoch)" if position.skip_batches else "")
+    return position
+
+
+def _checkpoint_state(args: TrainConfig, training: Training, name: str, run_id: str, epoch: int, step: int,
+                     total_steps: int, batches_done: int, complete: bool) -> dict:
+    """What a checkpoint holds (the RNG states are added by the caller, gathered from every rank)."""
+    return {"epoch": epoch + 1 if complete else epoch, "step": step, "name": name, "run_id": run_id,
+            "mid_epoch": not complete, "batches_done": batches_done,
+            "state_dict": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
+            "scaler": training.scaler.state_dict() if training.scaler else {},
+            "schedule": {"kind": args.lr_scheduler, "step": step, "total_steps": total_steps,
+                         "warmup": args.warmup, "lr": args.lr}, "args": args.to_dict()}
+
+
+def _run_epochs(args: TrainConfig, dist_env: Dist, name: str, training: Training, position: Position,
+               total_steps: int, checkpoints: Checkpoints, run_log: RunLog) -> list[dict]:
+    """The epochs from `position` on: train, summarise, evaluate, checkpoint (a --max-steps stop mid-epoch saves a
+    resumable epoch_latest.pt and ends the loop). Returns the epochs' summary rows."""
+    summaries, step, skip_batches = [], position.step, position.skip_batches
+    for epoch in range(position.epoch, args.epochs):
+        if args.max_steps is not None and step >= args.max_steps:
+            break
+        training.loader.set_epoch(epoch)
+        epoch_start = step - skip_batches
+        step, records, complete = _train_one_epoch(
+            training.train_model, training.loader, training.loss_fn, training.optimizer, training.scaler, args,
+            dist_env, epoch, step, total_steps, run_log, checkpoints.kept(), skip_batches,
+            read_every_step=args.timing_warmup if epoch == position.epoch else 0)
+        skip_batches = 0
+        if dist_env.world_size > 1:
+            dist.barrier()
+        state = _checkpoint_state(args, training, name, position.run_id, epoch, step, total_steps,
+                                 step - epoch_start, complete)
+        if not complete:  # --max-steps: resumable, never labelled as a finished epoch
+            state["rng"] = _gather_rng(dist_env)
+            if dist_env.main:
+                path = checkpoints.save(state, epoch, keep_numbered=False)
+                log.info("stopped at --max-steps %d, %d batches into epoch %d: %s", step,
+                         state["batches_done"], epoch, path)
+            break
+        summary = _epoch_summary(epoch, records, args.timing_warmup, first_epoch=epoch == position.epoch)
+        skipped = dict(sorted(training.loader.skipped.items()))
+        summary["skipped_samples"] = sum(v for k, v in skipped.items() if k not in ESTIMATES)
+        summary.update({f"skipped_{reason}": count for reason, count in skipped.items()})
+        if dist_env.main:
+            summary.update(run_evaluations(training.model, training.preprocess_val, training.tokenizer, args,
+                                           dist_env.device, epoch + 1))
+        if dist_env.world_size > 1:
+            dist.barrier()
+        state["rng"] = _gather_rng(dist_env)
+        if dist_env.main:  # the row first: a kill before the checkpoint is written drops it on resume
+            summary["checkpoint"] = "epoch_latest.pt"
+            run_log.csv_row("epochs.csv", summary)
+            checkpoints.save(state, epoch + 1, keep_numbered=(epoch + 1) % args.save_frequency == 0
+                             or epoch + 1 == args.epochs)
+            run_log.scalars("epoch", summary, epoch + 1)
+            log.info("epoch %d: %s", epoch, {k: format_value(v) for k, v in summary.items()})
+        summaries.append(summary)
+    return summaries
 
 
 def compile_for_training(train_model: torch.nn.Module, model: torch.nn.Module, world_size: int) -> torch.nn.Module:
@@ -663,7 +569,7 @@ def launch(config: TrainConfig, nproc_per_node: int, extra_torchrun: Sequence[st
     """Run `torchrun --nproc_per_node N -m dtplib.train <config's flags>` and wait; returns the run folder."""
     config.check(nproc_per_node)
     if config.name is None:  # fix the name here so that the caller knows where the run lands
-        config = config.replace(name=default_name(config))
+        config = config.replace(name=_default_name(config))
     # "--" ends torchrun's own flags: without it torchrun reads our --logs as an abbreviation of its --logs-specs
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
                *extra_torchrun, "-m", "dtplib.train", "--", *config.to_argv()]

@@ -19,7 +19,7 @@ UNTRAINED = ("note: no checkpoint, so the boundary predictor is untrained (rando
              "about the images yet")
 
 
-def model_label(name: str | None, checkpoint: str | None) -> str:
+def _model_label(name: str | None, checkpoint: str | None) -> str:
     """The open_clip name a row is about: the one given, else the one a dtplib.train checkpoint was trained as."""
     if name or not checkpoint:
         return name or ""
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
         table = alignment(model, preprocess, args.coco, args.num_images, args.batch_size, args.draws)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if args.output:
-            provenance = {"model": model_label(args.model, args.checkpoint), "checkpoint": args.checkpoint or "",
+            provenance = {"model": _model_label(args.model, args.checkpoint), "checkpoint": args.checkpoint or "",
                           **run_info("cpu", "fp32", args.batch_size)}
             append_csv(repo_path(args.output), table.assign(**provenance).to_dict("records"))
         return table

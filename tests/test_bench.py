@@ -9,7 +9,7 @@ from dtplib.common.paths import repo_path
 from dtplib.figures import plots
 from dtplib.measure import bench, tables
 from dtplib.measure.specs import parse_spec
-from dtplib.tower.model import get_tower
+from dtplib.tower.control import get_tower
 
 COLUMNS = {"model", "mode", "execution", "boundaries", "median_s", "p10_s", "p90_s", "images_per_s", "peak_memory_mb",
            "realised_compression", "forward_gmacs", "speedup", "analytic_bound", "padded_bound", "efficiency",

@@ -15,7 +15,8 @@ from conftest import flickr_captions, flickr_photos
 
 import dtplib.tower.packed
 from dtplib.common.images import load_images
-from dtplib.tower.model import cap_boundaries, get_tower
+from dtplib.tower.boundaries import cap_boundaries
+from dtplib.tower.control import get_tower
 from dtplib.tower.packed import Packing, StaticPacking, bucket_splits, varlen_attention_available
 
 

@@ -19,7 +19,7 @@ from dtplib import evaluate as evaluate_command
 from dtplib import train
 from dtplib.common.paths import REPO_ROOT
 from dtplib.measure import evaluate
-from dtplib.tower.model import get_tower
+from dtplib.tower.control import get_tower
 from dtplib.training.optim import lr_at
 
 TI_4X = ["--model", "ViT-Ti-8-64", "--compression", "4"]

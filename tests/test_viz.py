@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 import dtplib
 from dtplib import viz as viz_command
 from dtplib.figures import viz
-from dtplib.tower.model import expand_forced
+from dtplib.tower.boundaries import expand_forced
 from dtplib.tower.order import patch_order
 
 

@@ -2,11 +2,11 @@
 
 The command line over the data modules (`python -m dtplib.data -h`):
 - `from-captions`: an image folder + captions file (Flickr8k tsv, COCO json) -> seeded train/val/test shards
-  (`dtplib.shards.from_captions`).
+  (`dtplib.data.shards.from_captions`).
 - `from-urls`: a LAION-style URL list -> img2dataset -> shards, plus a success-rate summary
-  (`dtplib.download.from_urls`).
-- `bench`: images/s of the training loader (`dtplib.loaderbench.benchmark_loader`; the loader itself is
-  `dtplib.loader.make_loader`).
+  (`dtplib.data.download.from_urls`).
+- `bench`: images/s of the training loader (`dtplib.data.loaderbench.benchmark_loader`; the loader itself is
+  `dtplib.data.loader.make_loader`).
 """
 
 from __future__ import annotations

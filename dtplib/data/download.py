@@ -64,7 +64,7 @@ def from_urls(url_list: str | Path, out: str | Path, *, url_col: str = "url", ca
         timeout=timeout, retries=retries, extract_exif=False, distributor="multiprocessing",
         enable_wandb=False,
     )
-    return summarize_downloads(out)
+    return _summarize_downloads(out)
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _check_url_list(url_list: Path, input_format: str | None, columns: Sequence[
     return table
 
 
-def summarize_downloads(out: str | Path) -> dict:
+def _summarize_downloads(out: str | Path) -> dict:
     """Aggregate img2dataset's NNNNN_stats.json files: summary.csv (one row per shard and a total),
     summary.json (totals, success rate, failure reasons), sizes.json (successes per shard: make_loader)."""
     out = Path(out)

@@ -41,7 +41,7 @@ def class_folders(root: Path) -> tuple[list[Path], list[Path]]:
     return with_images, [folder for folder in folders if folder not in with_images]
 
 
-def refuse_empty_classes(root: Path, with_images: Sequence[Path], empty: Sequence[Path],
+def _refuse_empty_classes(root: Path, with_images: Sequence[Path], empty: Sequence[Path],
                          skip_empty_classes: bool) -> None:
     """An empty class folder is a ValueError naming it, as torchvision's ImageFolder refuses one, unless skipped; a
     directory whose every class folder is empty is refused either way."""
@@ -81,7 +81,7 @@ def zeroshot_classes(data_dir: str | Path, *, skip_empty_classes: bool = False) 
                          f"{[f for f, w in zip(folders, is_wnid, strict=True) if not w][:2]}")
     else:
         names, layout = [folder.replace("_", " ") for folder in folders], "names"
-    refuse_empty_classes(root, with_images, empty, skip_empty_classes)
+    _refuse_empty_classes(root, with_images, empty, skip_empty_classes)
     kept = {folder.name for folder in with_images}
     return [name for folder, name in zip(folders, names, strict=True) if folder in kept], layout
 
@@ -90,7 +90,7 @@ def image_files(root: Path, max_per_class: int | None, skip_empty_classes: bool 
     """(path, label) for the images of each class folder in sorted path order, the first `max_per_class` of each.
     Labels follow `zeroshot_classes(root, skip_empty_classes=...)`; an empty class folder is refused unless skipped."""
     folders, empty = class_folders(Path(root))
-    refuse_empty_classes(Path(root), folders, empty, skip_empty_classes)
+    _refuse_empty_classes(Path(root), folders, empty, skip_empty_classes)
     samples = []
     for label, folder in enumerate(folders):
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())

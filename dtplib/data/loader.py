@@ -34,13 +34,13 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # sample fields the loader reads an
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # PIL on bad bytes
 
 
-def image_bytes(sample: dict) -> bytes | None:
+def _image_bytes(sample: dict) -> bytes | None:
     """The encoded image of a shard sample: the first of IMAGE_KEYS it holds, or None if it holds none."""
     image_field = next((k for k in IMAGE_KEYS if k in sample), None)
     return None if image_field is None else sample[image_field]
 
 
-def decode_image(data: bytes) -> Image.Image:
+def _decode_image(data: bytes) -> Image.Image:
     """Encoded image bytes -> an RGB PIL image. Raises one of DECODE_ERRORS when PIL cannot decode them."""
     return open_rgb(io.BytesIO(data))
 
@@ -157,7 +157,7 @@ def _decoded(samples: Iterator[dict], preprocess, caption_choice: str, counter: 
     augment = _seeded_rng_state(_worker_seed(seed, epoch, salt=3))
     for sample in samples:
         key = f"{sample.get('__url__')}:{sample.get('__key__')}"
-        encoded = image_bytes(sample)
+        encoded = _image_bytes(sample)
         if encoded is None:
             counter.skip("no_image", key)
             continue
@@ -166,7 +166,7 @@ def _decoded(samples: Iterator[dict], preprocess, caption_choice: str, counter: 
             counter.skip("no_caption", key)
             continue
         try:
-            image = decode_image(encoded)
+            image = _decode_image(encoded)
         except DECODE_ERRORS as exn:
             counter.skip("undecodable_image", f"{key}: {exn!r}")
             continue
@@ -259,7 +259,7 @@ def expand_shards(urls: str | Path | Sequence[str | Path]) -> list[str]:
     return shards
 
 
-def declared_sizes(shards: Sequence[str]) -> dict[str, int]:
+def _declared_sizes(shards: Sequence[str]) -> dict[str, int]:
     """{shard: samples} for the shards that a sizes.json next to them names (written by from_captions and
     from_urls); shards without one are left out. A sizes.json that is not a JSON object of counts is a
     ValueError naming it."""
@@ -281,7 +281,7 @@ def declared_sizes(shards: Sequence[str]) -> dict[str, int]:
 
 def dataset_size(shards: Sequence[str]) -> int | None:
     """Number of samples from the sizes.json next to the shards; None when one of the shards is not in one."""
-    sizes = declared_sizes(shards)
+    sizes = _declared_sizes(shards)
     return sum(sizes[s] for s in shards) if all(s in sizes for s in shards) else None
 
 
@@ -319,7 +319,7 @@ def make_loader(urls: str | Path | Sequence[str], preprocess, tokenizer, batch_s
                   wds.split_by_node, wds.split_by_worker]
     else:
         source = [wds.SimpleShardList(shards), wds.split_by_worker]
-    sizes = declared_sizes(shards)
+    sizes = _declared_sizes(shards)
     stages = [partial(_shard_samples, counter=counter, sizes=sizes)]
     if is_train:
         stages.append(partial(_shuffled_samples, seed=seed, epoch=shared_epoch, bufsize=shuffle_buffer))
@@ -363,11 +363,11 @@ def iter_samples(shards: str | Sequence[str], limit: int | None = None) -> Itera
     for sample in dataset:
         if limit is not None and produced >= limit:
             return
-        encoded = image_bytes(sample)
+        encoded = _image_bytes(sample)
         if encoded is None:
             continue
         try:
-            image = decode_image(encoded)
+            image = _decode_image(encoded)
         except DECODE_ERRORS:
             continue
         meta = json.loads(sample["json"]) if "json" in sample else {}

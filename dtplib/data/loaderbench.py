@@ -1,7 +1,7 @@
 """Loader throughput: images per second of the training loader over shards (`python -m dtplib.data bench`).
 
-`benchmark_loader` times one epoch of `make_loader` with open_clip's train transform; `dtplib.utils.append_csv` adds
-its result, with provenance columns, to a results CSV such as results/loader_bench.csv.
+`benchmark_loader` times one epoch of `make_loader` with open_clip's train transform; `dtplib.common.files.append_csv`
+adds its result, with provenance columns, to a results CSV such as results/loader_bench.csv.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def assign_splits(paths: Sequence[str], val_size: float, test_size: float, seed:
     return split_of | {p: "train" for p in order[n_test + n_val:]}
 
 
-def sample_key(path: str) -> str:
+def _sample_key(path: str) -> str:
     """Webdataset key for an image path: no slashes and no dots (webdataset splits off extensions there)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", str(Path(path).with_suffix("")))
 
@@ -196,6 +196,43 @@ def from_captions(images: str | Path, captions: str | Path, out: str | Path, *, 
     `limit` keeps the first N images by path (for quick runs).
     """
     images, captions, out = Path(images), Path(captions), Path(out)
+    entries, missing = _read_entries(images, captions, limit, strict)
+    keys = {p: _sample_key(p) for p in entries}
+    if len(set(keys.values())) < len(keys):
+        clash = Counter(keys.values()).most_common(1)[0][0]
+        raise ValueError(f"two images map to the same sample key {clash!r} (same name, different extension?)")
+    split_of = assign_splits(list(entries), val_size, test_size, seed)
+    skips = _Skips()
+    jobs = _kept_captions(entries, split_of, set(missing), skips)
+    if not jobs:
+        raise ValueError(f"{captions}: no image has a non-empty caption")
+    _prepare_out_dir(out, overwrite)
+    written = _write_shards(images, out, jobs, split_of, keys, skips, image_size=image_size,
+                            encode_quality=encode_quality, shard_size=shard_size, processes=processes)
+    _write_sizes_and_licences(out, written)
+    stats = {
+        "source": {"images": str(images), "captions": str(captions)},
+        "options": {"image_size": image_size, "encode_quality": encode_quality, "shard_size": shard_size,
+                    "val_size": val_size, "test_size": test_size, "seed": seed, "limit": limit},
+        "images_in": len(entries),
+        "pairs_in": sum(len(e.captions) for e in entries.values()),
+        "samples_out": sum(sum(s.values()) for s in written.sizes.values()),
+        "captions_out": sum(written.captions.values()),
+        "skipped": dict(skips.images),
+        "captions_skipped": {k: v for k, v in skips.captions.items() if v},
+        "skipped_examples": skips.examples,
+        "splits": {split: {"samples": sum(written.sizes[split].values()), "captions": written.captions[split],
+                           "shards": f"{split}/{brace_pattern(sorted(written.sizes[split]))}"}
+                   for split in SPLITS if written.sizes[split]},
+    }
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=1))
+    return stats
+
+
+def _read_entries(images: Path, captions: Path, limit: int | None, strict: bool
+                  ) -> tuple[dict[str, CaptionedImage], list[str]]:
+    """The captioned images (the first `limit` by path) and those of them missing under `images`; the errors that
+    come before any image is read."""
     if not images.is_dir():
         raise FileNotFoundError(f"images folder not found: {images}")
     if not captions.is_file():
@@ -210,42 +247,60 @@ def from_captions(images: str | Path, captions: str | Path, out: str | Path, *, 
     if missing and strict:
         raise FileNotFoundError(f"{len(missing)} images named in {captions} are missing under {images}, "
                                 f"e.g. {missing[:3]}")
-    keys = {p: sample_key(p) for p in entries}
-    if len(set(keys.values())) < len(keys):
-        clash = Counter(keys.values()).most_common(1)[0][0]
-        raise ValueError(f"two images map to the same sample key {clash!r} (same name, different extension?)")
-    split_of = assign_splits(list(entries), val_size, test_size, seed)
+    return entries, missing
 
-    image_skips, caption_skips, examples = Counter(), Counter(), {}
 
-    def skip(entry: CaptionedImage, reason: str, n_captions: int) -> None:
-        image_skips[reason] += 1
-        caption_skips[reason] += n_captions
-        examples.setdefault(reason, [])
-        if len(examples[reason]) < 5:
-            examples[reason].append(entry.path)
+@dataclass
+class _Skips:
+    """Images and captions left out, by reason, with up to five example paths per reason (stats.json)."""
 
-    missing = set(missing)
-    jobs: list[tuple[CaptionedImage, list[str]]] = []
-    for path in split_of:  # in the split's seeded order, so each split's shards come out shuffled
+    images: Counter = field(default_factory=Counter)
+    captions: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, entry: CaptionedImage, reason: str, n_captions: int) -> None:
+        self.images[reason] += 1
+        self.captions[reason] += n_captions
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < 5:
+            shown.append(entry.path)
+
+
+def _kept_captions(entries: dict[str, CaptionedImage], split_of: dict[str, str], missing: set[str],
+                   skips: _Skips) -> list[tuple[CaptionedImage, list[str]]]:
+    """(image, its non-empty captions) in the split's seeded order, so each split's shards come out shuffled;
+    missing images and images without a caption are skipped."""
+    jobs = []
+    for path in split_of:
         entry = entries[path]
         kept = [c.strip() for c in entry.captions if c.strip()]
         if path in missing:
-            skip(entry, "image_missing", len(entry.captions))
+            skips.skip(entry, "image_missing", len(entry.captions))
             continue
-        caption_skips["empty_caption"] += len(entry.captions) - len(kept)
+        skips.captions["empty_caption"] += len(entry.captions) - len(kept)
         if not kept:
-            skip(entry, "no_caption", 0)
+            skips.skip(entry, "no_caption", 0)
             continue
         jobs.append((entry, kept))
-    if not jobs:
-        raise ValueError(f"{captions}: no image has a non-empty caption")
-    _prepare_out_dir(out, overwrite)
+    return jobs
 
+
+@dataclass
+class _Written:
+    """What the shard writers wrote: samples per shard file and captions per split, and COCO's licence rows."""
+
+    sizes: dict[str, Counter] = field(default_factory=lambda: {split: Counter() for split in SPLITS})
+    captions: Counter = field(default_factory=Counter)
+    licences: list[list] = field(default_factory=list)
+
+
+def _write_shards(images: Path, out: Path, jobs: list[tuple[CaptionedImage, list[str]]], split_of: dict[str, str],
+                  keys: dict[str, str], skips: _Skips, *, image_size: int, encode_quality: int, shard_size: int,
+                  processes: int) -> _Written:
+    """Encode the images (in `processes` worker processes) and write each split's shards; an undecodable image
+    is skipped and counted."""
+    written = _Written()
     writers: dict[str, wds.ShardWriter] = {}
-    sizes: dict[str, dict[str, int]] = {split: Counter() for split in SPLITS}
-    captions_out: Counter = Counter()
-    licence_rows = []
     encode_args = [(str(images / entry.path), image_size, encode_quality) for entry, _ in jobs]
     with contextlib.ExitStack() as stack:
         if processes > 1:
@@ -256,7 +311,7 @@ def from_captions(images: str | Path, captions: str | Path, out: str | Path, *, 
         progress = tqdm(zip(jobs, encoded, strict=True), total=len(jobs), desc="shards", disable=None)
         for (entry, kept), (jpg, width, height, error) in progress:
             if error is not None:
-                skip(entry, "unreadable_image", len(kept))
+                skips.skip(entry, "unreadable_image", len(kept))
                 log.warning("skipping %s: %s", entry.path, error)
                 continue
             split = split_of[entry.path]
@@ -268,37 +323,24 @@ def from_captions(images: str | Path, captions: str | Path, out: str | Path, *, 
                     "height": height, **entry.meta}
             writers[split].write({"__key__": keys[entry.path], "jpg": jpg, "txt": kept[0].encode(),
                                   "json": json.dumps(meta).encode()})
-            sizes[split][Path(writers[split].fname).name] += 1
-            captions_out[split] += len(kept)
+            written.sizes[split][Path(writers[split].fname).name] += 1
+            written.captions[split] += len(kept)
             if "license" in entry.meta:
-                licence_rows.append([keys[entry.path], split, entry.path, entry.meta.get("image_id", ""),
-                                     entry.meta["license"], entry.meta.get("license_url", ""),
-                                     entry.meta.get("flickr_url", "")])
+                written.licences.append([keys[entry.path], split, entry.path, entry.meta.get("image_id", ""),
+                                         entry.meta["license"], entry.meta.get("license_url", ""),
+                                         entry.meta.get("flickr_url", "")])
+    return written
 
-    for split, split_sizes in sizes.items():
+
+def _write_sizes_and_licences(out: Path, written: _Written) -> None:
+    """Each split's sizes.json (samples per shard, as open_clip reads it) and LICENSES.tsv when COCO named any."""
+    for split, split_sizes in written.sizes.items():
         if split_sizes:
             atomic_write_text(out / split / "sizes.json", json.dumps(dict(sorted(split_sizes.items()))))
-    if licence_rows:
+    if written.licences:
         header = ["key", "split", "source_id", "image_id", "license", "license_url", "flickr_url"]
-        lines = ["\t".join(map(str, row)) for row in [header, *sorted(licence_rows)]]
+        lines = ["\t".join(map(str, row)) for row in [header, *sorted(written.licences)]]
         atomic_write_text(out / "LICENSES.tsv", "\n".join(lines) + "\n")
-    stats = {
-        "source": {"images": str(images), "captions": str(captions)},
-        "options": {"image_size": image_size, "encode_quality": encode_quality, "shard_size": shard_size,
-                    "val_size": val_size, "test_size": test_size, "seed": seed, "limit": limit},
-        "images_in": len(entries),
-        "pairs_in": sum(len(e.captions) for e in entries.values()),
-        "samples_out": sum(sum(s.values()) for s in sizes.values()),
-        "captions_out": sum(captions_out.values()),
-        "skipped": dict(image_skips),
-        "captions_skipped": {k: v for k, v in caption_skips.items() if v},
-        "skipped_examples": examples,
-        "splits": {split: {"samples": sum(sizes[split].values()), "captions": captions_out[split],
-                           "shards": f"{split}/{brace_pattern(sorted(sizes[split]))}"}
-                   for split in SPLITS if sizes[split]},
-    }
-    atomic_write_text(out / "stats.json", json.dumps(stats, indent=1))
-    return stats
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:

@@ -1,20 +1,20 @@
-"""Figures and tables for the notebooks: one module, saved one way (`save_figure`).
+"""Figures for the notebooks and results: drawing only, saved one way (`save_figure`).
 
-Every function returns a matplotlib Figure, a H x W x 3 uint8 picture or a pandas table; none shows or saves it.
-Save a figure or a picture with `save_figure(figure, out / "name.png")`, and nothing else.
+Every function takes data frames, arrays or a trace and returns a matplotlib Figure or a H x W x 3 uint8 picture;
+none shows or saves it, none builds a model or computes a table (those are `dtplib.measure.tables`). Save a figure
+or a picture with `save_figure(figure, out / "name.png")`, and nothing else.
 
 Read top to bottom:
 0. `save_figure`: a PNG, atomically; pictures at exact pixels (PIL), figures with `savefig(bbox_inches="tight")`.
 1. Data (01 notebook): `show_samples`, `caption_length_histogram`.
 2. Pictures as uint8 arrays (pure functions, tested pixel by pixel): `input_normalization`, `denormalize`,
-   `upscale`, `segment_overlay` (`edge_mask`, `wrap_mask`), `probability_heatmap`, `overlays`.
+   `upscale`, `segment_overlay`, `probability_heatmap`, `overlays`.
 3. Boundary figures (04 notebook, `python -m dtplib.viz overlay`): `boundary_figure` (photo | segments |
    P(boundary)), `token_grid` (overlays labelled with the tokens kept), `tokens_histogram`.
-4. Model tables (02 notebook): `variant_table`, `token_flow`, `prior_fit_table`.
-5. Training runs (03 notebook), read back from a run folder's CSVs: `training_curves`, `epoch_report`.
-6. Efficiency (05 notebook, `python -m dtplib.bench`): `efficiency_table`, `speedup_plot`, `accuracy_vs_gflops`;
-   experiment grids (`python -m dtplib.experiment`): `accuracy_curves`.
-7. Finetuning (06 notebook): `plot_results`.
+4. Training runs (03 notebook), read back from a run folder's CSVs: `training_curves`.
+5. Efficiency (05 notebook, `python -m dtplib.bench`): `speedup_plot`, `accuracy_vs_gflops`; experiment grids
+   (`python -m dtplib.experiment`): `accuracy_curves`.
+6. Finetuning (06 notebook): `plot_results`.
 
 Segments are runs of patches in raster order, so they wrap from the end of one row to the start of the next. The
 overlay shows this instead of hiding it: a segment that wraps is tinted in one colour on both rows, and a yellow
@@ -150,7 +150,7 @@ def patch_shape(image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int
     return height // rows, width // cols
 
 
-def as_grid(values, grid: tuple[int, int]) -> np.ndarray:
+def _as_grid(values, grid: tuple[int, int]) -> np.ndarray:
     """Per-patch values in raster order (N,) -> rows x cols numpy array."""
     array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if array.size != grid[0] * grid[1]:
@@ -158,7 +158,7 @@ def as_grid(values, grid: tuple[int, int]) -> np.ndarray:
     return array.reshape(grid)
 
 
-def edge_mask(ids: np.ndarray, size: tuple[int, int], width: int) -> np.ndarray:
+def _edge_mask(ids: np.ndarray, size: tuple[int, int], width: int) -> np.ndarray:
     """H x W mask of the patch borders where the segment changes (ids: rows x cols).
 
     A border between two patches of different segments, left-right or above-below, is a band `width` pixels wide
@@ -177,7 +177,7 @@ def edge_mask(ids: np.ndarray, size: tuple[int, int], width: int) -> np.ndarray:
     return mask
 
 
-def wrap_mask(ids: np.ndarray, size: tuple[int, int], width: int) -> np.ndarray:
+def _wrap_mask(ids: np.ndarray, size: tuple[int, int], width: int) -> np.ndarray:
     """H x W mask of the wrap ticks: where a segment runs from the end of row r into the start of row r + 1, a tick
     `width` pixels wide on the image's right side (middle half of row r) and on its left side (row r + 1)."""
     mask = np.zeros(size, dtype=bool)  # H x W
@@ -195,8 +195,8 @@ def segment_overlay(image: np.ndarray, segment_ids, grid: tuple[int, int], alpha
 
     - every segment of two or more patches is tinted: round((1 - alpha) * pixel + alpha * colour), colours from
       PALETTE by segment id; a patch that is a segment of its own (nothing merged) keeps its pixels;
-    - borders between patches of different segments (left-right and above-below) in EDGE_COLOUR (`edge_mask`);
-    - wrap ticks in WRAP_COLOUR where a segment continues on the next row (`wrap_mask`, twice the edge width),
+    - borders between patches of different segments (left-right and above-below) in EDGE_COLOUR (`_edge_mask`);
+    - wrap ticks in WRAP_COLOUR where a segment continues on the next row (`_wrap_mask`, twice the edge width),
       for segments read in raster order only: along a Hilbert curve (`patch_order="hilbert"`) runs never wrap.
     Pixels elsewhere are the image's, unchanged. Patch size = image size / grid, any sizes that divide.
     """
@@ -208,16 +208,16 @@ def segment_overlay(image: np.ndarray, segment_ids, grid: tuple[int, int], alpha
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an H x W x 3 uint8 image (see `denormalize`), got {image.dtype} {image.shape}")
     image = upscale(image, scale)  # sH x sW x 3
-    ids = as_grid(segment_ids, grid).astype(np.int64)  # rows x cols
+    ids = _as_grid(segment_ids, grid).astype(np.int64)  # rows x cols
     patch_h, patch_w = patch_shape(image.shape[:2], grid)
     merged = np.bincount(ids.ravel())[ids] > 1  # rows x cols: the patch shares its segment
     merged_px = np.repeat(np.repeat(merged, patch_h, 0), patch_w, 1)[..., None]  # H x W x 1
     tint = np.repeat(np.repeat(PALETTE[ids % len(PALETTE)], patch_h, 0), patch_w, 1)  # H x W x 3
     blended = np.rint((1 - alpha) * image.astype(np.float64) + alpha * tint)  # H x W x 3
     out = np.where(merged_px, blended, image).astype(np.uint8)
-    out[edge_mask(ids, image.shape[:2], edge_width)] = EDGE_COLOUR
+    out[_edge_mask(ids, image.shape[:2], edge_width)] = EDGE_COLOUR
     if patch_order == "raster":
-        out[wrap_mask(ids, image.shape[:2], 2 * edge_width)] = WRAP_COLOUR
+        out[_wrap_mask(ids, image.shape[:2], 2 * edge_width)] = WRAP_COLOUR
     return out
 
 
@@ -228,14 +228,14 @@ def probability_heatmap(probs, grid: tuple[int, int], size: tuple[int, int] | No
     that closes a segment, so the 0.5 threshold and the forced last boundary can be read off."""
     import matplotlib
 
-    values = as_grid(probs, grid).astype(np.float64)  # rows x cols
+    values = _as_grid(probs, grid).astype(np.float64)  # rows x cols
     size = size or (16 * grid[0], 16 * grid[1])
     patch_h, patch_w = patch_shape(size, grid)
     colours = (matplotlib.colormaps[cmap](np.clip(values, 0, 1))[..., :3] * 255).round().astype(np.uint8)
     out = np.repeat(np.repeat(colours, patch_h, 0), patch_w, 1)  # H x W x 3
     if boundaries is not None:
         dot_h, dot_w = max(1, patch_h // 4), max(1, patch_w // 4)
-        for r, c in zip(*np.nonzero(as_grid(boundaries, grid)), strict=True):
+        for r, c in zip(*np.nonzero(_as_grid(boundaries, grid)), strict=True):
             top, left = r * patch_h + (patch_h - dot_h) // 2, c * patch_w + (patch_w - dot_w) // 2
             out[top:top + dot_h, left:left + dot_w] = (255, 0, 0)
     return out
@@ -332,11 +332,7 @@ def tokens_histogram(tokens, num_patches: int, target: float | None = None, titl
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Model tables (02 notebook)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 5. Training runs (03 notebook): everything is read back from the run folder's CSVs
+# 4. Training runs (03 notebook): everything is read back from the run folder's CSVs
 
 
 
@@ -366,7 +362,7 @@ def training_curves(run_dir: str | Path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Efficiency (05 notebook): FLOPs, benchmark rows and accuracy from results/, side by side
+# 5. Efficiency (05 notebook): FLOPs, benchmark rows and accuracy from results/, side by side
 
 
 def speedup_plot(bench_csvs: list[str | Path]):
@@ -464,7 +460,7 @@ def accuracy_curves(curves: pd.DataFrame, metric: str):
         error = np.nan_to_num(np.stack([rows["mean"] - rows["low"], rows["high"] - rows["mean"]]), nan=0.0)
         seeds = f"{rows['seeds'].min()}" if rows["seeds"].min() == rows["seeds"].max() else \
             f"{rows['seeds'].min()}-{rows['seeds'].max()}"
-        style = arm_style(index)
+        style = _arm_style(index)
         for ax, x in ((time_ax, rows["train_time_s"] / scale), (macs_ax, rows["train_gmacs"])):
             ax.errorbar(x, rows["mean"], yerr=error, capsize=3, markersize=4, label=f"{arm} (seeds: {seeds})",
                         **style)
@@ -482,7 +478,7 @@ def accuracy_curves(curves: pd.DataFrame, metric: str):
 ARM_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
-def arm_style(index: int) -> dict:
+def _arm_style(index: int) -> dict:
     """The colour and marker of the `index`-th line of a figure: tab20's 20 colours, paired light and dark
     tones taken dark ones first, with a marker cycle of another length, so no two of the first 20 lines look
     alike (tab10 repeats after 10, which made the 11-arm comparison's 1x and uniform-10x the same blue)."""
@@ -494,7 +490,7 @@ def arm_style(index: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Finetuning (06 notebook)
+# 6. Finetuning (06 notebook)
 
 
 def plot_results(table: pd.DataFrame):

@@ -1,7 +1,7 @@
 """Seeing the boundaries: trace many images, measure alignment with COCO object outlines, draw from the command line.
 
-The pictures and figures (segment overlays, P(boundary) heatmaps, token grids, histograms) live in `dtplib.plots`,
-saved with `plots.save_figure`. As ToMe's vis.py: trace once, then one call draws.
+The pictures and figures (segment overlays, P(boundary) heatmaps, token grids, histograms) live in
+`dtplib.figures.plots`, saved with `plots.save_figure`. As ToMe's vis.py: trace once, then one call draws.
 
     record = viz.trace_batches(model, images)
     figure = plots.boundary_figure(images, record, *plots.input_normalization(model))
@@ -14,7 +14,7 @@ Read top to bottom:
    patch centres). Per image the share of boundaries aligned, averaged over images with a bootstrap CI, against
    uniform and random boundaries at the same count per image and the chance rate (`alignment`).
 3. `python -m dtplib.viz align --model NAME [--checkpoint PATH]` (the alignment table) and
-   `python -m dtplib.viz overlay ...` (overlays.png, token_grid.png, tokens_hist.png, drawn by `dtplib.plots`).
+   `python -m dtplib.viz overlay ...` (overlays.png, token_grid.png, tokens_hist.png, drawn by `dtplib.figures.plots`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 from ..common.images import open_rgb
 from ..common.paths import data_root, repo_path
 from ..measure.stats import bootstrap_ci
-from ..tower.model import TraceRecord, get_tower, trace
+from ..tower.control import get_tower, trace
+from ..tower.model import TraceRecord
 from ..tower.order import patch_order
 from .plots import boundary_figure, input_normalization, patch_shape, save_figure, token_grid, tokens_histogram
 
@@ -261,8 +262,8 @@ def alignment_table(boundaries, regions, order=None, draws: int = 100, seed: int
 
     One row per kind of boundaries. Columns: alignment (mean over images of the share of an image's boundaries that
     are aligned transitions, `boundary_alignment`; random: each image's share averaged over `draws` seeded draws
-    first), ci low and ci high (95% bootstrap interval over images, `dtplib.stats.bootstrap_ci`), std (random: of
-    the alignment over draws), chance (mean over images of the share of all transitions that are aligned: random
+    first), ci low and ci high (95% bootstrap interval over images, `dtplib.measure.stats.bootstrap_ci`), std (random:
+    of the alignment over draws), chance (mean over images of the share of all transitions that are aligned: random
     boundaries score this on average, and near 1 the metric is saturated), boundaries per image (the forced last
     one not counted), images (those scored: an image with no boundary but the forced one has no score and is left
     out of every row and of the chance rate).

@@ -1,8 +1,8 @@
 """Reading a grid's runs back: `runs.csv`, the contrasts, `summary.md` and the curves figures.
 
 Outputs in `<out>`:
-- `runs.csv`: one row per run and epoch: arm, seed, model (`dtplib.specs.trained_label`: what the run trained, in
-  the benchmark's spec labels), epoch (0-based, as epochs.csv) and epochs_done, complete, every
+- `runs.csv`: one row per run and epoch: arm, seed, model (`dtplib.measure.specs.trained_label`: what the run trained,
+  in the benchmark's spec labels), epoch (0-based, as epochs.csv) and epochs_done, complete, every
   column of the run's epochs.csv (its evaluations included), steps, samples_seen, train_time_s (cumulative sum of
   steps.csv's step times: data loading and evaluation excluded), gmacs_per_image (analytic image-tower forward
   MACs per image at the epoch's realised training compression, and with --force-patch-dropout its kept tokens),
@@ -20,7 +20,7 @@ Outputs in `<out>`:
 - `contrasts.csv` (`contrasts`): `contrast_table`: paired differences at the last epoch and at equal cost.
 - `alignment.csv`, `overlays/<arm>/` ([alignment]): `align_runs`, once per finished run.
 - `curves_<metric>.png`: the metric against cumulative training time and against training GMACs, mean over seeds
-  with 95% t-interval bars (`dtplib.plots.accuracy_curves`).
+  with 95% t-interval bars (`dtplib.figures.plots.accuracy_curves`).
 - `.gitignore`: the runs' checkpoints and TensorBoard events stay out of git; their CSVs and params.json do not.
 """
 
@@ -80,7 +80,7 @@ DRIVER_COLUMNS = ("arm", "seed", "model", "epoch", "epochs_done", "complete", "s
 FIGURE_DEFAULTS = ("zeroshot_top1", "text_to_image_R@10", "image_to_text_R@10", "imagenet_top1")
 
 
-def cost_model(config: TrainConfig):
+def _cost_model(config: TrainConfig):
     """(image-tower MACs per image as a function of the realised compression, text MACs per pair)."""
     model = build_from_config(config)[0]
     tower = image_tower(model)
@@ -94,7 +94,7 @@ def cost_model(config: TrainConfig):
     return image, text
 
 
-def run_rows(grid: Grid, arm: str, seed: int, run_dir: Path, costs: dict) -> list[dict]:
+def _run_rows(grid: Grid, arm: str, seed: int, run_dir: Path, costs: dict) -> list[dict]:
     """runs.csv rows of one run folder (none when it has no finished epoch)."""
     if epochs_done(run_dir) == 0:
         return []
@@ -102,13 +102,13 @@ def run_rows(grid: Grid, arm: str, seed: int, run_dir: Path, costs: dict) -> lis
     params = json.loads((run_dir / "params.json").read_text())
     config = TrainConfig.from_dict(params)
     if arm not in costs:
-        costs[arm] = cost_model(config)
+        costs[arm] = _cost_model(config)
     image_macs, text = costs[arm]
     steps = pd.read_csv(run_dir / "steps.csv") if (run_dir / "steps.csv").is_file() else None
     per_step = config.batch_size * int(params.get("world_size", 1))
     provenance = {k: params.get(k) for k in ("commit", "hardware", "torch", "dtype", "batch_size")}
     arm_flags = " ".join(shown_flags(grid.arms[arm])) or "(shared flags)"
-    final = final_metrics(run_dir) if len(epochs) >= config.epochs else {}
+    final = _final_metrics(run_dir) if len(epochs) >= config.epochs else {}
     rows, seen, gmacs, image_gmacs = [], 0, 0.0, 0.0
     for record in epochs.to_dict("records"):
         epoch = int(record["epoch"])
@@ -132,7 +132,7 @@ def run_rows(grid: Grid, arm: str, seed: int, run_dir: Path, costs: dict) -> lis
     return rows
 
 
-def final_metrics(run_dir: Path) -> dict:
+def _final_metrics(run_dir: Path) -> dict:
     """A run's final.json metrics as `final_<metric>` (numbers only); empty when there is none."""
     path = run_dir / FINAL_FILE
     if not path.is_file():
@@ -141,15 +141,15 @@ def final_metrics(run_dir: Path) -> dict:
     return {f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def collect(grid: Grid, out: Path) -> pd.DataFrame:
+def _collect(grid: Grid, out: Path) -> pd.DataFrame:
     """Every epoch of every run folder of the grid, as runs.csv's rows."""
     costs: dict = {}
-    rows = [row for arm, seed in grid.runs() for row in run_rows(grid, arm, seed, out / "runs" / run_label(arm, seed),
+    rows = [row for arm, seed in grid.runs() for row in _run_rows(grid, arm, seed, out / "runs" / run_label(arm, seed),
                                                                   costs)]
     return pd.DataFrame(rows)
 
 
-def metric_columns(runs: pd.DataFrame, chosen: Sequence[str] | None = None) -> list[str]:
+def _metric_columns(runs: pd.DataFrame, chosen: Sequence[str] | None = None) -> list[str]:
     """The summary's rows: `chosen`, else every numeric evaluation column (not training statistics, counts or
     per-run interval bounds) followed by the cost columns."""
     if chosen:
@@ -172,7 +172,7 @@ def _cell(mean: float, low: float, high: float, marked: bool = False) -> str:
     return text + (" *" if marked and np.isfinite(low) and (low > 0 or high < 0) else "")
 
 
-def status_lines(grid: Grid, runs: pd.DataFrame, out: Path) -> list[str]:
+def _status_lines(grid: Grid, runs: pd.DataFrame, out: Path) -> list[str]:
     wanted = [run_label(a, s) for a, s in grid.runs()]
     done = set() if runs.empty else {run_label(a, s) for a, s in tables.last_epochs(runs)[["arm", "seed"]].itertuples(
         index=False)}
@@ -187,7 +187,7 @@ def status_lines(grid: Grid, runs: pd.DataFrame, out: Path) -> list[str]:
     return lines
 
 
-def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, info: dict | None = None) -> str:
+def _summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, info: dict | None = None) -> str:
     """summary.md's text; `info` is the provenance (`run_info()`), taken before any report file is rewritten."""
     info = info or run_info()
     lines = [f"# Experiment {grid.path.stem}", ""]
@@ -200,10 +200,10 @@ def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, in
         [arm, f"`{' '.join(shown_flags(options)) or '(shared flags)'}`"
               f"{f' (seeds {grid.seeds_of(arm)})' if grid.seeds_of(arm) != grid.seeds else ''}"]
         for arm, options in grid.arms.items()])
-    lines += ["", *status_lines(grid, runs, out), ""]
+    lines += ["", *_status_lines(grid, runs, out), ""]
     if runs.empty:
         return "\n".join(lines + ["No epoch finished yet."]) + "\n"
-    metrics = metric_columns(runs, grid.metrics)
+    metrics = _metric_columns(runs, grid.metrics)
     last = tables.last_epochs(runs)
     if last.empty:
         return "\n".join(lines + ["No run is complete yet."]) + "\n"
@@ -218,7 +218,7 @@ def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, in
     lines += markdown_table(["metric", *(f"{arm} (n={seeds[arm]})" for arm in arms)], [
         [metric, *(_cell(*t_interval(last.loc[last["arm"] == arm, metric])[:3]) for arm in arms)]
         for metric in metrics])
-    lines += timing_lines(grid, out)
+    lines += _timing_lines(grid, out)
     reference = grid.reference
     if reference and reference in arms and len(arms) > 1:
         others = [arm for arm in arms if arm != reference]
@@ -235,8 +235,8 @@ def summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, in
 
         lines += markdown_table(["metric", *(f"{arm} − {reference} (pairs={len(pairs[arm])})" for arm in others)],
                                 [[metric, *(paired(arm, metric) for arm in others)] for metric in metrics])
-    lines += contrast_lines(contrast_table(grid, runs))
-    lines += alignment_lines(grid, out)
+    lines += _contrast_lines(contrast_table(grid, runs))
+    lines += _alignment_lines(grid, out)
     return "\n".join(lines) + "\n"
 
 
@@ -255,7 +255,7 @@ CONTRAST_COLUMNS = ("contrast", "arm", "against", "at", "cost", "metric", "pairs
 
 def contrast_table(grid: Grid, runs: pd.DataFrame) -> pd.DataFrame:
     """contrasts.csv: for each `contrasts` pair (arm, against), arm − against on each seed both completed, mean and
-    95% t-interval over those seeds (`dtplib.stats.t_interval`), for
+    95% t-interval over those seeds (`dtplib.measure.stats.t_interval`), for
 
     - at = "last epoch": every summary metric of the last epoch;
     - at = "equal <axis>" for each cost axis (cumulative training step time, training GMACs): the figure metrics
@@ -267,7 +267,7 @@ def contrast_table(grid: Grid, runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=list(CONTRAST_COLUMNS))
     last = tables.last_epochs(runs)
     complete = runs[runs["complete"].astype(bool)]
-    metrics, curves = metric_columns(runs, grid.metrics), figure_metrics(grid, runs)
+    metrics, curves = _metric_columns(runs, grid.metrics), figure_metrics(grid, runs)
     rows = []
 
     def add(base: dict, at: str, cost: float, metric: str, differences: list[float]) -> None:
@@ -299,7 +299,7 @@ def _contrast_cell(block: pd.DataFrame, contrast: str, metric: str) -> str:
     return _cell(*row[["difference", "ci_low", "ci_high"]].iloc[0], marked=True) if len(row) else "–"
 
 
-def contrast_lines(table: pd.DataFrame) -> list[str]:
+def _contrast_lines(table: pd.DataFrame) -> list[str]:
     """summary.md's contrast tables: one per `at`, a row per metric, a column per contrast."""
     if table.empty:
         return []
@@ -322,7 +322,7 @@ def contrast_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def alignment_lines(grid: Grid, out: Path) -> list[str]:
+def _alignment_lines(grid: Grid, out: Path) -> list[str]:
     """summary.md's alignment table, from alignment.csv, and the overlay figures drawn."""
     path = out / ALIGNMENT_FILE
     if not grid.alignment or not path.is_file():
@@ -350,7 +350,7 @@ def alignment_lines(grid: Grid, out: Path) -> list[str]:
     return lines
 
 
-def timing_lines(grid: Grid, out: Path) -> list[str]:
+def _timing_lines(grid: Grid, out: Path) -> list[str]:
     """summary.md's step-time table, from step_times.csv when [timing] wrote it."""
     path = out / TIMING_FILE
     if not grid.timing or not path.is_file():
@@ -380,9 +380,9 @@ def write_report(grid: Grid, out: Path, command: str) -> pd.DataFrame:
     from matplotlib import pyplot
 
     info = run_info()  # before runs.csv is rewritten: a report committed with the code is not "dirty" by itself
-    runs = collect(grid, out)
+    runs = _collect(grid, out)
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
-    atomic_write_text(out / "summary.md", summary_markdown(grid, runs, out, command, info))
+    atomic_write_text(out / "summary.md", _summary_markdown(grid, runs, out, command, info))
     if grid.contrasts:
         atomic_write_text(out / CONTRASTS_FILE, contrast_table(grid, runs).to_csv(index=False))
     for metric in figure_metrics(grid, runs) if not runs.empty else []:

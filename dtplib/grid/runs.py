@@ -42,7 +42,7 @@ class RunFailed(RuntimeError):
     """A `dtplib.train` child process ended with an error: the grid stops there (its message names the run)."""
 
 
-def prepare_data(grid: Grid) -> None:
+def _prepare_data(grid: Grid) -> None:
     """[data.from_captions]: the shards, written once (kept when their stats.json exists)."""
     if not grid.data:
         return
@@ -61,23 +61,23 @@ def prepare_data(grid: Grid) -> None:
     from_captions(options.pop("images"), options.pop("captions"), options.pop("out"), **options)
 
 
-def run_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConfig:
+def _run_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConfig:
     """The TrainConfig of one run: the grid's options for it, in `<runs_dir>/<arm>-seed<seed>`, resumed."""
     config = parse_options(grid.options(arm, seed), run_label(arm, seed))
     return config.replace(logs=str(runs_dir), name=run_label(arm, seed), resume="latest")
 
 
-def check_runs(grid: Grid, runs: list[tuple[str, int]], runs_dir: Path) -> None:
+def _check_runs(grid: Grid, runs: list[tuple[str, int]], runs_dir: Path) -> None:
     """`TrainConfig.check` on every run, in this process, before any trains (data paths, model names, flag
     combinations): the first problem is one line naming the run."""
     for arm, seed in runs:
         try:
-            run_config(grid, arm, seed, runs_dir).check(grid.nproc_per_node)
+            _run_config(grid, arm, seed, runs_dir).check(grid.nproc_per_node)
         except (ValueError, OSError) as error:
             raise ValueError(f"{grid.path.name}: {run_label(arm, seed)}: {' '.join(str(error).split())}") from None
 
 
-def check_same_run(grid: Grid, arm: str, seed: int, run_dir: Path) -> None:
+def _check_same_run(grid: Grid, arm: str, seed: int, run_dir: Path) -> None:
     """A run folder that already holds a run must hold this one: the flags the grid gives now (paths and
     runtime flags such as --threads may differ)."""
     params_file = run_dir / "params.json"
@@ -100,7 +100,7 @@ def child_command(module: str, argv: list[str], nproc_per_node: int = 1) -> list
     return [sys.executable, "-m", module, *argv]
 
 
-def run_child(module: str, argv: list[str], label: str, nproc_per_node: int = 1) -> None:
+def _run_child(module: str, argv: list[str], label: str, nproc_per_node: int = 1) -> None:
     """`child_command` (dtplib.train, dtplib.evaluate) in a child process; its output passes through, and an error
     ends the grid with the child's last line."""
     child = subprocess.Popen(child_command(module, argv, nproc_per_node), cwd=REPO_ROOT, stderr=subprocess.PIPE)
@@ -124,7 +124,7 @@ def run_child(module: str, argv: list[str], label: str, nproc_per_node: int = 1)
                         f"{(errors or lines or ['no output'])[-1]}")
 
 
-def arm_epochs(grid: Grid) -> dict[str, int]:
+def _arm_epochs(grid: Grid) -> dict[str, int]:
     """Each arm's --epochs: the count that makes a run finished."""
     return {arm: parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm).epochs for arm in grid.arms}
 
@@ -137,7 +137,7 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     its evaluation but whose checkpoint is gone is refused before anything trains."""
     runs_dir = out / "runs"
     selected = grid.runs(arms, seeds)
-    epochs = arm_epochs(grid)
+    epochs = _arm_epochs(grid)
 
     def final_due(arm: str, seed: int) -> bool:
         run_dir = runs_dir / run_label(arm, seed)
@@ -146,7 +146,7 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     todo = []
     for arm, seed in selected:
         run_dir = runs_dir / run_label(arm, seed)
-        check_same_run(grid, arm, seed, run_dir)
+        _check_same_run(grid, arm, seed, run_dir)
         if epochs_done(run_dir) < epochs[arm]:
             todo.append((arm, seed))
         elif final_due(arm, seed) and not last_checkpoint(run_dir).is_file():
@@ -160,19 +160,19 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     def evaluate_run(arm: str, seed: int) -> None:
         label = run_label(arm, seed)
         print(f"final evaluation of {label}", flush=True)
-        run_child("dtplib.evaluate", final_argv(grid.final, last_checkpoint(runs_dir / label),
+        _run_child("dtplib.evaluate", final_argv(grid.final, last_checkpoint(runs_dir / label),
                                                 runs_dir / label / FINAL_FILE), label)
         evaluated.append(label)
 
     if todo or any(final_due(arm, seed) for arm, seed in selected):  # [final] may read the shards it makes
-        prepare_data(grid)
+        _prepare_data(grid)
     if todo:
-        check_runs(grid, todo, runs_dir)
+        _check_runs(grid, todo, runs_dir)
         atomic_write_text(out / ".gitignore", "runs/*/checkpoints/\nruns/*/tensorboard/\n")
     for index, (arm, seed) in enumerate(todo):
         label = run_label(arm, seed)
         print(f"[{index + 1}/{len(todo)}] training {label}", flush=True)
-        run_child("dtplib.train", run_config(grid, arm, seed, runs_dir).to_argv(), label, grid.nproc_per_node)
+        _run_child("dtplib.train", _run_config(grid, arm, seed, runs_dir).to_argv(), label, grid.nproc_per_node)
         done = epochs_done(runs_dir / label)
         if done < epochs[arm]:
             raise RunFailed(f"run {label} ended with {done} of {epochs[arm]} epochs in its epochs.csv (its flags "
@@ -186,9 +186,9 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     return trained, evaluated
 
 
-def timed_runs(grid: Grid, out: Path) -> dict[str, Path]:
+def _timed_runs(grid: Grid, out: Path) -> dict[str, Path]:
     """[timing]: arm -> last checkpoint of its run with the timing seed, when every such run is finished (else {})."""
-    seed, epochs = grid.timing["seed"], arm_epochs(grid)
+    seed, epochs = grid.timing["seed"], _arm_epochs(grid)
     runs = {arm: out / "runs" / run_label(arm, s) for arm, s in grid.runs() if s == seed}
     for arm, run_dir in runs.items():
         if epochs_done(run_dir) < epochs[arm]:
@@ -199,7 +199,7 @@ def timed_runs(grid: Grid, out: Path) -> dict[str, Path]:
 def time_runs(grid: Grid, out: Path) -> bool:
     """[timing]: the whole training step of every arm's final checkpoint (the timing seed), timed in turn in this
     process, into step_times.csv; once, when all of them are finished and the file does not cover them yet."""
-    checkpoints = timed_runs(grid, out) if grid.timing else {}
+    checkpoints = _timed_runs(grid, out) if grid.timing else {}
     path = out / TIMING_FILE
     if not checkpoints or (path.is_file() and set(pd.read_csv(path)["arm"]) == set(checkpoints)):
         return False
@@ -232,10 +232,10 @@ def check_alignment_data(grid: Grid) -> None:
                                 f"{data_path(grid.alignment['overlay_images'])}")
 
 
-def alignment_due(grid: Grid, out: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def _alignment_due(grid: Grid, out: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """[alignment]'s work left: the finished runs of its arms without rows in alignment.csv, and the finished
     overlay runs without their overlays.png."""
-    spec, epochs, path = grid.alignment, arm_epochs(grid), out / ALIGNMENT_FILE
+    spec, epochs, path = grid.alignment, _arm_epochs(grid), out / ALIGNMENT_FILE
     done = set(pd.read_csv(path)["run"]) if path.is_file() else set()
     finished = [(arm, seed) for arm, seed in grid.runs()
                 if epochs_done(out / "runs" / run_label(arm, seed)) >= epochs[arm]]
@@ -249,7 +249,7 @@ def check_alignment_checkpoints(grid: Grid, out: Path) -> None:
     """Every finished run that [alignment] still has to read keeps its last checkpoint (checked before training)."""
     if not grid.alignment:
         return
-    todo, drawn = alignment_due(grid, out)
+    todo, drawn = _alignment_due(grid, out)
     for arm, seed in dict.fromkeys([*todo, *drawn]):
         run_dir = out / "runs" / run_label(arm, seed)
         if not last_checkpoint(run_dir).is_file():
@@ -267,7 +267,7 @@ def align_runs(grid: Grid, out: Path) -> list[str]:
     from ..figures import viz
 
     spec, path = grid.alignment, out / ALIGNMENT_FILE
-    todo, drawn = alignment_due(grid, out)
+    todo, drawn = _alignment_due(grid, out)
     threads = grid.shared.get("threads")
     if (todo or drawn) and threads:
         torch.set_num_threads(int(threads))

@@ -7,11 +7,11 @@ Grid file:
     seeds = [0, 1]
     metrics = ["text_to_image_R@10"]        # optional: summary rows (default: every evaluation column)
     figure_metrics = ["zeroshot_top1"]      # optional: one curves figure each (default: the first evaluated)
-    [data.from_captions]        # optional: shards written once by dtplib.shards.from_captions (skipped when
+    [data.from_captions]        # optional: shards written once by dtplib.data.shards.from_captions (skipped when
     images = "$DTPLIB_DATA/flickr8k/images"  # out/stats.json exists); its keyword arguments, paths may start
     captions = "$DTPLIB_DATA/flickr8k/captions.tsv"  # with $DTPLIB_DATA, others are from the repository root
     out = "logs/data/flickr8k-64"
-    [shared]                    # flags of every run: the fields of dtplib.config.TrainConfig (--lr -> lr)
+    [shared]                    # flags of every run: the fields of dtplib.training.config.TrainConfig (--lr -> lr)
     model = "ViT-Ti-8-64"
     [final]                     # optional: `dtplib.evaluate` flags for each complete run's last checkpoint,
     val_data = "logs/data/flickr8k-64/test"  # run once per run (its final.json), e.g. on the test split
@@ -128,7 +128,7 @@ def run_label(arm: str, seed: int) -> str:
     return f"{arm}-seed{seed}"
 
 
-def read_grid_file(path: Path) -> dict:
+def _read_grid_file(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"grid file not found: {path}")
     text = path.read_text()
@@ -143,7 +143,7 @@ def close_names(name: str, names: Sequence[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def check_flags(where: str, options: dict) -> None:
+def _check_flags(where: str, options: dict) -> None:
     """Keys of a [shared] or [arms.X] table: TrainConfig fields, not set by the driver, booleans as booleans."""
     if not isinstance(options, dict):
         raise ValueError(f"{where} must be a table of flags, got {type(options).__name__}")
@@ -162,7 +162,7 @@ def check_flags(where: str, options: dict) -> None:
             raise ValueError(f"{where}: {key} must be a single value, got {value!r}")
 
 
-def check_seeds(where: str, seeds) -> list[int]:
+def _check_seeds(where: str, seeds) -> list[int]:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds) or len(set(seeds)) < len(seeds):
         raise ValueError(f"{where} must be a list of distinct integers, got {seeds!r}")
@@ -172,12 +172,12 @@ def check_seeds(where: str, seeds) -> list[int]:
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file: structure and flag names, without touching data or models."""
     path = repo_path(path)
-    raw = read_grid_file(path)
+    raw = _read_grid_file(path)
     unknown = [key for key in raw if key not in TOP_LEVEL]
     if unknown:
         raise ValueError(f"{path}: unknown key {unknown[0]!r}{close_names(unknown[0], TOP_LEVEL)}; a grid has "
                          f"{', '.join(TOP_LEVEL)} (flags go in [shared] or [arms.NAME])")
-    seeds = check_seeds(f"{path}: seeds", raw.get("seeds", [0]))
+    seeds = _check_seeds(f"{path}: seeds", raw.get("seeds", [0]))
     arms = raw.get("arms")
     if not isinstance(arms, dict) or not arms:
         raise ValueError(f"{path}: no arms: add [arms.NAME] tables (an empty table runs the shared flags alone)")
@@ -187,18 +187,18 @@ def load_grid(path: str | Path) -> Grid:
             raise ValueError(f"{path}: arm name {arm!r}: use letters, digits and _ . + - (it names a run folder)")
         if isinstance(arms[arm], dict) and "seeds" in arms[arm]:
             arms[arm] = dict(arms[arm])
-            arm_seeds[arm] = check_seeds(f"{path}: [arms.{arm}] seeds", arms[arm].pop("seeds"))
+            arm_seeds[arm] = _check_seeds(f"{path}: [arms.{arm}] seeds", arms[arm].pop("seeds"))
     shared = raw.get("shared", {})
-    check_flags(f"{path.name} [shared]", shared)
+    _check_flags(f"{path.name} [shared]", shared)
     for arm, options in arms.items():
-        check_flags(f"{path.name} [arms.{arm}]", options)
+        _check_flags(f"{path.name} [arms.{arm}]", options)
     reference = raw.get("reference")
     if reference is not None and reference not in arms:
         raise ValueError(f"{path}: reference {reference!r} is not an arm (arms: {', '.join(arms)})")
     data = raw.get("data")
     if data is not None:
         if not isinstance(data, dict) or set(data) != {"from_captions"}:
-            raise ValueError(f"{path}: [data] holds one table, [data.from_captions] (dtplib.shards.from_captions "
+            raise ValueError(f"{path}: [data] holds one table, [data.from_captions] (dtplib.data.shards.from_captions "
                              "arguments)")
         accepted = set(inspect.signature(from_captions).parameters)
         bad = sorted(set(data["from_captions"]) - accepted)
@@ -213,23 +213,23 @@ def load_grid(path: str | Path) -> Grid:
         if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
             raise ValueError(f"{path}: {key} must be a list of column names, got {value!r}")
         lists[key] = value
-    final = check_final(path.name, raw["final"]) if "final" in raw else None
-    timing = check_timing(path.name, raw["timing"]) if "timing" in raw else None
+    final = _check_final(path.name, raw["final"]) if "final" in raw else None
+    timing = _check_timing(path.name, raw["timing"]) if "timing" in raw else None
     nproc = raw.get("nproc_per_node", 1)
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ValueError(f"{path}: nproc_per_node must be an integer >= 1 (processes per run, under torchrun), "
                          f"got {nproc!r}")
-    contrasts = check_contrasts(path.name, raw["contrasts"], arms) if "contrasts" in raw else None
+    contrasts = _check_contrasts(path.name, raw["contrasts"], arms) if "contrasts" in raw else None
     grid = Grid(path, seeds, shared, arms, reference, data, **lists, description=str(raw.get("description", "")),
                 final=final, timing=timing, arm_seeds=arm_seeds or None, nproc_per_node=nproc, contrasts=contrasts)
     for arm in arms:  # types and choices, by the training command's own parser
         parse_options(grid.options(arm, seeds[0]), f"{path.name} [arms.{arm}]")
     if "alignment" in raw:
-        grid.alignment = check_alignment(path.name, raw["alignment"], grid)
+        grid.alignment = _check_alignment(path.name, raw["alignment"], grid)
     return grid
 
 
-def check_contrasts(where: str, contrasts, arms: dict) -> list[tuple[str, str]]:
+def _check_contrasts(where: str, contrasts, arms: dict) -> list[tuple[str, str]]:
     """`contrasts = [["learned-4x", "uniform-4x"], ...]`: pairs of two different arms (arm, against)."""
     if not isinstance(contrasts, list) or not contrasts:
         raise ValueError(f"{where}: contrasts must be a list of [arm, against] pairs, got {contrasts!r}")
@@ -257,12 +257,12 @@ def pooling_arms(grid: Grid) -> dict[str, bool]:
     return arms
 
 
-def learned_arms(grid: Grid) -> list[str]:
+def _learned_arms(grid: Grid) -> list[str]:
     """Arms whose tower predicts its boundaries: DTP (compression > 1) without --forced-boundaries."""
     return [arm for arm, learned in pooling_arms(grid).items() if learned]
 
 
-def check_alignment(where: str, table, grid: Grid) -> dict:
+def _check_alignment(where: str, table, grid: Grid) -> dict:
     """An [alignment] table: arms (default: every learned-boundary arm), coco, num_images, draws, batch_size,
     overlays (arms whose overlay_seed run gets overlay figures), overlay_seed, overlay_images."""
     if not isinstance(table, dict):
@@ -274,7 +274,7 @@ def check_alignment(where: str, table, grid: Grid) -> dict:
     spec = {**ALIGNMENT_KEYS, **table}
     dtp = pooling_arms(grid)
     if spec["arms"] is None:
-        spec["arms"] = learned_arms(grid)
+        spec["arms"] = _learned_arms(grid)
     for key in ("arms", "overlays"):
         if not isinstance(spec[key], list) or not all(isinstance(a, str) for a in spec[key]):
             raise ValueError(f"{where}: [alignment] {key} must be a list of arm names, got {spec[key]!r}")
@@ -297,7 +297,7 @@ def check_alignment(where: str, table, grid: Grid) -> dict:
     return spec
 
 
-def check_final(where: str, final) -> dict:
+def _check_final(where: str, final) -> dict:
     """A [final] table: `python -m dtplib.evaluate` flags (field names, as in [shared]) with at least one data flag,
     checked by that command's own parser; the checkpoint and output are the driver's."""
     if not isinstance(final, dict) or not any(key in final for key in FINAL_PATH_FLAGS):
@@ -322,7 +322,7 @@ def check_final(where: str, final) -> dict:
     return final
 
 
-def check_timing(where: str, timing) -> dict:
+def _check_timing(where: str, timing) -> dict:
     """A [timing] table: seed (whose runs are timed), warmup (>= 0), steps and batch_size (>= 1), integers."""
     if not isinstance(timing, dict):
         raise ValueError(f"{where}: [timing] must be a table ({', '.join(TIMING_KEYS)}), got {timing!r}")

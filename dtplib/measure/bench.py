@@ -61,13 +61,8 @@ from ..common.runtime import (
 )
 from ..data.shards import read_captions
 from ..tower.clip import parse_dtp_name, read_state_dict
-from ..tower.model import (
-    fit_boundary_prior,
-    forced_boundaries,
-    get_tower,
-    last_boundary_loss,
-    token_budget,
-)
+from ..tower.control import fit_boundary_prior, forced_boundaries, get_tower, last_boundary_loss
+from ..tower.model import token_budget
 from ..training.checkpoint import load_trained
 from ..training.config import TrainConfig
 from ..training.optim import make_optimizer
@@ -79,7 +74,7 @@ FLICKR = data_root() / "flickr8k"  # DTPLIB_DATA as set when dtplib.bench is imp
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Model specs: `Spec`, `parse_spec` (dtplib.specs)
+# 1. Model specs: `Spec`, `parse_spec` (dtplib.measure.specs)
 
 
 def find_checkpoints(folder: str | Path) -> dict[str, Path]:
@@ -120,7 +115,7 @@ def parse_checkpoints(pairs: Sequence[str], folder: str | None) -> dict[str, Pat
 PHOTOS: dict[tuple[str, int], tuple[torch.Tensor, list[str]]] = {}  # (preprocess, batch) -> photos and captions
 
 
-def real_batch(preprocess, tokenizer, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _real_batch(preprocess, tokenizer, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `batch_size` Flickr8k photos (repeated if fewer) and their first captions. Decoded once per
     preprocessing and batch size: every model of a run reads the same photos (1024 of them take seconds)."""
     key = (repr(preprocess), batch_size)
@@ -136,9 +131,9 @@ def real_batch(preprocess, tokenizer, batch_size: int) -> tuple[torch.Tensor, to
     return images, tokenizer(first)  # B x context
 
 
-def step_optimizer(model: torch.nn.Module, impl: str) -> torch.optim.AdamW:
-    """The update that training runs (`dtplib.optim.make_optimizer`: its parameter groups, the `impl` kernel) at
-    a tiny learning rate, so that the timed steps barely move the weights and so the boundaries."""
+def _step_optimizer(model: torch.nn.Module, impl: str) -> torch.optim.AdamW:
+    """The update that training runs (`dtplib.training.optim.make_optimizer`: its parameter groups, the `impl` kernel)
+    at a tiny learning rate, so that the timed steps barely move the weights and so the boundaries."""
     return make_optimizer(model, lr=1e-5, wd=TrainConfig.wd, impl=impl)
 
 
@@ -216,7 +211,7 @@ def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps:
     predictor)."""
     seed_everything(0)
     model, preprocess = build_spec_model(spec, checkpoint)
-    images, texts = real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
+    images, texts = _real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
     model.to(device)
     source = ""
     if spec.pools:
@@ -228,13 +223,13 @@ def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps:
             source = f"prior-only fit, {prior_steps} steps"
         else:  # on at least 64 photos: a fit on a batch of 8 can drive every logit below zero
             seed_everything(0)
-            photos = real_batch(preprocess, open_clip.get_tokenizer(spec.name), max(64, batch_size))[0]
+            photos = _real_batch(preprocess, open_clip.get_tokenizer(spec.name), max(64, batch_size))[0]
             fit_boundary_prior(model, photos.to(device), steps=prior_steps, batch_size=64)
             if fitted is not None:
                 fitted[spec.name] = {k: v.detach().clone() for k, v in predictor.state_dict().items()}
             source = f"prior-only fit, {prior_steps} steps"
     model.train()
-    return Subject(spec, model, images.to(device), texts.to(device), step_optimizer(model, adamw_impl), source,
+    return Subject(spec, model, images.to(device), texts.to(device), _step_optimizer(model, adamw_impl), source,
                    compiled=compiled)
 
 
@@ -245,10 +240,10 @@ def trained_subject(label: str, checkpoint: Path, batch_size: int, device: torch
     learned boundaries are the ones timed."""
     model, preprocess, tokenizer, config = load_trained(checkpoint, device)
     spec = trained_spec(config)
-    images, texts = real_batch(preprocess, tokenizer, batch_size)
+    images, texts = _real_batch(preprocess, tokenizer, batch_size)
     model.train()
     return Subject(spec, model, images.to(device), texts.to(device),
-                   step_optimizer(model, adamw_impl or config.adamw_impl),
+                   _step_optimizer(model, adamw_impl or config.adamw_impl),
                    f"checkpoint {os.path.relpath(checkpoint, repo_path('.'))}", label=label)
 
 
@@ -259,7 +254,7 @@ def time_checkpoints(checkpoints: dict[str, Path], batch_size: int, steps: int =
     `reference` (a label; default the first)."""
     device = default_device(device)
     subjects = [trained_subject(label, Path(path), batch_size, device) for label, path in checkpoints.items()]
-    time_interleaved(subjects, ("clip",), steps, warmup, "fp32", device)
+    _time_interleaved(subjects, ("clip",), steps, warmup, "fp32", device)
     return table(subjects, batch_size, "fp32", device, ("clip",), reference)
 
 
@@ -296,7 +291,7 @@ def step(subject: Subject, mode: str, precision: str, device: torch.device, loss
 # 3. The interleaved benchmark
 
 
-def time_interleaved(subjects: Sequence[Subject], modes: Sequence[str] = MODES, steps: int = 30, warmup: int = 5,
+def _time_interleaved(subjects: Sequence[Subject], modes: Sequence[str] = MODES, steps: int = 30, warmup: int = 5,
                      precision: str = "fp32", device: str | torch.device = "cpu") -> None:
     """Time the subjects step by step in turn, so that drift in clocks or load hits every model alike; the times
     after `warmup` steps are appended to each subject's `times[mode]`. A compiled subject's first step (a warm-up
@@ -333,19 +328,19 @@ def bench(specs: Sequence[Spec], batch_size: int, precision: str = "fp32", steps
     fitted = {}
     subjects = [make_subject(s, batch_size, device, prior_steps, checkpoints.get(s.name), fitted, adamw_impl,
                              compiled) for s in specs]
-    time_interleaved(subjects, modes, steps, warmup, precision, device)
+    _time_interleaved(subjects, modes, steps, warmup, precision, device)
     if measure_memory and device.type == "cpu" and not compiled:
         with tempfile.TemporaryDirectory() as folder:
             for index, subject in enumerate(subjects):
                 state = Path(folder) / f"{index}.pt"
                 torch.save(subject.model.state_dict(), state)  # the same weights, so the same boundaries
                 for mode in modes:
-                    subject.peak_memory_mb[mode] = cpu_peak_rss(subject.spec, batch_size, precision, mode, state,
+                    subject.peak_memory_mb[mode] = _cpu_peak_rss(subject.spec, batch_size, precision, mode, state,
                                                                 adamw_impl)
     return table(subjects, batch_size, precision, device, modes, reference)
 
 
-def cpu_peak_rss(spec: Spec, batch_size: int, precision: str, mode: str, state: Path,
+def _cpu_peak_rss(spec: Spec, batch_size: int, precision: str, mode: str, state: Path,
                  adamw_impl: str = TrainConfig.adamw_impl) -> float:
     """Peak RSS growth (MiB) of a fresh process over 3 steps of one model: a CPU has no per-model allocator peak."""
     command = [sys.executable, "-m", "dtplib.bench", "--memory-probe", spec.label, "--batch-size", str(batch_size),
@@ -358,8 +353,8 @@ def memory_probe(spec: Spec, batch_size: int, precision: str, mode: str, state: 
                  adamw_impl: str = TrainConfig.adamw_impl) -> dict:
     model, preprocess = build_spec_model(spec, None)
     model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
-    images, texts = real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
-    subject = Subject(spec, model.train(), images, texts, step_optimizer(model, adamw_impl))
+    images, texts = _real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
+    subject = Subject(spec, model.train(), images, texts, _step_optimizer(model, adamw_impl))
     baseline = process_memory_mb("VmRSS")  # model, optimizer, inputs: what is not the step's own memory
     for _ in range(3):
         step(subject, mode, precision, torch.device("cpu"), ClipLoss())
@@ -370,7 +365,7 @@ def memory_probe(spec: Spec, batch_size: int, precision: str, mode: str, state: 
 # 4. The table
 
 
-def forward_macs(subject: Subject, mode: str, execution: str = "packed") -> float:
+def _forward_macs(subject: Subject, mode: str, execution: str = "packed") -> float:
     """Forward MACs per image (image tower, plus the text tower for clip) at the measured segment counts: packed
     (and static), the mean over images of each image's own cost; padded, every image at its step's largest count."""
     segments = None
@@ -405,11 +400,11 @@ def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: 
     else:
         base = subjects[reference_index([s.spec for s in subjects], reference)]
     for mode in modes:
-        base_time, base_macs = float(np.median(base.times[mode])), forward_macs(base, mode)
+        base_time, base_macs = float(np.median(base.times[mode])), _forward_macs(base, mode)
         for subject in subjects:
             times = np.array(subject.times[mode])
             median = float(np.median(times))
-            macs, padded_macs = forward_macs(subject, mode), forward_macs(subject, mode, "padded")
+            macs, padded_macs = _forward_macs(subject, mode), _forward_macs(subject, mode, "padded")
             counts = torch.stack(subject.counts).double() if subject.counts else None
             bound, padded_bound = base_macs / macs, base_macs / padded_macs
             own_bound = padded_bound if subject.spec.execution == "padded" else bound

@@ -1,21 +1,16 @@
 """Zero-shot classification (top-1/top-5), image-text retrieval (R@1/5/10), the held-out contrastive loss and a
 linear probe for any open_clip model, with bootstrap confidence intervals and paired comparisons of two models.
 
-Read top to bottom:
-1. Metrics on score matrices: `topk_accuracy`, `retrieval_recall`, and their per-item scores (`ItemScores`,
-   `retrieval_items`), the items that a bootstrap over test images resamples (`dtplib.stats`).
-2. Zero-shot classification of an ImageFolder-style directory: `zeroshot_classes`, `templates_for`, `zero_shot_eval`.
-3. Over webdataset shards: image-text retrieval, every caption of every image (`retrieval_eval`), and the held-out
-   contrastive loss, each image with its first caption in fixed batches (`val_loss_eval`, `clip_loss_batches`).
-4. A linear probe on frozen image features: `imagefolder_split`, `extract_features`, `linear_probe`, `probe_eval`
-   (also used by `dtplib.finetune`).
-5. `evaluate` (what the training loop calls), `add_intervals`, `compare_items`, `load_model`, and
-   `python -m dtplib.evaluate -h` (`--bootstrap N` adds <metric>_ci_low / _ci_high; `--compare A.pt B.pt` gives
-   A - B per metric with its paired bootstrap interval).
-
-Ties and NaN count against the model: an item is a hit at k when fewer than k wrong candidates score at least as
-high as its best right one (a NaN score is taken as the best wrong one and the worst right one). So the numbers are
-deterministic, and a collapsed model (all scores equal, or NaN) scores 0 instead of a perfect top-1.
+Read top to bottom (the metrics on score matrices, and how ties and NaN count, are `dtplib.measure.metrics`; the
+ImageFolder reading is `dtplib.data.imagefolder`):
+1. Zero-shot classification of an ImageFolder-style directory: `templates_for`, `zero_shot_eval`.
+2. Over webdataset shards: image-text retrieval, every caption of every image (`retrieval_eval`), and the held-out
+   contrastive loss, each image with its first caption in fixed batches (`val_loss_eval`).
+3. A linear probe on frozen image features: `extract_features`, `linear_probe`, `probe_eval` (also used by
+   `dtplib.finetune`).
+4. `evaluate` (what the training loop calls), `compare_items`, `load_model`, and the flags of
+   `python -m dtplib.evaluate -h` (`build_parser`; `--bootstrap N` adds <metric>_ci_low / _ci_high; `--compare
+   A.pt B.pt` gives A - B per metric with its paired bootstrap interval).
 """
 
 from __future__ import annotations
@@ -55,11 +50,11 @@ from ..data.imagefolder import (
 from ..data.loader import IMAGE_EXTENSIONS, expand_shards, iter_samples
 from ..tower.clip import check_model_name, check_pretrained, read_state_dict
 from ..training.checkpoint import load_state_dict, load_trained, training_config
-from .stats import Interval, bootstrap_ci, paired_ci
+from .metrics import ItemScores, hit_items, hit_rates, item_ranks, retrieval_items, retrieval_recall, topk_accuracy
+from .stats import paired_ci
 
 log = logging.getLogger(__name__)
 
-RANK_CHUNK = 1024  # score rows ranked at once: bounds memory to a few copies of 1024 x candidates
 
 CIFAR_TEMPLATES = (  # CLIP's 18 prompts for CIFAR-10 (Radford et al. 2021, data/prompts.md of openai/CLIP)
     "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
@@ -72,114 +67,7 @@ CIFAR_TEMPLATES = (  # CLIP's 18 prompts for CIFAR-10 (Radford et al. 2021, data
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Metrics
-
-
-def _ranks(scores: Tensor, positives: Tensor) -> Tensor:
-    """Rank of each row's best positive: how many negatives of that row score at least as high (ties, NaN lose).
-
-    scores N x M, positives N x M boolean -> N ranks; a row is a hit at k when its rank < k.
-    """
-    inf, ranks = float("inf"), []
-    for start in range(0, len(scores), RANK_CHUNK):
-        rows, is_positive = scores[start:start + RANK_CHUNK].float(), positives[start:start + RANK_CHUNK]  # n x M
-        as_positive = rows.nan_to_num(nan=-inf, posinf=inf, neginf=-inf)  # a NaN positive is the worst
-        as_negative = rows.nan_to_num(nan=inf, posinf=inf, neginf=-inf)  # a NaN negative is the best
-        best = as_positive.masked_fill(~is_positive, -inf).amax(dim=1, keepdim=True)  # n x 1
-        at_least_best = as_negative >= best  # n x M
-        ranks.append((at_least_best & ~is_positive).sum(dim=1))  # n
-    return torch.cat(ranks) if ranks else scores.new_zeros(0, dtype=torch.long)
-
-
-def _hit_rates(ranks: Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Fraction of ranks below each k (an exact ratio of counts, so 2/20 prints as 0.1)."""
-    return {k: (ranks < k).sum().item() / len(ranks) for k in ks}
-
-
-def topk_accuracy(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Fraction of rows whose target class is among the k highest logits, for each k (a k above C counts as C)."""
-    if logits.ndim != 2 or targets.shape != logits.shape[:1] or len(logits) == 0:
-        raise ValueError(f"need logits B x C and targets B with B > 0, got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
-    num_classes = logits.shape[1]
-    if targets.min() < 0 or targets.max() >= num_classes:
-        raise ValueError(f"targets must lie in [0, {num_classes}), got {targets.min()}..{targets.max()}")
-    is_target = F.one_hot(targets.long(), num_classes).bool()  # B x C
-    return _hit_rates(_ranks(logits, is_target), ks)
-
-
-def retrieval_recall(similarity: Tensor, text_image: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Image-to-text and text-to-image recall@k from an images x texts similarity matrix.
-
-    text_image[t] is the image that text t describes. Image-to-text: a hit when any caption of the image is among
-    its k best texts; text-to-image: a hit when the text's image is among its k best images.
-    """
-    image_ranks, text_ranks = _retrieval_ranks(similarity, text_image)
-    image_to_text = _hit_rates(image_ranks, ks)  # over the I images
-    text_to_image = _hit_rates(text_ranks, ks)  # over the T texts
-    return ({f"image_to_text_R@{k}": v for k, v in image_to_text.items()}
-            | {f"text_to_image_R@{k}": v for k, v in text_to_image.items()})
-
-
-def _retrieval_ranks(similarity: Tensor, text_image: Tensor) -> tuple[Tensor, Tensor]:
-    """(rank of each image's best caption among the texts: I, rank of each text's image among the images: T)."""
-    num_images, num_texts = similarity.shape
-    if text_image.shape != (num_texts,) or num_images == 0:
-        raise ValueError(f"need similarity I x T and text_image T with I > 0, got {tuple(similarity.shape)} and "
-                         f"{tuple(text_image.shape)}")
-    image_ids = torch.arange(num_images, device=similarity.device)
-    describes = text_image.to(similarity.device)[None, :] == image_ids[:, None]  # I x T
-    without_text = (~describes.any(dim=1)).nonzero().flatten().tolist()
-    if without_text or text_image.min() < 0 or text_image.max() >= num_images:
-        raise ValueError(f"every text needs an image in [0, {num_images}) and every image a text "
-                         f"(images without one: {without_text[:5]})")
-    return _ranks(similarity, describes), _ranks(similarity.T, describes.T)
-
-
-@dataclass(frozen=True)
-class ItemScores:
-    """One metric's per-item scores: the items that a bootstrap resamples. The metric is their mean, or with
-    `weights` their weighted mean sum(w s) / sum(w)."""
-
-    scores: np.ndarray  # items
-    weights: np.ndarray | None = None  # items, positive; None: equal weights
-
-    @property
-    def value(self) -> float:
-        if self.weights is None:
-            return float(self.scores.mean())
-        return float((self.scores * self.weights).sum() / self.weights.sum())
-
-    def interval(self, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> Interval:
-        """The metric with its bootstrap percentile interval (`stats.bootstrap_ci`)."""
-        return bootstrap_ci(self.scores, resamples, level, seed, weights=self.weights)
-
-
-def hit_items(ranks: Tensor, k: int) -> ItemScores:
-    """1.0 for each item whose rank is below k, else 0.0."""
-    return ItemScores((ranks < k).double().cpu().numpy())
-
-
-def retrieval_items(similarity: Tensor, text_image: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, ItemScores]:
-    """`retrieval_recall`'s metrics as per-image scores, so that a bootstrap resamples images (the test items).
-
-    image_to_text_R@k: 1 when one of the image's captions is among its k best texts. text_to_image_R@k: the share of
-    the image's captions that find it among their k best images, weighted by its caption count, so the weighted
-    mean is the recall over texts and each resampled image brings all its captions (a cluster bootstrap).
-    """
-    image_ranks, text_ranks = _retrieval_ranks(similarity, text_image)
-    owner = text_image.to(text_ranks.device).long()
-    counts = torch.bincount(owner, minlength=len(image_ranks)).double()  # I
-    items = {f"image_to_text_R@{k}": hit_items(image_ranks, k) for k in ks}
-    for k in ks:
-        found = torch.zeros(len(image_ranks), dtype=torch.float64, device=owner.device)
-        found.index_add_(0, owner, (text_ranks < k).double())  # I: captions that find their image
-        items[f"text_to_image_R@{k}"] = ItemScores((found / counts).cpu().numpy(), counts.cpu().numpy())
-    return items
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2. Zero-shot classification
+# 1. Zero-shot classification
 
 
 def templates_for(layout: str) -> tuple:
@@ -191,7 +79,7 @@ def templates_for(layout: str) -> tuple:
     raise ValueError(f"unknown layout {layout!r}; expected 'imagenet' or 'names'")
 
 
-def input_dtype(model: torch.nn.Module) -> torch.dtype:
+def _input_dtype(model: torch.nn.Module) -> torch.dtype:
     """dtype the image tower expects (fp32, or bf16/fp16 for a model cast to pure low precision)."""
     return next(model.parameters()).dtype
 
@@ -225,14 +113,14 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
             skipped += unreadable
             if images is None:
                 continue
-            features = model.encode_image(images.to(device, input_dtype(model)), normalize=True).float()  # B x D
+            features = model.encode_image(images.to(device, _input_dtype(model)), normalize=True).float()  # B x D
             logits = features @ classifier  # B x C
             is_target = F.one_hot(labels.to(device), len(classnames)).bool()  # B x C
-            ranks.append(_ranks(logits, is_target).cpu())  # B
+            ranks.append(item_ranks(logits, is_target).cpu())  # B
     if not ranks:
         raise ValueError(f"none of the {len(samples)} images under {root} could be read")
     ranks = torch.cat(ranks)
-    hits = _hit_rates(ranks, (1, 5))
+    hits = hit_rates(ranks, (1, 5))
     metrics = {"zeroshot_top1": hits[1], "zeroshot_top5": hits[5], "zeroshot_images": len(ranks),
                "zeroshot_skipped": skipped}
     if skip_empty_classes:
@@ -245,12 +133,12 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Over caption shards: image-text retrieval and the held-out contrastive loss
+# 2. Over caption shards: image-text retrieval and the held-out contrastive loss
 
 
 @dataclass
 class ShardEmbeddings:
-    """Unit image and text embeddings of every scored sample of some shards, in shard order (`embed_shards`)."""
+    """Unit image and text embeddings of every scored sample of some shards, in shard order (`_embed_shards`)."""
 
     image_features: Tensor  # I x D, fp32
     text_features: Tensor  # T x D, fp32: every caption of every image, image by image
@@ -261,7 +149,7 @@ class ShardEmbeddings:
     logit_bias: Tensor | None = None
 
 
-def embed_shards(model, preprocess, tokenizer, shards: str | Sequence[str], *, batch_size: int = 64,
+def _embed_shards(model, preprocess, tokenizer, shards: str | Sequence[str], *, batch_size: int = 64,
                  device: str | torch.device = "cpu", max_images: int | None = None) -> ShardEmbeddings:
     """Embed every sample of the shards with all its captions, in eval mode (a DTP tower's deterministic boundaries).
 
@@ -298,7 +186,7 @@ def embed_shards(model, preprocess, tokenizer, shards: str | Sequence[str], *, b
                 first_text.append(len(text_image))
                 text_image += [num_images + i] * len(sample["captions"])
             num_images += len(batch)
-            image_features.append(model.encode_image(images.to(device, input_dtype(model)), normalize=True).float())
+            image_features.append(model.encode_image(images.to(device, _input_dtype(model)), normalize=True).float())
             text_features.append(model.encode_text(tokenizer(captions).to(device), normalize=True).float())
         scale = model.logit_scale.exp().float() if hasattr(model, "logit_scale") else None
         bias = getattr(model, "logit_bias", None)
@@ -324,17 +212,17 @@ def retrieval_eval(model, preprocess, tokenizer, shards: str | Sequence[str], *,
                    per_item: bool = False) -> dict | tuple[dict, dict[str, ItemScores]]:
     """Image-to-text and text-to-image R@1/5/10 over every sample of the shards, each image with all its captions.
 
-    Samples and captions as `embed_shards` reads them: a sample without any caption is skipped and counted
+    Samples and captions as `_embed_shards` reads them: a sample without any caption is skipped and counted
     (retrieval_skipped_no_caption); `max_images` keeps the first n scored samples; no sample left is a ValueError
     naming the shards. `per_item`: (metrics, `retrieval_items`: per-image scores) instead of the metrics alone.
     """
-    embedded = embed_shards(model, preprocess, tokenizer, shards, batch_size=batch_size, device=device,
+    embedded = _embed_shards(model, preprocess, tokenizer, shards, batch_size=batch_size, device=device,
                             max_images=max_images)
     metrics, items = _retrieval_metrics(embedded)
     return (metrics, items) if per_item else metrics
 
 
-def clip_loss_batches(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
+def _clip_loss_batches(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
                       batch_size: int = 64, logit_bias: Tensor | None = None) -> Tensor:
     """open_clip's ClipLoss of each batch of `batch_size` consecutive pairs (row i of both, unit features): one loss
     per batch, in order. The last short batch is dropped when there is a full one (every term then has the same
@@ -357,7 +245,7 @@ def _val_loss_metrics(embedded: ShardEmbeddings, batch_size: int) -> tuple[dict,
         log.warning("val_loss: the model has no logit_scale, so no contrastive loss")
         return {}, {}
     first = embedded.first_text
-    losses = clip_loss_batches(embedded.image_features, embedded.text_features[first], embedded.logit_scale,
+    losses = _clip_loss_batches(embedded.image_features, embedded.text_features[first], embedded.logit_scale,
                                batch_size, embedded.logit_bias)
     if len(losses) == 0:
         log.warning("val_loss: needs at least 2 images, got %d", len(first))
@@ -372,20 +260,20 @@ def val_loss_eval(model, preprocess, tokenizer, shards: str | Sequence[str], *, 
                   per_item: bool = False) -> dict | tuple[dict, dict[str, ItemScores]]:
     """Held-out contrastive loss: the mean ClipLoss over fixed batches of `batch_size` consecutive samples of the
     shards, in shard order, each image with its first caption (the samples and captions that retrieval scores: see
-    `embed_shards`), in eval mode. Deterministic: no shuffling, no random caption. The last short batch is dropped
-    when there is a full one (`clip_loss_batches`), so the loss is comparable across splits at one batch size.
+    `_embed_shards`), in eval mode. Deterministic: no shuffling, no random caption. The last short batch is dropped
+    when there is a full one (`_clip_loss_batches`), so the loss is comparable across splits at one batch size.
 
     {"val_loss", "val_loss_images" (the pairs in the batches counted)}; {} for a model without logit_scale or fewer
     than 2 images. `per_item`: also {"val_loss": the per-batch losses} (a bootstrap over them resamples batches).
     """
-    embedded = embed_shards(model, preprocess, tokenizer, shards, batch_size=batch_size, device=device,
+    embedded = _embed_shards(model, preprocess, tokenizer, shards, batch_size=batch_size, device=device,
                             max_images=max_images)
     metrics, items = _val_loss_metrics(embedded, batch_size)
     return (metrics, items) if per_item else metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. A linear probe on frozen image features
+# 3. A linear probe on frozen image features
 
 
 def extract_features(model: nn.Module, preprocess, samples: Sequence[Sample], batch_size: int = 64,
@@ -400,7 +288,7 @@ def extract_features(model: nn.Module, preprocess, samples: Sequence[Sample], ba
         for images, batch_labels, _ in image_loader(samples, preprocess, batch_size, workers):
             if images is None:
                 continue
-            batch = model.encode_image(images.to(device, input_dtype(model)), normalize=True)  # B x D
+            batch = model.encode_image(images.to(device, _input_dtype(model)), normalize=True)  # B x D
             features.append(batch.float().cpu())
             labels.append(batch_labels)
     if not features:
@@ -509,14 +397,14 @@ def probe_eval(model, preprocess, data_dir: str | Path, *, per_class_train: int 
     probe = linear_probe(train_x, train_y, test_x, test_y, num_classes=split.num_classes, seed=seed)
     with torch.no_grad():
         logits = probe.classifier(test_x)  # N x C
-    ranks = _ranks(logits, F.one_hot(test_y, split.num_classes).bool())  # N
+    ranks = item_ranks(logits, F.one_hot(test_y, split.num_classes).bool())  # N
     metrics = {"probe_top1": probe.top1, "probe_top5": probe.top5, "probe_train_images": len(train_y),
                "probe_test_images": len(test_y), "probe_weight_decay": probe.weight_decay}
     return (metrics, {"probe_top1": hit_items(ranks, 1), "probe_top5": hit_items(ranks, 5)}) if per_item else metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Entry points: evaluate, load_model, command line
+# 4. Entry points: evaluate, load_model, command line
 
 
 def check_data(zeroshot_data=None, imagenet_val=None, val_data=None, skip_empty_classes: bool = False,
@@ -546,7 +434,7 @@ def evaluate(model, preprocess, tokenizer, *, zeroshot_data: str | Path | None =
     - `probe_data`: a linear probe on frozen features (`probe_eval`: probe_top1, ...), `probe_per_class` probe-train
       images per class, `probe_test_per_class` probe-test (None: the rest), split with `seed`.
     - `bootstrap` > 0: `<metric>_ci_low` / `<metric>_ci_high` after each metric that has per-item scores, a
-      percentile interval at `level` over that many resamples of the test images (`add_intervals`, seeded by `seed`).
+      percentile interval at `level` over that many resamples of the test images (`_add_intervals`, seeded by `seed`).
     - `per_item`: (metrics, {metric: ItemScores}) for a paired comparison (`compare_items`).
     An empty class folder is refused before any model work, or left out with `skip_empty_classes`.
     """
@@ -562,7 +450,7 @@ def evaluate(model, preprocess, tokenizer, *, zeroshot_data: str | Path | None =
         metrics |= {key.replace("zeroshot_", "imagenet_", 1): value for key, value in found.items()}
         items |= {key.replace("zeroshot_", "imagenet_", 1): value for key, value in scores.items()}
     if val_data is not None:
-        embedded = embed_shards(model, preprocess, tokenizer, val_data, batch_size=batch_size, device=device,
+        embedded = _embed_shards(model, preprocess, tokenizer, val_data, batch_size=batch_size, device=device,
                                 max_images=max_images)
         for found, scores in (_retrieval_metrics(embedded), _val_loss_metrics(embedded, loss_batch_size)):
             metrics, items = metrics | found, items | scores
@@ -572,11 +460,11 @@ def evaluate(model, preprocess, tokenizer, *, zeroshot_data: str | Path | None =
                                    device=device, workers=workers, per_item=True)
         metrics, items = metrics | found, items | scores
     if bootstrap:
-        metrics = add_intervals(metrics, items, bootstrap, level, seed)
+        metrics = _add_intervals(metrics, items, bootstrap, level, seed)
     return (metrics, items) if per_item else metrics
 
 
-def add_intervals(metrics: dict, items: dict[str, ItemScores], resamples: int = 1000, level: float = 0.95,
+def _add_intervals(metrics: dict, items: dict[str, ItemScores], resamples: int = 1000, level: float = 0.95,
                   seed: int = 0) -> dict:
     """`metrics` with `<metric>_ci_low` and `<metric>_ci_high` after each metric that has per-item scores: the
     bootstrap percentile interval over the test images (`stats.bootstrap_ci`; val_loss: over its batches)."""

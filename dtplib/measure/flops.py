@@ -64,21 +64,14 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from timm.layers import Attention as TimmAttention
 
 from ..common.runtime import eval_mode
-from ..tower.model import (
-    EXECUTIONS,
-    DTPVisionTransformer,
-    dtp_towers,
-    forced_boundaries,
-    token_budget,
-    trace,
-    use_execution,
-)
+from ..tower.control import dtp_towers, forced_boundaries, trace, use_execution
+from ..tower.model import EXECUTIONS, DTPVisionTransformer, token_budget
 
 # ----------------------------------------------------------------------------------------------------------
 # Analytic model
 
 
-def linear_macs_per_token(module: nn.Module) -> int:
+def _linear_macs_per_token(module: nn.Module) -> int:
     """MACs per token of every linear map inside `module` (nn.Linear, and the packed in-projection of attention)."""
     macs = 0
     for m in module.modules():
@@ -92,7 +85,7 @@ def linear_macs_per_token(module: nn.Module) -> int:
     return macs
 
 
-def attention_width(block: nn.Module) -> int:
+def _attention_width(block: nn.Module) -> int:
     """Width of the query/key space of a transformer block's self-attention (heads x head width)."""
     widths = []
     for m in block.modules():
@@ -108,13 +101,13 @@ def attention_width(block: nn.Module) -> int:
     return widths[0]
 
 
-def stage_macs(blocks: Sequence[nn.Module], tokens):
+def _stage_macs(blocks: Sequence[nn.Module], tokens):
     """(linear, attention) MACs of transformer blocks on `tokens` tokens (a number, or a tensor of per-image counts).
 
     Per block: tokens x (qkv + out-projection + MLP) for the linear maps, 2 x tokens^2 x width for QK^T and AV.
     """
-    linear = sum(linear_macs_per_token(block) for block in blocks) * tokens
-    attention = sum(2 * attention_width(block) for block in blocks) * tokens * tokens
+    linear = sum(_linear_macs_per_token(block) for block in blocks) * tokens
+    attention = sum(2 * _attention_width(block) for block in blocks) * tokens * tokens
     return linear, attention
 
 
@@ -179,19 +172,19 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None, execu
         kept = max(1, int(num_patches * (1 - patch_dropout))) if patch_dropout else num_patches  # open_clip's rule
         head = tower.proj.numel() if tower.proj is not None else 0
         return {"patch_embed": (tower.conv1.weight.numel() * num_patches, 0),
-                "layers": stage_macs(tower.transformer.resblocks, 1 + kept),
+                "layers": _stage_macs(tower.transformer.resblocks, 1 + kept),
                 "head": (head, 0)}
 
     num_patches, width = tower.num_patches, tower.embed_dim
     pre_blocks, short_blocks, post_blocks = tower.stages
-    head = linear_macs_per_token(tower.head) + linear_macs_per_token(_adapter_head(model, tower) or nn.Identity())
+    head = _linear_macs_per_token(tower.head) + _linear_macs_per_token(_adapter_head(model, tower) or nn.Identity())
     if not tower.pools:  # compression=1: a plain ViT on the same code path
         if segments is not None:
             _as_count(segments, num_patches, num_patches, "segments of a tower that does not pool (compression=1)")
         kept = max(1, int(num_patches * (1 - patch_dropout))) if patch_dropout else num_patches  # timm's rule
         return {"patch_embed": (tower.patch_embed.proj.weight.numel() * num_patches, 0),
-                "pre_layers": stage_macs(pre_blocks, 1 + kept), "predictor": (0, 0), "downsample": (0, 0),
-                "short_layers": stage_macs(short_blocks, 1 + kept), "upsample": (0, 0), "post_layers": (0, 0),
+                "pre_layers": _stage_macs(pre_blocks, 1 + kept), "predictor": (0, 0), "downsample": (0, 0),
+                "short_layers": _stage_macs(short_blocks, 1 + kept), "upsample": (0, 0), "post_layers": (0, 0),
                 "head": (head, 0)}
     if patch_dropout:
         raise ValueError("a pooling DTP tower has no patch dropout (it would remove patches before the predictor)")
@@ -199,12 +192,12 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None, execu
     segments = _as_count(segments, 1, num_patches, "segments per image")
     pooling = num_patches * segments * width if execution == "padded" else 0 * segments  # einsum N x S x D
     return {"patch_embed": (tower.patch_embed.proj.weight.numel() * num_patches, 0),
-            "pre_layers": stage_macs(pre_blocks, 1 + num_patches),
-            "predictor": (linear_macs_per_token(tower.predictor) * num_patches if tower.predictor else 0, 0),
+            "pre_layers": _stage_macs(pre_blocks, 1 + num_patches),
+            "predictor": (_linear_macs_per_token(tower.predictor) * num_patches if tower.predictor else 0, 0),
             "downsample": (pooling, 0),
-            "short_layers": stage_macs(short_blocks, 1 + segments),
+            "short_layers": _stage_macs(short_blocks, 1 + segments),
             "upsample": (pooling if tower.dtp.upsample else 0, 0),
-            "post_layers": stage_macs(post_blocks, 1 + num_patches),
+            "post_layers": _stage_macs(post_blocks, 1 + num_patches),
             "head": (head, 0)}
 
 
@@ -250,10 +243,10 @@ def text_macs(model: nn.Module) -> dict[str, int]:
     """MACs per text of the text tower at open_clip's context length: layers, head (projection of one token)."""
     transformer, projection, tokens = text_tower(model)
     if isinstance(projection, nn.Module):
-        head = linear_macs_per_token(projection)
+        head = _linear_macs_per_token(projection)
     else:
         head = projection.numel() if projection is not None else 0
-    return {"layers": sum(stage_macs(transformer.resblocks, tokens)), "head": head}
+    return {"layers": sum(_stage_macs(transformer.resblocks, tokens)), "head": head}
 
 
 def fixed_segments(num_patches: int, compression: int) -> int:
@@ -343,7 +336,7 @@ def mha_fastpath_disabled() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-def flop_analysis(module: nn.Module, inputs) -> FlopCountAnalysis:
+def _flop_analysis(module: nn.Module, inputs) -> FlopCountAnalysis:
     """fvcore's FlopCountAnalysis with MAC_HANDLES only and NO_MAC_OPS ignored; its counts are MACs."""
     analysis = FlopCountAnalysis(module, inputs).clear_op_handles()
     analysis.set_op_handle(**MAC_HANDLES).set_op_handle(**dict.fromkeys(NO_MAC_OPS))
@@ -357,7 +350,7 @@ def fvcore_macs(module: nn.Module, inputs, strict: bool = True) -> int:
     `strict`: raise if fvcore met an op that has neither a handle nor a place in NO_MAC_OPS.
     """
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    analysis = flop_analysis(module, inputs)
+    analysis = _flop_analysis(module, inputs)
     with mha_fastpath_disabled(), torch.no_grad():
         macs = analysis.total()
     unhandled = analysis.unsupported_ops()
@@ -426,7 +419,7 @@ def realised_segments(model: nn.Module, images: torch.Tensor, batch_size: int | 
     return torch.cat(counts)
 
 
-def padded_segments(segments: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def _padded_segments(segments: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Segments that the padded implementation runs per image: the maximum of each batch of `batch_size`."""
     batch_size = batch_size or len(segments)
     return torch.cat([chunk.max().expand(len(chunk)) for chunk in segments.split(batch_size)])
@@ -449,14 +442,14 @@ def realised(model: nn.Module, images: torch.Tensor, batch_size: int | None = No
     """
     if not isinstance(image_tower(model), DTPVisionTransformer):
         raise ValueError("realised boundaries need a DTP-ViT tower; an open_clip ViT always runs every patch")
-    return realised_stats(model, realised_segments(model, images, batch_size), batch_size)
+    return _realised_stats(model, realised_segments(model, images, batch_size), batch_size)
 
 
-def realised_stats(model: nn.Module, segments: torch.Tensor, batch_size: int | None = None) -> dict[str, float]:
+def _realised_stats(model: nn.Module, segments: torch.Tensor, batch_size: int | None = None) -> dict[str, float]:
     """`realised` from the segment counts per image (B) that `realised_segments` returned."""
     num_patches = patch_count(image_tower(model))
     packed = total(analytic_macs(model, segments))  # B
-    padded = total(analytic_macs(model, padded_segments(segments, batch_size), execution="padded"))  # B
+    padded = total(analytic_macs(model, _padded_segments(segments, batch_size), execution="padded"))  # B
     return {"images": len(segments), "batch_size": batch_size or len(segments), **_stats("gmacs", packed / 1e9),
             "padded_gmacs_mean": padded.mean().item() / 1e9, **_stats("segments", segments),
             **_stats("compression", num_patches / segments.double()),
@@ -510,12 +503,12 @@ def report(model: nn.Module, name: str, compressions: Sequence[int] = (1, 2, 4, 
         add("plain", None, image_fvcore_macs(model), segments=num_patches, compression=1.0)
     if images is not None and pools:
         segments = realised_segments(model, images, batch_size)  # B
-        stats = realised_stats(model, segments, batch_size)
+        stats = _realised_stats(model, segments, batch_size)
         if "packed" in executions:
             add("realised, packed", segments, None, segments=stats["segments_mean"],
                 compression=stats["realised_compression"], **stats)
         if "padded" in executions:
-            padded = padded_segments(segments, batch_size)
+            padded = _padded_segments(segments, batch_size)
             with use_execution(model, "padded"):
                 measured = sum(image_fvcore_macs(model, chunk) * len(chunk)
                                for chunk in images.split(stats["batch_size"]))

@@ -7,7 +7,7 @@ boundaries come from: learned by the threshold rule (no modifier; the capacity c
 (a boundary every c patches), `+topk` (exactly ceil(N / c) segments per image) or `+batch-topk` (B * ceil(N / c)
 over the batch). E.g. `DTP-ViT-B-32-4x+padded`, `DTP-ViT-B-32-4x+batch-topk`, `ViT-B-32+pd0.75`. CSVs written
 before the static path label their packed rows without a modifier (`DTP-ViT-B-32-4x`); their `execution` column
-says packed. Used by `dtplib.bench` (what to time) and `dtplib.plots` (reading its rows back).
+says packed. Used by `dtplib.bench` (what to time) and `dtplib.figures.plots` (reading its rows back).
 """
 
 from __future__ import annotations

@@ -13,13 +13,7 @@ import torch
 
 from ..data.loader import iter_samples
 from ..tower.clip import ARCHS, create_model_and_transforms, parse_dtp_name
-from ..tower.model import (
-    dtp_towers,
-    fit_boundary_prior,
-    get_tower,
-    realised_compression,
-    trace,
-)
+from ..tower.control import dtp_towers, fit_boundary_prior, get_tower, realised_compression, trace
 from .flops import analytic_macs, image_tower, patch_count, total
 from .specs import Spec, parse_spec
 from .stats import t_interval
@@ -29,7 +23,7 @@ EVAL_COLUMNS = ("zeroshot_top1", "zeroshot_top5", "imagenet_top1", "imagenet_top
                 "text_to_image_R@10")
 
 
-def parameter_count(module: torch.nn.Module | None) -> int:
+def _parameter_count(module: torch.nn.Module | None) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
@@ -41,9 +35,9 @@ def variant_table(arch: str, compressions: list[float], upsample: bool = False) 
         tower = get_tower(model)
         rows.append({"compression": c, "layers (pre/short/post)":
                      f"{tower.dtp.pre_layers}/{tower.dtp.short_layers}/{tower.dtp.post_layers}",
-                     "image tower (M)": parameter_count(model.visual) / 1e6,
-                     "predictor (M)": parameter_count(tower.predictor) / 1e6,
-                     "text tower (M)": (parameter_count(model) - parameter_count(model.visual)) / 1e6,
+                     "image tower (M)": _parameter_count(model.visual) / 1e6,
+                     "predictor (M)": _parameter_count(tower.predictor) / 1e6,
+                     "text tower (M)": (_parameter_count(model) - _parameter_count(model.visual)) / 1e6,
                      "patches": tower.num_patches})
     return pd.DataFrame(rows)
 
@@ -115,10 +109,10 @@ def last_epochs(runs: pd.DataFrame) -> pd.DataFrame:
     return complete.sort_values("epoch").groupby(["arm", "seed"], sort=False).tail(1)
 
 
-def trained_accuracy(runs_csv: str | Path) -> pd.DataFrame:
+def _trained_accuracy(runs_csv: str | Path) -> pd.DataFrame:
     """Mean zero-shot top-1/top-5 of the complete runs of an experiment's runs.csv, by what they trained (the
-    `model` column, `dtplib.specs.trained_label`): the [final] scores (`final_zeroshot_*`, the whole test set) where
-    a run has them, else its last epoch's evaluation; empty when the file or its zero-shot columns are missing."""
+    `model` column, `dtplib.measure.specs.trained_label`): the [final] scores (`final_zeroshot_*`, the whole test set)
+    where a run has them, else its last epoch's evaluation; empty when the file or its zero-shot columns are missing."""
     runs_csv = Path(runs_csv)
     columns = ["zeroshot_top1", "zeroshot_top5"]
     if not runs_csv.is_file():
@@ -144,7 +138,7 @@ def efficiency_table(folders: list[str | Path],
         raise FileNotFoundError(f"no efficiency_*.csv in {folders}: run python -m dtplib.bench first")
     bench_rows = pd.concat(frames)
     bench_rows = bench_rows[bench_rows["mode"] == "clip"]
-    accuracy = trained_accuracy(accuracy_runs)
+    accuracy = _trained_accuracy(accuracy_runs)
     rows, models = [], {}
     for _, r in bench_rows.iterrows():
         spec = parse_spec(r["model"])

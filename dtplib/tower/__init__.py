@@ -2,9 +2,12 @@
 
 - `model`: `DTPConfig`, `DTPVisionTransformer` (boundary predictor, pooling, the padded, packed and static
   executions), the boundary prior, `trace`;
+- `boundaries`: drawing, capping and pooling boundaries, and their binomial prior (tensor functions);
+- `control`: handles on any model holding towers: `get_tower`, `trace`, `use_config`, `forced_boundaries`,
+  `fit_boundary_prior`;
 - `packed`: the variable-length shortened layers (host-planned buckets and the device-side static buffer);
 - `order`: the order patches are read into runs (raster or Hilbert);
 - `clip`: the registered timm and open_clip names, `build_model`, weight transfer from a plain CLIP ViT.
 """
 
-__all__ = ["clip", "model", "order", "packed"]
+__all__ = ["boundaries", "clip", "control", "model", "order", "packed"]

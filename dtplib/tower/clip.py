@@ -28,7 +28,8 @@ from open_clip.pretrained import download_pretrained
 from timm.models import register_model
 from timm.models.vision_transformer import _convert_openai_clip
 
-from .model import STRUCTURAL_FIELDS, DTPConfig, DTPVisionTransformer, get_tower
+from .control import get_tower
+from .model import STRUCTURAL_FIELDS, DTPConfig, DTPVisionTransformer
 
 TEXT_B = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
 TEXT_TI = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4}
@@ -97,7 +98,7 @@ def tower_config(arch: Arch, compression: float, upsample: bool) -> DTPConfig:
     return DTPConfig(compression=compression, pre_layers=arch.split[0], short_layers=arch.split[1])
 
 
-def build_tower(arch: Arch, dtp: DTPConfig, **kwargs) -> DTPVisionTransformer:
+def _build_tower(arch: Arch, dtp: DTPConfig, **kwargs) -> DTPVisionTransformer:
     return DTPVisionTransformer(dtp=dtp, img_size=arch.image_size, patch_size=arch.patch_size,
                                 embed_dim=arch.width, depth=arch.depth, num_heads=arch.heads, **kwargs)
 
@@ -111,7 +112,7 @@ def _timm_entrypoint(arch: Arch, compression: int, upsample: bool):
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
             kwargs.pop(key, None)
         dtp = kwargs.pop("dtp", None) or tower_config(arch, compression, upsample)
-        return build_tower(arch, dtp, **kwargs)
+        return _build_tower(arch, dtp, **kwargs)
 
     entrypoint.__name__ = f"{arch.timm_prefix}_{compression}x" + ("_up" if upsample else "")
     entrypoint.__qualname__ = entrypoint.__name__
@@ -176,7 +177,7 @@ def create_model_and_transforms(arch: str = "ViT-B-32", compression: float = 4, 
         dtp_name(arch, base_compression, base_upsample), **open_clip_kwargs)
     tower = get_tower(model)
     if any(getattr(dtp, f) != getattr(tower.dtp, f) for f in STRUCTURAL_FIELDS):  # no registered name: rebuild
-        new = build_tower(spec, dtp).to(device=tower.pos_embed.device, dtype=tower.pos_embed.dtype)
+        new = _build_tower(spec, dtp).to(device=tower.pos_embed.device, dtype=tower.pos_embed.dtype)
         new.load_state_dict(tower.state_dict(), strict=False)  # identical ViT parameters; the predictor is new
         model.visual.trunk = new
     else:  # fields read at run time only: no second build, so the random stream is the registered model's
@@ -189,7 +190,7 @@ def create_model_and_transforms(arch: str = "ViT-B-32", compression: float = 4, 
 # Models by name, from training flags, from a training checkpoint
 
 
-def close_model_names(name: str, cutoff: float = 0.4) -> list[str]:
+def _close_model_names(name: str, cutoff: float = 0.4) -> list[str]:
     """A few registered open_clip names (dtplib's included) that look like `name`, for error messages."""
     return difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=cutoff)
 
@@ -199,7 +200,7 @@ def check_model_name(name: str) -> None:
     if name.startswith(("hf-hub:", "local-dir:")):
         return
     if name.replace("/", "-") not in open_clip.list_models():
-        raise ValueError(f"unknown model {name!r}; close names: {close_model_names(name, 0.5) or 'none'} "
+        raise ValueError(f"unknown model {name!r}; close names: {_close_model_names(name, 0.5) or 'none'} "
                          "(all: open_clip.list_models())")
 
 
@@ -231,7 +232,7 @@ def resolve_model(model: str, compression: float | None = None, upsample: bool =
     if model.startswith("DTP-ViT-"):
         parsed = parse_dtp_name(model)
         if parsed is None:
-            raise ValueError(f"unknown DTP model {model!r}; registered: {close_model_names(model)}")
+            raise ValueError(f"unknown DTP model {model!r}; registered: {_close_model_names(model)}")
         stem, named_compression, named_upsample = parsed
         if compression is not None and compression != named_compression:
             raise ValueError(f"--model {model} means compression {named_compression:g}, but --compression "
@@ -246,11 +247,11 @@ def resolve_model(model: str, compression: float | None = None, upsample: bool =
     if upsample:
         raise ValueError("--upsample needs a DTP model: give --compression or a DTP-ViT-* name")
     if model not in open_clip.list_models():
-        raise ValueError(f"unknown model {model!r}; close names: {close_model_names(model)}")
+        raise ValueError(f"unknown model {model!r}; close names: {_close_model_names(model)}")
     return model, None, False
 
 
-def open_clip_name(model: str, compression: float | None = None, upsample: bool = False) -> str:
+def _open_clip_name(model: str, compression: float | None = None, upsample: bool = False) -> str:
     """The open_clip name of what the training flags build (`DTP-ViT-B-32-4x`, or the peer's own name)."""
     arch, compression, upsample = resolve_model(model, compression, upsample)
     return arch if compression is None else dtp_name(arch, compression, upsample)
@@ -345,7 +346,7 @@ def load_vit_weights(model: torch.nn.Module, checkpoint: str | Path | dict) -> L
     mapped[f"{visual_prefix}head.proj.weight"] = converted.pop("head.weight")
     mapped.update({f"{visual_prefix}trunk.{k}": v for k, v in converted.items()})
 
-    return place_weights(model, mapped, hint="is it a ViT of the same size and depth?")
+    return _place_weights(model, mapped, hint="is it a ViT of the same size and depth?")
 
 
 def load_dtp_weights(model: torch.nn.Module, checkpoint: str | Path | dict) -> LoadReport:
@@ -354,10 +355,10 @@ def load_dtp_weights(model: torch.nn.Module, checkpoint: str | Path | dict) -> L
     state = read_state_dict(checkpoint)
     target = model.state_dict()
     mapped = {k: v for k, v in state.items() if k in target or ".predictor." not in k}  # a 4x source into a 1x
-    return place_weights(model, mapped, hint="is it the same arch and layer split?")
+    return _place_weights(model, mapped, hint="is it the same arch and layer split?")
 
 
-def place_weights(model: torch.nn.Module, mapped: dict[str, torch.Tensor], hint: str) -> LoadReport:
+def _place_weights(model: torch.nn.Module, mapped: dict[str, torch.Tensor], hint: str) -> LoadReport:
     """Load `mapped` into the model when every tensor has a place of its shape and only the boundary predictor
     is left at its initialisation; else a ValueError naming the first offenders and `hint`."""
     target = model.state_dict()

@@ -11,7 +11,7 @@ The tower subclasses timm's VisionTransformer and keeps its parameter names (`bl
 `pos_embed`, ...), so CLIP ViT weights map onto the pre-, shortened and post-layers by timm's own converter.
 
 Images in one batch get different numbers of segments. Three executions of the shortened layers give the same
-result (`DTPConfig.execution`, `dtplib.packed`): "static" (the default) runs them on the concatenated real tokens
+result (`DTPConfig.execution`, `dtplib.tower.packed`): "static" (the default) runs them on the concatenated real tokens
 of the batch in a buffer whose size is fixed by the batch's shape, with no value read to the host, so a compiled
 forward is one graph; "packed" does the same on exactly the real tokens, planned on the host once per forward;
 "padded", the reference, pads every image to the batch's largest count and masks the padding in attention and
@@ -28,9 +28,7 @@ distribution).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 
 import torch
@@ -39,6 +37,19 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
+from .boundaries import (
+    batch_topk_boundaries,
+    boundary_loss,
+    cap_boundaries,
+    close_last_segment,
+    downsample,
+    expand_forced,
+    membership,
+    relaxed,
+    sample_boundaries,
+    topk_boundaries,
+    upsample,
+)
 from .order import PATCH_ORDERS, patch_order
 from .packed import (
     Packing,
@@ -211,136 +222,6 @@ class BoundaryPredictor(nn.Module):
         if prefix + "fc2.weight" in state_dict:
             state_dict.setdefault(prefix + "threshold", torch.zeros(()))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def relaxed(logits: torch.Tensor, temperature: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noisy logits, soft boundaries). Training: logistic noise (Gumbel-Sigmoid), soft = sigmoid(noisy / t).
-    Eval: no noise, soft = sigmoid(logit)."""
-    if not training:
-        return logits, torch.sigmoid(logits)
-    uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-    noisy = logits + torch.log(uniform) - torch.log1p(-uniform)
-    return noisy, torch.sigmoid(noisy / temperature)
-
-
-def sample_boundaries(logits: torch.Tensor, temperature: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard 0/1 boundaries with a straight-through gradient, and the boundary probabilities.
-
-    Training: relaxed Bernoulli (Gumbel-Sigmoid) sample, hard = soft > 0.5. Eval: sigmoid(logit) > 0.5,
-    no noise. The returned boundaries equal the hard values exactly (hard + (soft - soft.detach())).
-    """
-    _, soft = relaxed(logits, temperature, training)
-    hard = (soft > 0.5).to(logits.dtype)
-    return hard + (soft - soft.detach()), torch.sigmoid(logits)  # B x N, B x N
-
-
-def topk_boundaries(logits: torch.Tensor, segments: int, temperature: float,
-                    training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly `segments` segments per image: boundaries on the `segments - 1` largest (noisy) logits among the
-    first N - 1 patches, plus the last patch (which `close_last_segment` sets). Straight-through as in
-    `sample_boundaries`: the gradient flows through the same soft values. B x N, B x N."""
-    noisy, soft = relaxed(logits, temperature, training)
-    chosen = noisy[:, :-1].topk(segments - 1, dim=-1).indices  # B x (segments - 1)
-    hard = torch.zeros_like(logits).scatter(-1, chosen, 1.0)
-    hard[:, -1] = 1
-    return hard + (soft - soft.detach()), torch.sigmoid(logits)
-
-
-def batch_topk_boundaries(logits: torch.Tensor, segments: int, temperature: float) -> torch.Tensor:
-    """Training: exactly B * `segments` boundaries over the batch, each image's last patch and the
-    B * (segments - 1) largest noisy logits among all images' other patches, so images share one budget by their
-    content. Straight-through as `topk_boundaries`. B x N."""
-    noisy, soft = relaxed(logits, temperature, training=True)
-    batch, num_patches = logits.shape
-    chosen = noisy[:, :-1].flatten().topk(batch * (segments - 1)).indices  # B*(segments - 1)
-    hard = torch.zeros_like(logits[:, :-1]).flatten().scatter(0, chosen, 1.0).view(batch, num_patches - 1)
-    hard = F.pad(hard, (0, 1), value=1.0)  # B x N, the last patch closes the last segment
-    return hard + (soft - soft.detach())
-
-
-def cap_boundaries(boundaries: torch.Tensor, scores: torch.Tensor,
-                   max_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """At most `max_segments` boundaries in the batch, on the device: every image keeps its closing boundary, and
-    of the others only the `max_segments - B` with the highest scores stay. Returns the boundaries (B x N, the
-    dropped ones 0 with their straight-through gradient kept) and how many were dropped (a 0-d tensor)."""
-    batch, num_patches = boundaries.shape
-    hard = boundaries.detach()
-    inner = hard[:, :-1] > 0.5  # B x (N-1): boundaries that are not an image's closing one
-    budget = max_segments - batch
-    if budget >= inner.numel():
-        return boundaries, hard.new_zeros(())
-    ranked = scores[:, :-1].detach().float().masked_fill(~inner, float("-inf")).flatten()  # B*(N-1)
-    kept = torch.zeros_like(ranked, dtype=torch.bool).scatter(0, ranked.topk(budget).indices, True)
-    dropped = F.pad(inner & ~kept.view_as(inner), (0, 1))  # B x N
-    return boundaries - dropped.to(boundaries.dtype), dropped.sum().to(hard.dtype)
-
-
-def close_last_segment(boundaries: torch.Tensor) -> torch.Tensor:
-    """Force a boundary on the last patch so that every patch belongs to a closed segment."""
-    forced = torch.zeros_like(boundaries)
-    forced[:, -1] = 1
-    return boundaries * (1 - forced) + forced  # B x N, keeps the gradient of all other positions
-
-
-def membership(boundaries: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """B x N x S matrix, 1 where patch n is in segment s, with a gradient path to the boundaries.
-
-    As in Nawrot's `1 - (s - id)`, the value is exactly 1 on members while d/d(id) = 1, so the contrastive
-    loss reaches the predictor through the segment ids. Casting ids to long would cut that path.
-    """
-    ids = segment_ids(boundaries)  # B x N, float, exact integers
-    slots = torch.arange(num_segments, device=ids.device, dtype=ids.dtype)  # S
-    is_member = ids.detach().unsqueeze(-1) == slots  # B x N x S
-    through_ids = 1 + ids - ids.detach()  # B x N, value 1, gradient 1
-    return is_member.to(ids.dtype) * through_ids.unsqueeze(-1)  # B x N x S
-
-
-def downsample(tokens: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of the patch tokens in each segment. Returns B x S x D segments and a B x S validity mask."""
-    counts = weights.sum(1)  # B x S
-    pooled = torch.einsum("bns,bnd->bsd", weights, tokens)  # B x S x D
-    return pooled / counts.clamp(min=1).unsqueeze(-1), counts.detach() > 0
-
-
-def upsample(segments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Copy each segment back to the positions of its patches. B x S x D -> B x N x D."""
-    return torch.einsum("bns,bsd->bnd", weights, segments)
-
-
-def boundary_loss(boundaries: torch.Tensor, prior: float, per_image: bool = False) -> torch.Tensor:
-    """Binomial prior on the number of boundaries in the batch: -log Binomial(K; B*N, p) / (B*N), K = all of them.
-
-    Nawrot's prior (every patch a boundary with probability p, independently), applied to the batch total rather
-    than to each image's count k (Nawrot: -log Binomial(k; N, p).mean() / N; the two agree for B = 1). The
-    gradient per boundary keeps its scale, g(K) / (B*N) against g(k_b) / (B*N), with g(k) = d(-log Binomial)/dk
-    = digamma(k+1) - digamma(N-k+1) - logit(p). The per-image form has two biases, both towards fewer boundaries,
-    measured on a prior-only fit of Ti-10x (N = 64, p = 0.1), which settled at 5.3 boundaries per image (12.1x):
-    - its minimum is the mode, k = (N+1)p - 1/2 = 6.0 (10.7x), not Np = 6.4; for the batch total the offset per
-      image is (p - 1/2)/B;
-    - the straight-through gradient reaches an image only through patches whose logits are near the threshold.
-      Images with few boundaries end with all logits saturated and get no push, so the fit stops where
-      sum_b g(k_b) D_b = 0 (D_b = sum_n sigmoid'(logit_bn)), not where mean_b g(k_b) = 0: at its end the plain
-      mean was -0.20 (the prior still asked for more boundaries), the D-weighted one 0.003. Correcting only the
-      mode still left Ti-10x at 10.8x to 12.3x over four seeds.
-    With one count per batch g is the same for every image, and the fit stops where g(K) = 0, K = B*N*p up to that
-    offset, whatever the D_b. This is the quantity the token budget is: realised compression is N / mean(k).
-    The price: nothing holds one image's count near Np any more. After that fit the counts per image spread with
-    std 5.5 (1 to 28 boundaries), against 2.0 with the per-image form and 2.4 for Binomial(N, p); padding to the
-    batch maximum wastes more, the packed path does not. Under DDP, the batch is each device's.
-    `per_image=True` is Nawrot's form (DTPConfig.prior_scope="image"), for runs that want the tighter spread.
-    """
-    if per_image:
-        num_patches = boundaries.shape[-1]
-        return binomial_nll(boundaries.float().sum(-1), num_patches, prior).mean() / num_patches  # counts: B
-    num_boundaries = boundaries.numel()
-    k = boundaries.float().sum()  # float32: exact counts up to 2**24; a bf16/fp16 sum would round
-    return binomial_nll(k, num_boundaries, prior) / num_boundaries
-
-
-def binomial_nll(k: torch.Tensor, n: int, p: float) -> torch.Tensor:
-    """-log Binomial(k; n, p), with n and p as Python numbers: no tensor is made on the host and copied over."""
-    log_choose = math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
-    return -(log_choose + k * math.log(p) + (n - k) * math.log1p(-p))
 
 
 @dataclass
@@ -540,16 +421,15 @@ class DTPVisionTransformer(VisionTransformer):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens after the last layer (B x T x D) and, when they are segments, their validity mask (B x T)."""
         x = self.forward_pre(x)  # B x (1+N) x D
-        _, short_blocks, post_blocks = self.stages
         if not self.pools:
-            x = self.run_blocks(short_blocks, x)
+            x = self.run_blocks(self.stages[1], x)
             self.record_plain(x)
             return x, None
         order = self.reading_order(x.device)
         if order is not None:  # read the patches along the curve; later layers are permutation-equivariant
             x = torch.cat([x[:, :1], x[:, 1:].index_select(1, order[0])], dim=1)  # B x (1+N) x D, reading order
 
-        cls_token, patches = x[:, :1], x[:, 1:]  # B x 1 x D, B x N x D
+        patches = x[:, 1:]  # B x N x D
         if self.predictor is None:  # forced_boundaries: uniform pooling, no predictor and no prior
             boundaries = self.fixed_boundaries(patches.shape[:2], patches.device, patches.dtype)
             probs, self.last_boundary_loss = boundaries, patches.new_zeros(())
@@ -564,6 +444,13 @@ class DTPVisionTransformer(VisionTransformer):
             return self.forward_static(x, boundaries)
         if self.dtp.execution in ("static", "packed"):  # eager eval: exactly the real tokens (see forward_static)
             return self.forward_packed(x, boundaries)
+        return self.forward_padded(x, boundaries)
+
+    def forward_padded(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference execution: every image padded to the batch's largest segment count, the padding masked in
+        attention (and in pooling, by the returned mask). x: B x (1+N) x D after the pre-layers; boundaries B x N."""
+        _, short_blocks, post_blocks = self.stages
+        cls_token, patches = x[:, :1], x[:, 1:]  # B x 1 x D, B x N x D
         num_segments = int(boundaries.detach().nan_to_num(1.0).sum(-1).max())  # NaN weights: a NaN loss, no crash
         weights = membership(boundaries, num_segments)  # B x N x S
         segments, valid = downsample(patches, weights)  # B x S x D, B x S
@@ -616,7 +503,7 @@ class DTPVisionTransformer(VisionTransformer):
 
     def forward_static(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The shortened layers on the packed real tokens in a buffer of B + `segment_capacity(B)` rows
-        (`dtplib.packed.StaticPacking`): no host read, shapes fixed by the batch's shape alone.
+        (`dtplib.tower.packed.StaticPacking`): no host read, shapes fixed by the batch's shape alone.
 
         Training, and eval inside torch.compile. In eval nothing caps the count (an embedding must not depend on its
         batch-mates), so a static buffer would have to hold B * (N + 1) rows and the shortened layers would cost
@@ -631,7 +518,8 @@ class DTPVisionTransformer(VisionTransformer):
         return self.run_packed(x, tokens, index, through_ids, packing)
 
     def forward_packed(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The shortened layers on the packed real tokens (`dtplib.packed`); the output as `forward_features`'s."""
+        """The shortened layers on the packed real tokens (`dtplib.tower.packed`); the output as
+        `forward_features`'s."""
         counts = boundaries.detach().nan_to_num(1.0).sum(-1)  # B
         packing = Packing.plan(counts.long().tolist(), x.device)  # the forward's one host-device synchronisation
         tokens, index, through_ids = pack_tokens(x[:, :1], x[:, 1:], boundaries, packing)  # T x D
@@ -695,160 +583,4 @@ class DTPVisionTransformer(VisionTransformer):
         self.last_boundary_loss = ones.new_zeros(())
         self.record(ones, ones)
 
-
-def expand_forced(forced: torch.Tensor | str | int, shape: torch.Size, device, dtype) -> torch.Tensor:
-    """Turn a `forced_boundaries` spec ("all", every c patches, or a B x N tensor) into B x N 0/1 boundaries."""
-    if isinstance(forced, str):
-        return torch.ones(shape, device=device, dtype=dtype)
-    if isinstance(forced, int):
-        boundaries = torch.zeros(shape, device=device, dtype=dtype)
-        boundaries[:, forced - 1::forced] = 1
-        return boundaries
-    if tuple(forced.shape) != tuple(shape):
-        raise ValueError(f"forced boundaries have shape {tuple(forced.shape)}, the batch needs {tuple(shape)}")
-    return forced.to(device=device, dtype=dtype)
-
-
-def dtp_towers(model: nn.Module) -> list[DTPVisionTransformer]:
-    """All DTP towers inside a model (a CLIP, a DDP wrapper, or a tower itself)."""
-    return [m for m in model.modules() if isinstance(m, DTPVisionTransformer)]
-
-
-def get_tower(model: nn.Module) -> DTPVisionTransformer:
-    towers = dtp_towers(model)
-    if len(towers) != 1:
-        raise ValueError(f"expected one DTP-ViT image tower in {type(model).__name__}, found {len(towers)}")
-    return towers[0]
-
-
-def last_boundary_loss(model: nn.Module) -> torch.Tensor | None:
-    """The boundary loss of the tower's last forward (with its graph), or None for a model that does not pool."""
-    towers = dtp_towers(model)
-    if not towers or towers[0].predictor is None:
-        return None
-    return towers[0].last_boundary_loss
-
-
-class Trace:
-    """Records every forward of the traced towers; the attributes refer to the last forward."""
-
-    def __init__(self):
-        self.records: list[TraceRecord] = []
-
-    def last(self) -> TraceRecord:
-        if not self.records:
-            raise RuntimeError("nothing traced yet: run the model inside `with dtplib.trace(model) as t:`")
-        return self.records[-1]
-
-    boundaries = property(lambda self: self.last().boundaries)
-    segment_ids = property(lambda self: self.last().segment_ids)
-    probs = property(lambda self: self.last().probs)
-    tokens = property(lambda self: self.last().tokens)
-    compression = property(lambda self: self.last().compression)
-    boundary_loss = property(lambda self: self.last().boundary_loss)
-    grid = property(lambda self: self.last().grid)
-    budget = property(lambda self: self.last().budget)
-
-
-@contextmanager
-def trace(model: nn.Module) -> Iterator[Trace]:
-    """`with trace(model) as t: model.encode_image(x)` records boundaries, segments and compression."""
-    towers = dtp_towers(model)
-    if not towers:
-        raise ValueError(f"{type(model).__name__} has no DTP-ViT image tower to trace")
-    result = Trace()
-    for tower in towers:
-        tower.tracers.append(result.records)
-    try:
-        yield result
-    finally:
-        for tower in towers:
-            tower.tracers.remove(result.records)
-
-
-@contextmanager
-def forced_boundaries(model: nn.Module, boundaries: torch.Tensor | str | int) -> Iterator[None]:
-    """Replace the predicted boundaries: "all" (each patch its own segment), an int c (a boundary every c
-    patches: uniform pooling), or a B x N 0/1 tensor. The last patch always closes a segment."""
-    tower = get_tower(model)
-    if not tower.pools:
-        raise ValueError("this tower does not pool tokens (compression=1); there are no boundaries to force")
-    if isinstance(boundaries, str) and boundaries != "all":
-        raise ValueError(f"forced boundaries must be 'all', an int or a B x N tensor, got {boundaries!r}")
-    if isinstance(boundaries, bool) or (isinstance(boundaries, int) and not 1 <= boundaries <= tower.num_patches):
-        raise ValueError(f"a boundary every c patches needs 1 <= c <= {tower.num_patches}, got {boundaries!r}")
-    if isinstance(boundaries, torch.Tensor):
-        if boundaries.ndim != 2 or boundaries.shape[1] != tower.num_patches:
-            raise ValueError(f"forced boundaries must be B x {tower.num_patches}, got {tuple(boundaries.shape)}")
-        if not torch.all((boundaries == 0) | (boundaries == 1)):
-            raise ValueError("forced boundaries must be 0/1")
-    previous, tower.forced = tower.forced, boundaries
-    try:
-        yield
-    finally:
-        tower.forced = previous
-
-
-@contextmanager
-def use_config(model: nn.Module, **changes) -> Iterator[DTPConfig]:
-    """Change run-time fields of the tower's DTPConfig inside the block (execution, boundaries, temperature,
-    boundary_loss_weight, ...); the fields that shape its parameters (`STRUCTURAL_FIELDS`) cannot change."""
-    tower = get_tower(model)
-    unknown = set(changes) - {f.name for f in fields(DTPConfig)}
-    if unknown:
-        raise ValueError(f"not DTPConfig fields: {sorted(unknown)}")
-    if set(changes) & set(STRUCTURAL_FIELDS):
-        raise ValueError(f"{sorted(set(changes) & set(STRUCTURAL_FIELDS))} shape the tower's parameters: build "
-                         "another model instead")
-    previous = tower.dtp
-    tower.dtp = replace(previous, **changes)
-    try:
-        tower.dtp.validate(len(tower.blocks))
-        yield tower.dtp
-    finally:
-        tower.dtp = previous
-
-
-def use_execution(model: nn.Module, execution: str):
-    """Run the tower's shortened layers "packed" or "padded" inside the block (e.g. to count the padded cost)."""
-    return use_config(model, execution=execution)
-
-
-def fit_boundary_prior(model: nn.Module, images: torch.Tensor, steps: int = 300, lr: float = 1e-2,
-                       batch_size: int = 64, seed: int = 0) -> list[dict]:
-    """Train only the boundary predictor on the binomial prior (the rest frozen); returns the history.
-
-    A quick check that the prior alone steers the realised compression to its target, and a way to start
-    a pretrained-ViT finetune at the intended token budget. The prior counts the boundaries of each batch
-    (`boundary_loss`), so its optimum is N*p per image up to (p - 1/2) / batch_size.
-    """
-    tower = get_tower(model)
-    if tower.predictor is None:
-        raise ValueError("this tower has no boundary predictor (compression 1, or boundaries forced every c patches)")
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(tower.predictor.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)  # settles the sampled rate at the end
-    was_training = tower.training
-    with torch.no_grad():  # the frozen pre-layers' output does not change: compute it once
-        patches = tower.forward_pre(images)[:, 1:]  # B x N x D
-    history = []
-    tower.train()
-    for step in range(steps):
-        index = torch.randint(len(patches), (min(batch_size, len(patches)),), generator=generator)
-        boundaries, _, loss = tower.boundaries_for(tower.predictor(patches[index]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        history.append({"step": step, "boundary_loss": loss.item(),
-                        "train_compression": token_budget(tower.num_patches, boundaries.detach().sum(-1))})
-    tower.train(was_training)
-    return history
-
-
-def realised_compression(model: nn.Module, images: torch.Tensor) -> float:
-    """Realised compression of the tower in its current mode: patches / mean segments per image (token budget)."""
-    with torch.no_grad(), trace(model) as t:
-        model.encode_image(images) if hasattr(model, "encode_image") else model(images)
-    return t.budget
 

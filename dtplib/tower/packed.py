@@ -260,7 +260,7 @@ def unpack(tokens: torch.Tensor, packing: Packing) -> tuple[torch.Tensor, torch.
     return padded.view(count, length, -1), packing.padded_gather < tokens.shape[0]
 
 
-def drop_path(module: nn.Module, x: torch.Tensor, packing: Packing | StaticPacking) -> torch.Tensor:
+def _drop_path(module: nn.Module, x: torch.Tensor, packing: Packing | StaticPacking) -> torch.Tensor:
     """timm's per-sample stochastic depth on packed tokens: one draw per image, shared by its tokens."""
     if not isinstance(module, DropPath) or module.drop_prob == 0 or not module.training:
         return x
@@ -290,8 +290,8 @@ def block_forward(block: Block, x: torch.Tensor, packing: Packing | StaticPackin
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    x = x + drop_path(block.drop_path1, block.ls1(out), packing)
-    return x + drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), packing)
+    x = x + _drop_path(block.drop_path1, block.ls1(out), packing)
+    return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), packing)
 
 
 # ----------------------------------------------------------------------------------------------------------

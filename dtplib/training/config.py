@@ -35,7 +35,7 @@ FLOAT_FLAGS = ("force_patch_dropout", "lr", "wd", "beta1", "beta2", "eps", "grad
 DTP_FLAGS = tuple(f.name for f in DTPConfig.settings())  # the tower's flags, from DTPConfig's settings
 
 
-def tower_for(model: str, settings: Mapping) -> DTPConfig | None:
+def _tower_for(model: str, settings: Mapping) -> DTPConfig | None:
     """The DTP tower that --model and the tower's flags (`settings`, the given ones only) describe: the arch's layer
     split with the settings over it, or None for a plain open_clip model. --forced-boundaries C implies
     --compression C. Contradictions (a DTP-ViT-*-4x name with --compression 2) and DTP flags that need a DTP tower
@@ -95,7 +95,7 @@ class TrainConfig:
     model: str = flag("ViT-B-32", "with --compression: an arch of dtplib.ARCHS; a registered DTP-ViT-* name; or "
                       "any open_clip model (the peer, trained by the same loop)", "model")
     # the DTP tower: its flags are DTPConfig's settings (--compression, --boundaries, ...); None: a plain open_clip
-    # model, or a DTP tower given by name (DTP-ViT-*) is resolved into one (`tower_for`)
+    # model, or a DTP tower given by name (DTP-ViT-*) is resolved into one (`_tower_for`)
     dtp: DTPConfig | None = field(default=None, metadata={"group": "model", "nested": DTPConfig})
     force_patch_dropout: float | None = flag(None, "open_clip patch dropout (FLIP peer)", "model", type=float)
     grad_checkpointing: bool = flag(False, "recompute the blocks' activations in the backward pass", "model")
@@ -153,9 +153,9 @@ class TrainConfig:
                 meta["group"]))
             if "nested" in meta:
                 for setting in meta["nested"].settings():
-                    add_flag(group, setting.name, setting.default, setting.metadata, argparse.SUPPRESS)
+                    _add_flag(group, setting.name, setting.default, setting.metadata, argparse.SUPPRESS)
                 continue
-            add_flag(group, f.name, f.default, meta, f.default)
+            _add_flag(group, f.name, f.default, meta, f.default)
         return parser
 
     @classmethod
@@ -173,14 +173,14 @@ class TrainConfig:
     def from_options(cls, **options) -> TrainConfig:
         """A config from the flags' values by field name, as Python objects: `TrainConfig.from_options(
         train_data="shards/{000000..000009}.tar", model="ViT-Ti-8-64", compression=4, epochs=3)`. The tower's flags
-        (DTPConfig's settings) build `dtp` through `tower_for`; unknown names raise ValueError."""
+        (DTPConfig's settings) build `dtp` through `_tower_for`; unknown names raise ValueError."""
         settings = {name: options.pop(name) for name in DTP_FLAGS if name in options}
         names = {f.name for f in fields(cls)} - {"dtp"}
         unknown = sorted(set(options) - names)
         if unknown:
             raise ValueError(f"not TrainConfig fields or flags: {unknown}")
         config = cls(**options)
-        return replace(config, dtp=tower_for(config.model, settings))
+        return replace(config, dtp=_tower_for(config.model, settings))
 
     @classmethod
     def from_dict(cls, values: Mapping) -> TrainConfig:
@@ -217,9 +217,9 @@ class TrainConfig:
         argv: list[str] = []
         for f in fields(self):
             if f.name == "dtp":
-                argv += [] if self.dtp is None else dtp_argv(self.model, self.dtp)
+                argv += [] if self.dtp is None else _dtp_argv(self.model, self.dtp)
                 continue
-            argv += flag_argv(f.name, getattr(self, f.name), f.default)
+            argv += _flag_argv(f.name, getattr(self, f.name), f.default)
         return argv
 
     def check(self, world_size: int = 1) -> None:
@@ -285,7 +285,7 @@ class TrainConfig:
         return replace(self, **changes)
 
 
-def add_flag(group, name: str, default, meta: Mapping, parsed_default) -> None:
+def _add_flag(group, name: str, default, meta: Mapping, parsed_default) -> None:
     """One flag of a field: `--name` (store_true for a boolean), its type, choices and help."""
     flag_name = "--" + name.replace("_", "-")
     if isinstance(default, bool):
@@ -296,7 +296,7 @@ def add_flag(group, name: str, default, meta: Mapping, parsed_default) -> None:
                        choices=meta.get("choices"), required=meta.get("required", False), help=help)
 
 
-def flag_argv(name: str, value, default) -> list[str]:
+def _flag_argv(name: str, value, default) -> list[str]:
     """`--name value` for a value other than the default (a boolean: `--name` when True)."""
     if value == default:
         return []
@@ -305,7 +305,7 @@ def flag_argv(name: str, value, default) -> list[str]:
     return [f"--{name.replace('_', '-')}", str(value)]
 
 
-def dtp_argv(model: str, dtp: DTPConfig) -> list[str]:
+def _dtp_argv(model: str, dtp: DTPConfig) -> list[str]:
     """The tower's flags for `dtp` on --model: --compression and --upsample unless the DTP-ViT-* name says them,
     then every other setting that differs from its default."""
     argv = []
@@ -313,5 +313,5 @@ def dtp_argv(model: str, dtp: DTPConfig) -> list[str]:
         argv += ["--compression", f"{dtp.compression:g}"] + (["--upsample"] if dtp.upsample else [])
     for setting in DTPConfig.settings():
         if setting.name not in ("compression", "upsample"):
-            argv += flag_argv(setting.name, getattr(dtp, setting.name), setting.default)
+            argv += _flag_argv(setting.name, getattr(dtp, setting.name), setting.default)
     return argv

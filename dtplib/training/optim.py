@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..common.runtime import autocast, unwrap
-from ..tower.model import dtp_towers
+from ..tower.control import dtp_towers
 from .config import ADAMW_IMPLS, TrainConfig
 
 
@@ -81,7 +81,7 @@ class StepResult:
     dropped: torch.Tensor | None  # 0-d: boundaries the tower's capacity cap dropped in this step
 
 
-def skips_update_on_device(optimizer: torch.optim.Optimizer) -> bool:
+def _skips_update_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer takes a device flag that skips its update (`found_inf`, as GradScaler sets it): the
     fused AdamW does; torch's looped and foreach kernels do not."""
     return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
@@ -108,7 +108,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         boundary = towers[0].last_boundary_loss if towers and towers[0].predictor is not None else None
         loss = task_loss + towers[0].dtp.boundary_loss_weight * boundary if boundary is not None else task_loss
     finite = torch.isfinite(loss.detach())
-    device_skip = scaler is None and skips_update_on_device(optimizer)
+    device_skip = scaler is None and _skips_update_on_device(optimizer)
     if scaler is None and not device_skip and not finite:
         raise NonFiniteLoss(f"loss is {loss.item()} at step {step}: stopping{'; ' + hint if hint else ''}")
     optimizer.zero_grad(set_to_none=True)
