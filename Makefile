@@ -43,8 +43,9 @@ test: install lint
 test-fast: install
 	$(VENV)/bin/pytest -q -ra -m "not slow" tests
 
+# the notebooks with their own defaults, as make demo runs them (make test passes them small parameters)
 test-demo: install
-	$(VENV)/bin/pytest -q -ra -m demo tests
+	$(VENV)/bin/pytest -q -ra -m demo --demo-defaults tests
 
 demo: install
 	$(PY) -m dtplib.demo

@@ -44,3 +44,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--demo-defaults", action="store_true",
+                     help="tests/test_demo.py: run the notebooks with their own defaults, as make demo does "
+                          "(make test-demo); without it, with the small parameters of test_notebooks.SMOKE")
