@@ -1,4 +1,5 @@
-"""Shared fixtures: real photos from DTPLIB_DATA (default ../shared/data), and quiet, offline defaults."""
+"""Shared fixtures: real photos from DTPLIB_DATA (default ../shared/data), quiet, offline defaults, and the set-up of
+`make test`'s two workers (pytest -n 2 --dist loadgroup, pytest-xdist)."""
 
 import json
 import os
@@ -13,6 +14,14 @@ import webdataset as wds
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Under pytest-xdist each worker gets one CPU core: one intra-op thread here and in every process a test starts
+# (python -m dtplib.*, torchrun's ranks, notebook kernels), or the two workers' threads fight over two cores.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"
+    torch.set_num_threads(1)
 
 from dtplib.common.paths import data_root  # noqa: E402
 
@@ -104,3 +113,29 @@ def pytest_addoption(parser):
     parser.addoption("--demo-defaults", action="store_true",
                      help="tests/test_demo.py: run the notebooks with their own defaults, as make demo does "
                           "(make test-demo); without it, with the small parameters of test_notebooks.SMOKE")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist: the slow tests first, so that the long ones start early and the short ones fill the
+    workers' gaps at the end (the units of work go out in the order of their first test)."""
+    if XDIST_WORKER:
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s `-n 2 --dist loadgroup`: the tests of a class are one unit of work, run by one worker in a row
+    (they share the class's expensive fixtures, e.g. test_experiment.py's trained grid), and every other test is a
+    unit of its own. xdist's own loadgroup (xdist_group marks) does not group under pytest 9.2: it renames node ids,
+    which pytest 9.2 no longer lets a plugin do (pytest-dev/pytest-xdist#1386)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClassOrTest(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            parts = nodeid.partition("[")[0].split("::")  # parameters may hold any character
+            return "::".join(parts[:2]) if len(parts) > 2 else nodeid
+
+    config.option.loadscopereorder = False  # keep the order of pytest_collection_modifyitems
+    return ClassOrTest(config, log)
