@@ -80,6 +80,7 @@ def finished(tmp_path_factory):
     return grid, out, experiment.main(["--grid", str(grid), "--out", str(out)])
 
 
+@pytest.mark.slow
 class TestTheTrainedGrid:
     """The tests that read the grid `finished` trains (four runs and their evaluations in child processes, about two
     minutes on 2 cores): under pytest-xdist a class is one unit of work (tests/conftest.py), so one worker trains the
@@ -253,6 +254,7 @@ def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
     assert not (tmp_path / "out" / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["val", "test"], ids=["training-data", "final-data"])
 def test_missing_data_is_one_line_before_any_run(tmp_path, split):
     grid = write_grid(tmp_path, GRID.replace(str(SAMPLE / split), str(tmp_path / "nowhere")))
@@ -368,6 +370,7 @@ compression = 4
                                                                'reference = "1x"\nnproc_per_node = 0')))
 
 
+@pytest.mark.slow
 def test_a_fresh_clone_prepares_the_shards_its_final_evaluation_reads(tmp_path):
     """[final] on the test split that [data.from_captions] writes: on a fresh clone those shards do not exist yet,
     so the driver prepares them before it checks or reads them (48 Flickr8k photos, one run of one epoch)."""

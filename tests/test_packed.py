@@ -68,7 +68,7 @@ def forward_backward(model, images, training: bool, seed: int = 1, backward: boo
 
 
 @pytest.mark.parametrize("execution", ["static", "packed"])
-@pytest.mark.parametrize("arch", ["ViT-Ti-8-64", "ViT-B-32"])
+@pytest.mark.parametrize("arch", ["ViT-Ti-8-64", pytest.param("ViT-B-32", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("upsample", [False, True], ids=["short", "upsample"])
 def test_packed_matches_padded(arch, upsample, execution, one_thread):
     """Pool "tok" and "avg": outputs in fp32 within 1e-5, eval and train (the same sampled boundaries, which the

@@ -36,6 +36,7 @@ def run(tmp_path: Path, shards: str, *flags: str, name: str = "run") -> dict:
     return train.main(["--train-data", shards, "--logs", str(tmp_path), "--name", name, *QUIET, *flags])
 
 
+@pytest.mark.slow
 def test_tiny_run_loss_decreases(tmp_path, shards32):
     """Ti-4x overfits 32 real pairs: the contrastive loss falls well below chance (log 32) and every output exists."""
     result = run(tmp_path, shards32, *TI_4X, "--batch-size", "32", "--epochs", "12", "--lr", "5e-4",
@@ -55,6 +56,7 @@ def test_tiny_run_loss_decreases(tmp_path, shards32):
     assert state["epoch"] == 12 and state["step"] == 12 and "visual.trunk.predictor.fc1.weight" in state["state_dict"]
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_next_loss(tmp_path, shards32):
     """Interrupted after epoch 2 and resumed == uninterrupted, step for step (CPU, fixed seed)."""
     flags = [*TI_4X, "--batch-size", "16", "--epochs", "3", "--lr", "1e-3", "--warmup", "2", "--seed", "3"]
@@ -70,6 +72,7 @@ def test_resume_reaches_the_same_next_loss(tmp_path, shards32):
         assert a["compression"] == b["compression"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_resume_is_exact_with_loader_workers(tmp_path, shards32, workers):
     """With persistent loader workers too: a resumed run's fresh workers crop as the uninterrupted run's did."""
@@ -84,6 +87,7 @@ def test_resume_is_exact_with_loader_workers(tmp_path, shards32, workers):
         assert (a["loss"], a["compression"]) == (b["loss"], b["compression"]), (a, b)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     """A run killed with SIGKILL mid-epoch resumes with `--resume latest` from its last whole checkpoint."""
     shards = write_shards(tmp_path / "shards", flickr_photos(64), per_shard=32)
@@ -115,6 +119,7 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     assert f"at epoch {state['epoch']}" in (tmp_path / "k" / "out.log").read_text()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path, shards32):
     """torchrun with 2 gloo processes of batch 16 == 1 process of batch 32 (the same 32 pairs per step).
 
@@ -192,6 +197,7 @@ def test_a_state_with_non_finite_tensors_is_never_written(tmp_path):
         train.Checkpoints(tmp_path / "other").save(poisoned, 1, keep_numbered=True)
 
 
+@pytest.mark.slow
 def test_resume_into_another_runs_folder_is_refused(tmp_path, shards32, trained_ti4x):
     flags = TI_4X_RUN
     other = copy_run(trained_ti4x, tmp_path, "other")  # a run of these flags, and
@@ -209,6 +215,7 @@ def test_resume_into_another_runs_folder_is_refused(tmp_path, shards32, trained_
     assert len(read_csv(own["run_dir"] / "steps.csv")) == 6  # its own checkpoint, by path, is accepted
 
 
+@pytest.mark.slow
 def test_max_steps_mid_epoch_saves_a_resumable_unfinished_epoch(tmp_path):
     shards = write_shards(tmp_path / "shards", flickr_photos(32), per_shard=16)
     flags = [*TI_4X, "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--warmup", "2", "--seed", "5",
@@ -293,6 +300,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, shards32, trained_ti4x
     assert {p: p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dtplib.train", "--train-data", str(tmp_path / "none.tar"),
                              "--model", "ViT-Ti-8-64"], cwd=REPO_ROOT, capture_output=True, text=True)
@@ -321,6 +329,7 @@ def test_checkpoint_rebuilds_an_unregistered_ratio_for_evaluation(tmp_path, shar
     assert metrics["retrieval_images"] == 32 and 0 <= metrics["image_to_text_R@1"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("boundaries", ["threshold", "batch-topk"])
 def test_torchcompile_trains_in_one_graph_and_matches_eager(tmp_path, shards32, monkeypatch, boundaries):
     """--torchcompile: the CLIP model is traced whole (fullgraph=True, so any graph break would fail the run) into one
