@@ -37,14 +37,20 @@ install: $(VENV)/.installed $(KERNEL_JSON)
 lint: install
 	$(VENV)/bin/ruff check dtplib tests
 
+# Two pytest-xdist workers of one thread each; a test class (tests that share a fixture) or any other test is a unit
+# of work (tests/conftest.py). The whole suite: about 10 minutes on 2 cores.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
+
 test: install lint
-	$(VENV)/bin/pytest -q -ra tests
+	$(VENV)/bin/pytest -q -ra $(XDIST) tests
 
 test-fast: install
-	$(VENV)/bin/pytest -q -ra -m "not slow" tests
+	$(VENV)/bin/pytest -q -ra $(XDIST) -m "not slow" tests
 
+# the notebooks with their own defaults, as make demo runs them (make test passes them small parameters)
 test-demo: install
-	$(VENV)/bin/pytest -q -ra -m demo tests
+	$(VENV)/bin/pytest -q -ra -m demo --demo-defaults tests
 
 demo: install
 	$(PY) -m dtplib.demo

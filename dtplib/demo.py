@@ -29,17 +29,26 @@ def run_notebook(notebook: Path, executed: Path, parameters: dict) -> None:
                                config=KERNEL_CONFIG)
 
 
-def run_notebooks(out: str = "results/demo", only: list[str] | None = None) -> list[tuple[str, float]]:
-    """Execute notebooks/NN_*.ipynb in order; each writes its outputs to <out>/<notebook name>/."""
+def run_notebooks(out: str = "results/demo", only: list[str] | None = None,
+                  parameters: dict[str, dict] | None = None) -> list[tuple[str, float]]:
+    """Execute notebooks/NN_*.ipynb in order; each writes its outputs to <out>/<notebook name>/.
+
+    `parameters`: notebook name (e.g. "02_model") -> parameters that replace that notebook's defaults (the tests pass
+    small ones); out_dir is always <out>/<notebook name>."""
+    notebooks = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    unknown = sorted(set(parameters or {}) - {notebook.stem for notebook in notebooks})
+    if unknown:
+        raise ValueError(f"parameters for notebooks that do not exist: {', '.join(unknown)}")
     out_root = repo_path(out)
     out_root.mkdir(parents=True, exist_ok=True)
     timings = []
-    for notebook in sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    for notebook in notebooks:
         if only and notebook.stem not in only:
             continue
         start = time.perf_counter()
         print(f"running {notebook.relative_to(REPO_ROOT)} ...", flush=True)
-        run_notebook(notebook, out_root / notebook.name, {"out_dir": str(out_root / notebook.stem)})
+        run_notebook(notebook, out_root / notebook.name,
+                     {**(parameters or {}).get(notebook.stem, {}), "out_dir": str(out_root / notebook.stem)})
         timings.append((notebook.stem, time.perf_counter() - start))
     return timings
 

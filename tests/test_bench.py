@@ -16,6 +16,7 @@ COLUMNS = {"model", "mode", "execution", "boundaries", "median_s", "p10_s", "p90
            "reference", "hardware", "dtype", "batch_size", "torch", "commit", "adamw", "compiled", "compile_s"}
 
 
+@pytest.mark.slow
 def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
     models = ("ViT-Ti-8-64,DTP-ViT-Ti-8-64-1x,DTP-ViT-Ti-8-64-4x,DTP-ViT-Ti-8-64-4x+packed,DTP-ViT-Ti-8-64-4x+padded,"
               "DTP-ViT-Ti-8-64-4x+uniform,DTP-ViT-Ti-8-64-4x+topk,DTP-ViT-Ti-8-64-4x+batch-topk,ViT-Ti-8-64+pd0.5")
@@ -59,6 +60,7 @@ def test_bench_ti_family_writes_a_well_formed_csv(tmp_path):
     assert len(frame) == 18
 
 
+@pytest.mark.slow
 def test_learned_boundaries_come_from_a_trained_checkpoint(tmp_path):
     """--checkpoint-dir finds a training run by its params.json; timing and memory use the checkpoint's weights."""
     model, _ = bench.build_spec_model(parse_spec("DTP-ViT-Ti-8-64-4x"), None)

@@ -53,6 +53,7 @@ def test_read_checkpoint_names_an_empty_or_cut_file(tmp_path, truncated_checkpoi
             read_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_data_empty_json_captions(tmp_path, images):
     (tmp_path / "captions.json").write_bytes(b"")
     argv = ["from-captions", "--images", images, "--captions", tmp_path / "captions.json", "--out", tmp_path / "out"]
@@ -62,6 +63,7 @@ def test_data_empty_json_captions(tmp_path, images):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "captions.json" in debug.stderr
 
 
+@pytest.mark.slow
 def test_data_latin1_byte_in_captions_tsv(tmp_path, images):
     names = [p.name for p in sorted(images.iterdir())]
     (tmp_path / "captions.tsv").write_bytes(f"image\tcaption\n{names[0]}\ta dog\n".encode()
@@ -71,6 +73,7 @@ def test_data_latin1_byte_in_captions_tsv(tmp_path, images):
     assert "UTF-8" in assert_one_line_error(result, "captions.tsv:3")
 
 
+@pytest.mark.slow
 def test_data_bench_on_an_empty_tar(tmp_path):
     tarfile.open(tmp_path / "000000.tar", "w").close()
     (tmp_path / "sizes.json").write_text('{"000000.tar": 0}')
@@ -78,6 +81,7 @@ def test_data_bench_on_an_empty_tar(tmp_path):
     assert "empty" in line and "no sizes.json" not in line
 
 
+@pytest.mark.slow
 def test_evaluate_empty_checkpoint(tmp_path):
     (tmp_path / "epoch_1.pt").write_bytes(b"")
     result = run("dtplib.evaluate", "--checkpoint", tmp_path / "epoch_1.pt", "--val-data",
@@ -85,18 +89,21 @@ def test_evaluate_empty_checkpoint(tmp_path):
     assert "empty or not a checkpoint" in assert_one_line_error(result, "epoch_1.pt")
 
 
+@pytest.mark.slow
 def test_viz_truncated_checkpoint(tmp_path, truncated_checkpoint, images):
     result = run("dtplib.viz", "overlay", "--checkpoint", truncated_checkpoint, "--images", images,
                  "--out", tmp_path / "viz")
     assert "empty or not a checkpoint" in assert_one_line_error(result, "cut.pt")
 
 
+@pytest.mark.slow
 def test_flops_undecodable_photo(tmp_path, images):
     (images / "zz_broken.jpg").write_bytes(b"not a jpeg")
     result = run("dtplib.flops", "--model", "DTP-ViT-Ti-8-64-4x", "--images", images, "--compressions", "2")
     assert_one_line_error(result, "zz_broken.jpg")
 
 
+@pytest.mark.slow
 def test_bench_truncated_checkpoint(tmp_path, truncated_checkpoint):
     result = run("dtplib.bench", "--models", "DTP-ViT-Ti-8-64-4x", "--checkpoint",
                  f"DTP-ViT-Ti-8-64-4x={truncated_checkpoint}", "--batch-size", "2", "--steps", "1", "--warmup",

@@ -29,6 +29,7 @@ def test_url_list_errors_before_work(tmp_path):
 # from-urls: a real img2dataset run against a real local HTTP server
 
 
+@pytest.mark.slow
 def test_from_urls_with_local_http_server(tmp_path):
     www = tmp_path / "www"
     www.mkdir()

@@ -471,6 +471,7 @@ def test_bootstrap_intervals_hold_the_estimates(tiny, flickr_shards, capsys):
     assert "_ci_" not in ev.format_table(metrics) and "[" in ev.format_table(metrics).splitlines()[1]
 
 
+@pytest.mark.slow
 def test_compare_a_checkpoint_with_itself_and_another(tiny, flickr_shards, tmp_path, capsys):
     shards, _ = flickr_shards
     a = save_checkpoint(tiny[0], tmp_path / "a.pt")
@@ -496,6 +497,7 @@ def test_compare_a_checkpoint_with_itself_and_another(tiny, flickr_shards, tmp_p
     assert any(row["difference"] != 0 for row in other["differences"])
 
 
+@pytest.mark.slow
 def test_linear_probe_on_cifar(tiny):
     model, preprocess, tokenizer = tiny
     split = imagefolder.imagefolder_split(CIFAR, per_class_train=5, per_class_test=5, seed=0)

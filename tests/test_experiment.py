@@ -80,147 +80,150 @@ def finished(tmp_path_factory):
     return grid, out, experiment.main(["--grid", str(grid), "--out", str(out)])
 
 
-def test_a_grid_trains_every_run_and_reports(finished):
-    grid, out, result = finished
-    assert result["trained"] == result["evaluated"] == ["1x-seed0", "4x-seed0", "1x-seed1", "4x-seed1"]
-    runs = pd.read_csv(out / "runs.csv")
-    final = json.loads((out / "runs" / "4x-seed1" / "final.json").read_text())
-    assert final["checkpoint"].endswith("4x-seed1/checkpoints/epoch_latest.pt") and final["val_data"].endswith("test")
-    assert final["bootstrap"] == 20 and final["metrics"]["retrieval_images"] > 0
-    for name in ("text_to_image_R@10", "val_loss"):  # the [final] metrics, with their per-run intervals
-        assert (runs[f"final_{name}_ci_low"] <= runs[f"final_{name}"]).all()
-        assert (runs[f"final_{name}"] <= runs[f"final_{name}_ci_high"]).all()
-    assert runs.loc[runs["arm"] == "4x", "final_val_loss"].tolist() == pytest.approx([
-        json.loads((out / "runs" / f"4x-seed{seed}" / "final.json").read_text())["metrics"]["val_loss"]
-        for seed in (0, 1)], rel=1e-12)
-    assert len(runs) == 4 and set(zip(runs["arm"], runs["seed"], strict=True)) == {
-        ("1x", 0), ("4x", 0), ("1x", 1), ("4x", 1)}
-    assert runs["complete"].all() and (runs["epochs_done"] == 1).all()
-    assert dict(zip(runs["arm"], runs["model"], strict=True)) == {"1x": "DTP-ViT-Ti-8-64-1x",
-                                                                   "4x": "DTP-ViT-Ti-8-64-4x"}
-    assert (runs["samples_seen"] == 48).all()  # 3 steps of 16
-    assert (runs["train_time_s"] > 0).all() and runs["text_to_image_R@10"].between(0, 1).all()
-    assert runs["commit"].notna().all() and runs["hardware"].notna().all()
-    one, four = (runs[runs["arm"] == arm].iloc[0] for arm in ("1x", "4x"))
-    assert one["compression"] == 1.0 and four["compression"] > 1.5
-    assert four["gmacs_per_image"] < one["gmacs_per_image"]  # fewer tokens in the shortened layers
-    assert one["train_gmacs"] == pytest.approx((one["gmacs_per_image"] + one["text_gmacs"]) * 48)
-    summary = (out / "summary.md").read_text()
-    assert "Runs complete: 4 of 4." in summary and "Paired differences against 1x" in summary
-    assert "4x − 1x (pairs=2)" in summary and "| text_to_image_R@10 |" in summary
-    assert "| final_text_to_image_R@10 |" in summary and "final_text_to_image_R@10_ci" not in summary
-    assert f"--val-data {SAMPLE / 'val'} " in summary  # the grid's flags as written
-    assert result["timed"] and "## Training step time: the final checkpoints (seed 0)" in summary
-    timed = pd.read_csv(out / "step_times.csv").set_index("arm")
-    assert list(timed.index) == ["1x", "4x"] and (timed["reference"] == "1x").all() and (timed["seed"] == 0).all()
-    assert timed.loc["1x", "speedup"] == 1 and (timed["steps"] == 2).all() and (timed["median_s"] > 0).all()
-    assert timed.loc["4x", "boundary_source"].endswith("4x-seed0/checkpoints/epoch_latest.pt")
-    assert timed.loc["4x", "analytic_bound"] > 1 and timed.loc["1x", "realised_compression"] == 1
-    assert (out / "curves_text_to_image_R_at_10.png").stat().st_size > 0
-    assert (out / "runs" / "4x-seed1" / "epochs.csv").is_file()
-    # [alignment]: the learned arm's runs on COCO-mini, each once, and the overlays of its seed-0 run
-    assert result["aligned"] == ["4x-seed0", "4x-seed1"]
-    aligned = pd.read_csv(out / "alignment.csv")
-    assert aligned.groupby("run")["boundaries"].apply(list).to_dict() == {
-        run: ["learned", "uniform (same count)", "random (same count)"] for run in ("4x-seed0", "4x-seed1")}
-    assert (aligned["images"] > 0).all() and aligned["alignment"].between(0, 1).all()
-    assert (aligned["ci low"] <= aligned["alignment"]).all() and (aligned["alignment"] <= aligned["ci high"]).all()
-    assert "## Boundary alignment with COCO object outlines" in summary and "| 4x-seed1 |" in summary
-    assert (out / "overlays" / "4x" / "overlays.png").stat().st_size > 0
-    assert "`overlays/4x/overlays.png`" in summary
-    # contrasts: the paired differences by hand, at the last epoch and at equal training cost
-    contrasts = pd.read_csv(out / "contrasts.csv")
-    last = contrasts[(contrasts["at"] == "last epoch") & (contrasts["metric"] == "text_to_image_R@10")].iloc[0]
-    by_seed = runs.set_index(["arm", "seed"])["text_to_image_R@10"]
-    differences = [by_seed[("4x", s)] - by_seed[("1x", s)] for s in (0, 1)]
-    assert last["pairs"] == 2 and last["difference"] == pytest.approx(sum(differences) / 2)
-    assert (last["ci_low"], last["ci_high"]) == pytest.approx(stats.t_interval(differences)[1:3])
-    assert set(contrasts["at"]) == {"last epoch", "equal train_time_s", "equal train_gmacs"}
-    equal = contrasts[(contrasts["at"] == "equal train_gmacs")].iloc[0]  # one epoch each: both end at one point,
-    assert equal["cost"] == pytest.approx(runs.loc[runs["arm"] == "4x", "train_gmacs"].mean())  # the 4x run's cost
-    assert "## Contrasts: paired differences over seeds" in summary and "### At equal train_gmacs" in summary
-    assert "checkpoints" in (out / ".gitignore").read_text()
+@pytest.mark.slow
+class TestTheTrainedGrid:
+    """The tests that read the grid `finished` trains (four runs and their evaluations in child processes, about two
+    minutes on 2 cores): under pytest-xdist a class is one unit of work (tests/conftest.py), so one worker trains the
+    grid, once."""
 
+    def test_a_grid_trains_every_run_and_reports(self, finished):
+        grid, out, result = finished
+        assert result["trained"] == result["evaluated"] == ["1x-seed0", "4x-seed0", "1x-seed1", "4x-seed1"]
+        runs = pd.read_csv(out / "runs.csv")
+        final = json.loads((out / "runs" / "4x-seed1" / "final.json").read_text())
+        assert final["checkpoint"].endswith("4x-seed1/checkpoints/epoch_latest.pt")
+        assert final["val_data"].endswith("test")
+        assert final["bootstrap"] == 20 and final["metrics"]["retrieval_images"] > 0
+        for name in ("text_to_image_R@10", "val_loss"):  # the [final] metrics, with their per-run intervals
+            assert (runs[f"final_{name}_ci_low"] <= runs[f"final_{name}"]).all()
+            assert (runs[f"final_{name}"] <= runs[f"final_{name}_ci_high"]).all()
+        assert runs.loc[runs["arm"] == "4x", "final_val_loss"].tolist() == pytest.approx([
+            json.loads((out / "runs" / f"4x-seed{seed}" / "final.json").read_text())["metrics"]["val_loss"]
+            for seed in (0, 1)], rel=1e-12)
+        assert len(runs) == 4 and set(zip(runs["arm"], runs["seed"], strict=True)) == {
+            ("1x", 0), ("4x", 0), ("1x", 1), ("4x", 1)}
+        assert runs["complete"].all() and (runs["epochs_done"] == 1).all()
+        assert dict(zip(runs["arm"], runs["model"], strict=True)) == {"1x": "DTP-ViT-Ti-8-64-1x",
+                                                                       "4x": "DTP-ViT-Ti-8-64-4x"}
+        assert (runs["samples_seen"] == 48).all()  # 3 steps of 16
+        assert (runs["train_time_s"] > 0).all() and runs["text_to_image_R@10"].between(0, 1).all()
+        assert runs["commit"].notna().all() and runs["hardware"].notna().all()
+        one, four = (runs[runs["arm"] == arm].iloc[0] for arm in ("1x", "4x"))
+        assert one["compression"] == 1.0 and four["compression"] > 1.5
+        assert four["gmacs_per_image"] < one["gmacs_per_image"]  # fewer tokens in the shortened layers
+        assert one["train_gmacs"] == pytest.approx((one["gmacs_per_image"] + one["text_gmacs"]) * 48)
+        summary = (out / "summary.md").read_text()
+        assert "Runs complete: 4 of 4." in summary and "Paired differences against 1x" in summary
+        assert "4x − 1x (pairs=2)" in summary and "| text_to_image_R@10 |" in summary
+        assert "| final_text_to_image_R@10 |" in summary and "final_text_to_image_R@10_ci" not in summary
+        assert f"--val-data {SAMPLE / 'val'} " in summary  # the grid's flags as written
+        assert result["timed"] and "## Training step time: the final checkpoints (seed 0)" in summary
+        timed = pd.read_csv(out / "step_times.csv").set_index("arm")
+        assert list(timed.index) == ["1x", "4x"] and (timed["reference"] == "1x").all() and (timed["seed"] == 0).all()
+        assert timed.loc["1x", "speedup"] == 1 and (timed["steps"] == 2).all() and (timed["median_s"] > 0).all()
+        assert timed.loc["4x", "boundary_source"].endswith("4x-seed0/checkpoints/epoch_latest.pt")
+        assert timed.loc["4x", "analytic_bound"] > 1 and timed.loc["1x", "realised_compression"] == 1
+        assert (out / "curves_text_to_image_R_at_10.png").stat().st_size > 0
+        assert (out / "runs" / "4x-seed1" / "epochs.csv").is_file()
+        # [alignment]: the learned arm's runs on COCO-mini, each once, and the overlays of its seed-0 run
+        assert result["aligned"] == ["4x-seed0", "4x-seed1"]
+        aligned = pd.read_csv(out / "alignment.csv")
+        assert aligned.groupby("run")["boundaries"].apply(list).to_dict() == {
+            run: ["learned", "uniform (same count)", "random (same count)"] for run in ("4x-seed0", "4x-seed1")}
+        assert (aligned["images"] > 0).all() and aligned["alignment"].between(0, 1).all()
+        assert (aligned["ci low"] <= aligned["alignment"]).all() and (aligned["alignment"] <= aligned["ci high"]).all()
+        assert "## Boundary alignment with COCO object outlines" in summary and "| 4x-seed1 |" in summary
+        assert (out / "overlays" / "4x" / "overlays.png").stat().st_size > 0
+        assert "`overlays/4x/overlays.png`" in summary
+        # contrasts: the paired differences by hand, at the last epoch and at equal training cost
+        contrasts = pd.read_csv(out / "contrasts.csv")
+        last = contrasts[(contrasts["at"] == "last epoch") & (contrasts["metric"] == "text_to_image_R@10")].iloc[0]
+        by_seed = runs.set_index(["arm", "seed"])["text_to_image_R@10"]
+        differences = [by_seed[("4x", s)] - by_seed[("1x", s)] for s in (0, 1)]
+        assert last["pairs"] == 2 and last["difference"] == pytest.approx(sum(differences) / 2)
+        assert (last["ci_low"], last["ci_high"]) == pytest.approx(stats.t_interval(differences)[1:3])
+        assert set(contrasts["at"]) == {"last epoch", "equal train_time_s", "equal train_gmacs"}
+        equal = contrasts[(contrasts["at"] == "equal train_gmacs")].iloc[0]  # one epoch each: both end at one point,
+        assert equal["cost"] == pytest.approx(runs.loc[runs["arm"] == "4x", "train_gmacs"].mean())  # the 4x run's cost
+        assert "## Contrasts: paired differences over seeds" in summary and "### At equal train_gmacs" in summary
+        assert "checkpoints" in (out / ".gitignore").read_text()
 
-def test_a_second_call_trains_nothing(finished):
-    grid, out, _ = finished
-    steps = {p: (p.stat().st_mtime_ns, p.read_bytes())
-             for p in [*(out / "runs").glob("*/steps.csv"), *(out / "runs").glob("*/final.json")]}
-    assert len(steps) == 8
-    before = pd.read_csv(out / "runs.csv")
-    again = experiment.main(["--grid", str(grid), "--out", str(out)])
-    assert again["trained"] == again["evaluated"] == again["aligned"] == [] and not again["timed"]
-    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in steps} == steps
-    pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), before)
+    def test_a_second_call_trains_nothing(self, finished):
+        grid, out, _ = finished
+        steps = {p: (p.stat().st_mtime_ns, p.read_bytes())
+                 for p in [*(out / "runs").glob("*/steps.csv"), *(out / "runs").glob("*/final.json")]}
+        assert len(steps) == 8
+        before = pd.read_csv(out / "runs.csv")
+        again = experiment.main(["--grid", str(grid), "--out", str(out)])
+        assert again["trained"] == again["evaluated"] == again["aligned"] == [] and not again["timed"]
+        assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in steps} == steps
+        pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), before)
 
+    def test_the_report_takes_its_provenance_before_it_writes(self, finished, monkeypatch):
+        """A report regenerated in a clean checkout whose results are committed must not call itself dirty because of
+        its own runs.csv: the commit is read once, before the first file is rewritten."""
+        grid, out, _ = finished
+        events = []
+        real_info, real_write = report.run_info, report.atomic_write_text
+        monkeypatch.setattr(report, "run_info", lambda *a, **k: events.append("info") or real_info(*a, **k))
+        monkeypatch.setattr(report, "atomic_write_text", lambda *a, **k: events.append("write") or real_write(*a, **k))
+        experiment.main(["--grid", str(grid), "--out", str(out), "--report-only"])
+        assert events[0] == "info" and events.count("info") == 1
+        assert events.count("write") == 3  # runs, summary, contrasts
 
-def test_the_report_takes_its_provenance_before_it_writes(finished, monkeypatch):
-    """A report regenerated in a clean checkout whose results are committed must not call itself dirty because of
-    its own runs.csv: the commit is read once, before the first file is rewritten."""
-    grid, out, _ = finished
-    events = []
-    real_info, real_write = report.run_info, report.atomic_write_text
-    monkeypatch.setattr(report, "run_info", lambda *a, **k: events.append("info") or real_info(*a, **k))
-    monkeypatch.setattr(report, "atomic_write_text", lambda *a, **k: events.append("write") or real_write(*a, **k))
-    experiment.main(["--grid", str(grid), "--out", str(out), "--report-only"])
-    assert events[0] == "info" and events.count("info") == 1 and events.count("write") == 3  # runs, summary, contrasts
+    def test_a_killed_grid_resumes_to_the_same_rows(self, finished, tmp_path):
+        """The grid's seed-0 piece: SIGKILL to the driver and its training child while the second run trains; the same
+        command then skips the first run, retrains the second and ends with the uninterrupted grid's rows, and the
+        summary names the runs of the piece not run."""
+        grid, reference, _ = finished
+        out = tmp_path / "out"
+        command = [sys.executable, "-m", "dtplib.experiment", "--grid", str(grid), "--out", str(out), "--seeds", "0"]
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        second = out / "runs" / "4x-seed0" / "steps.csv"
+        try:
+            deadline = time.monotonic() + 120
+            while not second.is_file() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert process.poll() is None, "the grid finished before it could be killed"
+            os.killpg(process.pid, signal.SIGKILL)  # the driver and the dtplib.train child it started
+        finally:
+            process.wait()
+        assert spec.epochs_done(out / "runs" / "1x-seed0") == 1
+        assert spec.epochs_done(out / "runs" / "4x-seed0") == 0
+        assert (out / "runs" / "1x-seed0" / "final.json").is_file()  # each run is evaluated before the next trains
+        result = experiment.main(command[3:])
+        assert result["trained"] == result["evaluated"] == ["4x-seed0"]
+        resumed, expected = (pd.read_csv(folder / "runs.csv") for folder in (out, reference))
+        keys = ["arm", "seed", "epoch", "epochs_done", "complete", "final_text_to_image_R@10", "final_val_loss"]
+        expected = expected[expected["seed"] == 0].reset_index(drop=True)
+        pd.testing.assert_frame_equal(resumed[keys + METRICS], expected[keys + METRICS], check_exact=True)
+        summary = (out / "summary.md").read_text()
+        assert "Runs complete: 2 of 4." in summary and "Not started: 1x-seed1, 4x-seed1." in summary
 
+    @pytest.mark.parametrize("lost", ["final", "alignment"])
+    def test_a_finished_run_whose_checkpoint_is_gone_is_refused_before_training(self, finished, tmp_path, lost):
+        """A grid's results copied without their checkpoints (they are not committed): a run that still needs its
+        [final] evaluation or its [alignment] rows is named, with the way out, before anything trains."""
+        grid, reference, _ = finished
+        out = tmp_path / "out"
+        shutil.copytree(reference, out, ignore=shutil.ignore_patterns("checkpoints"))
+        if lost == "final":
+            (out / "runs" / "4x-seed1" / "final.json").unlink()
+        else:
+            alignment = pd.read_csv(out / "alignment.csv")
+            alignment[alignment["run"] != "4x-seed1"].to_csv(out / "alignment.csv", index=False)
+        (out / "runs" / "1x-seed1" / "epochs.csv").unlink()  # an unfinished run that would train first
+        with pytest.raises(ValueError, match=rf"runs/4x-seed1 is finished.*{lost if lost == 'final' else 'alignment'}.*"
+                                             r"checkpoints/epoch_latest.pt.*delete that run folder"):
+            experiment.main(["--grid", str(grid), "--out", str(out)])
+        assert not (out / "runs" / "1x-seed1" / "epochs.csv").exists()
 
-def test_a_killed_grid_resumes_to_the_same_rows(finished, tmp_path):
-    """The grid's seed-0 piece: SIGKILL to the driver and its training child while the second run trains; the same
-    command then skips the first run, retrains the second and ends with the uninterrupted grid's rows, and the
-    summary names the runs of the piece not run."""
-    grid, reference, _ = finished
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "dtplib.experiment", "--grid", str(grid), "--out", str(out), "--seeds", "0"]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    second = out / "runs" / "4x-seed0" / "steps.csv"
-    try:
-        deadline = time.monotonic() + 120
-        while not second.is_file() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert process.poll() is None, "the grid finished before it could be killed"
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and the dtplib.train child it started
-    finally:
-        process.wait()
-    assert spec.epochs_done(out / "runs" / "1x-seed0") == 1
-    assert spec.epochs_done(out / "runs" / "4x-seed0") == 0
-    assert (out / "runs" / "1x-seed0" / "final.json").is_file()  # each run is evaluated before the next trains
-    result = experiment.main(command[3:])
-    assert result["trained"] == result["evaluated"] == ["4x-seed0"]
-    resumed, expected = (pd.read_csv(folder / "runs.csv") for folder in (out, reference))
-    keys = ["arm", "seed", "epoch", "epochs_done", "complete", "final_text_to_image_R@10", "final_val_loss"]
-    expected = expected[expected["seed"] == 0].reset_index(drop=True)
-    pd.testing.assert_frame_equal(resumed[keys + METRICS], expected[keys + METRICS], check_exact=True)
-    summary = (out / "summary.md").read_text()
-    assert "Runs complete: 2 of 4." in summary and "Not started: 1x-seed1, 4x-seed1." in summary
-
-
-@pytest.mark.parametrize("lost", ["final", "alignment"])
-def test_a_finished_run_whose_checkpoint_is_gone_is_refused_before_training(finished, tmp_path, lost):
-    """A grid's results copied without their checkpoints (they are not committed): a run that still needs its
-    [final] evaluation or its [alignment] rows is named, with the way out, before anything trains."""
-    grid, reference, _ = finished
-    out = tmp_path / "out"
-    shutil.copytree(reference, out, ignore=shutil.ignore_patterns("checkpoints"))
-    if lost == "final":
-        (out / "runs" / "4x-seed1" / "final.json").unlink()
-    else:
-        alignment = pd.read_csv(out / "alignment.csv")
-        alignment[alignment["run"] != "4x-seed1"].to_csv(out / "alignment.csv", index=False)
-    (out / "runs" / "1x-seed1" / "epochs.csv").unlink()  # an unfinished run that would train first
-    with pytest.raises(ValueError, match=rf"runs/4x-seed1 is finished.*{lost if lost == 'final' else 'alignment'}.*"
-                                         r"checkpoints/epoch_latest.pt.*delete that run folder"):
-        experiment.main(["--grid", str(grid), "--out", str(out)])
-    assert not (out / "runs" / "1x-seed1" / "epochs.csv").exists()
-
-
-def test_a_run_folder_with_other_flags_is_refused(finished, tmp_path):
-    grid, out, _ = finished
-    changed = write_grid(tmp_path, GRID.replace("warmup = 1", "warmup = 2"))
-    with pytest.raises(ValueError, match="warmup=1.*grid now gives 2"):
-        experiment.main(["--grid", str(changed), "--out", str(out)])
+    def test_a_run_folder_with_other_flags_is_refused(self, finished, tmp_path):
+        grid, out, _ = finished
+        changed = write_grid(tmp_path, GRID.replace("warmup = 1", "warmup = 2"))
+        with pytest.raises(ValueError, match="warmup=1.*grid now gives 2"):
+            experiment.main(["--grid", str(changed), "--out", str(out)])
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -251,6 +254,7 @@ def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
     assert not (tmp_path / "out" / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["val", "test"], ids=["training-data", "final-data"])
 def test_missing_data_is_one_line_before_any_run(tmp_path, split):
     grid = write_grid(tmp_path, GRID.replace(str(SAMPLE / split), str(tmp_path / "nowhere")))
@@ -366,6 +370,7 @@ compression = 4
                                                                'reference = "1x"\nnproc_per_node = 0')))
 
 
+@pytest.mark.slow
 def test_a_fresh_clone_prepares_the_shards_its_final_evaluation_reads(tmp_path):
     """[final] on the test split that [data.from_captions] writes: on a fresh clone those shards do not exist yet,
     so the driver prepares them before it checks or reads them (48 Flickr8k photos, one run of one epoch)."""

@@ -36,6 +36,7 @@ def data_copy(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_dtplib_data_redirects_the_data_folder(data_copy: Path, monkeypatch):
     monkeypatch.delenv("DTPLIB_DATA", raising=False)
     assert data_root() == REPO_ROOT.parent / "shared" / "data"
@@ -94,6 +95,7 @@ def execute(ws: websocket.WebSocket, code: str, timeout: float = 60) -> str:
     raise TimeoutError(f"no reply from the kernel in {timeout} s")
 
 
+@pytest.mark.slow
 def test_make_lab_serves_the_notebooks_and_runs_the_project_kernel(tmp_path: Path, data_copy: Path):
     # the kernelspec make lab installs into .venv, installed the same way into a folder of this test
     prefix = tmp_path / "prefix"

@@ -23,7 +23,7 @@ def open_clip_checkpoint(model, path):
     return path
 
 
-@pytest.mark.parametrize("arch", ["ViT-Ti-8-64", "ViT-B-32"])
+@pytest.mark.parametrize("arch", ["ViT-Ti-8-64", pytest.param("ViT-B-32", marks=pytest.mark.slow)])
 def test_exact_transfer_from_open_clip_vit(arch, tmp_path):
     vit, _, preprocess = open_clip.create_model_and_transforms(arch)
     vit.eval()
@@ -163,6 +163,7 @@ def fit_prior_and_measure(compression: int) -> tuple[float, float]:
     return eval_ratio, dtplib.realised_compression(model, images)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compression", [2, 4, 10])
 def test_boundary_prior_alone_reaches_target(compression):
     eval_ratio, train_ratio = fit_prior_and_measure(compression)

@@ -5,8 +5,8 @@ import json
 import open_clip
 import pytest
 import torch
-from conftest import flickr_photos
-from test_train import QUIET, read_csv, write_shards
+from conftest import QUIET, flickr_photos, write_shards
+from test_train import read_csv
 
 import dtplib
 from dtplib import train

@@ -18,6 +18,7 @@ from dtplib.data.shards import SPLITS, assign_splits, from_captions, read_captio
 # from-captions
 
 
+@pytest.mark.slow
 def test_flickr8k_to_shards_counts_splits_and_captions(tmp_path):
     stats = from_captions(FLICKR / "images", FLICKR / "captions.tsv", tmp_path, val_size=1000,
                           test_size=1000, shard_size=1000, processes=2)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import flickr_captions, flickr_photos
+from conftest import QUIET, TI_4X, TI_4X_RUN, copy_run, flickr_photos, free_port, write_shards
 
 from dtplib import evaluate as evaluate_command
 from dtplib import train
@@ -22,33 +22,9 @@ from dtplib.measure import evaluate
 from dtplib.tower.control import get_tower
 from dtplib.training.optim import lr_at
 
-TI_4X = ["--model", "ViT-Ti-8-64", "--compression", "4"]
 # one process of batch 32 against two of 16 with learned boundaries: rank 1 samples other Gumbel noise and crops, and
 # the batch-count prior counts each device's batch; measured loss gaps over 4 steps: 0.15, 0.04, 0.07, 0.02
 TWO_RANK_NOISE = 0.2
-QUIET = ["--workers", "0", "--report-to", "none", "--threads", "1"]
-
-
-def write_shards(folder: Path, photos: list[Path], per_shard: int) -> str:
-    """Real Flickr8k photos with their first caption, as webdataset shards with a sizes.json (as from_captions)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    captions = flickr_captions(photos)
-    sizes = {}
-    for index in range(0, len(photos), per_shard):
-        name = f"{index // per_shard:06d}.tar"
-        with wds.TarWriter(str(folder / name)) as sink:
-            for photo, caption in zip(photos[index:index + per_shard], captions[index:index + per_shard], strict=True):
-                sink.write({"__key__": photo.stem, "jpg": photo.read_bytes(), "txt": caption,
-                            "json": {"captions": [caption]}})
-        sizes[name] = len(photos[index:index + per_shard])
-    (folder / "sizes.json").write_text(json.dumps(sizes))
-    return str(folder / f"{{000000..{len(sizes) - 1:06d}}}.tar")
-
-
-@pytest.fixture(scope="module")
-def shards32(tmp_path_factory) -> str:
-    """32 pairs in two shards of 16: one global batch of 32, or one batch of 16 per rank with two ranks."""
-    return write_shards(tmp_path_factory.mktemp("shards32"), flickr_photos(32), per_shard=16)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -60,6 +36,7 @@ def run(tmp_path: Path, shards: str, *flags: str, name: str = "run") -> dict:
     return train.main(["--train-data", shards, "--logs", str(tmp_path), "--name", name, *QUIET, *flags])
 
 
+@pytest.mark.slow
 def test_tiny_run_loss_decreases(tmp_path, shards32):
     """Ti-4x overfits 32 real pairs: the contrastive loss falls well below chance (log 32) and every output exists."""
     result = run(tmp_path, shards32, *TI_4X, "--batch-size", "32", "--epochs", "12", "--lr", "5e-4",
@@ -79,6 +56,7 @@ def test_tiny_run_loss_decreases(tmp_path, shards32):
     assert state["epoch"] == 12 and state["step"] == 12 and "visual.trunk.predictor.fc1.weight" in state["state_dict"]
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_next_loss(tmp_path, shards32):
     """Interrupted after epoch 2 and resumed == uninterrupted, step for step (CPU, fixed seed)."""
     flags = [*TI_4X, "--batch-size", "16", "--epochs", "3", "--lr", "1e-3", "--warmup", "2", "--seed", "3"]
@@ -94,6 +72,7 @@ def test_resume_reaches_the_same_next_loss(tmp_path, shards32):
         assert a["compression"] == b["compression"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_resume_is_exact_with_loader_workers(tmp_path, shards32, workers):
     """With persistent loader workers too: a resumed run's fresh workers crop as the uninterrupted run's did."""
@@ -108,6 +87,7 @@ def test_resume_is_exact_with_loader_workers(tmp_path, shards32, workers):
         assert (a["loss"], a["compression"]) == (b["loss"], b["compression"]), (a, b)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     """A run killed with SIGKILL mid-epoch resumes with `--resume latest` from its last whole checkpoint."""
     shards = write_shards(tmp_path / "shards", flickr_photos(64), per_shard=32)
@@ -139,6 +119,7 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     assert f"at epoch {state['epoch']}" in (tmp_path / "k" / "out.log").read_text()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path, shards32):
     """torchrun with 2 gloo processes of batch 16 == 1 process of batch 32 (the same 32 pairs per step).
 
@@ -148,7 +129,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, shards32):
              "--train-data", shards32, "--logs", str(tmp_path), *QUIET]
     one = train.main([*flags, "--batch-size", "32", "--name", "one"])
     two = train.launch(train.parse_args([*flags, "--batch-size", "16", "--name", "two"]), nproc_per_node=2,
-                       extra_torchrun=["--master_port", "29517"])
+                       extra_torchrun=["--master_port", str(free_port())])
     params = json.loads((two / "params.json").read_text())
     assert params["world_size"] == 2
     loss_one = [float(r["loss"]) for r in read_csv(one["run_dir"] / "steps.csv")]
@@ -169,7 +150,7 @@ def test_two_gloo_processes_of_the_packed_path_match(tmp_path, shards32):
     one = train.main([*flags, "--batch-size", "32", "--name", "one"])
     runs = {execution: train.launch(train.parse_args([*flags, "--batch-size", "16", "--execution", execution,
                                                       "--name", execution]),
-                                    nproc_per_node=2, extra_torchrun=["--master_port", "29519"])
+                                    nproc_per_node=2, extra_torchrun=["--master_port", str(free_port())])
             for execution in ("packed", "padded")}
     params = json.loads((runs["packed"] / "params.json").read_text())
     assert params["world_size"] == 2 and params["dtp"]["execution"] == "packed"
@@ -183,13 +164,12 @@ def test_two_gloo_processes_of_the_packed_path_match(tmp_path, shards32):
         assert a == pytest.approx(b, abs=TWO_RANK_NOISE)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards32):
-    flags = [*TI_4X, "--batch-size", "16", "--epochs", "3", "--warmup", "1"]
-    run(tmp_path, shards32, *flags, "--max-steps", "2", name="nan")
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards32, trained_ti4x):
+    copy_run(trained_ti4x, tmp_path, "nan")  # a good run of 2 epochs, continued with an absurd learning rate
     latest = tmp_path / "nan" / "checkpoints" / "epoch_latest.pt"
     before = latest.read_bytes()
     with pytest.raises(train.NonFiniteLoss, match=f"last good checkpoint is kept: {latest}"):
-        run(tmp_path, shards32, *flags, "--resume", "latest", "--lr", "1e30", name="nan")
+        run(tmp_path, shards32, *TI_4X_RUN, "--epochs", "4", "--resume", "latest", "--lr", "1e30", name="nan")
     assert latest.read_bytes() == before
     log = (tmp_path / "nan" / "out.log").read_text()  # the stop is in the run's log, with its traceback
     assert "stopped: loss is" in log and "Traceback" in log
@@ -217,22 +197,25 @@ def test_a_state_with_non_finite_tensors_is_never_written(tmp_path):
         train.Checkpoints(tmp_path / "other").save(poisoned, 1, keep_numbered=True)
 
 
-def test_resume_into_another_runs_folder_is_refused(tmp_path, shards32):
-    flags = [*TI_4X, "--batch-size", "16", "--epochs", "2", "--warmup", "1"]
-    other = run(tmp_path, shards32, *flags, name="other")
-    run(tmp_path, shards32, *flags, name="victim")
+@pytest.mark.slow
+def test_resume_into_another_runs_folder_is_refused(tmp_path, shards32, trained_ti4x):
+    flags = TI_4X_RUN
+    other = copy_run(trained_ti4x, tmp_path, "other")  # a run of these flags, and
+    run(tmp_path, shards32, *flags, name="victim")  # another one
     victim = tmp_path / "victim"
     before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()}
-    foreign = other["run_dir"] / "checkpoints" / "epoch_1.pt"
+    foreign = other / "checkpoints" / "epoch_1.pt"
     with pytest.raises(FileExistsError, match="holds run .* belongs to run"):
         run(tmp_path, shards32, *flags, "--resume", str(foreign), "--max-steps", "3", name="victim")
     assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
     forked = run(tmp_path, shards32, *flags, "--resume", str(foreign), name="fork")  # a new folder may start from it
     assert [r["step"] for r in read_csv(forked["run_dir"] / "steps.csv")] == ["2", "3"]
-    own = run(tmp_path, shards32, *flags, "--epochs", "3", "--resume", str(other["checkpoint"]), name="other")
+    own = run(tmp_path, shards32, *flags, "--epochs", "3", "--resume", str(other / "checkpoints" / "epoch_latest.pt"),
+              name="other")
     assert len(read_csv(own["run_dir"] / "steps.csv")) == 6  # its own checkpoint, by path, is accepted
 
 
+@pytest.mark.slow
 def test_max_steps_mid_epoch_saves_a_resumable_unfinished_epoch(tmp_path):
     shards = write_shards(tmp_path / "shards", flickr_photos(32), per_shard=16)
     flags = [*TI_4X, "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--warmup", "2", "--seed", "5",
@@ -252,18 +235,18 @@ def test_max_steps_mid_epoch_saves_a_resumable_unfinished_epoch(tmp_path):
     assert [r["epoch"] for r in read_csv(tmp_path / "cut" / "epochs.csv")] == ["0", "1"]
 
 
-def test_resume_latest_passes_over_a_corrupt_checkpoint_and_removes_partial_writes(tmp_path, shards32):
-    flags = [*TI_4X, "--batch-size", "16", "--epochs", "2", "--warmup", "1"]
-    first = run(tmp_path, shards32, *flags, name="r")
-    folder = first["run_dir"] / "checkpoints"
+def test_resume_latest_passes_over_a_corrupt_checkpoint_and_removes_partial_writes(tmp_path, shards32,
+                                                                                   trained_ti4x):
+    run_dir = copy_run(trained_ti4x, tmp_path, "r")  # a finished run of TI_4X_RUN: 2 epochs
+    folder = run_dir / "checkpoints"
     (folder / "epoch_latest.pt").write_bytes(b"PK\x03\x04 torn")  # a disk that lost the latest write
     partial = folder / ".epoch_latest.pt.k2j4.tmp"
     partial.write_bytes(b"half")
-    run(tmp_path, shards32, *flags[:-4], "--epochs", "3", "--warmup", "1", "--resume", "latest", name="r")
+    run(tmp_path, shards32, *TI_4X_RUN, "--epochs", "3", "--resume", "latest", name="r")
     assert not partial.exists()
-    log = (first["run_dir"] / "out.log").read_text()
+    log = (run_dir / "out.log").read_text()
     assert "epoch_latest.pt cannot be read" in log and "resuming from" in log and "epoch_2.pt" in log
-    assert [r["step"] for r in read_csv(first["run_dir"] / "steps.csv")] == [str(i) for i in range(6)]
+    assert [r["step"] for r in read_csv(run_dir / "steps.csv")] == [str(i) for i in range(6)]
 
 
 def test_epochs_csv_counts_skipped_samples_by_reason(tmp_path):
@@ -309,12 +292,15 @@ def test_bad_flags_fail_before_training(tmp_path, shards32, flags, error, messag
     assert not (tmp_path / "bad").exists()  # nothing was started
 
 
-def test_existing_run_folder_is_not_overwritten(tmp_path, shards32):
-    run(tmp_path, shards32, *TI_4X, "--batch-size", "16", "--epochs", "1", "--warmup", "1", name="mine")
+def test_existing_run_folder_is_not_overwritten(tmp_path, shards32, trained_ti4x):
+    copy_run(trained_ti4x, tmp_path, "mine")  # a run of TI_4X_RUN
+    before = {p: p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file()}
     with pytest.raises(FileExistsError, match="--resume latest"):
-        run(tmp_path, shards32, *TI_4X, "--batch-size", "16", "--epochs", "1", "--warmup", "1", name="mine")
+        run(tmp_path, shards32, *TI_4X_RUN, name="mine")
+    assert {p: p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dtplib.train", "--train-data", str(tmp_path / "none.tar"),
                              "--model", "ViT-Ti-8-64"], cwd=REPO_ROOT, capture_output=True, text=True)
@@ -343,6 +329,7 @@ def test_checkpoint_rebuilds_an_unregistered_ratio_for_evaluation(tmp_path, shar
     assert metrics["retrieval_images"] == 32 and 0 <= metrics["image_to_text_R@1"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("boundaries", ["threshold", "batch-topk"])
 def test_torchcompile_trains_in_one_graph_and_matches_eager(tmp_path, shards32, monkeypatch, boundaries):
     """--torchcompile: the CLIP model is traced whole (fullgraph=True, so any graph break would fail the run) into one
