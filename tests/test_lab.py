@@ -49,7 +49,7 @@ def test_dtplib_data_redirects_the_data_folder(data_copy: Path, monkeypatch):
     assert data_path("data/sample") == REPO_ROOT / "data" / "sample"  # other relative paths: the repository root
     monkeypatch.setenv("DTPLIB_DATA", "elsewhere/data")  # a relative value is taken from the repository root
     assert data_root() == REPO_ROOT / "elsewhere" / "data"
-    # module constants (dtplib.figures.viz.COCO_MINI, dtplib.measure.bench.FLICKR) follow a DTPLIB_DATA that is set before dtplib is imported
+    # module constants (measure.bench.FLICKR, figures.viz.COCO_MINI) follow a DTPLIB_DATA set before dtplib is imported
     code = "from dtplib.measure import bench; from dtplib.figures import viz; print(bench.FLICKR); print(viz.COCO_MINI)"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DTPLIB_DATA": str(data_copy)},
                          capture_output=True, text=True, check=True, timeout=120).stdout.split()
