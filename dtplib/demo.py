@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,34 +23,49 @@ KERNEL_CONFIG = Config({"KernelManager": {"transport_encryption": "auto"}})
 ENVIRONMENT = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 
 
-def run_notebook(notebook: Path, executed: Path, parameters: dict) -> None:
-    """Execute one notebook headless as a user would open it: from notebooks/, with the venv's python3 kernel."""
+def run_notebook(notebook: Path, executed: Path, parameters: dict, verbose: bool = False) -> None:
+    """Execute one notebook headless as a user would open it: from notebooks/, with the venv's python3 kernel.
+
+    `verbose`: stream the cells' printed output (training's per-step lines, progress) to this console as they
+    come, and a bar over the cells."""
     papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
-                               cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3", progress_bar=False,
+                               cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3",
+                               progress_bar=verbose,
+                               stdout_file=sys.stdout if verbose else None, stderr_file=sys.stderr if verbose else None,
                                config=KERNEL_CONFIG)
 
 
+def _outputs(folder: Path) -> str:
+    """What a notebook wrote: the file count and the figures' names."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    figures = [p.name for p in files if p.suffix == ".png"]
+    return f"{len(files)} files" + (f", figures: {', '.join(figures)}" if figures else "")
+
+
 def run_notebooks(out: str = "results/demo", only: list[str] | None = None,
-                  parameters: dict[str, dict] | None = None) -> list[tuple[str, float]]:
-    """Execute notebooks/NN_*.ipynb in order; each writes its outputs to <out>/<notebook name>/.
+                  parameters: dict[str, dict] | None = None, verbose: bool = False) -> list[tuple[str, float]]:
+    """Execute notebooks/NN_*.ipynb in order; each writes its outputs to <out>/<notebook name>/. Before each one a
+    line names it and its output folder; after it, its time and what it wrote.
 
     `parameters`: notebook name (e.g. "02_model") -> parameters that replace that notebook's defaults (the tests pass
-    small ones); out_dir is always <out>/<notebook name>."""
+    small ones); out_dir is always <out>/<notebook name>. `verbose`: stream each notebook's own output."""
     notebooks = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     unknown = sorted(set(parameters or {}) - {notebook.stem for notebook in notebooks})
     if unknown:
         raise ValueError(f"parameters for notebooks that do not exist: {', '.join(unknown)}")
     out_root = repo_path(out)
     out_root.mkdir(parents=True, exist_ok=True)
+    chosen = [notebook for notebook in notebooks if not only or notebook.stem in only]
     timings = []
-    for notebook in notebooks:
-        if only and notebook.stem not in only:
-            continue
+    for number, notebook in enumerate(chosen, 1):
         start = time.perf_counter()
-        print(f"running {notebook.relative_to(REPO_ROOT)} ...", flush=True)
+        print(f"[{number}/{len(chosen)}] running {notebook.relative_to(REPO_ROOT)} -> {out_root / notebook.stem}/",
+              flush=True)
         run_notebook(notebook, out_root / notebook.name,
-                     {**(parameters or {}).get(notebook.stem, {}), "out_dir": str(out_root / notebook.stem)})
+                     {**(parameters or {}).get(notebook.stem, {}), "out_dir": str(out_root / notebook.stem)}, verbose)
         timings.append((notebook.stem, time.perf_counter() - start))
+        print(f"[{number}/{len(chosen)}] {notebook.stem} done in {timings[-1][1]:.0f} s: "
+              f"{_outputs(out_root / notebook.stem)}", flush=True)
     return timings
 
 
@@ -57,15 +73,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="results/demo", help="where executed notebooks and outputs go")
     parser.add_argument("--only", nargs="*", help="notebook names (e.g. 02_model) to run instead of all")
+    parser.add_argument("--quiet", action="store_true", help="only a line before and after each notebook")
     args = parser.parse_args()
     for name, value in ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    timings = run_notebooks(args.out, args.only)
+    start = time.perf_counter()
+    timings = run_notebooks(args.out, args.only, verbose=not args.quiet)
     out_root = repo_path(args.out)
-    print("\nDemo finished. Executed notebooks and their outputs:")
+    print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Executed notebooks (open them in JupyterLab) "
+          "and their outputs:")
     for name, seconds in timings:
-        outputs = sorted(p.name for p in (out_root / name).glob("*")) if (out_root / name).is_dir() else []
-        print(f"  {out_root / (name + '.ipynb')}  ({seconds:.0f} s)  -> {out_root / name}/: {', '.join(outputs)}")
+        executed, folder = out_root / f"{name}.ipynb", out_root / name
+        print(f"  {seconds:5.0f} s  {executed}  -> {folder}/ ({_outputs(folder)})")
 
 
 if __name__ == "__main__":

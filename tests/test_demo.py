@@ -17,11 +17,15 @@ from dtplib.demo import run_notebooks
 
 @pytest.mark.slow
 @pytest.mark.demo
-def test_make_demo_writes_every_promised_output(tmp_path, request):
+def test_make_demo_writes_every_promised_output(tmp_path, request, capsys):
     defaults = request.config.getoption("--demo-defaults")
     start = time.perf_counter()
     timings = run_notebooks(str(tmp_path), parameters=None if defaults else SMOKE)
     assert [name for name, _ in timings] == [p.stem for p in NOTEBOOKS]
+    said = capsys.readouterr().out  # a line before and after each notebook: which, where to, how long, what it wrote
+    for number, notebook in enumerate(NOTEBOOKS, 1):
+        assert f"[{number}/{len(NOTEBOOKS)}] running notebooks/{notebook.name} -> {tmp_path / notebook.stem}/" in said
+        assert f"[{number}/{len(NOTEBOOKS)}] {notebook.stem} done in " in said
     for notebook in NOTEBOOKS:
         executed = tmp_path / notebook.name
         assert executed.is_file() and executed.stat().st_size > 0
