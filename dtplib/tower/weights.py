@@ -27,7 +27,7 @@ import open_clip
 import torch
 
 from ..common.files import atomic_write_bytes, atomic_write_text
-from ..common.paths import REPO_ROOT
+from ..common.paths import REPO_ROOT, repo_path
 from .clip import ARCHS, COMPRESSIONS, build_model, parse_dtp_name, tower_config
 from .model import STRUCTURAL_FIELDS, DTPConfig
 
@@ -95,11 +95,12 @@ def write_weights(state: dict[str, torch.Tensor], path: str | Path, header: dict
 
 
 def weights_file(weights: str | Path) -> Path:
-    """The weights file meant by `weights`: a path to a file, or the name of a shipped one in `weights/` (with or
-    without .safetensors)."""
+    """The weights file meant by `weights`: a path to a file (from the working folder, else from the repository
+    root, as notebooks give paths), or the name of a shipped one in `weights/` (with or without .safetensors)."""
     path = Path(weights)
-    if path.is_file():
-        return path
+    for candidate in (path, repo_path(path)):
+        if candidate.is_file():
+            return candidate
     shipped = WEIGHTS_DIR / (path.name if path.suffix == ".safetensors" else f"{path.name}.safetensors")
     if len(path.parts) == 1 and shipped.is_file():
         return shipped
