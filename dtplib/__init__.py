@@ -13,7 +13,7 @@ it, so each can be read without the ones after it; tests/test_structure.py holds
 - `measure`: evaluation, statistics, FLOPs, the benchmark, the tables behind the figures;
 - `figures`: drawing, and boundaries on photos;
 - `grid`: the experiment driver (grid files, child runs, reports).
-The top-level modules are the command lines (`python -m dtplib.train|evaluate|bench|flops|viz|experiment|demo`,
+The top-level modules are the command lines (`python -m dtplib.train|evaluate|bench|flops|viz|export|experiment|demo`,
 and `python -m dtplib.data`) and the notebooks' entry points (`train.run(config)`, `finetune`): nothing in the
 folders imports them, so the library never depends on a command line's flags.
 """
@@ -43,6 +43,7 @@ from .tower.control import (
     use_execution,
 )
 from .tower.model import DTPConfig, DTPVisionTransformer, token_budget
+from .tower.weights import load_weights
 from .training.checkpoint import load_trained
 from .training.config import TrainConfig
 
@@ -52,6 +53,6 @@ register()
 __all__ = [
     "ARCHS", "DTPConfig", "DTPVisionTransformer", "LoadReport", "TrainConfig", "boundary_loss", "build_model",
     "create_model_and_transforms", "dtp_name", "fit_boundary_prior", "forced_boundaries", "get_tower",
-    "last_boundary_loss", "load_dtp_weights", "load_trained", "load_vit_weights", "realised_compression", "register",
-    "token_budget", "trace", "use_config", "use_execution", "variant_names",
+    "last_boundary_loss", "load_dtp_weights", "load_trained", "load_vit_weights", "load_weights",
+    "realised_compression", "register", "token_budget", "trace", "use_config", "use_execution", "variant_names",
 ]

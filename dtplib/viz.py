@@ -13,7 +13,7 @@ from .common.cli import run_cli
 from .common.files import append_csv
 from .common.paths import data_root, repo_path
 from .common.provenance import run_info
-from .figures.viz import COCO_MINI, alignment, draw_overlays
+from .figures.viz import COCO_MINI, RANDOM_WEIGHTS_NOTE, alignment, draw_overlays
 
 UNTRAINED = ("note: no checkpoint, so the boundary predictor is untrained (random init): its boundaries say nothing "
              "about the images yet")
@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     for sub in (align, overlay):
         sub.add_argument("--model", help="open_clip name, e.g. DTP-ViT-Ti-8-64-4x; default with --checkpoint: the "
                          "model it was trained as")
-        sub.add_argument("--checkpoint", help="a checkpoint written by python -m dtplib.train")
+        sub.add_argument("--checkpoint", help="a checkpoint written by python -m dtplib.train, or a weights file "
+                         "from python -m dtplib.export (weights/*.safetensors)")
         sub.add_argument("--batch-size", type=int, default=64)
     align.add_argument("--coco", default=str(COCO_MINI), help="COCO folder with annotations/ and the image folders")
     align.add_argument("--num-images", type=int, help="first N annotated images (default: all)")
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
             append_csv(repo_path(args.output), table.assign(**provenance).to_dict("records"))
         return table
     out = draw_overlays(model, preprocess, args.images, repo_path(args.out), args.num_images, args.shown, args.grid,
-                        args.batch_size)
+                        args.batch_size, note="" if args.checkpoint else RANDOM_WEIGHTS_NOTE)
     print(f"wrote overlays.png, token_grid.png, tokens_hist.png to {out}")
     return None
 

@@ -311,10 +311,23 @@ def alignment(model: torch.nn.Module, preprocess, coco_dir: str | Path = COCO_MI
                         grid=f"{tower.grid[0]}x{tower.grid[1]}", patch_size=tower.patch_embed.patch_size[0])
 
 
+RANDOM_WEIGHTS_NOTE = "random weights, not trained: these boundaries say nothing about the images"
+
+
+def add_note(figure, note: str = RANDOM_WEIGHTS_NOTE):
+    """`figure` (a matplotlib Figure) with `note` in red at its top, above any title it has, so that a picture drawn
+    from untrained weights says so inside itself wherever it is copied; an empty note leaves it as it is."""
+    if note:
+        title = figure.get_suptitle()
+        figure.suptitle(f"{note}\n{title}" if title else note, color="tab:red", fontsize=10)
+    return figure
+
+
 def draw_overlays(model: torch.nn.Module, preprocess, images_dir: str | Path, out: str | Path, num_images: int = 64,
-                  shown: int = 6, grid: int = 24, batch_size: int = 64) -> Path:
+                  shown: int = 6, grid: int = 24, batch_size: int = 64, note: str = "") -> Path:
     """overlays.png (segments, boundary probabilities, tokens kept), token_grid.png and tokens_hist.png in `out`
-    for the first `num_images` photos (sorted names) of a folder, as the model reads them at eval time."""
+    for the first `num_images` photos (sorted names) of a folder, as the model reads them at eval time. `note`
+    (e.g. RANDOM_WEIGHTS_NOTE for an untrained model) goes on top of each figure (`add_note`)."""
     from matplotlib import pyplot
 
     from ..common.images import load_photos
@@ -328,6 +341,8 @@ def draw_overlays(model: torch.nn.Module, preprocess, images_dir: str | Path, ou
                          ("token_grid.png", token_grid(images, record, mean, std, count=grid)),
                          ("tokens_hist.png", tokens_histogram(record.tokens, tower.num_patches,
                                                               tower.dtp.compression))):
+        if not isinstance(figure, np.ndarray):
+            add_note(figure, note)
         save_figure(figure, out / name)
         if not isinstance(figure, np.ndarray):
             pyplot.close(figure)

@@ -49,6 +49,7 @@ from ..data.imagefolder import (
 )
 from ..data.loader import IMAGE_EXTENSIONS, expand_shards, iter_samples
 from ..tower.clip import check_model_name, check_pretrained, read_state_dict
+from ..tower.weights import is_weights_file, load_weights, weights_info
 from ..training.checkpoint import load_state_dict, load_trained, training_config
 from .metrics import ItemScores, hit_items, hit_rates, item_ranks, retrieval_items, retrieval_recall, topk_accuracy
 from .stats import paired_ci
@@ -504,13 +505,18 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
                device: str | torch.device = "cpu") -> tuple[torch.nn.Module, object, object]:
     """(model in eval mode, preprocess_val, tokenizer) for an open_clip name (dtplib's DTP-ViT names included).
 
-    `checkpoint`: a file from our training loop ({"state_dict": ..., optional `module.` prefixes, other keys}).
-    Such a file records the flags that built its model (`args`), so `name` may be left out, and a tower that has
-    no registered name (`--model ViT-B-32 --compression 3`, other DTP settings) is rebuilt as it was trained.
+    `checkpoint`: a file from our training loop ({"state_dict": ..., optional `module.` prefixes, other keys}), or a
+    weights file from `python -m dtplib.export`. Either records what built its model (the training flags, the
+    weights header), so `name` may be left out, and a tower that has no registered name (`--model ViT-B-32
+    --compression 3`, other DTP settings) is rebuilt as it was trained.
     `pretrained`: an open_clip tag or weights file. Names, files and weights are checked before the model is built.
     """
     if checkpoint is not None and pretrained is not None:
         raise ValueError("give a checkpoint or pretrained weights, not both")
+    if checkpoint is not None and is_weights_file(checkpoint) \
+            and name in (None, weights_info(checkpoint)["open_clip_model"]):
+        model, preprocess, tokenizer, _ = load_weights(checkpoint, device)
+        return model, preprocess, tokenizer
     config = training_config(checkpoint) if checkpoint is not None else None
     if name is None and config is None:
         raise ValueError("give a model name (a checkpoint from python -m dtplib.train records its own)")

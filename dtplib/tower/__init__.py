@@ -7,7 +7,8 @@
   `fit_boundary_prior`;
 - `packed`: the variable-length shortened layers (host-planned buckets and the device-side static buffer);
 - `order`: the order patches are read into runs (raster or Hilbert);
-- `clip`: the registered timm and open_clip names, `build_model`, weight transfer from a plain CLIP ViT.
+- `clip`: the registered timm and open_clip names, `build_model`, weight transfer from a plain CLIP ViT;
+- `weights`: weights-only safetensors files that describe themselves (`load_weights`, written by `dtplib.export`).
 """
 
-__all__ = ["boundaries", "clip", "control", "model", "order", "packed"]
+__all__ = ["boundaries", "clip", "control", "model", "order", "packed", "weights"]

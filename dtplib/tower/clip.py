@@ -6,13 +6,17 @@ Route: each variant is a timm model name (`@register_model`-style entrypoint bui
 has no `timm_model_kwargs`, so there is one timm name per variant; other hyper-parameters are reached by
 building the named model and swapping `model.visual.trunk` (`create_model_and_transforms(**overrides)`).
 
-The configs are added to open_clip's registry in memory at import (one table below is the single source of
-truth), so `open_clip.create_model_and_transforms(name)` and `open_clip.get_tokenizer(name)` work unchanged.
+The open_clip configs are json files, one per name, in `model_configs/` next to this module (package data, as
+open_clip ships its own), added at import through open_clip's public `add_model_config`, so
+`open_clip.create_model_and_transforms(name)`, `open_clip.get_tokenizer(name)` and `open_clip.list_models()` work
+unchanged. The table below stays the single source of truth: `write_open_clip_configs` writes the files from it, and
+a test keeps them equal.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import pickle
 import sys
@@ -23,7 +27,6 @@ from pathlib import Path
 import open_clip
 import timm
 import torch
-from open_clip import factory as open_clip_factory
 from open_clip.pretrained import download_pretrained
 from timm.models import register_model
 from timm.models.vision_transformer import _convert_openai_clip
@@ -131,8 +134,37 @@ def _open_clip_config(arch: Arch, timm_name: str | None) -> dict:
     return {"embed_dim": arch.embed_dim, "vision_cfg": vision, "text_cfg": dict(arch.text)}
 
 
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"  # {open_clip name}.json, written by write_open_clip_configs
+
+
+def open_clip_configs() -> dict[str, dict]:
+    """{open_clip name: config} for every name in `variant_names()`: what `model_configs/` must hold."""
+    configs = {}
+    for arch in ARCHS.values():
+        for c in COMPRESSIONS:
+            for up in (False, True) if c > 1 else (False,):
+                configs[dtp_name(arch.name, c, up)] = _open_clip_config(arch, _timm_entrypoint(arch, c, up).__name__)
+    configs["ViT-Ti-8-64"] = _open_clip_config(ARCHS["ViT-Ti-8-64"], None)
+    return configs
+
+
+def write_open_clip_configs(folder: str | Path = MODEL_CONFIGS) -> list[Path]:
+    """Write `open_clip_configs()` as open_clip's json files (one per name, open_clip's 4-space layout) into
+    `folder`, replacing what is there: run after changing ARCHS, COMPRESSIONS or a config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.json"):
+        stale.unlink()
+    written = []
+    for name, config in open_clip_configs().items():
+        written.append(folder / f"{name}.json")
+        written[-1].write_text(json.dumps(config, indent=4) + "\n")
+    return written
+
+
 def register() -> None:
-    """Add every variant to timm's and open_clip's registries (idempotent; done at `import dtplib`)."""
+    """Add every variant to timm's registry and open_clip's (idempotent; done at `import dtplib`). open_clip's side
+    is its public `add_model_config(MODEL_CONFIGS)`: it reads every json file of the folder into its registry."""
     module = sys.modules[__name__]
     for arch in ARCHS.values():
         for c in COMPRESSIONS:
@@ -141,8 +173,8 @@ def register() -> None:
                 if not timm.is_model(fn.__name__):
                     setattr(module, fn.__name__, fn)
                     register_model(fn)
-                open_clip_factory._MODEL_CONFIGS[dtp_name(arch.name, c, up)] = _open_clip_config(arch, fn.__name__)
-    open_clip_factory._MODEL_CONFIGS.setdefault("ViT-Ti-8-64", _open_clip_config(ARCHS["ViT-Ti-8-64"], None))
+    if any(open_clip.get_model_config(name) != config for name, config in open_clip_configs().items()):
+        open_clip.add_model_config(MODEL_CONFIGS)
 
 
 _OPEN_CLIP_KWARGS = {"pretrained", "precision", "device", "jit", "force_quick_gelu", "force_custom_text",

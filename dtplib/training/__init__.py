@@ -3,7 +3,8 @@
 - `config`: `TrainConfig`, every setting of `python -m dtplib.train` (the tower"s `DTPConfig` nested in it), its
   flags, checks and the `params.json` round trip;
 - `optim`: AdamW parameter groups, the learning-rate schedule, the one training step;
-- `checkpoint`: a model from a `TrainConfig`, and a checkpoint back to its config and weights;
+- `checkpoint`: a model from a `TrainConfig`, a checkpoint back to its config and weights, and exported as a
+  weights-only file;
 - `runfolder`: a run's folder: atomic, finite checkpoints and their RNG states, CSV and TensorBoard logs.
 
 The command line and the epoch loop are `dtplib.train`; finetuning is `dtplib.finetune`.

@@ -1,14 +1,17 @@
-"""Models from training: a TrainConfig to a model, and a `dtplib.train` checkpoint back to its TrainConfig and
-weights."""
+"""Models from training: a TrainConfig to a model, a `dtplib.train` checkpoint back to its TrainConfig and weights,
+and a checkpoint exported as a weights-only file (`dtplib.tower.weights`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from ..common.provenance import git_commit
 from ..tower.clip import build_model, read_checkpoint, read_state_dict
 from ..tower.model import DTPConfig
+from ..tower.weights import weights_header, write_weights
 from .config import TrainConfig
 
 
@@ -52,3 +55,26 @@ def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
         model.load_state_dict(state)
     except RuntimeError as exn:
         raise RuntimeError(f"checkpoint {source} does not fit model {name}: {exn}") from None
+
+
+def export_weights(checkpoint: str | Path, out: str | Path, fp16: bool = False, overwrite: bool = False) -> Path:
+    """Write a `dtplib.train` checkpoint's model as a weights-only file (`dtplib.tower.weights.write_weights`): the
+    state dict after a strict load into the model its TrainConfig builds (so the file fits that model), the
+    open_clip name and DTPConfig, and the source: run name and id, epoch, step, the training commit (the run's
+    params.json) and the commit that exported it."""
+    checkpoint = Path(checkpoint)
+    raw = read_checkpoint(checkpoint)
+    config = training_config(raw)
+    if config is None:
+        raise ValueError(f"{checkpoint}: not a checkpoint of python -m dtplib.train (no training flags)")
+    if raw.get("mid_epoch"):
+        raise ValueError(f"{checkpoint}: written mid-epoch (--max-steps); export a finished epoch's checkpoint")
+    model = build_from_config(config)[0]
+    load_state_dict(model, read_state_dict(raw), source=checkpoint, name=config.model_name)
+    params = checkpoint.resolve().parent.parent / "params.json"  # <run>/checkpoints/<file>.pt -> <run>/params.json
+    trained_at = json.loads(params.read_text()).get("commit", "unknown") if params.is_file() else "unknown"
+    source = {"run": raw.get("name"), "run_id": raw.get("run_id"), "checkpoint": checkpoint.name,
+              "epoch": raw.get("epoch"), "epochs": config.epochs, "step": raw.get("step"), "seed": config.seed,
+              "train_data": config.train_data, "commit": trained_at, "exported_by": git_commit()}
+    header = weights_header(config.model_name, config.dtp, source)
+    return write_weights(model.state_dict(), out, header, fp16=fp16, overwrite=overwrite)
