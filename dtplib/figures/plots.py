@@ -721,7 +721,7 @@ def accuracy_curves(curves: pd.DataFrame, metric: str, cost: str = "train_gmacs"
     looks = _arm_looks(arms, list(first["model"]) if "model" in frame else None)
     with plt.rc_context({"figure.constrained_layout.use": False}):  # FacetGrid lays itself out (tight_layout)
         grid = sns.FacetGrid(frame, col="arm", col_order=arms, col_wrap=min(4, max(1, len(arms))), sharex=True,
-                             sharey=True, height=1.55, aspect=1.15, despine=False)
+                             sharey=True, height=1.55 if len(arms) > 3 else 2.4, aspect=1.15, despine=False)
     base = frame[frame["arm"] == reference].sort_values("x") if reference in arms else None
     for arm, ax in grid.axes_dict.items():
         if base is not None and arm != reference:
@@ -737,15 +737,18 @@ def accuracy_curves(curves: pd.DataFrame, metric: str, cost: str = "train_gmacs"
                        label=f"chance ({factor * chance:.3g}{'%' if factor == 100 else ''})")
     top = np.nanmax([frame["y"].max(), frame["high"].max()]) if len(frame) else 1.0
     grid.set(ylim=(0, 1.05 * top))
-    grid.set_axis_labels(f"{COSTS[cost].split(' (')[0]} ({unit})", label)
-    grid.tight_layout()
+    grid.set_axis_labels("", "")
+    height = grid.figure.get_figheight()
+    grid.tight_layout(rect=(0.03, 0.4 / height, 1, 1 - 0.45 / height))  # room for the shared labels and the title
+    grid.figure.supxlabel(f"{COSTS[cost].split(' (')[0]} ({unit})", y=0.02, fontsize=8.5)
+    grid.figure.supylabel(label, x=0.0, fontsize=8.5)
     handles = {}
     for ax in grid.axes.flat:
         handles.update(dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True)))
     grid.figure.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5),
                        fontsize=7)
     grid.figure.suptitle(f"{label} against {COSTS[cost]}\nmean over seeds, band: 95% t-interval over seeds, "
-                         "clipped to the metric's range", fontsize=8.5, y=1.05)
+                         "clipped to the metric's range", fontsize=8.5, y=0.995, va="top")
     return grid.figure
 
 
