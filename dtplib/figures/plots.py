@@ -5,15 +5,18 @@ none shows or saves it, none builds a model or computes a table (those are `dtpl
 or a picture with `save_figure(figure, out / "name.png")`, and nothing else.
 
 Read top to bottom:
-0. `save_figure`: a PNG, atomically; pictures at exact pixels (PIL), figures with `savefig(bbox_inches="tight")`.
+0. Style and saving: every figure function draws under `figure_style()` (seaborn "ticks" at "paper" scale, sized
+   for a paper's column or page width), one colour per kind of arm (`arm_family`, FAMILY_COLOURS); `save_figure`:
+   a PNG at 200 dpi, atomically (a PDF beside it with `pdf=True`); pictures at exact pixels (PIL).
 1. Data (01 notebook): `show_samples`, `caption_length_histogram`.
 2. Pictures as uint8 arrays (pure functions, tested pixel by pixel): `input_normalization`, `denormalize`,
    `upscale`, `segment_overlay`, `probability_heatmap`, `overlays`.
 3. Boundary figures (04 notebook, `python -m dtplib.viz overlay`): `boundary_figure` (photo | segments |
    P(boundary)), `token_grid` (overlays labelled with the tokens kept), `tokens_histogram`.
 4. Training runs (03 notebook), read back from a run folder's CSVs: `training_curves`.
-5. Efficiency (05 notebook, `python -m dtplib.bench`): `speedup_plot`, `accuracy_vs_gflops`; experiment grids
-   (`python -m dtplib.experiment`): `accuracy_curves`.
+5. Efficiency (05 notebook, `python -m dtplib.bench`): `speedup_figures` / `speedup_plot` (one machine per figure),
+   `accuracy_vs_gflops`; experiment grids (`python -m dtplib.experiment`): `accuracy_curves` (a panel per arm).
+Intervals are clipped to what their metric can take; accuracy figures mark chance (`tables.chance_level`).
 6. Finetuning (06 notebook): `plot_results`.
 
 Segments are runs of patches in raster order, so they wrap from the end of one row to the start of the next. The
