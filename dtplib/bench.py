@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     p.add_argument("--out", default=None, help="CSV/markdown stem; default results/efficiency_<device>_<tag>")
     p.add_argument("--tag", default="", help="suffix of the default output name, e.g. ti or b32")
     p.add_argument("--plot", nargs="+", default=None, metavar="CSV",
-                   help="only draw speed-up against compression (with the bounds) for these CSVs into --out .png")
+                   help="only draw speed-up against compression (with the bounds) for these CSVs of one machine "
+                        "into --out .png and .pdf")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe-mode", default="clip", help=argparse.SUPPRESS)
     p.add_argument("--probe-state", default=None, help=argparse.SUPPRESS)
@@ -73,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     if args.plot:
         if not args.out:
             p.error("--plot needs --out (the figure is written to <out>.png)")
-        save_figure(plots.speedup_plot([repo_path(c) for c in args.plot]), repo_path(args.out).with_suffix(".png"))
+        save_figure(plots.speedup_plot([repo_path(c) for c in args.plot]), repo_path(args.out).with_suffix(".png"),
+                    pdf=True)
         return pd.DataFrame()
     modes = [m.strip() for m in args.modes.split(",")]
     if any(m not in MODES for m in modes) or args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
@@ -96,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         f"efficiency_{device_slug(device)}" + (f"_{args.tag}" if args.tag else ""))
     atomic_write_text(stem.with_suffix(".csv"), frame.to_csv(index=False))
     atomic_write_text(stem.with_suffix(".md"), markdown(frame))
-    save_figure(plots.speedup_plot([stem.with_suffix(".csv")]), stem.with_suffix(".png"))
+    save_figure(plots.speedup_plot([stem.with_suffix(".csv")]), stem.with_suffix(".png"), pdf=True)
     print(markdown(frame))
     print(f"wrote {stem.with_suffix('.csv')}, .md and .png")
     return frame

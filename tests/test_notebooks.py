@@ -28,7 +28,8 @@ OUTPUTS = {
     "02_model": ["variants.csv", "prior_fit.csv"],
     "03_train": ["training_curves.png", "epochs.csv"],
     "04_boundaries": ["overlays.png", "token_grid.png", "tokens_hist.png", "alignment.csv"],
-    "05_efficiency": ["flops_components.csv", "efficiency_live.csv", "summary_table.csv", "speedup.png",
+    "05_efficiency": ["flops_components.csv", "efficiency_live.csv", "summary_table.csv",
+                      "speedup_nvidia_h100_80gb_hbm3.png",
                       "accuracy_vs_gflops.png", "accuracy_vs_cost.png"],
     "06_zeroshot_finetune": ["pretrained_zeroshot.csv", "results.csv", "finetune_history.csv", "accuracy.png"],
 }

@@ -11,6 +11,7 @@ from conftest import flickr_photos
 from PIL import Image
 
 import dtplib
+import dtplib.common.paths
 from dtplib.common.images import load_images
 from dtplib.figures import plots, viz
 from dtplib.measure import tables
@@ -228,6 +229,9 @@ def test_figures_label_each_image_with_its_tokens_kept(ti, tmp_path):
     assert titles == [f"{k} / 64 tokens" for k in (1, 4, 8, 16, 32, 64)]  # fewest first
     histogram = plots.tokens_histogram(record.tokens, 64, target=4)
     assert sum(patch.get_height() for patch in histogram.axes[0].patches) == 6
+    histogram.canvas.draw()
+    for ticks in (histogram.axes[0].get_xticks(), histogram.axes[0].get_yticks()):
+        assert np.allclose(ticks, np.round(ticks))  # whole tokens, whole images
     for name, picture in (("grid.png", figure), ("hist.png", histogram)):
         assert read_png(plots.save_figure(picture, tmp_path / name)).ndim == 3
 
@@ -236,26 +240,57 @@ def test_figures_label_each_image_with_its_tokens_kept(ti, tmp_path):
 # Figures of the notebooks
 
 
-def test_speedup_plot_draws_one_panel_per_mode_and_kind_of_boundaries(tmp_path):
-    rows = [{"model": model, "mode": mode, "boundaries": boundaries, "execution": execution,
-             "realised_compression": compression, "speedup": speedup, "analytic_bound": 0.9 * compression,
-             "padded_bound": 0.8 * compression, "reference": "DTP-ViT-Ti-8-64-1x"}
+def bench_rows(hardware: str, tag: str, outlier: float | None = None) -> list[dict]:
+    """Benchmark rows of one table as `python -m dtplib.bench` writes them (both modes)."""
+    reference = f"DTP-ViT-{tag}-1x"
+    return [{"model": model.format(tag=tag), "mode": mode, "boundaries": boundaries, "execution": execution,
+             "realised_compression": outlier if outlier and model.endswith("-4x") else compression,
+             "speedup": speedup, "analytic_bound": 0.9 * compression, "padded_bound": 0.8 * compression,
+             "reference": reference, "hardware": hardware, "batch_size": 8, "dtype": "fp32"}
             for mode in ("clip", "image")
             for model, boundaries, execution, compression, speedup in (
-                ("DTP-ViT-Ti-8-64-1x", "", "", 1.0, 1.0), ("DTP-ViT-Ti-8-64-4x", "learned", "packed", 3.5, 1.8),
-                ("DTP-ViT-Ti-8-64-4x+padded", "learned", "padded", 3.5, 1.5),
-                ("DTP-ViT-Ti-8-64-4x+uniform", "uniform", "packed", 4.0, 2.0), ("ViT-Ti-8-64+pd0.5", "", "", 2.0, 1.7))]
-    csv = tmp_path / "efficiency_cpu.csv"
-    pd.DataFrame(rows).to_csv(csv, index=False)
-    figure = plots.speedup_plot([csv])
-    assert [ax.get_title() for ax in figure.axes] == [
-        "learned boundaries: whole CLIP training step", "uniform boundaries: whole CLIP training step",
-        "learned boundaries: image tower, fwd + bwd", "uniform boundaries: image tower, fwd + bwd"]
-    assert figure.axes[0].get_ylabel() == "speed-up over DTP-ViT-Ti-8-64-1x"
-    labels = {text.get_text() for text in figure.legends[0].texts}
-    assert {"DTP packed, measured", "DTP padded, analytic bound", "FLIP patch dropout, measured"} <= labels
-    assert read_png(plots.save_figure(figure, tmp_path / "speedup.png")).ndim == 3
-    plt.close(figure)
+                ("DTP-ViT-{tag}-1x", "", "", 1.0, 1.0), ("DTP-ViT-{tag}-4x", "learned", "packed", 3.5, 1.8),
+                ("DTP-ViT-{tag}-4x+padded", "learned", "padded", 3.5, 1.5),
+                ("DTP-ViT-{tag}-4x+uniform", "uniform", "packed", 4.0, 2.0), ("ViT-{tag}+pd0.5", "", "", 2.0, 1.7))]
+
+
+def test_speedup_figures_draw_one_machine_each_and_label_every_panel_with_its_reference(tmp_path):
+    tables_ = {"efficiency_cpu_ti": bench_rows("cpu A", "Ti-8-64"), "efficiency_cpu_b32": bench_rows("cpu A", "B-32"),
+               "efficiency_gpu_b32": bench_rows("gpu B", "B-32", outlier=49.0)}
+    csvs = []
+    for stem, rows in tables_.items():
+        csvs.append(tmp_path / f"{stem}.csv")
+        pd.DataFrame(rows).to_csv(csvs[-1], index=False)
+    figures = plots.speedup_figures(csvs)
+    assert list(figures) == ["cpu_a", "gpu_b"]
+    cpu, gpu = figures["cpu_a"], figures["gpu_b"]
+    # a row of panels per table, a panel per mode
+    assert cpu.get_suptitle() == "cpu A" and len(cpu.axes) == 4 and len(gpu.axes) == 2
+    assert [ax.get_ylabel() for ax in cpu.axes] == ["speed-up over DTP-ViT-Ti-8-64-1x"] * 2 + [
+        "speed-up over DTP-ViT-B-32-1x"] * 2
+    assert "whole CLIP training step\nViT-Ti-8-64: batch 8, fp32" == cpu.axes[0].get_title()
+    labels = [text.get_text() for text in cpu.legends[0].texts]
+    assert labels == ["learned, packed", "learned, padded", "uniform, packed", "FLIP patch dropout", "measured",
+                      "analytic bound"]
+    for ax in gpu.axes:  # the collapsed 49x row does not stretch the axis: it is marked at the edge and labelled
+        assert ax.get_xlim()[1] < 5
+        assert any("realised 49x" in text.get_text() for text in ax.texts)
+    with pytest.raises(ValueError, match="one machine per speed-up figure"):
+        plots.speedup_plot(csvs)
+    assert read_png(plots.save_figure(cpu, tmp_path / "speedup.png", pdf=True)).ndim == 3
+    assert (tmp_path / "speedup.pdf").read_bytes().startswith(b"%PDF")
+    for figure in figures.values():
+        plt.close(figure)
+
+
+def test_arm_families_colour_every_kind_of_arm_apart():
+    labels = {"DTP-ViT-Ti-8-64-1x": "baseline (1x)", "DTP-ViT-Ti-8-64-4x": "learned",
+              "DTP-ViT-Ti-8-64-4x+image-prior": "learned", "DTP-ViT-Ti-8-64-4x+topk+hilbert": "top-k",
+              "DTP-ViT-Ti-8-64-4x+uniform": "uniform", "DTP-ViT-Ti-8-64-4x+uniform+hilbert": "2x2 pooling",
+              "DTP-ViT-Ti-8-64-1x+pd0.5": "patch dropout (FLIP)", "ViT-B-32": "open_clip ViT",
+              "DTP-ViT-B-32-4x+batch-topk": "top-k", "pool-2x2": "2x2 pooling", "flip-75": "patch dropout (FLIP)"}
+    assert {label: plots.arm_family(label) for label in labels} == labels
+    assert len(set(plots.FAMILY_COLOURS.values())) == len(plots.FAMILY_COLOURS)
 
 
 def test_plot_results_bars_each_method_above_chance():
@@ -267,19 +302,74 @@ def test_plot_results_bars_each_method_above_chance():
     plt.close(figure)
 
 
-def test_accuracy_curves_give_eleven_arms_eleven_looks_and_one_legend_outside_the_data(tmp_path):
-    arms = [f"arm-{index}" for index in range(11)]
+def test_accuracy_curves_are_small_multiples_with_the_reference_in_grey_and_clipped_bands(tmp_path):
+    arms = ["1x", *(f"arm-{index}" for index in range(5))]
     runs = pd.DataFrame([{"arm": arm, "seed": seed, "epochs_done": epoch, "train_time_s": 10.0 * epoch * (1 + i),
-                          "train_gmacs": 5.0 * epoch * (1 + i), "R@10": epoch + i + 0.1 * seed}
+                          "train_gmacs": 5.0 * epoch * (1 + i), "R@10": 0.01 * (epoch + i) + 0.04 * seed}
                          for i, arm in enumerate(arms) for seed in (0, 1) for epoch in (1, 2, 3)])
-    figure = plots.accuracy_curves(tables.metric_curves(runs, "R@10"), "R@10")
-    bars = figure.axes[0].containers  # one errorbar container per arm, its first line the means
-    assert [bar.get_label() for bar in bars] == [f"{arm} (seeds: 2)" for arm in arms]
-    assert len({(tuple(bar.lines[0].get_color()), bar.lines[0].get_marker()) for bar in bars}) == 11
-    assert [ax.get_legend() for ax in figure.axes] == [None, None]
-    assert [text.get_text() for text in figure.legends[0].texts] == [f"{arm} (seeds: 2)" for arm in arms]
+    figure = plots.accuracy_curves(tables.metric_curves(runs, "R@10"), "R@10", reference="1x", chance=0.01)
+    assert [ax.get_title() for ax in figure.axes] == [f"{arm} (n=2)" for arm in arms]  # a panel per arm
+    for ax in figure.axes:
+        assert ax.get_ylim()[0] == 0
+        bands = [c for c in ax.collections if c.get_paths()]
+        assert all(band.get_paths()[0].vertices[:, 1].min() >= 0 for band in bands)  # t-interval clipped at 0 %
+        assert any(line.get_ydata()[0] == 1.0 and line.get_linestyle() == ":" for line in ax.lines)  # chance 1 %
+    assert figure.get_supylabel() == "R@10 (%)"
+    greys = [line for line in figure.axes[1].lines if line.get_label() == "reference: 1x"]
+    assert len(greys) == 1 and not [line for line in figure.axes[0].lines if line.get_label() == "reference: 1x"]
+    assert {text.get_text() for text in figure.legends[0].texts} == {"reference: 1x", "chance (1%)"}
     figure.canvas.draw()
     legend_box = figure.legends[0].get_window_extent()
     assert all(legend_box.x0 >= ax.get_window_extent().x1 for ax in figure.axes)
+    time = plots.accuracy_curves(tables.metric_curves(runs, "R@10"), "R@10", cost="train_time_s")
+    assert time.get_supxlabel() == "cumulative training step time (min)"  # 180 s at most
     assert read_png(plots.save_figure(figure, tmp_path / "curves.png")).ndim == 3
     plt.close(figure)
+    plt.close(time)
+
+
+def test_accuracy_vs_gflops_has_every_arm_once_with_clipped_bars_and_chance(tmp_path):
+    runs = pd.read_csv(dtplib.common.paths.repo_path("results/flickr8k_ti/runs.csv"))
+    table = tables.arm_accuracy(dtplib.common.paths.repo_path("results/flickr8k_ti/runs.csv"), classes=10)
+    figure = plots.accuracy_vs_gflops(table)
+    arms = list(dict.fromkeys(runs["arm"]))
+    for ax, (metric, chance) in zip(figure.axes, (("zero-shot top-1 (%)", 10.0), ("text→image R@10 (%)", 1.0)),
+                                    strict=True):
+        assert ax.get_ylabel() == metric
+        assert [bar.get_label() for bar in ax.containers] == [
+            f"{arm} (n={runs[runs['complete']].groupby('arm')['seed'].nunique()[arm]})" for arm in arms]
+        lows = [segment[:, 1].min() for bar in ax.containers for segment in bar.lines[2][0].get_segments()]
+        assert min(lows) >= 0  # flip-75's R@10 interval reaches below 0 before clipping
+        assert [line.get_ydata()[0] for line in ax.lines if line.get_label() == "chance"] == [chance]
+    assert {"pool-2x2", "flip-50", "flip-75"} <= set(table["arm"])
+    assert read_png(plots.save_figure(figure, tmp_path / "gflops.png")).ndim == 3
+    plt.close(figure)
+
+
+def test_training_curves_give_losses_their_own_axes_the_target_and_whole_epochs():
+    run = dtplib.common.paths.repo_path("results/flickr8k_ti/runs/learned-4x-seed0")
+    figure = plots.training_curves(run)
+    contrastive, boundary, compression, evaluation = figure.axes
+    assert contrastive.get_yscale() == boundary.get_yscale() == "linear" and contrastive is not boundary
+    assert contrastive.get_ylim()[0] > 1 and boundary.get_ylim()[1] < 1  # 3.4-5 and 0.01-0.3 on their own axes
+    assert [line.get_ydata()[0] for line in compression.lines if line.get_label() == "target 4x"] == [4.0]
+    figure.canvas.draw()
+    ticks = evaluation.get_xticks()
+    assert np.allclose(ticks, np.round(ticks))
+    assert evaluation.get_legend() is not None and figure.legends  # outside the data
+    box, legend = evaluation.get_window_extent(), evaluation.get_legend().get_window_extent()
+    assert legend.x0 >= box.x1
+    plt.close(figure)
+
+
+def test_epoch_report_is_a_frame_with_units_in_percent():
+    table = tables.epoch_report(dtplib.common.paths.repo_path("results/flickr8k_ti/runs/learned-4x-seed0"))
+    epochs = pd.read_csv(dtplib.common.paths.repo_path("results/flickr8k_ti/runs/learned-4x-seed0/epochs.csv"))
+    assert list(table["epoch"]) == list(range(1, len(epochs) + 1))
+    assert {"step time (s)", "peak memory (MiB)", "zero-shot top-1 (%)", "text→image R@10 (%)"} <= set(table)
+    assert table["text→image R@10 (%)"].tolist() == pytest.approx((100 * epochs["text_to_image_R@10"]).tolist())
+    assert tables.chance_level("text_to_image_R@10", {"retrieval_images": 1000}) == pytest.approx(0.01)
+    assert tables.chance_level("zeroshot_top1", {"zeroshot_classes": 10}) == pytest.approx(0.1)
+    assert tables.chance_level("image_to_text_R@1", {"retrieval_images": 2, "retrieval_texts": 10}) == \
+        pytest.approx(0.5)  # 5 of 10 texts match
+    assert tables.chance_level("val_loss", {"retrieval_images": 1000}) is None

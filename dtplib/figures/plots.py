@@ -5,15 +5,18 @@ none shows or saves it, none builds a model or computes a table (those are `dtpl
 or a picture with `save_figure(figure, out / "name.png")`, and nothing else.
 
 Read top to bottom:
-0. `save_figure`: a PNG, atomically; pictures at exact pixels (PIL), figures with `savefig(bbox_inches="tight")`.
+0. Style and saving: every figure function draws under `figure_style()` (seaborn "ticks" at "paper" scale, sized
+   for a paper's column or page width), one colour per kind of arm (`arm_family`, FAMILY_COLOURS); `save_figure`:
+   a PNG at 200 dpi, atomically (a PDF beside it with `pdf=True`); pictures at exact pixels (PIL).
 1. Data (01 notebook): `show_samples`, `caption_length_histogram`.
 2. Pictures as uint8 arrays (pure functions, tested pixel by pixel): `input_normalization`, `denormalize`,
    `upscale`, `segment_overlay`, `probability_heatmap`, `overlays`.
 3. Boundary figures (04 notebook, `python -m dtplib.viz overlay`): `boundary_figure` (photo | segments |
    P(boundary)), `token_grid` (overlays labelled with the tokens kept), `tokens_histogram`.
 4. Training runs (03 notebook), read back from a run folder's CSVs: `training_curves`.
-5. Efficiency (05 notebook, `python -m dtplib.bench`): `speedup_plot`, `accuracy_vs_gflops`; experiment grids
-   (`python -m dtplib.experiment`): `accuracy_curves`.
+5. Efficiency (05 notebook, `python -m dtplib.bench`): `speedup_figures` / `speedup_plot` (one machine per figure),
+   `accuracy_vs_gflops`; experiment grids (`python -m dtplib.experiment`): `accuracy_curves` (a panel per arm).
+Intervals are clipped to what their metric can take; accuracy figures mark chance (`tables.chance_level`).
 6. Finetuning (06 notebook): `plot_results`.
 
 Segments are runs of patches in raster order, so they wrap from the end of one row to the start of the next. The
@@ -23,8 +26,10 @@ tick on the image's right side (where it leaves a row) and left side (where it c
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +40,16 @@ import torch
 
 from ..common.files import atomic_write_bytes
 from ..data.loader import iter_samples
-from ..measure.tables import EVAL_COLUMNS, caption_lengths, metric_curves, run_tables
+from ..measure.tables import (
+    caption_lengths,
+    chance_level,
+    metric_curves,
+    metric_unit,
+    run_params,
+    run_tables,
+    runs_chance,
+    zeroshot_class_count,
+)
 from ..tower.model import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -51,12 +65,72 @@ WRAP_COLOUR = (255, 221, 0)  # a segment continues on the next row
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 0. Saving: the one way
+# 0. Style and saving: one style for every figure, one way to save
 
 
-def save_figure(picture, path: str | Path, dpi: int = 120) -> Path:
+PAGE_WIDTH, COLUMN_WIDTH = 7.0, 3.4  # inches: the text width of a two-column paper, and one column
+# One colour per kind of arm in every figure (seaborn's colour-blind palette): a reader matches arms across figures.
+FAMILY_COLOURS = {"baseline (1x)": "#000000", "learned": "#0173b2", "uniform": "#de8f05", "top-k": "#029e73",
+                  "2x2 pooling": "#cc78bc", "patch dropout (FLIP)": "#d55e00", "open_clip ViT": "#949494"}
+FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P")  # arms of one family, in their order of appearance
+REFERENCE_GREY = "#9a9a9a"
+
+
+def arm_family(label: str) -> str:
+    """The kind of arm that a model label (`DTP-ViT-Ti-8-64-4x+uniform+hilbert`, `ViT-B-32+pd0.5`, from
+    `dtplib.measure.specs`) or an arm name (`pool-2x2`, `flip-50`) is: a key of FAMILY_COLOURS. Uniform boundaries
+    along a Hilbert curve every 4 patches are 2x2 pooling."""
+    name = label.lower()
+    if "+pd" in name or name.startswith("flip"):
+        return "patch dropout (FLIP)"
+    if name.startswith("pool") or ("uniform" in name and "hilbert" in name):
+        return "2x2 pooling"
+    if "topk" in name:
+        return "top-k"
+    if "uniform" in name:
+        return "uniform"
+    if name.startswith("vit-"):
+        return "open_clip ViT"
+    if re.search(r"(^|-)1x($|\+)", name):
+        return "baseline (1x)"
+    return "learned"
+
+
+def figure_style() -> dict:
+    """rcParams of every figure drawn here: seaborn's "ticks" style at "paper" scale (8-9 pt text, readable at
+    the width of a paper's column), a light grid, frameless legends, constrained layout, 200 dpi when saved."""
+    import seaborn as sns
+
+    return {**sns.axes_style("ticks"), **sns.plotting_context("paper"),
+            "axes.grid": True, "grid.color": "#e5e5e5", "grid.linewidth": 0.6, "axes.spines.top": False,
+            "axes.spines.right": False, "legend.frameon": False, "figure.constrained_layout.use": True,
+            "savefig.dpi": 200, "font.family": "sans-serif", "axes.titlesize": 9, "axes.labelsize": 8.5}
+
+
+def styled(draw):
+    """Draw under `figure_style()` (the style applies to the figure drawn, not to the caller's later figures)."""
+
+    @functools.wraps(draw)
+    def draw_styled(*args, **kwargs):
+        import matplotlib.pyplot as plt
+
+        with plt.rc_context(figure_style()):
+            return draw(*args, **kwargs)
+
+    return draw_styled
+
+
+def integer_ticks(axis) -> None:
+    """Ticks at whole numbers only (epochs, counts) on a matplotlib axis (`ax.xaxis`, `ax.yaxis`)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def save_figure(picture, path: str | Path, dpi: int = 200, pdf: bool = False) -> Path:
     """Write a PNG atomically and return its path: a H x W x 3 uint8 array at exact pixels (PIL), or a matplotlib
-    Figure with `savefig(format="png", dpi=dpi, bbox_inches="tight")` (a legend outside the axes stays in)."""
+    Figure with `savefig(format="png", dpi=dpi, bbox_inches="tight")` (a legend outside the axes stays in); with
+    `pdf`, the figure also as a vector PDF beside it (same name, .pdf)."""
     buffer = io.BytesIO()
     if isinstance(picture, np.ndarray):
         from PIL import Image
@@ -70,6 +144,10 @@ def save_figure(picture, path: str | Path, dpi: int = 120) -> Path:
         raise TypeError(f"save_figure takes a matplotlib Figure or a H x W x 3 uint8 array, not {type(picture)}")
     path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())  # creates the parent folders
+    if pdf and hasattr(picture, "savefig"):
+        vector = io.BytesIO()
+        picture.savefig(vector, format="pdf", bbox_inches="tight", metadata={"CreationDate": None})
+        atomic_write_bytes(path.with_suffix(".pdf"), vector.getvalue())
     return path
 
 
@@ -314,179 +392,367 @@ def token_grid(images: torch.Tensor, record: TraceRecord, mean=OPENAI_CLIP_MEAN,
     return figure
 
 
+@styled
 def tokens_histogram(tokens, num_patches: int, target: float | None = None, title: str = ""):
-    """Histogram of patch tokens kept per image (segments), with the mean and the target N / compression."""
+    """Histogram of patch tokens kept per image (segments), with the mean and the target N / compression; whole
+    numbers on both axes, the legend above the bars."""
     import matplotlib.pyplot as plt
 
     tokens = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens)
-    figure, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
-    ax.hist(tokens, bins=np.arange(tokens.min() - 0.5, tokens.max() + 1.5), color="tab:blue", alpha=0.8)
+    figure, ax = plt.subplots(figsize=(COLUMN_WIDTH * 1.5, 2.6))
+    ax.hist(tokens, bins=np.arange(tokens.min() - 0.5, tokens.max() + 1.5), color=FAMILY_COLOURS["learned"],
+            alpha=0.8)
     ax.axvline(tokens.mean(), color="black", label=f"mean {tokens.mean():.1f} ({num_patches / tokens.mean():.1f}x)")
     if target:
-        ax.axvline(num_patches / target, color="tab:red", linestyle="--", label=f"target {num_patches / target:g}"
+        ax.axvline(num_patches / target, color="#d55e00", linestyle="--", label=f"target {num_patches / target:g}"
                    f" ({target:g}x)")
     ax.set(xlabel=f"patch tokens kept per image (of {num_patches})", ylabel="images",
            title=title or f"tokens kept over {len(tokens)} images")
-    ax.legend(fontsize=8)
+    integer_ticks(ax.xaxis)
+    integer_ticks(ax.yaxis)
+    figure.legend(loc="outside upper center", ncols=2)
     return figure
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Training runs (03 notebook): everything is read back from the run folder's CSVs
+# 4. Training runs (03 notebook): everything is read back from the run folder's CSVs and params.json
 
 
+CURVE_METRICS = ("zeroshot_top1", "imagenet_top1", "image_to_text_R@10", "text_to_image_R@10")  # shown per epoch
 
 
+def _interval_limits(metric: str, low, high) -> tuple[np.ndarray, np.ndarray]:
+    """An interval's ends clipped to what the metric can take (`metric_unit`: [0, 100] % or at least 0)."""
+    _, _, (floor, ceiling) = metric_unit(metric)
+    return np.clip(np.asarray(low, float), floor, ceiling), np.clip(np.asarray(high, float), floor, ceiling)
+
+
+@styled
 def training_curves(run_dir: str | Path):
-    """Loss parts and realised compression per step, evaluations per epoch: one figure, three panels."""
+    """Four panels: the contrastive loss per step (with the validation loss at each epoch's end), the boundary loss
+    per step on its own axis, the realised compression per step against its target, and the evaluations per
+    epoch in percent with their chance levels (dotted); legends outside the data, whole epochs."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     steps, epochs = run_tables(run_dir)
-    figure, (loss_ax, comp_ax, eval_ax) = plt.subplots(1, 3, figsize=(15, 4))
-    for column in ("loss", "contrastive_loss", "boundary_loss"):
-        loss_ax.plot(steps["step"], steps[column], label=column)
-    loss_ax.set(xlabel="step", title="training loss", yscale="log")
-    loss_ax.legend()
-    comp_ax.plot(steps["step"], steps["compression"], alpha=0.4, label="per step (train, sampled)")
-    comp_ax.plot(steps["step"], steps["compression"].rolling(10, min_periods=1).mean(), label="mean of 10")
-    comp_ax.set(xlabel="step", ylabel="patches / segment", title="realised compression")
-    comp_ax.legend()
-    shown = [c for c in EVAL_COLUMNS if c in epochs and epochs[c].notna().any()]
-    for column in shown:
-        eval_ax.plot(epochs["epoch"] + 1, epochs[column], marker="o", label=column)
-    eval_ax.set(xlabel="epoch", title="evaluation" if shown else "evaluation (none run)", ylim=(0, None))
-    if shown:
-        eval_ax.legend(fontsize=7)
-    figure.tight_layout()
+    params = run_params(run_dir)
+    figure, axes = plt.subplots(2, 2, figsize=(PAGE_WIDTH, 4.6))
+    (contrastive_ax, boundary_ax), (compression_ax, eval_ax) = axes
+    window = max(1, len(steps) // 40)
+    for ax, column, colour in ((contrastive_ax, "contrastive_loss", "#0173b2"), (boundary_ax, "boundary_loss",
+                                                                                "#029e73"),
+                               (compression_ax, "compression", FAMILY_COLOURS["learned"])):
+        ax.plot(steps["step"], steps[column], color=colour, alpha=0.25, lw=0.8, label="per step")
+        ax.plot(steps["step"], steps[column].rolling(window, min_periods=1).mean(), color=colour, lw=1.4,
+                label=f"mean of {window} steps")
+        ax.set(xlabel="step", ylabel=metric_unit(column)[1])
+    if "val_loss" in epochs and epochs["val_loss"].notna().any():
+        ends = steps.groupby("epoch")["step"].max()  # the step at which each epoch's evaluation ran
+        contrastive_ax.plot(ends.reindex(epochs["epoch"]).to_numpy(), epochs["val_loss"], "o", color="black",
+                            ms=3.5, label="validation loss (epoch end)")
+    contrastive_ax.set_title("contrastive loss")
+    boundary_ax.set_title("boundary loss" + ("" if steps["boundary_loss"].abs().sum() else " (none: no pooling)"))
+    target = params.get("compression")
+    if target and target > 1:
+        compression_ax.axhline(target, color="#d55e00", ls="--", lw=1, label=f"target {target:g}x")
+    compression_ax.set(title="realised compression", ylabel="patches per token")
+    compression_ax.set_ylim(bottom=0)
+    _evaluation_panel(eval_ax, epochs, params)
+    handles = {"per step": Line2D([], [], color="#555555", alpha=0.3), f"mean of {window} steps":
+               Line2D([], [], color="#555555", lw=1.4)}
+    for ax in (contrastive_ax, compression_ax):
+        handles.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)
+                        if label not in ("per step", f"mean of {window} steps")})
+    figure.legend(list(handles.values()), list(handles), loc="outside upper center", ncols=len(handles), fontsize=7)
     return figure
 
 
+def _evaluation_panel(ax, epochs: pd.DataFrame, params: dict) -> None:
+    """The per-epoch evaluations of a run (CURVE_METRICS that ran) in percent, chance levels dotted."""
+    from matplotlib.lines import Line2D
+
+    shown = [c for c in CURVE_METRICS if c in epochs and epochs[c].notna().any()]
+    sizes = {**epochs.iloc[0].to_dict(), "zeroshot_classes": zeroshot_class_count(params)} if len(epochs) else {}
+    for index, metric in enumerate(shown):
+        factor, label, _ = metric_unit(metric)
+        colour = f"C{index}"
+        ax.plot(epochs["epoch"] + 1, factor * epochs[metric], marker="o", ms=3, color=colour, label=label)
+        chance = chance_level(metric, sizes)
+        if chance is not None:
+            ax.axhline(factor * chance, color=colour, ls=":", lw=1, label="chance (dotted, same colour)")
+    ax.set(xlabel="epoch", ylabel="%", title="evaluation" if shown else "evaluation (none run)")
+    ax.set_ylim(bottom=0)
+    integer_ticks(ax.xaxis)
+    if shown:
+        entries = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+        if entries.pop("chance (dotted, same colour)", None) is not None:
+            entries["chance (dotted, same colour)"] = Line2D([], [], color="#555555", ls=":")  # last, in grey
+        ax.legend(list(entries.values()), list(entries), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=6.5)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 5. Efficiency (05 notebook): FLOPs, benchmark rows and accuracy from results/, side by side
+# 5. Efficiency (05 notebook): speed-up per machine, accuracy against compute, accuracy against training cost
 
 
-def speedup_plot(bench_csvs: list[str | Path]):
-    """Measured speed-up against realised compression, beside the analytic bound of each execution: one row of
-    panels per timed mode (whole CLIP step, image tower), one column per kind of boundaries (learned, uniform,
-    topk, batch-topk); patch-dropout peers in every panel. The legend sits outside the panels."""
+MODE_TITLES = {"clip": "whole CLIP training step", "image": "image tower, fwd + bwd"}
+EXECUTION_LINES = {"packed": "-", "static": "-", "padded": "--"}
+
+
+def _machine_slug(hardware: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", hardware.lower()).strip("_") or "unknown"
+
+
+def speedup_figures(bench_csvs: Sequence[str | Path]) -> dict[str, object]:
+    """`speedup_plot` per machine: {machine slug ("nvidia_h100_80gb_hbm3", "amd_epyc_x2_cores"): figure}, the
+    benchmark tables grouped by their `hardware` column, so no figure mixes machines."""
+    machines: dict[str, list[Path]] = {}
+    for csv in bench_csvs:
+        hardware = pd.read_csv(csv, usecols=["hardware"])["hardware"].iloc[0]
+        machines.setdefault(_machine_slug(str(hardware)), []).append(Path(csv))
+    return {slug: speedup_plot(csvs) for slug, csvs in machines.items()}
+
+
+def _series(rows: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(family, label, rows) of the lines of one speed-up panel: DTP rows by boundaries and execution, FLIP patch
+    dropout, open_clip's ViT; the reference itself (1, 1) is left out (the line at 1 shows it)."""
+    series = []
+    kinds = rows["boundaries"].fillna("") if "boundaries" in rows else pd.Series("", index=rows.index)
+    executions = rows["execution"].fillna("packed") if "execution" in rows else pd.Series("packed", index=rows.index)
+    for (kind, execution), group in rows[kinds != ""].groupby([kinds[kinds != ""], executions[kinds != ""]],
+                                                                 sort=False):
+        family = "top-k" if "topk" in kind else kind
+        series.append((family, f"{kind}, {execution}", group))
+    others = rows[kinds == ""]
+    dropout = others[others["model"].str.contains(r"\+pd")]
+    plain = others[~others["model"].str.contains(r"\+pd") & (others["model"] != others["reference"])]
+    series += [("patch dropout (FLIP)", "FLIP patch dropout", dropout), ("open_clip ViT", "open_clip ViT", plain)]
+    return [entry for entry in series if len(entry[2])]
+
+
+def _table_caption(frame: pd.DataFrame) -> str:
+    """What tells one machine's benchmark tables apart: "ViT-B-32: batch 1024, bf16, compiled" (the tower from the
+    reference label DTP-ViT-B-32-1x)."""
+    first = frame.iloc[0]
+    parts = [f"batch {first['batch_size']}" if "batch_size" in frame else "", str(first.get("dtype", "") or "")]
+    if "compiled" in frame and frame["compiled"].fillna(False).astype(bool).any():
+        parts.append("compiled")
+    return f"{re.sub(r'^DTP-|-1x$', '', str(first['reference']))}: " + ", ".join(p for p in parts if p)
+
+
+def _nominal_compression(row) -> float:
+    """The compression a benchmark row aimed at: the N in a DTP label's -Nx, else the realised one."""
+    found = re.search(r"-(\d+(?:\.\d+)?)x", str(row["model"]))
+    return float(found.group(1)) if found and str(row["model"]).startswith("DTP-") else row["realised_compression"]
+
+
+def _speedup_panel(ax, rows: pd.DataFrame, x_limit: float) -> None:
+    """One table's rows of one mode: measured speed-ups (filled markers) and their analytic bounds (hollow, dotted),
+    one colour per family; a row past `x_limit` (a failed prior fit) is drawn at the edge and labelled."""
+    for family, label, group in _series(rows):
+        group = group.sort_values("realised_compression")
+        colour, execution = FAMILY_COLOURS.get(family, "black"), label.rpartition(", ")[2]
+        inside = group[group["realised_compression"] <= x_limit]
+        bound = inside["padded_bound"] if execution == "padded" else inside["analytic_bound"]
+        marker = "s" if execution == "padded" else "v" if label.startswith("batch-topk") else \
+            "D" if family == "patch dropout (FLIP)" else "o"
+        ax.plot(inside["realised_compression"], inside["speedup"], marker=marker, ms=4.5, color=colour,
+                ls=EXECUTION_LINES.get(execution, "-"), lw=1.2, label=label)
+        ax.plot(inside["realised_compression"], bound, marker=marker, ms=4.5, mfc="white", color=colour, ls=":",
+                lw=1, alpha=0.8)
+        for _, outlier in group[group["realised_compression"] > x_limit].iterrows():
+            ax.plot([x_limit], [outlier["speedup"]], marker=">", ms=6, color=colour, clip_on=False, ls="none",
+                    label=label)
+            ax.annotate(f"{outlier['model']}: realised {outlier['realised_compression']:.0f}x\n"
+                        f"(target {_nominal_compression(outlier):g}x), bound {outlier['analytic_bound']:.2f}x",
+                        (x_limit, outlier["speedup"]), xytext=(-4, 10), textcoords="offset points", ha="right",
+                        fontsize=6, color=colour)
+    ax.axhline(1, color=REFERENCE_GREY, lw=0.8)
+    ax.set_xlim(0.8, x_limit)
+    ax.set_ylim(bottom=min(0.7, float(rows["speedup"].min()) - 0.05))
+
+
+@styled
+def speedup_plot(bench_csvs: Sequence[str | Path]):
+    """Measured speed-up against realised compression beside the analytic bound, for the benchmark tables of ONE
+    machine (`speedup_figures` splits several): a row of panels per table, a panel per timed mode (whole CLIP step,
+    image tower), each labelled with its own reference model, batch and dtype. Colour: kind of boundaries / peer;
+    filled markers and solid (packed, static) or dashed (padded) lines: measured; hollow markers, dotted: bound.
+    The compression axis spans the targets: a row realised beyond twice its target is marked at the edge."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     frames = [(Path(c).stem, pd.read_csv(c)) for c in bench_csvs]
-    kinds = [k for k in ("learned", "uniform", "topk", "batch-topk")
-             if any((f.get("boundaries", pd.Series(dtype=str)) == k).any() for _, f in frames)] or ["learned"]
-    modes = [m for m in ("clip", "image") if any((f["mode"] == m).any() for _, f in frames)]
-    figure, axes = plt.subplots(len(modes), len(kinds), figsize=(4.2 * len(kinds) + 2.6, 3.6 * len(modes)),
-                                squeeze=False, sharey="row")
-    styles = {"static": ("^", "-"), "packed": ("o", "-"), "padded": ("s", "--")}
-    for column, kind in enumerate(kinds):
-        for row, mode in enumerate(modes):
+    machines = sorted({str(h) for _, f in frames for h in f["hardware"].dropna().unique()})
+    if len(machines) > 1:
+        raise ValueError(f"one machine per speed-up figure, got {machines}: draw them with speedup_figures")
+    modes = [m for m in MODE_TITLES if any((f["mode"] == m).any() for _, f in frames)]
+    figure, axes = plt.subplots(len(frames), len(modes), figsize=(PAGE_WIDTH, 2.5 * len(frames) + 0.4),
+                                squeeze=False)
+    for row, (_, frame) in enumerate(frames):
+        nominal = frame.apply(_nominal_compression, axis=1)
+        regular = frame["realised_compression"] <= 2 * nominal
+        x_limit = 1.12 * max(float(nominal.max()), float(frame.loc[regular, "realised_compression"].max()))
+        reference = str(frame["reference"].iloc[0])
+        for column, mode in enumerate(modes):
             ax = axes[row, column]
-            for file_index, (stem, frame) in enumerate(frames):
-                color = f"C{file_index}"
-                rows = frame[frame["mode"] == mode]
-                tag = f" ({stem})" if len(frames) > 1 else ""
-                dtp = rows[rows.get("boundaries", pd.Series("", index=rows.index)).fillna("") == kind]
-                for execution, group in dtp.groupby(dtp["execution"].fillna("packed") if "execution" in dtp else
-                                                    pd.Series("packed", index=dtp.index)):
-                    group = group.sort_values("realised_compression")
-                    marker, line = styles.get(execution, ("o", "-"))
-                    bound = group["padded_bound"] if execution == "padded" else group["analytic_bound"]
-                    ax.plot(group["realised_compression"], group["speedup"], marker=marker, linestyle=line,
-                            color=color, label=f"DTP {execution}, measured{tag}")
-                    ax.plot(group["realised_compression"], bound, marker="+" if execution == "padded" else "x",
-                            linestyle=":", color=color, alpha=0.6,
-                            label=f"DTP {execution}, analytic bound{tag}")
-                dropout = rows[rows["model"].str.contains(r"\+pd")]
-                ax.scatter(dropout["realised_compression"], dropout["speedup"], marker="D", color="grey",
-                           label=f"FLIP patch dropout, measured{tag}")
-                ax.scatter(dropout["realised_compression"], dropout["analytic_bound"], marker="D", facecolors="none",
-                           edgecolors="grey", label=f"FLIP patch dropout, bound{tag}")
-            ax.axhline(1, color="grey", lw=0.5)
-            title = {"clip": "whole CLIP training step", "image": "image tower, fwd + bwd"}[mode]
-            ax.set_title(f"{kind} boundaries: {title}", fontsize=9)
-            ax.set_xlabel("realised compression (patches per token)", fontsize=8)
-            if column == 0:
-                first = frames[0][1]
-                reference = first["reference"].iloc[0] if "reference" in first else "the first model"
-                ax.set_ylabel(f"speed-up over {reference}", fontsize=8)
+            _speedup_panel(ax, frame[frame["mode"] == mode], x_limit)
+            ax.set_title(f"{MODE_TITLES[mode]}\n{_table_caption(frame)}", fontsize=7.5)
+            ax.set_ylabel(f"speed-up over {reference}", fontsize=7.5)
+            ax.set_xlabel("realised compression (patches per token)" if row == len(frames) - 1 else "")
     handles = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    figure.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
-                  frameon=False)
-    figure.tight_layout()
+    grey = {"marker": "o", "color": "#555555", "ms": 4.5}
+    handles["measured"] = Line2D([], [], ls="-", **grey)
+    handles["analytic bound"] = Line2D([], [], ls=":", mfc="white", **grey)
+    figure.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=7)
+    figure.suptitle(f"{machines[0] if machines else 'unknown machine'}", fontsize=9)
     return figure
 
 
+def _arm_looks(arms: Sequence[str], models: Sequence[str] | None = None) -> dict[str, dict]:
+    """{arm: colour and marker}: colour by family (`arm_family` of the arm's model label where given, else of its
+    name), a marker per arm within its family."""
+    looks, seen = {}, {}
+    for arm, model in zip(arms, models or arms, strict=True):
+        family = arm_family(str(model))
+        index = seen[family] = seen.get(family, -1) + 1
+        looks[arm] = {"color": FAMILY_COLOURS[family], "marker": FAMILY_MARKERS[index % len(FAMILY_MARKERS)]}
+    return looks
+
+
+@styled
 def accuracy_vs_gflops(table: pd.DataFrame):
-    """Zero-shot top-1 against image-tower GFLOPs, for the rows that have an accuracy."""
+    """Every arm of an experiment at its image-tower GFLOPs per image, one point per trained model, mean over seeds
+    with 95% t-interval bars clipped to the metric's range, chance dotted; a panel per metric. `table` is
+    `tables.arm_accuracy(runs_csv, metrics)`; the legend (colour: family, marker: arm) sits outside the panels.
+    Arms at the same compute are spread apart a little along x, so their bars do not cover each other."""
     import matplotlib.pyplot as plt
 
-    rows = table.dropna(subset=["zero-shot top-1"]).drop_duplicates("model")
-    figure, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(rows["image GFLOPs"], 100 * rows["zero-shot top-1"])
-    for _, r in rows.iterrows():
-        ax.annotate(r["model"], (r["image GFLOPs"], 100 * r["zero-shot top-1"]), fontsize=7)
-    ax.set(xlabel="image tower GFLOPs per image", ylabel="zero-shot top-1 (%)",
-           title="accuracy against compute" if len(rows) else "accuracy against compute (no training runs yet)")
-    figure.tight_layout()
+    metrics = list(dict.fromkeys(table["metric"]))
+    figure, axes = plt.subplots(1, max(1, len(metrics)), figsize=(PAGE_WIDTH, 2.9), squeeze=False)
+    first = table.drop_duplicates("arm")
+    looks = _arm_looks(list(first["arm"]), list(first["model"]))
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        rows = table[table["metric"] == metric].reset_index(drop=True)
+        x = _spread(rows["image GFLOPs"].to_numpy(float))
+        low, high = _interval_limits(_raw_metric(metric), rows["low"], rows["high"])
+        error = np.nan_to_num(np.stack([rows["mean"] - low, high - rows["mean"]]), nan=0.0)
+        for i, r in rows.iterrows():
+            look = looks[r["arm"]]
+            ax.errorbar(x[i], r["mean"], yerr=error[:, i:i + 1], capsize=2.5, ms=5, ls="none", **look,
+                        label=f"{r['arm']} (n={r['seeds']})")
+        if rows["chance"].notna().any():
+            ax.axhline(rows["chance"].iloc[0], color=REFERENCE_GREY, ls=":", lw=1, label="chance")
+        ax.set(xlabel="image tower GFLOPs per image", ylabel=metric, title=metric.split(" (")[0])
+        ax.set_ylim(bottom=0)
+    if not metrics:
+        axes[0, 0].set_title("accuracy against compute (no complete runs yet)")
+    handles = dict(zip(*reversed(axes[0, 0].get_legend_handles_labels()), strict=True))
+    if handles:
+        figure.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=7)
+    figure.suptitle("mean over seeds, bars: 95% t-interval over seeds (clipped to the metric's range)", fontsize=8)
     return figure
 
 
-def experiment_curves(runs_csv: str | Path, metric: str):
-    """`accuracy_curves` of an experiment's runs.csv (`python -m dtplib.experiment`): the metric against training
-    time and training GMACs, per arm."""
+def _spread(x: np.ndarray, gap: float = 0.035) -> np.ndarray:
+    """Positions a little apart: points closer than `gap` of the axis' span are one cluster, and a cluster's
+    points are laid out `gap` apart around their mean, in their order (drawn bars then do not cover each other)."""
+    if len(x) < 2:
+        return x
+    step = gap * max(float(np.ptp(x)), 1e-9)
+    order = np.argsort(x, kind="stable")
+    spread, cluster = x.astype(float).copy(), [order[0]]
+    for index in [*order[1:], None]:
+        if index is not None and x[index] - x[cluster[-1]] < step:
+            cluster.append(index)
+            continue
+        centre = x[cluster].mean()
+        spread[cluster] = centre + step * (np.arange(len(cluster)) - (len(cluster) - 1) / 2)
+        cluster = [index]
+    return spread
+
+
+def _raw_metric(label: str) -> str:
+    """A shown metric label back to a name `metric_unit` reads as a percentage or not."""
+    return "top1" if label.endswith("(%)") else label
+
+
+def experiment_curves(runs_csv: str | Path, metric: str, cost: str = "train_gmacs", reference: str | None = None):
+    """`accuracy_curves` of an experiment's runs.csv (`python -m dtplib.experiment`): the metric against a training
+    cost (train_gmacs or train_time_s), a panel per arm with `reference` (default: the first arm) in grey."""
     runs_csv = Path(runs_csv)
     if not runs_csv.is_file():
         raise FileNotFoundError(f"{runs_csv}: no runs.csv (run python -m dtplib.experiment --grid ... first)")
     runs = pd.read_csv(runs_csv)
     if metric not in runs or runs[metric].isna().all():
         raise ValueError(f"{runs_csv} has no values of {metric!r}")
-    return accuracy_curves(metric_curves(runs, metric), metric)
+    return accuracy_curves(metric_curves(runs, metric), metric, cost, reference or runs["arm"].iloc[0],
+                           runs_chance(runs, metric))
 
 
-def accuracy_curves(curves: pd.DataFrame, metric: str):
-    """A metric against cumulative training time and against training GMACs, one line per arm, mean over seeds
-    with 95% interval bars: `curves` is `metric_curves(runs, metric)` (columns arm, train_time_s,
-    train_gmacs, mean, low, high; no bar where one seed gives no interval). Iso-compute comparisons read across."""
+COSTS = {"train_gmacs": "training compute (forward, both towers)", "train_time_s": "cumulative training step time"}
+
+
+def _cost_unit(cost: str, largest: float) -> tuple[str, float]:
+    """(unit, divisor) that keeps a cost axis's numbers short."""
+    if cost == "train_time_s":
+        return ("h", 3600) if largest > 7200 else ("min", 60) if largest > 120 else ("s", 1)
+    return ("PMACs", 1e6) if largest > 1e6 else ("TMACs", 1e3) if largest > 1e3 else ("GMACs", 1)
+
+
+@styled
+def accuracy_curves(curves: pd.DataFrame, metric: str, cost: str = "train_gmacs", reference: str | None = None,
+                    chance: float | None = None):
+    """A metric against a cumulative training cost, small multiples: a panel per arm (seaborn FacetGrid), its
+    mean over seeds in its family's colour with the 95% t-interval as a band clipped to the metric's range, the
+    `reference` arm in grey in every other panel, chance (a proportion) dotted. `curves` is
+    `metric_curves(runs, metric)`; `cost` is train_gmacs (iso-compute) or train_time_s."""
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
-    figure, (time_ax, macs_ax) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    longest = curves["train_time_s"].max() if len(curves) else 0
-    unit, scale = ("h", 3600) if longest > 7200 else ("min", 60) if longest > 120 else ("s", 1)
-    for index, (arm, rows) in enumerate(curves.groupby("arm", sort=False)):
-        rows = rows.sort_values("train_gmacs")
-        error = np.nan_to_num(np.stack([rows["mean"] - rows["low"], rows["high"] - rows["mean"]]), nan=0.0)
-        seeds = f"{rows['seeds'].min()}" if rows["seeds"].min() == rows["seeds"].max() else \
-            f"{rows['seeds'].min()}-{rows['seeds'].max()}"
-        style = _arm_style(index)
-        for ax, x in ((time_ax, rows["train_time_s"] / scale), (macs_ax, rows["train_gmacs"])):
-            ax.errorbar(x, rows["mean"], yerr=error, capsize=3, markersize=4, label=f"{arm} (seeds: {seeds})",
-                        **style)
-    time_ax.set(xlabel=f"cumulative training step time ({unit})", ylabel=metric, title=f"{metric} against time")
-    macs_ax.set(xlabel="training GMACs (forward, image + text towers, x samples seen)",
-                title=f"{metric} against compute")
-    if len(curves):  # one legend for both panels, outside the data (save_figure keeps it with bbox_inches="tight")
-        figure.legend(*time_ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
-                      fontsize=7, frameon=False)
-    figure.suptitle("mean over seeds, bars: 95% t-interval over seeds", fontsize=9)
-    figure.tight_layout()
-    return figure
-
-
-ARM_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-
-
-def _arm_style(index: int) -> dict:
-    """The colour and marker of the `index`-th line of a figure: tab20's 20 colours, paired light and dark
-    tones taken dark ones first, with a marker cycle of another length, so no two of the first 20 lines look
-    alike (tab10 repeats after 10, which made the 11-arm comparison's 1x and uniform-10x the same blue)."""
-    import matplotlib
-
-    palette = matplotlib.colormaps["tab20"].colors
-    colour = palette[(2 * index) % 20 + (index // 10) % 2]
-    return {"color": colour, "marker": ARM_MARKERS[index % len(ARM_MARKERS)]}
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {list(COSTS)}, got {cost!r}")
+    factor, label, _ = metric_unit(metric)
+    unit, divisor = _cost_unit(cost, float(curves[cost].max()) if len(curves) else 0.0)
+    frame = curves.assign(x=curves[cost] / divisor, y=factor * curves["mean"])
+    frame["low"], frame["high"] = _interval_limits(metric, factor * curves["low"], factor * curves["high"])
+    first = frame.drop_duplicates("arm")
+    arms = list(first["arm"])
+    looks = _arm_looks(arms, list(first["model"]) if "model" in frame else None)
+    with plt.rc_context({"figure.constrained_layout.use": False}):  # FacetGrid lays itself out (tight_layout)
+        grid = sns.FacetGrid(frame, col="arm", col_order=arms, col_wrap=min(4, max(1, len(arms))), sharex=True,
+                             sharey=True, height=1.55 if len(arms) > 3 else 2.4, aspect=1.15, despine=False)
+    base = frame[frame["arm"] == reference].sort_values("x") if reference in arms else None
+    for arm, ax in grid.axes_dict.items():
+        if base is not None and arm != reference:
+            ax.plot(base["x"], base["y"], color=REFERENCE_GREY, lw=1.2, label=f"reference: {reference}")
+            ax.fill_between(base["x"], base["low"], base["high"], color=REFERENCE_GREY, alpha=0.15, lw=0)
+        rows = frame[frame["arm"] == arm].sort_values("x")
+        ax.fill_between(rows["x"], rows["low"], rows["high"], color=looks[arm]["color"], alpha=0.2, lw=0)
+        ax.plot(rows["x"], rows["y"], ms=3, lw=1.4, **looks[arm])
+        seeds = sorted(set(rows["seeds"]))
+        ax.set_title(f"{arm} (n={seeds[-1] if len(seeds) == 1 else f'{seeds[0]}-{seeds[-1]}'})", fontsize=8)
+        if chance is not None:
+            ax.axhline(factor * chance, color="black", ls=":", lw=0.9,
+                       label=f"chance ({factor * chance:.3g}{'%' if factor == 100 else ''})")
+    top = np.nanmax([frame["y"].max(), frame["high"].max()]) if len(frame) else 1.0
+    grid.set(ylim=(0, 1.05 * top))
+    grid.set_axis_labels("", "")
+    height = grid.figure.get_figheight()
+    grid.tight_layout(rect=(0.03, 0.4 / height, 1, 1 - 0.45 / height))  # room for the shared labels and the title
+    grid.figure.supxlabel(f"{COSTS[cost].split(' (')[0]} ({unit})", y=0.02, fontsize=8.5)
+    grid.figure.supylabel(label, x=0.0, fontsize=8.5)
+    handles = {}
+    for ax in grid.axes.flat:
+        handles.update(dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True)))
+    grid.figure.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                       fontsize=7)
+    grid.figure.suptitle(f"{label} against {COSTS[cost]}\nmean over seeds, band: 95% t-interval over seeds, "
+                         "clipped to the metric's range", fontsize=8.5, y=0.995, va="top")
+    return grid.figure
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ Outputs in `<out>`:
   interleaved), the speed-up against the reference arm and the analytic bound; summary.md shows it.
 - `contrasts.csv` (`contrasts`): `contrast_table`: paired differences at the last epoch and at equal cost.
 - `alignment.csv`, `overlays/<arm>/` ([alignment]): `align_runs`, once per finished run.
-- `curves_<metric>.png`: the metric against cumulative training time and against training GMACs, mean over seeds
-  with 95% t-interval bars (`dtplib.figures.plots.accuracy_curves`).
+- `curves_<metric>.png` and `curves_<metric>_time.png`: the metric against training compute (forward MACs) and
+  against cumulative training step time, a panel per arm with the reference arm in grey, mean over seeds with its
+  95% t-interval band clipped to the metric's range, chance dotted (`dtplib.figures.plots.accuracy_curves`).
 - `.gitignore`: the runs' checkpoints and TensorBoard events stay out of git; their CSVs and params.json do not.
 """
 
@@ -387,7 +388,9 @@ def write_report(grid: Grid, out: Path, command: str) -> pd.DataFrame:
         atomic_write_text(out / CONTRASTS_FILE, contrast_table(grid, runs).to_csv(index=False))
     for metric in figure_metrics(grid, runs) if not runs.empty else []:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.replace("@", "_at_"))
-        figure = plots.accuracy_curves(tables.metric_curves(runs, metric), metric)
-        plots.save_figure(figure, out / f"curves_{name}.png")
-        pyplot.close(figure)
+        curves, chance = tables.metric_curves(runs, metric), tables.runs_chance(runs, metric)
+        for cost, suffix in (("train_gmacs", ""), ("train_time_s", "_time")):
+            figure = plots.accuracy_curves(curves, metric, cost, grid.reference, chance)
+            plots.save_figure(figure, out / f"curves_{name}{suffix}.png")
+            pyplot.close(figure)
     return runs
