@@ -107,6 +107,3 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 if __name__ == "__main__":
     run_cli(main, prog="python -m dtplib.bench")
 
-
-if __name__ == "__main__":
-    run_cli(main)
