@@ -31,7 +31,7 @@ def optional_import(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
-        if error.name != top:  # the extra is there but broken: its own error says more
+        if (error.name or "").split(".")[0] != top:  # the extra is there but broken: its own error says more
             raise
         raise MissingExtra(f"{top} is not installed: it comes with the `{extra}` extra, "
                            f"pip install 'dtp-vit[{extra}]'") from None
