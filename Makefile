@@ -5,8 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
-export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
+# the tests and the demo never reach the Hub (their weights are built, not downloaded); make lab leaves it unset, so
+# that a user's own pretrained= loads work there
+OFFLINE_TARGETS := test test-fast test-demo demo gpu-check
+$(OFFLINE_TARGETS): export HF_HUB_OFFLINE := 1
 # the shared data folder (flickr8k/, coco-mini/, cifar10-test/); set it in the environment to use another one
 export DTPLIB_DATA ?= $(abspath $(CURDIR)/../shared/data)
 # the Jupyter kernel of this .venv, installed into .venv/share/jupyter/kernels (make lab, tests/test_lab.py)
@@ -19,13 +22,16 @@ LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: install test test-fast test-demo lint demo lab clean gpu-check
 
-$(VENV)/.installed: pyproject.toml
+# The tested set: every package at the version in constraints.txt (scripts/constraints.py writes it from a working
+# .venv; torch 2.14.1 / torchvision 0.29.1 are served from local disk on the CPU machines).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch 2.14.1 / torchvision 0.29.1 are served from local disk on the CPU machines
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
-	# img2dataset depends on the `dataclasses` backport, whose dataclasses.py shadows the stdlib and breaks torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,dev]'
+	# img2dataset 1.47.0 (the `data` extra) requires the `dataclasses` backport with no python_version marker, and pip
+	# cannot leave a dependency out; its dataclasses.py in site-packages shadows the stdlib wherever site-packages
+	# comes first on sys.path (a cwd or PYTHONPATH there) and then fails with "module 'typing' has no attribute
+	# '_ClassVar'": remove it
 	$(PY) -m pip uninstall -q -y dataclasses
 	touch $@
 
@@ -57,6 +63,7 @@ demo: install
 	$(PY) -m dtplib.demo
 
 # JupyterLab on 127.0.0.1 only (open the printed URL with its token), the repository as its root, this kernel
+# (no HF_HUB_OFFLINE here: open_clip pretrained= downloads work in the lab's kernels)
 lab: install
 	$(VENV)/bin/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
 		--ServerApp.root_dir=$(CURDIR) --FileContentsManager.preferred_dir=$(CURDIR)/notebooks \

@@ -20,6 +20,7 @@ folders imports them, so the library never depends on a command line's flags.
 
 
 from .common.cli import quiet_open_clip_random_init
+from .common.paths import warn_if_other_checkout
 from .tower.boundaries import boundary_loss
 from .tower.clip import (
     ARCHS,
@@ -49,6 +50,7 @@ from .training.config import TrainConfig
 
 quiet_open_clip_random_init()  # open_clip's "initialized randomly" warning: dtplib builds models that way on purpose
 register()
+warn_if_other_checkout()  # one environment, two clones: the outputs go to the working one, the code is another's
 
 __all__ = [
     "ARCHS", "DTPConfig", "DTPVisionTransformer", "LoadReport", "TrainConfig", "boundary_loss", "build_model",

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from .common.cli import CLI_ERRORS, run_cli
 from .common.files import atomic_write_text
+from .common.paths import child_environment, repo_path
 from .common.provenance import run_info
 from .common.runtime import default_device, process_memory_mb, seed_everything, unwrap
 from .data import loader as dtp_loader
@@ -329,7 +330,7 @@ def _run(args: TrainConfig, dist_env: Dist) -> dict:
         names = [name]
         dist.broadcast_object_list(names, src=0)
         name = names[0]
-    run_dir = Path(args.logs) / name
+    run_dir = repo_path(args.logs) / name
     checkpoints = Checkpoints(run_dir / "checkpoints")
     params_file = run_dir / "params.json"
     resume = None
@@ -573,8 +574,8 @@ def launch(config: TrainConfig, nproc_per_node: int, extra_torchrun: Sequence[st
     # "--" ends torchrun's own flags: without it torchrun reads our --logs as an abbreviation of its --logs-specs
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
                *extra_torchrun, "-m", "dtplib.train", "--", *config.to_argv()]
-    subprocess.run(command, check=True)
-    return Path(config.logs) / config.name
+    subprocess.run(command, check=True, env=child_environment())
+    return repo_path(config.logs) / config.name
 
 
 def run(config: TrainConfig | Sequence[str], num_gpus: int = 1) -> Path:

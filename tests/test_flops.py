@@ -1,5 +1,7 @@
-"""FLOPs: the published ViT-B/32 profile, analytic model == fvcore (attention counted), realised boundaries, CLI."""
+"""FLOPs: the published ViT-B/32 profile, analytic model == fvcore (attention counted) == torch's FlopCounterMode,
+realised boundaries, CLI."""
 
+import contextlib
 import math
 
 import open_clip
@@ -9,6 +11,8 @@ import torch
 import torch.nn as nn
 from conftest import FLICKR, flickr_photos
 from fvcore.nn import FlopCountAnalysis
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import dtplib
 from dtplib import flops as flops_command
@@ -75,6 +79,46 @@ def test_analytic_equals_fvcore_at_fixed_boundaries(arch, compression, upsample,
     if arch == "ViT-Ti-8-64" and compression == 4:  # a boundary on every patch: S = N, dearer than the plain ViT
         with dtplib.forced_boundaries(model, 1):
             assert flops.total(flops.analytic_macs(model, TI_PATCHES)) == flops.image_fvcore_macs(model, images)
+
+
+def torch_macs(model: nn.Module, images: torch.Tensor, backend: SDPBackend | None = None) -> float:
+    """MACs per image of encode_image by torch's own counter (FLOPs, 2 per MAC), in eval mode without gradients."""
+    kernel = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), flops.mha_fastpath_disabled(), kernel:
+        model.encode_image(images)
+    return counter.get_total_flops() / 2 / len(images)
+
+
+@pytest.mark.parametrize(("dtp", "boundaries"), [(None, None), ({"compression": 4}, 4),
+                                                 ({"compression": 10, "upsample": True, "boundaries": "topk"}, None)],
+                         ids=["open_clip-ViT-Ti", "uniform-4x", "topk-10x-upsample"])
+def test_torch_flop_counter_agrees_with_fvcore(dtp, boundaries, ti_photos):
+    """A second, independent counter: torch.utils.flop_counter.FlopCounterMode (dispatch level, no tracing) against
+    fvcore with our handles, on the plain open_clip ViT-Ti and DTP towers whose every image has the same count.
+
+    Equal to the MAC, after two known differences: FlopCounterMode counts 2 FLOPs per MAC (halved here), and it has
+    formulas for the CUDA SDPA kernels only: on CPU, SDPA's fused kernel (`_scaled_dot_product_flash_attention_for_cpu`)
+    is invisible to it, so its default count misses QK^T and AV exactly; with SDPA's math backend attention runs as
+    bmm, which it counts. Everything else (linear, conv, the predictor, pooling by scatter and gather) agrees."""
+    images = ti_photos[:2]
+    if dtp is None:
+        model, _, _ = open_clip.create_model_and_transforms("ViT-Ti-8-64")
+    else:
+        model, _, _ = dtplib.create_model_and_transforms("ViT-Ti-8-64", **dtp)
+    model.eval()
+    forced = dtplib.forced_boundaries(model, boundaries) if boundaries else contextlib.nullcontext()
+    with forced, dtplib.trace(model) if dtp else contextlib.nullcontext() as t:
+        counted = flops.image_fvcore_macs(model, images)
+        with_math = torch_macs(model, images, SDPBackend.MATH)
+        default = torch_macs(model, images)
+    segments = None
+    if dtp:
+        segments = flops.fixed_segments(TI_PATCHES, dtp["compression"])
+        assert (t.tokens == segments).all()  # every image at the same count: the analytic cost is exact
+    attention = flops.attention_macs(model, segments)
+    assert with_math == pytest.approx(counted, rel=1e-12)  # equal, not within a tolerance
+    assert counted - default in (0, pytest.approx(attention, rel=1e-12))  # 0 once torch has a CPU SDPA formula
+    assert counted == pytest.approx(flops.total(flops.analytic_macs(model, segments)), rel=1e-12)
 
 
 def test_realised_at_forced_boundaries_is_the_fixed_ratio(ti_photos):

@@ -56,6 +56,21 @@ def test_dtplib_data_redirects_the_data_folder(data_copy: Path, monkeypatch):
     assert out == [str(data_copy / "flickr8k"), str(data_copy / "coco-mini")]
 
 
+def test_make_lab_leaves_the_hub_online_and_the_tests_offline(tmp_path: Path):
+    """HF_HUB_OFFLINE is exported for the test and demo targets only: a user's own pretrained= works in make lab. The
+    recipes run against a stand-in .venv whose jupyter and python print the variable (install itself not remade)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for tool in ("jupyter", "python"):
+        (venv / "bin" / tool).write_text('#!/bin/sh\necho "HF_HUB_OFFLINE=${HF_HUB_OFFLINE-unset}"\n')
+        (venv / "bin" / tool).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    seen = {target: subprocess.run(["make", "--no-print-directory", "-s", "-o", "install", target, f"VENV={venv}"],
+                                   cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True,
+                                   timeout=60).stdout.strip().splitlines()[-1] for target in ("lab", "demo")}
+    assert seen == {"lab": "HF_HUB_OFFLINE=unset", "demo": "HF_HUB_OFFLINE=1"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

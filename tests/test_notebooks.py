@@ -2,6 +2,7 @@
 each one runs with in the suite (new notebooks join here). tests/test_demo.py runs them, once, under papermill through
 `make demo`'s own code (dtplib.demo.run_notebooks) and checks the files each one must write (OUTPUTS)."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -33,6 +34,16 @@ OUTPUTS = {
                       "accuracy_vs_gflops.png", "accuracy_vs_cost.png"],
     "06_zeroshot_finetune": ["pretrained_zeroshot.csv", "results.csv", "finetune_history.csv", "accuracy.png"],
 }
+
+
+def test_every_notebook_opens_in_the_project_kernel():
+    """The kernelspec `make install` adds to .venv (the Makefile's KERNEL): JupyterLab opens each notebook with the
+    project's environment, not whatever "python3" means on the machine. (make demo and the tests pass their own.)"""
+    kernel = re.search(r"^KERNEL := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M).group(1)
+    assert kernel == "dtp-vit"
+    for notebook in NOTEBOOKS:
+        spec = nbformat.read(notebook, as_version=4).metadata.kernelspec
+        assert (spec.name, spec.display_name, spec.language) == (kernel, f"Python ({kernel})", "python"), notebook.name
 
 
 def test_all_numbered_notebooks_are_found():

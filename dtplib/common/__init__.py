@@ -1,11 +1,12 @@
 """Helpers every folder uses, each module named by what it holds.
 
-- `paths`: the repository root, the shared data folder (`$DTPLIB_DATA`), repository-relative paths;
+- `paths`: the working checkout (where outputs and relative paths go), the shared data folder (`$DTPLIB_DATA`);
 - `files`: atomic writes, CSV appends, markdown tables;
 - `images`: photos from disk as batches;
 - `runtime`: devices, precision, timers, seeding, eval mode, memory;
 - `provenance`: commit and hardware of every results row;
-- `cli`: one-line command-line errors, flags from keyword arguments, child processes.
+- `cli`: one-line command-line errors, flags from keyword arguments, child processes;
+- `extras`: optional dependencies (pip extras) imported where used, with a one-line error naming the extra.
 """
 
-__all__ = ["cli", "files", "images", "paths", "provenance", "runtime"]
+__all__ = ["cli", "extras", "files", "images", "paths", "provenance", "runtime"]

@@ -5,22 +5,26 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
-from .paths import REPO_ROOT
+from .paths import SOURCE_ROOT
 
 
 def git_commit() -> str:
-    """Short commit of the working tree, with '+dirty' when it has uncommitted changes. DTPLIB_COMMIT overrides it
-    for a copy of a clean checkout that has no .git (a machine that receives the files alone)."""
+    """Short commit of the checkout whose code runs (paths.SOURCE_ROOT), with '+dirty' when it has uncommitted
+    changes. DTPLIB_COMMIT overrides it for a copy of a clean checkout that has no .git (a machine that receives the
+    files alone); an installed wheel reads as its version, e.g. "dtp-vit==0.1.0"."""
     if os.environ.get("DTPLIB_COMMIT"):
         return os.environ["DTPLIB_COMMIT"]
+    if SOURCE_ROOT is None:
+        return f"dtp-vit=={version('dtp-vit')}"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=SOURCE_ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=SOURCE_ROOT,
                                capture_output=True, text=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..common.cli import stop_process
+from ..common.extras import optional_import
 from ..common.files import atomic_write_text
 from ..common.paths import repo_path
 from .shards import (
@@ -54,8 +55,7 @@ def from_urls(url_list: str | Path, out: str | Path, *, url_col: str = "url", ca
     _prepare_download_dir(out, overwrite)
     input_format = input_format or table.suffix.lstrip(".")
     os.environ.setdefault("WANDB_MODE", "disabled")  # img2dataset imports wandb at import time
-    import img2dataset
-
+    img2dataset = optional_import("img2dataset")
     img2dataset.download(
         url_list=str(url_list), output_folder=str(out), output_format="webdataset", input_format=input_format,
         url_col=url_col, caption_col=caption_col, save_additional_columns=list(extra_columns or []) or None,
@@ -96,6 +96,9 @@ def prepare(source_kind: str, out: str | Path, *, images_dir: str | Path = "", c
                           image_size=image_size, shard_size=shard_size, overwrite=overwrite)
         return Prepared(str(out / "shards"), stats, None, None)
     if source_kind == "sample":
+        if not SAMPLE_DIR.is_dir():
+            raise FileNotFoundError(f"no embedded sample at {SAMPLE_DIR}: it ships with the repository (data/sample), "
+                                    "so run from a checkout")
         images_dir, captions_file = unpack_shards(sorted(SAMPLE_DIR.glob("*/*.tar")), out / "source")
     elif not images_dir or not captions_file:
         raise ValueError('source_kind="captions" needs images_dir and captions_file')
@@ -129,9 +132,7 @@ def _check_url_list(url_list: Path, input_format: str | None, columns: Sequence[
         raise FileNotFoundError(f"url list not found: {url_list}")
     kind = input_format or table.suffix.lstrip(".")
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        names = pq.read_schema(table).names
+        names = optional_import("pyarrow.parquet").read_schema(table).names
     elif kind in ("csv", "tsv"):
         with open(table, newline="", encoding="utf-8") as f:
             names = next(csv.reader(f, delimiter="\t" if kind == "tsv" else ","), [])

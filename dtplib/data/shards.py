@@ -27,12 +27,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..common.files import atomic_write_text
-from ..common.paths import REPO_ROOT
+from ..common.paths import repo_path
 from .loader import DECODE_ERRORS, IMAGE_EXTENSIONS, expand_shards
 
 log = logging.getLogger(__name__)
 
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"  # embedded COCO sample: split shards, stats.json, LICENSES.tsv
+# the embedded COCO sample (split shards, stats.json, LICENSES.tsv): it ships with the repository, not the package, so
+# it is the working checkout's (as the current directory stood when dtplib was imported)
+SAMPLE_DIR = repo_path("data/sample")
 SPLITS = ("train", "val", "test")
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..common.cli import stop_process
 from ..common.files import append_csv, atomic_write_text
-from ..common.paths import REPO_ROOT, data_path
+from ..common.paths import child_environment, data_path
 from ..common.provenance import run_info
 from ..data.shards import from_captions
 from ..measure import bench, evaluate
@@ -103,7 +103,8 @@ def child_command(module: str, argv: list[str], nproc_per_node: int = 1) -> list
 def _run_child(module: str, argv: list[str], label: str, nproc_per_node: int = 1) -> None:
     """`child_command` (dtplib.train, dtplib.evaluate) in a child process; its output passes through, and an error
     ends the grid with the child's last line."""
-    child = subprocess.Popen(child_command(module, argv, nproc_per_node), cwd=REPO_ROOT, stderr=subprocess.PIPE)
+    child = subprocess.Popen(child_command(module, argv, nproc_per_node), env=child_environment(),
+                             stderr=subprocess.PIPE)
     tail: deque[bytes] = deque(maxlen=64)
     try:
         while chunk := os.read(child.stderr.fileno(), 4096):

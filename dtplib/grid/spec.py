@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.cli import PATH_FLAGS, flags
-from ..common.paths import REPO_ROOT, data_path, repo_path
+from ..common.paths import data_path, repo_path, work_root
 from ..data.shards import from_captions
 from ..measure import evaluate
 from ..training.config import TrainConfig
@@ -119,9 +119,9 @@ class Grid:
 
 
 def shown_path(path: Path) -> str:
-    """A path as the report shows it: from the repository root when inside it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+    """A path as the report shows it: from the working checkout's root when inside it."""
+    path, root = Path(path).resolve(), work_root()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def run_label(arm: str, seed: int) -> str:

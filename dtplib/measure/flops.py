@@ -25,7 +25,7 @@ What is counted: the multiply-accumulates of matrix products, nothing else.
 
 The analytic model reads every size from the model's modules (linear in/out features, attention width, patch
 convolution, token counts), so it follows the MLP ratio, predictor width and layer split of any variant; the tests
-hold it equal to fvcore's count. fvcore is run with our handles (`MAC_HANDLES`) and every op it sees must have a
+hold it equal to fvcore's count. fvcore is run with our handles (`mac_handles()`) and every op it sees must have a
 handle or be listed in NO_MAC_OPS, otherwise `fvcore_macs` raises: a new op cannot slip through as zero.
 
 Token counts and executions. Images differ in their segment count S, so the image tower's cost is per image and a
@@ -46,23 +46,11 @@ from contextlib import contextmanager
 import pandas as pd
 import torch
 import torch.nn as nn
-
-with warnings.catch_warnings():  # fvcore scripts a helper at import: torch's deprecation of jit.script, not ours
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-    from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import (
-        addmm_flop_jit,
-        bmm_flop_jit,
-        conv_flop_jit,
-        einsum_flop_jit,
-        get_shape,
-        linear_flop_jit,
-        matmul_flop_jit,
-    )
 from open_clip.transformer import Attention as OpenClipAttention
 from open_clip.transformer import TextTransformer, VisionTransformer
 from timm.layers import Attention as TimmAttention
 
+from ..common.extras import optional_import
 from ..common.runtime import eval_mode
 from ..tower.control import dtp_towers, forced_boundaries, trace, use_execution
 from ..tower.model import EXECUTIONS, DTPVisionTransformer, token_budget
@@ -264,7 +252,19 @@ def clip_macs_at(model: nn.Module, segments: float | torch.Tensor | None = None,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# fvcore, with attention counted
+# fvcore, with attention counted (the `flops` extra, imported at first use: the analytic model above needs none)
+
+
+def fvcore_nn():
+    """fvcore.nn (FlopCountAnalysis) and fvcore.nn.jit_handles, or one error naming the `flops` extra."""
+    with warnings.catch_warnings():  # fvcore scripts a helper at import: torch's deprecation of jit.script, not ours
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+        return optional_import("fvcore.nn"), optional_import("fvcore.nn.jit_handles")
+
+
+def get_shape(value) -> list[int] | None:
+    """The sizes of a traced tensor value (fvcore.nn.jit_handles.get_shape)."""
+    return value.type().sizes() if value.isCompleteTensor() else None
 
 
 def _sdpa_macs(inputs, outputs) -> int:
@@ -288,24 +288,27 @@ def _einsum_macs(inputs, outputs) -> int:
     equation = inputs[0].toIValue().replace(" ", "")
     operands = list(inputs[1].node().inputs())
     if len(operands) != 2 or "..." in equation:
-        return einsum_flop_jit(inputs, outputs)
+        return fvcore_nn()[1].einsum_flop_jit(inputs, outputs)
     sizes = {}
     for letters, operand in zip(equation.split("->")[0].split(","), operands, strict=True):
         sizes.update(zip(letters, get_shape(operand), strict=True))
     return math.prod(sizes.values())
 
 
-MAC_HANDLES = {  # fvcore's handles for matrix products and convolutions, with attention and an exact einsum added
-    "aten::linear": linear_flop_jit,
-    "aten::addmm": addmm_flop_jit,
-    "aten::matmul": matmul_flop_jit,
-    "aten::mm": matmul_flop_jit,
-    "aten::bmm": bmm_flop_jit,
-    "aten::baddbmm": _baddbmm_macs,
-    "aten::_convolution": conv_flop_jit,
-    "aten::einsum": _einsum_macs,
-    "aten::scaled_dot_product_attention": _sdpa_macs,
-}
+def mac_handles() -> dict:
+    """fvcore's handles for matrix products and convolutions, with attention and an exact einsum added."""
+    handles = fvcore_nn()[1]
+    return {
+        "aten::linear": handles.linear_flop_jit,
+        "aten::addmm": handles.addmm_flop_jit,
+        "aten::matmul": handles.matmul_flop_jit,
+        "aten::mm": handles.matmul_flop_jit,
+        "aten::bmm": handles.bmm_flop_jit,
+        "aten::baddbmm": _baddbmm_macs,
+        "aten::_convolution": handles.conv_flop_jit,
+        "aten::einsum": _einsum_macs,
+        "aten::scaled_dot_product_attention": _sdpa_macs,
+    }
 
 NO_MAC_OPS = (  # seen in these towers and deliberately counted as 0 MACs (see the module docstring)
     # normalisation, activations, softmax: elementwise
@@ -336,10 +339,10 @@ def mha_fastpath_disabled() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-def _flop_analysis(module: nn.Module, inputs) -> FlopCountAnalysis:
-    """fvcore's FlopCountAnalysis with MAC_HANDLES only and NO_MAC_OPS ignored; its counts are MACs."""
-    analysis = FlopCountAnalysis(module, inputs).clear_op_handles()
-    analysis.set_op_handle(**MAC_HANDLES).set_op_handle(**dict.fromkeys(NO_MAC_OPS))
+def _flop_analysis(module: nn.Module, inputs):
+    """fvcore's FlopCountAnalysis with mac_handles() only and NO_MAC_OPS ignored; its counts are MACs."""
+    analysis = fvcore_nn()[0].FlopCountAnalysis(module, inputs).clear_op_handles()
+    analysis.set_op_handle(**mac_handles()).set_op_handle(**dict.fromkeys(NO_MAC_OPS))
     return analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
 
 
@@ -356,7 +359,8 @@ def fvcore_macs(module: nn.Module, inputs, strict: bool = True) -> int:
     unhandled = analysis.unsupported_ops()
     if strict and unhandled:
         raise RuntimeError(f"fvcore met ops with no MAC handle: {dict(unhandled)}; give them a handle in "
-                           "dtplib.flops.MAC_HANDLES or, if they do no matrix products, list them in NO_MAC_OPS")
+                           "dtplib.measure.flops.mac_handles() or, if they do no matrix products, list them in "
+                           "NO_MAC_OPS")
     return int(macs)
 
 

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from ..common.paths import REPO_ROOT
 from ..common.runtime import check_precision, default_device
 from ..data.imagefolder import zeroshot_classes
 from ..data.loader import dataset_size, expand_shards
@@ -123,7 +122,7 @@ class TrainConfig:
     seed: int = flag(0, "seeds torch, numpy and random (plus the process's rank)", "optimisation")
 
     # run
-    logs: str = flag(str(REPO_ROOT / "logs"), "runs go to <logs>/<name>/", "run")
+    logs: str = flag("logs", "runs go to <logs>/<name>/ (relative: from the working checkout's root)", "run")
     name: str | None = flag(None, "default: date-model-compression-batch-seed", "run", type=str)
     resume: str | None = flag(None, "'latest' (of this --name; starts fresh if none) or a checkpoint", "run",
                               type=str)
