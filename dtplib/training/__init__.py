@@ -4,7 +4,8 @@
   flags, checks and the `params.json` round trip;
 - `optim`: AdamW parameter groups, the learning-rate schedule, the one training step;
 - `checkpoint`: a model from a `TrainConfig`, and a checkpoint back to its config and weights;
-- `runfolder`: a run's folder: atomic, finite checkpoints and their RNG states, CSV and TensorBoard logs.
+- `runfolder`: a run's folder: atomic, finite checkpoints (open_clip_train's policy) and their RNG states, CSV,
+  TensorBoard and wandb logs, the per-step log line.
 
 The command line and the epoch loop are `dtplib.train`; finetuning is `dtplib.finetune`.
 """
