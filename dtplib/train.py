@@ -230,7 +230,7 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfi
     hint = f"epoch {epoch}; {kept}. Try a lower --lr, --grad-clip-norm, or fp32."
     records, pending = [], []
     bar = progress(total=len(loader), desc=f"epoch {epoch}", disable=not dist_env.main or None, mininterval=2,
-                   leave=False, initial=skip_batches)
+                   initial=skip_batches)
 
     def flush() -> None:
         rows, not_finite = _read_steps(pending, device, dist_env.world_size, num_patches)

@@ -25,8 +25,10 @@ def is_quiet() -> bool:
 
 def progress(iterable: Iterable | None = None, desc: str | None = None, total: int | None = None, **options) -> tqdm:
     """A `tqdm.auto` bar over `iterable` (or a manual one: `progress(total=n)` then `.update()`), off when quiet
-    (`is_quiet`) and, outside notebooks, when stderr is not a terminal. `options` go to tqdm (`leave`, `initial`,
-    `disable=True` to turn one bar off, e.g. on the other ranks of a DDP run)."""
+    (`is_quiet`) and, outside notebooks, when stderr is not a terminal. It goes when done (`leave=False`: the
+    results are in the outputs and logs; a bar inside a training run does not stay under it). `options` go to tqdm
+    (`initial`, `leave=True`, `disable=True` to turn one bar off, e.g. on the other ranks of a DDP run)."""
     disable = True if is_quiet() else options.pop("disable", None)  # None: tqdm's own test for a terminal
     options.pop("disable", None)
+    options.setdefault("leave", False)
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, **options)
