@@ -8,14 +8,17 @@ The command line only: nothing in the package imports this module. Read top to b
    (`--model ViT-B-32`).
 3. `_train_one_epoch`: `dtplib.training.optim.train_step` (ClipLoss + the tower's weight x boundary prior, AdamW,
    cosine schedule with warm-up, autocast, gradient clipping) over the loader; one row per step in steps.csv.
+   Every --log-every-n-steps steps, open_clip_train's `Train Epoch: ...` line on the console and in out.log, and a
+   progress bar in notebooks and terminals (`dtplib.common.progress`).
 4. `_restore` and `_run_epochs`, with the run folder's `Checkpoints` and logs (`dtplib.training.runfolder`):
-   `epoch_<n>.pt` and `epoch_latest.pt`, written atomically and only when every tensor is finite,
-   holding model, optimizer, scaler, schedule position, per-rank RNG states, the TrainConfig and the run's id;
-   `--resume latest` continues a killed run exactly (from the newest checkpoint that reads whole), and a stop at
-   --max-steps inside an epoch is saved as `epoch_latest.pt` marked `mid_epoch`, resumed at the same batch.
+   `epoch_<n>.pt` every --save-frequency epochs (`epoch_latest.pt` too with --save-most-recent), written atomically
+   and only when every tensor is finite, holding model, optimizer, scaler, schedule position, per-rank RNG states,
+   the TrainConfig and the run's id; `--resume latest` continues a killed run exactly (from the newest checkpoint
+   that reads whole), and a stop at --max-steps inside an epoch is saved as `epoch_latest.pt` marked `mid_epoch`,
+   resumed at the same batch.
 5. `train(config)` (Python, notebooks) and `main(argv)` (the command line): the run, per-epoch means in epochs.csv
    (the first epoch and the timing warm-up steps apart), the evaluations of `dtplib.measure.evaluate`, TensorBoard
-   events.
+   events and wandb (`--report-to tensorboard,wandb`).
 
 Several processes: `torchrun --nproc_per_node N -m dtplib.train ...` (NCCL on GPUs, gloo on CPU);
 `run(config, num_gpus=N)` does that from Python (the 03 notebook) with `config.to_argv()`.
@@ -41,17 +44,19 @@ import torch
 import torch.distributed as dist
 from open_clip.loss import ClipLoss
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .common.cli import CLI_ERRORS, run_cli
 from .common.files import atomic_write_text
 from .common.paths import child_environment, repo_path
+from .common.progress import progress
 from .common.provenance import run_info
 from .common.runtime import default_device, process_memory_mb, seed_everything, unwrap
 from .data import loader as dtp_loader
 from .measure import evaluate as dtp_eval
 from .tower.clip import read_checkpoint
 from .tower.control import dtp_towers
+from .tower.model import DTPConfig
 from .training.checkpoint import build_from_config
 from .training.config import TrainConfig
 from .training.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
@@ -63,6 +68,7 @@ from .training.runfolder import (
     remove_partial_files,
     rng_state,
     set_rng_state,
+    train_line,
     truncate_csv,
 )
 
@@ -84,11 +90,25 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def _default_name(args: TrainConfig) -> str:
+    """`DATE-TIME-MODEL[-DTP]-bBATCH-sSEED`: the model's name (`ViT-Ti-8-64-4x`), then for a pooling DTP tower its
+    boundary mode (`threshold`, `topk`, `batch-topk`; `uniform` for --forced-boundaries) and each other tower setting
+    that differs from its default as `flag=value` (`execution=packed`, `capacity=1.5`)."""
     dtp = args.dtp
     model = args.model_name.removeprefix("DTP-")
-    model += "-uniform" if dtp is not None and dtp.forced_boundaries else ""
-    model += "-hilbert" if dtp is not None and dtp.patch_order == "hilbert" else ""
+    if dtp is not None and dtp.compresses:
+        model += "-" + "-".join(_dtp_tags(dtp))
     return f"{datetime.now():%Y_%m_%d-%H_%M_%S}-{model}-b{args.batch_size}-s{args.seed}"
+
+
+def _dtp_tags(dtp: DTPConfig) -> list[str]:
+    tags = ["uniform" if dtp.forced_boundaries else dtp.boundaries]
+    for setting in DTPConfig.settings():
+        value = getattr(dtp, setting.name)
+        if setting.name in ("compression", "upsample", "boundaries", "forced_boundaries") or value == setting.default:
+            continue  # in the model's name, or the boundary mode above
+        tags.append(f"{setting.name.replace('_', '-')}={value:g}" if isinstance(value, float) else
+                    f"{setting.name.replace('_', '-')}={value}")
+    return tags
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,16 +221,17 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfi
     No step waits for the device: the logged values stay device tensors until the window's end (every
     --log-every-n-steps steps, the end of the epoch or a --max-steps stop; every step for the first
     `read_every_step` steps, which time the warm-up exactly). Then they are read in one transfer and written
-    to steps.csv, with a line in out.log. On CUDA a step's `step_time_s` is its host time and the window's last
-    step also waits for the device: sums and means over a window are exact, single steps are not."""
+    to steps.csv, with open_clip_train's `Train Epoch: ...` line (`runfolder.train_line`) on the console and in
+    out.log. On CUDA a step's `step_time_s` is its host time and the window's last step also waits for the device:
+    sums and means over a window are exact, single steps are not."""
     model.train()
     device = dist_env.device
     tower = next(iter(dtp_towers(unwrap(model))), None)
     num_patches = tower.num_patches if tower is not None and tower.pools else None
     hint = f"epoch {epoch}; {kept}. Try a lower --lr, --grad-clip-norm, or fp32."
     records, pending = [], []
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not dist_env.main or None, mininterval=2,
-               leave=False, initial=skip_batches)
+    bar = progress(total=len(loader), desc=f"epoch {epoch}", disable=not dist_env.main or None, mininterval=2,
+                   initial=skip_batches)
 
     def flush() -> None:
         rows, not_finite = _read_steps(pending, device, dist_env.world_size, num_patches)
@@ -220,12 +241,10 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scaler, args: TrainConfi
             if row["step"] % args.log_every_n_steps == 0 or row is rows[-1]:
                 run_log.scalars("train", row, row["step"])
         if rows and dist_env.main:
-            last = rows[-1]
-            bar.set_postfix(loss=f"{last['loss']:.3f}", comp=f"{last['compression']:.2f}")
-            log.info("Train Epoch: %d [%d/%d] loss %.4f contrastive %.4f boundary %.4f compression %.2f lr %.3g "
-                     "logit scale %.2f step %.3fs data %.3fs", epoch, len(records) + skip_batches, len(loader),
-                     last["loss"], last["contrastive_loss"], last["boundary_loss"], last["compression"],
-                     last["lr"], last["logit_scale"], last["step_time_s"], last["data_time_s"])
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", comp=f"{rows[-1]['compression']:.2f}")
+            log.info(train_line(epoch, len(records) + skip_batches, len(loader), loader.num_samples,
+                                args.batch_size * dist_env.world_size, dist_env.world_size, rows, records,
+                                pooled=num_patches is not None))
         if not_finite:
             raise NonFiniteLoss(f"{not_finite}: stopping; {hint}")
 
@@ -331,7 +350,7 @@ def _run(args: TrainConfig, dist_env: Dist) -> dict:
         dist.broadcast_object_list(names, src=0)
         name = names[0]
     run_dir = repo_path(args.logs) / name
-    checkpoints = Checkpoints(run_dir / "checkpoints")
+    checkpoints = Checkpoints(run_dir / "checkpoints", delete_previous=args.delete_previous_checkpoint)
     params_file = run_dir / "params.json"
     resume = None
     if args.resume and args.resume != "latest":
@@ -425,6 +444,7 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
     if args.resume == "latest":
         resume = _latest_or_fresh(run_dir, checkpoints, dist_env.main)
     position = Position() if resume is None else _restore(args, dist_env, run_dir, resume, model, optimizer, scaler)
+    params = {}
     if dist_env.main:
         params = {**args.to_dict(), "name": name, "run_id": position.run_id, "world_size": dist_env.world_size,
                   "steps_per_epoch": loader.num_batches, "total_steps": total_steps,
@@ -440,9 +460,13 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
     loss_fn = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
                        rank=dist_env.rank, world_size=dist_env.world_size)
     training = Training(model, train_model, optimizer, scaler, loss_fn, loader, preprocess_val, tokenizer)
-    run_log = RunLog(run_dir, dist_env.main, args.report_to == "tensorboard")
+    wandb = None
+    if "wandb" in args.reporters:  # open_clip_train's init; the run's id, kept across resumes, continues its run
+        wandb = {"project": args.wandb_project_name, "name": name, "id": position.run_id, "config": params}
+    run_log = RunLog(run_dir, dist_env.main, "tensorboard" in args.reporters, wandb)
     try:
-        summaries = _run_epochs(args, dist_env, name, training, position, total_steps, checkpoints, run_log)
+        with logging_redirect_tqdm():  # console log lines above a terminal's progress bar, not through it
+            summaries = _run_epochs(args, dist_env, name, training, position, total_steps, checkpoints, run_log)
     finally:
         run_log.close()
     return {"run_dir": run_dir, "epochs": summaries, "checkpoint": checkpoints.latest()}
@@ -510,7 +534,7 @@ def _run_epochs(args: TrainConfig, dist_env: Dist, name: str, training: Training
         if not complete:  # --max-steps: resumable, never labelled as a finished epoch
             state["rng"] = _gather_rng(dist_env)
             if dist_env.main:
-                path = checkpoints.save(state, epoch, keep_numbered=False)
+                path = checkpoints.save(state, epoch, numbered=False, latest=True)
                 log.info("stopped at --max-steps %d, %d batches into epoch %d: %s", step,
                          state["batches_done"], epoch, path)
             break
@@ -524,12 +548,13 @@ def _run_epochs(args: TrainConfig, dist_env: Dist, name: str, training: Training
         if dist_env.world_size > 1:
             dist.barrier()
         state["rng"] = _gather_rng(dist_env)
+        numbered = (epoch + 1) % args.save_frequency == 0 or epoch + 1 == args.epochs
         if dist_env.main:  # the row first: a kill before the checkpoint is written drops it on resume
-            summary["checkpoint"] = "epoch_latest.pt"
+            summary["checkpoint"] = ("epoch_latest.pt" if args.save_most_recent
+                                     else f"epoch_{epoch + 1}.pt" if numbered else "")
             run_log.csv_row("epochs.csv", summary)
-            checkpoints.save(state, epoch + 1, keep_numbered=(epoch + 1) % args.save_frequency == 0
-                             or epoch + 1 == args.epochs)
-            run_log.scalars("epoch", summary, epoch + 1)
+            checkpoints.save(state, epoch + 1, numbered=numbered, latest=args.save_most_recent)
+            run_log.scalars("epoch", summary, epoch + 1, wandb_step=step)
             log.info("epoch %d: %s", epoch, {k: format_value(v) for k, v in summary.items()})
         summaries.append(summary)
     return summaries

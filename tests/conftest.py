@@ -75,7 +75,7 @@ TI_4X_RUN = [*TI_4X, "--batch-size", "16", "--epochs", "2", "--warmup", "1"]  # 
 @pytest.fixture(scope="session")
 def trained_ti4x(tmp_path_factory, shards32) -> Path:
     """One finished training run, for the tests that need "a trained Ti run" and not a run of their own: Ti-4x on
-    shards32 with TI_4X_RUN (2 epochs of 2 steps; checkpoints epoch_1.pt, epoch_2.pt and epoch_latest.pt), trained
+    shards32 with TI_4X_RUN (2 epochs of 2 steps; checkpoints epoch_1.pt and epoch_2.pt), trained
     once per session (per pytest-xdist worker). A test that changes a run works on its own copy (`copy_run`)."""
     from dtplib import train
 

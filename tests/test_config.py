@@ -203,3 +203,17 @@ def test_the_fused_adamw_is_the_default_and_follows_torchs_own_to_rounding():
 def test_lr_schedules():
     assert lr_at(10, lr=1.0, warmup=4, total_steps=14, scheduler="const") == 1.0
     assert lr_at(13, lr=1.0, warmup=4, total_steps=14) < 0.03
+
+
+@pytest.mark.parametrize("report_to, backends", [
+    ("tensorboard", ("tensorboard",)), ("wandb", ("wandb",)), ("tensorboard,wandb", ("tensorboard", "wandb")),
+    ("wandb, tensorboard", ("tensorboard", "wandb")), ("all", ("tensorboard", "wandb")), ("none", ()), ("", ()),
+])
+def test_report_to_is_open_clip_trains_comma_list(report_to, backends):
+    assert train.parse_args(["--train-data", "x.tar", "--report-to", report_to]).reporters == backends
+
+
+def test_report_to_refuses_an_unknown_backend():
+    config = TrainConfig.from_options(train_data="x.tar", report_to="tensorboard,wandbb")
+    with pytest.raises(ValueError, match="--report-to tensorboard,wandbb: unknown 'wandbb'"):
+        config.check()  # before the data checks: no run folder, no shards read

@@ -229,6 +229,7 @@ class TestTheTrainedGrid:
 @pytest.mark.parametrize(("edit", "message"), [
     (("compression = 4", "compresion = 4"), r"\[arms.4x\]: unknown flag 'compresion'.*did you mean 'compression'"),
     (("warmup = 1", "warmup = 1\nseed = 3"), "'seed' is set by the driver"),
+    (("warmup = 1", "warmup = 1\nsave_most_recent = false"), "'save_most_recent' is set by the driver .*epoch_latest"),
     (("batch_size = 16", 'batch_size = "many"'), "--batch-size: invalid int value"),
     (('model = "ViT-Ti-8-64"', 'model = "ViT-Nope"'), "got 'ViT-Nope'"),
     (('reference = "1x"', 'reference = "2x"'), "reference '2x' is not an arm"),

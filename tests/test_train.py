@@ -4,6 +4,7 @@ models and loss, real torchrun/gloo processes and a real SIGKILL."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,12 +16,13 @@ import torch
 import webdataset as wds
 from conftest import QUIET, TI_4X, TI_4X_RUN, copy_run, flickr_photos, free_port, write_shards
 
+from dtplib import TrainConfig, train
 from dtplib import evaluate as evaluate_command
-from dtplib import train
 from dtplib.common.paths import REPO_ROOT
 from dtplib.measure import evaluate
 from dtplib.tower.control import get_tower
 from dtplib.training.optim import lr_at
+from dtplib.training.runfolder import newest_checkpoint
 
 # one process of batch 32 against two of 16 with learned boundaries: rank 1 samples other Gumbel noise and crops, and
 # the batch-count prior counts each device's batch; measured loss gaps over 4 steps: 0.15, 0.04, 0.07, 0.02
@@ -94,7 +96,7 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     argv = [sys.executable, "-m", "dtplib.train", "--train-data", shards, "--logs", str(tmp_path), "--name", "k",
             *QUIET, *TI_4X, "--batch-size", "8", "--epochs", "4", "--warmup", "1",
             "--log-every-n-steps", "1"]  # steps.csv rows as the steps go, to see where the kill fell
-    latest = tmp_path / "k" / "checkpoints" / "epoch_latest.pt"
+    latest = tmp_path / "k" / "checkpoints" / "epoch_1.pt"  # the default policy: epoch_<n>.pt only
     process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -166,7 +168,7 @@ def test_two_gloo_processes_of_the_packed_path_match(tmp_path, shards32):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards32, trained_ti4x):
     copy_run(trained_ti4x, tmp_path, "nan")  # a good run of 2 epochs, continued with an absurd learning rate
-    latest = tmp_path / "nan" / "checkpoints" / "epoch_latest.pt"
+    latest = tmp_path / "nan" / "checkpoints" / "epoch_2.pt"
     before = latest.read_bytes()
     with pytest.raises(train.NonFiniteLoss, match=f"last good checkpoint is kept: {latest}"):
         run(tmp_path, shards32, *TI_4X_RUN, "--epochs", "4", "--resume", "latest", "--lr", "1e30", name="nan")
@@ -182,7 +184,7 @@ def test_a_state_with_non_finite_tensors_is_never_written(tmp_path):
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     state = {"step": 4, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}
-    good = checkpoints.save(state, 1, keep_numbered=True)
+    good = checkpoints.save(state, 1, numbered=True, latest=True)
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
     optimizer.state[model.bias]["exp_avg"][0] = float("inf")
@@ -190,11 +192,35 @@ def test_a_state_with_non_finite_tensors_is_never_written(tmp_path):
     with pytest.raises(train.NonFiniteState, match=rf"2 tensors are not finite \(weight, optimizer state 1.exp_avg, "
                                                    rf"...\) at step 8: no checkpoint written; the last good "
                                                    rf"checkpoint is kept: {good}"):
-        checkpoints.save(poisoned, 2, keep_numbered=True)
+        checkpoints.save(poisoned, 2, numbered=True, latest=True)
     assert sorted(p.name for p in checkpoints.folder.iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
     assert torch.load(good, weights_only=True)["step"] == 4
     with pytest.raises(train.NonFiniteState, match="there is no checkpoint of this run"):
-        train.Checkpoints(tmp_path / "other").save(poisoned, 1, keep_numbered=True)
+        train.Checkpoints(tmp_path / "other").save(poisoned, 1, numbered=True, latest=False)
+
+
+def test_checkpoint_policy_is_open_clip_trains(tmp_path):
+    """epoch_<n>.pt alone by default; epoch_latest.pt too with --save-most-recent; only the newest epoch_<n>.pt
+    with --delete-previous-checkpoint; a mid-epoch epoch_latest.pt goes once a newer epoch_<n>.pt is written."""
+    model = torch.nn.Linear(3, 2)
+    state = {"step": 0, "state_dict": model.state_dict(), "optimizer": {}}
+
+    def names(folder):
+        return sorted(p.name for p in folder.iterdir())
+
+    default = train.Checkpoints(tmp_path / "run" / "checkpoints")
+    default.save(state | {"step": 3}, 1, numbered=False, latest=True)  # a --max-steps stop inside epoch 1
+    assert default.latest().name == "epoch_latest.pt"
+    for epoch in (1, 2):
+        assert default.save(state, epoch, numbered=True, latest=False).name == f"epoch_{epoch}.pt"
+    assert names(default.folder) == ["epoch_1.pt", "epoch_2.pt"]
+    assert newest_checkpoint(tmp_path / "run") == default.folder / "epoch_2.pt"  # what bench and notebooks read
+    assert default.save(state, 3, numbered=False, latest=False) is None  # not a --save-frequency epoch
+    recent = train.Checkpoints(tmp_path / "recent", delete_previous=True)
+    for epoch in (1, 2, 3):
+        recent.save(state | {"step": epoch}, epoch, numbered=epoch != 2, latest=True)
+    assert names(recent.folder) == ["epoch_3.pt", "epoch_latest.pt"] and recent.latest().name == "epoch_latest.pt"
+    assert torch.load(recent.latest(), weights_only=True)["step"] == 3
 
 
 @pytest.mark.slow
@@ -210,7 +236,7 @@ def test_resume_into_another_runs_folder_is_refused(tmp_path, shards32, trained_
     assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
     forked = run(tmp_path, shards32, *flags, "--resume", str(foreign), name="fork")  # a new folder may start from it
     assert [r["step"] for r in read_csv(forked["run_dir"] / "steps.csv")] == ["2", "3"]
-    own = run(tmp_path, shards32, *flags, "--epochs", "3", "--resume", str(other / "checkpoints" / "epoch_latest.pt"),
+    own = run(tmp_path, shards32, *flags, "--epochs", "3", "--resume", str(other / "checkpoints" / "epoch_2.pt"),
               name="other")
     assert len(read_csv(own["run_dir"] / "steps.csv")) == 6  # its own checkpoint, by path, is accepted
 
@@ -233,6 +259,7 @@ def test_max_steps_mid_epoch_saves_a_resumable_unfinished_epoch(tmp_path):
     for a, b in zip(expected, resumed, strict=True):
         assert (a["loss"], a["compression"]) == (b["loss"], b["compression"]), (a, b)
     assert [r["epoch"] for r in read_csv(tmp_path / "cut" / "epochs.csv")] == ["0", "1"]
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt", "epoch_2.pt"]  # the mid-epoch one is stale
 
 
 def test_resume_latest_passes_over_a_corrupt_checkpoint_and_removes_partial_writes(tmp_path, shards32,
@@ -352,3 +379,64 @@ def test_torchcompile_trains_in_one_graph_and_matches_eager(tmp_path, shards32, 
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4), (a, b)
         assert a["compression"] == b["compression"]
     assert "fullgraph=True" in (compiled["run_dir"] / "out.log").read_text()
+
+
+TRAIN_LINE = re.compile(  # open_clip_train's line, with DTP's Boundary_loss and Compression
+    r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<seen>\d+)/(?P<total>\d+) \((?P<percent>\d+)%\)\] "
+    r"Data \(t\): \d+\.\d{3} Batch \(t\): \d+\.\d{3}, [\d.]+/s, [\d.]+/s/gpu LR: \d\.\d{6} Logit Scale: \d+\.\d{3} "
+    r"Contrastive_loss: \S+ \(\S+\) Boundary_loss: \S+ \(\S+\) Loss: (?P<loss>\S+) \((?P<mean>\S+)\) "
+    r"Compression: \d+\.\d{3} \(\d+\.\d{3}\)$")
+
+
+@pytest.mark.slow
+def test_log_every_n_steps_writes_open_clip_train_lines_to_out_log(tmp_path, shards32):
+    """--log-every-n-steps 2 on 4 steps an epoch: a `Train Epoch` line at 16 and 32 of 32 samples in each epoch, with
+    the last step's loss and the epoch's mean so far, read from the values the loop already has (steps.csv's)."""
+    result = run(tmp_path, shards32, *TI_4X, "--batch-size", "8", "--epochs", "2", "--warmup", "1",
+                 "--log-every-n-steps", "2", "--timing-warmup", "0")
+    lines = [line for line in (result["run_dir"] / "out.log").read_text().splitlines() if "Train Epoch" in line]
+    found = [TRAIN_LINE.search(line) for line in lines]
+    assert all(found), lines
+    assert [(m["epoch"], m["seen"], m["total"], m["percent"]) for m in found] == [
+        ("0", "16", "32", "50"), ("0", "32", "32", "100"), ("1", "16", "32", "50"), ("1", "32", "32", "100")]
+    losses = [float(r["loss"]) for r in read_csv(result["run_dir"] / "steps.csv")]
+    assert float(found[1]["loss"]) == pytest.approx(losses[3], rel=1e-4)
+    assert float(found[1]["mean"]) == pytest.approx(sum(losses[:4]) / 4, rel=1e-4)
+    assert float(found[2]["mean"]) == pytest.approx(sum(losses[4:6]) / 2, rel=1e-4)  # the epoch's own mean
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_and_wandb_offline(tmp_path, shards32, monkeypatch):
+    """--report-to tensorboard,wandb: TensorBoard events and an offline wandb run inside the run folder, both with
+    the per-step and per-epoch scalars; the wandb run's id is the run's id (a resume continues it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = train.main(["--train-data", shards32, "--logs", str(tmp_path), "--name", "wb", "--workers", "0",
+                         "--threads", "1", *TI_4X, "--batch-size", "16", "--epochs", "1", "--warmup", "1",
+                         "--report-to", "tensorboard,wandb", "--wandb-project-name", "dtp-test"])
+    run_id = json.loads((result["run_dir"] / "params.json").read_text())["run_id"]
+    offline = list((result["run_dir"] / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [p.name for p in offline] == [f"run-{run_id}.wandb"]
+    records = offline[0].read_bytes()
+    for key in (b"train/contrastive_loss", b"train/boundary_loss", b"train/compression", b"train/lr",
+                b"epoch/loss", b"epoch/compression", b"dtp-test"):
+        assert key in records, key
+    events = EventAccumulator(str(result["run_dir"] / "tensorboard")).Reload()
+    assert {"train/loss", "train/compression", "epoch/loss"} <= set(events.Tags()["scalars"])
+
+
+def test_default_run_name_records_the_dtp_settings():
+    """Each setting of the tower that differs from its default is in the default folder name, after the model and
+    the boundary mode, so that runs of other settings never share a folder."""
+    def name(**options) -> str:
+        return train._default_name(TrainConfig.from_options(train_data="x", model="ViT-Ti-8-64", **options))
+
+    assert re.fullmatch(r"\d{4}_\d\d_\d\d-\d\d_\d\d_\d\d-ViT-Ti-8-64-4x-threshold-b64-s0", name(compression=4))
+    assert name(compression=4, boundaries="topk", execution="packed", capacity=1.5, seed=2).endswith(
+        "-ViT-Ti-8-64-4x-topk-execution=packed-capacity=1.5-b64-s2")
+    assert name(compression=2, upsample=True, boundary_loss_weight=0.5, patch_order="hilbert").endswith(
+        "-ViT-Ti-8-64-2x-up-threshold-boundary-loss-weight=0.5-patch-order=hilbert-b64-s0")
+    assert name(forced_boundaries=4).endswith("-ViT-Ti-8-64-4x-uniform-b64-s0")
+    assert name(batch_size=32).endswith("-ViT-Ti-8-64-b32-s0")  # a plain open_clip model: no tower settings

@@ -6,7 +6,8 @@
 - `runtime`: devices, precision, timers, seeding, eval mode, memory;
 - `provenance`: commit and hardware of every results row;
 - `cli`: one-line command-line errors, flags from keyword arguments, child processes;
-- `extras`: optional dependencies (pip extras) imported where used, with a one-line error naming the extra.
+- `extras`: optional dependencies (pip extras) imported where used, with a one-line error naming the extra;
+- `progress`: progress bars (`tqdm.auto`), off under `--quiet`, `DTPLIB_QUIET=1` or `CI`.
 """
 
-__all__ = ["cli", "extras", "files", "images", "paths", "provenance", "runtime"]
+__all__ = ["cli", "extras", "files", "images", "paths", "progress", "provenance", "runtime"]

@@ -1,9 +1,10 @@
-"""Command-line plumbing: one-line errors (`run_cli`), keyword arguments to flags, stopping child processes, and the
-filter that keeps open_clip's random-init warning out of the logs."""
+"""Command-line plumbing: one-line errors and `--quiet` (`run_cli`), keyword arguments to flags, stopping child
+processes, and the filter that keeps open_clip's random-init warning out of the logs."""
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .paths import repo_path
+from .progress import QUIET_ENV
 
 
 class _OpenClipRandomInit(logging.Filter):
@@ -45,10 +47,15 @@ def run_cli(main: Callable[[list[str]], T], argv: Sequence[str] | None = None, *
     "<prog>: error: <message>", and exit status 2, as argparse does for a bad flag. `--debug` anywhere in argv is
     taken out before `main` sees it and lets the error through with its traceback. `errors`: the exception types
     that are bad input (CLI_ERRORS: ValueError, OSError; add your own, e.g. (*CLI_ERRORS, NonFiniteLoss)).
+    `--quiet` anywhere in argv is taken out too and turns the progress bars off (`dtplib.common.progress`).
     Returns what `main` returns. Use: `if __name__ == "__main__": run_cli(main)`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    argv = [arg for arg in argv if arg != "--debug"]
+    quiet = "--quiet" in argv
+    argv = [arg for arg in argv if arg not in ("--debug", "--quiet")]
+    before = os.environ.get(QUIET_ENV)
+    if quiet:  # for this process and the ones it starts (torchrun's ranks, a grid's runs)
+        os.environ[QUIET_ENV] = "1"
     try:
         return main(argv)
     except errors as error:
@@ -58,6 +65,11 @@ def run_cli(main: Callable[[list[str]], T], argv: Sequence[str] | None = None, *
         name = prog or Path(sys.argv[0]).stem
         sys.stderr.write(f"{name}: error: {message} (--debug for the traceback)\n")
         sys.exit(2)
+    finally:
+        if quiet and before is None:  # a notebook or test calls run_cli again in this process
+            os.environ.pop(QUIET_ENV, None)
+        elif quiet:
+            os.environ[QUIET_ENV] = before
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:

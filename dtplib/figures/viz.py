@@ -30,6 +30,7 @@ import torch
 
 from ..common.images import open_rgb
 from ..common.paths import data_root, repo_path
+from ..common.progress import progress
 from ..measure.stats import bootstrap_ci
 from ..tower.control import get_tower, trace
 from ..tower.model import TraceRecord
@@ -53,7 +54,7 @@ def trace_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
     records = []
     try:
         with torch.no_grad(), trace(model) as t:
-            for start in range(0, len(images), batch_size):
+            for start in progress(range(0, len(images), batch_size), desc="boundaries"):
                 batch = images[start:start + batch_size]
                 model.encode_image(batch) if hasattr(model, "encode_image") else model(batch)
                 records.append(t.last())
@@ -178,7 +179,7 @@ def coco_patch_regions(preprocess, grid: tuple[int, int], coco_dir: str | Path =
     """COCO images through the model's preprocess (B x 3 x H x W), each patch's region label in that geometry
     (B x N int, raster order: equal labels = covered by the same set of objects, `patch_objects`), and the files."""
     images, regions, files = [], [], []
-    for item in coco_outlines(coco_dir, num_images=num_images):
+    for item in progress(coco_outlines(coco_dir, num_images=num_images), desc="COCO outlines"):
         images.append(preprocess(open_rgb(item.path)))  # 3 x H x W
         scale, offset, size = preprocess_geometry(preprocess, item.width, item.height)
         moved = [[polygon * scale - offset for polygon in parts] for parts in item.objects]

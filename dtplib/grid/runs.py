@@ -62,9 +62,10 @@ def _prepare_data(grid: Grid) -> None:
 
 
 def _run_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConfig:
-    """The TrainConfig of one run: the grid's options for it, in `<runs_dir>/<arm>-seed<seed>`, resumed."""
+    """The TrainConfig of one run: the grid's options for it, in `<runs_dir>/<arm>-seed<seed>`, resumed, with
+    `epoch_latest.pt` after every epoch (--save-most-recent: what a resume continues from, and `last_checkpoint`)."""
     config = parse_options(grid.options(arm, seed), run_label(arm, seed))
-    return config.replace(logs=str(runs_dir), name=run_label(arm, seed), resume="latest")
+    return config.replace(logs=str(runs_dir), name=run_label(arm, seed), resume="latest", save_most_recent=True)
 
 
 def _check_runs(grid: Grid, runs: list[tuple[str, int]], runs_dir: Path) -> None:

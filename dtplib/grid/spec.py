@@ -66,10 +66,11 @@ FINAL_SET_BY_DRIVER = ("checkpoint", "compare", "model", "pretrained", "output")
 FINAL_PATH_FLAGS = ("val_data", "zeroshot_data", "imagenet_val", "probe_data")
 
 
-DRIVER_FLAGS = ("logs", "name", "resume", "seed")  # set by the driver for each run
+DRIVER_FLAGS = ("logs", "name", "resume", "seed", "save_most_recent")  # set by the driver for each run
 
 
-RUNTIME_FLAGS = ("workers", "threads", "device", "dist_backend", "report_to", "log_every_n_steps",
+RUNTIME_FLAGS = ("workers", "threads", "device", "dist_backend", "report_to", "wandb_project_name",
+                 "log_every_n_steps", "save_most_recent", "delete_previous_checkpoint",
                  *PATH_FLAGS)  # may change between the pieces of a grid without changing what a run trains
 
 
@@ -154,8 +155,9 @@ def _check_flags(where: str, options: dict) -> None:
             raise ValueError(f"{where}: unknown flag {key!r}: not a dtplib.train flag (the TrainConfig field names, "
                              f"e.g. train_data for --train-data){hint}")
         if key in DRIVER_FLAGS:
-            instead = "seeds = [...]" if key == "seed" else "--out"
-            raise ValueError(f"{where}: {key!r} is set by the driver for each run (use {instead})")
+            instead = {"seed": "use seeds = [...]", "save_most_recent": "every run keeps epoch_latest.pt, which the "
+                       "driver resumes and evaluates"}.get(key, "use --out")
+            raise ValueError(f"{where}: {key!r} is set by the driver for each run ({instead})")
         if isinstance(known[key].default, bool) and not isinstance(value, bool):
             raise ValueError(f"{where}: {key} is a switch: give true or false, got {value!r}")
         if isinstance(value, (dict, list)):
@@ -388,7 +390,8 @@ def parse_options(options: dict, where: str) -> TrainConfig:
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint that [final], [timing] and [alignment] read: the run's epoch_latest.pt."""
+    """The checkpoint that [final], [timing] and [alignment] read: the run's epoch_latest.pt (the driver trains
+    every run with --save-most-recent)."""
     return run_dir / "checkpoints" / "epoch_latest.pt"
 
 

@@ -49,6 +49,7 @@ from open_clip.loss import ClipLoss
 from ..common.files import markdown_table
 from ..common.images import load_images
 from ..common.paths import data_root, repo_path
+from ..common.progress import progress
 from ..common.provenance import run_info
 from ..common.runtime import (
     autocast,
@@ -66,6 +67,7 @@ from ..tower.model import token_budget
 from ..training.checkpoint import load_trained
 from ..training.config import TrainConfig
 from ..training.optim import make_optimizer
+from ..training.runfolder import newest_checkpoint
 from . import flops as dtp_flops
 from .specs import Spec, trained_spec
 
@@ -83,8 +85,8 @@ def find_checkpoints(folder: str | Path) -> dict[str, Path]:
     found = {}
     for params_file in sorted(Path(folder).glob("**/params.json")):
         params = json.loads(params_file.read_text())
-        checkpoint = params_file.parent / "checkpoints" / "epoch_latest.pt"
-        if not checkpoint.is_file() or "model" not in params:
+        checkpoint = newest_checkpoint(params_file.parent)
+        if checkpoint is None or "model" not in params:
             continue
         config = TrainConfig.from_dict(params)
         if config.dtp is not None and (config.dtp.forced_boundaries is not None or config.dtp.patch_order != "raster"):
@@ -305,7 +307,7 @@ def _time_interleaved(subjects: Sequence[Subject], modes: Sequence[str] = MODES,
     limit = max(torch._dynamo.config.recompile_limit, 2 * len(compiled) + 8)
     with torch._dynamo.config.patch(recompile_limit=limit):
         for mode in modes:
-            for index in range(warmup + steps):
+            for index in progress(range(warmup + steps), desc=f"bench {mode}"):
                 for subject in subjects:
                     compiling = subject.compiled and index == 0
                     elapsed = step(subject, mode, precision, device, loss_fn, peak=not compiling)

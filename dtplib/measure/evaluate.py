@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from ..common.files import atomic_write_text
 from ..common.paths import repo_path
+from ..common.progress import progress
 from ..common.runtime import eval_mode, unwrap
 from ..data.imagefolder import (
     ImageFiles,
@@ -110,7 +111,7 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
     with eval_mode(model):
         classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates or templates_for(layout),
                                                 device=device).float()  # D x C, unit columns
-        for images, labels, unreadable in loader:
+        for images, labels, unreadable in progress(loader, desc="zero-shot"):
             skipped += unreadable
             if images is None:
                 continue
@@ -180,7 +181,7 @@ def _embed_shards(model, preprocess, tokenizer, shards: str | Sequence[str], *, 
             yield {**sample, "captions": captions}
 
     with eval_mode(model):
-        for batch in batched(captioned(), batch_size):
+        for batch in progress(batched(captioned(), batch_size), desc="caption shards"):
             images = torch.stack([preprocess(sample["image"]) for sample in batch])  # B x 3 x H x W
             captions = [caption for sample in batch for caption in sample["captions"]]
             for i, sample in enumerate(batch):
@@ -286,7 +287,8 @@ def extract_features(model: nn.Module, preprocess, samples: Sequence[Sample], ba
     model = unwrap(model)
     features, labels = [], []
     with eval_mode(model):
-        for images, batch_labels, _ in image_loader(samples, preprocess, batch_size, workers):
+        batches = image_loader(samples, preprocess, batch_size, workers)
+        for images, batch_labels, _ in progress(batches, desc="features"):
             if images is None:
                 continue
             batch = model.encode_image(images.to(device, _input_dtype(model)), normalize=True)  # B x D

@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 import torch
 import torch.nn as nn
 
+from ..common.progress import progress
 from .model import STRUCTURAL_FIELDS, DTPConfig, DTPVisionTransformer, TraceRecord, token_budget
 
 
@@ -139,7 +140,7 @@ def fit_boundary_prior(model: nn.Module, images: torch.Tensor, steps: int = 300,
         patches = tower.forward_pre(images)[:, 1:]  # B x N x D
     history = []
     tower.train()
-    for step in range(steps):
+    for step in progress(range(steps), desc="prior fit"):
         index = torch.randint(len(patches), (min(batch_size, len(patches)),), generator=generator)
         boundaries, _, loss = tower.boundaries_for(tower.predictor(patches[index]))
         optimizer.zero_grad()

@@ -5,7 +5,8 @@
 - `optim`: AdamW parameter groups, the learning-rate schedule, the one training step;
 - `checkpoint`: a model from a `TrainConfig`, a checkpoint back to its config and weights, and exported as a
   weights-only file;
-- `runfolder`: a run's folder: atomic, finite checkpoints and their RNG states, CSV and TensorBoard logs.
+- `runfolder`: a run's folder: atomic, finite checkpoints (open_clip_train's policy) and their RNG states, CSV,
+  TensorBoard and wandb logs, the per-step log line.
 
 The command line and the epoch loop are `dtplib.train`; finetuning is `dtplib.finetune`.
 """

@@ -26,6 +26,7 @@ log = logging.getLogger("dtplib.train")
 
 PRECISIONS = ("fp32", "amp", "bf16", "amp_bf16", "amp_bfloat16")  # bf16 = bf16 autocast, as open_clip's amp_bf16
 ADAMW_IMPLS = ("fused", "torch")
+REPORTERS = ("tensorboard", "wandb")  # --report-to's backends (open_clip_train's names)
 # what a stored config (params.json, a checkpoint's) that lacks a field was trained with, where that is not the
 # field's default: runs before --adamw-impl existed used torch's own AdamW; runs before the static execution and
 # its capacity cap ran packed, with no cap (stored configs before `dtp` was nested keep the tower's flags flat)
@@ -126,14 +127,17 @@ class TrainConfig:
     name: str | None = flag(None, "default: date-model-compression-batch-seed", "run", type=str)
     resume: str | None = flag(None, "'latest' (of this --name; starts fresh if none) or a checkpoint", "run",
                               type=str)
-    save_frequency: int = flag(1, "write epoch_<n>.pt every n epochs", "run")
+    save_frequency: int = flag(1, "write epoch_<n>.pt every n epochs (and after the last)", "run")
+    save_most_recent: bool = flag(False, "also write epoch_latest.pt after every epoch (open_clip_train)", "run")
+    delete_previous_checkpoint: bool = flag(False, "delete the older epoch_<n>.pt once a new one is written", "run")
     zeroshot_frequency: int = flag(1, "evaluate every n epochs (0: never)", "run")
     val_frequency: int = flag(1, "retrieval on --val-data every n epochs (0: never)", "run")
     log_every_n_steps: int = flag(100, "steps between reads of the logged values from the device (the loop's only "
-                                  "synchronisation): steps.csv rows, out.log lines, TensorBoard", "run")
+                                  "synchronisation): steps.csv rows, 'Train Epoch' lines, TensorBoard, wandb", "run")
     timing_warmup: int = flag(5, "first steps of the run timed apart", "run")
-    report_to: str = flag("tensorboard", "where scalars go besides the CSV files", "run",
-                          choices=("tensorboard", "none"))
+    report_to: str = flag("tensorboard", "where scalars go besides the CSV files: a comma list of tensorboard and "
+                          "wandb, 'all' (both) or 'none'", "run")
+    wandb_project_name: str = flag("dtp-vit", "wandb project, with --report-to wandb", "run")
     device: str | None = flag(None, "default: cuda if available, else cpu", "run", type=str)
     dist_backend: str | None = flag(None, "default: nccl on cuda, gloo on cpu", "run", type=str)
     threads: int | None = flag(None, "CPU intra-op threads (torch.set_num_threads)", "run", type=int)
@@ -198,6 +202,17 @@ class TrainConfig:
         return cls.from_options(**options, **settings)
 
     @property
+    def reporters(self) -> tuple[str, ...]:
+        """The backends of --report-to (open_clip_train's comma list: "tensorboard,wandb"; "all": both; "none" or
+        "": neither), in REPORTERS order; an unknown name is a ValueError."""
+        names = {name.strip() for name in self.report_to.split(",")} - {"", "none"}
+        unknown = sorted(names - {*REPORTERS, "all"})
+        if unknown:
+            raise ValueError(f"--report-to {self.report_to}: unknown {unknown[0]!r}; give a comma list of "
+                             f"{', '.join(REPORTERS)}, or all, or none")
+        return tuple(name for name in REPORTERS if name in names or "all" in names)
+
+    @property
     def target_compression(self) -> float | None:
         """The DTP tower's target compression (None: a plain open_clip model)."""
         return None if self.dtp is None else self.dtp.compression
@@ -235,6 +250,7 @@ class TrainConfig:
                 self.dtp.validate(ARCHS[arch].depth)
             except ValueError as error:  # the tower's field names are its flags' names
                 raise ValueError(f"--{str(error).replace('_', '-')}") from None
+        _ = self.reporters  # an unknown --report-to name is a ValueError here
         for name in ("batch_size", "epochs", "save_frequency", "log_every_n_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -1,6 +1,7 @@
-"""A training run's folder: checkpoints (written to a temporary file and renamed, and only when every tensor is
-finite; the newest readable one found again on resume), the RNG states they carry, the CSV and TensorBoard logs,
-and the rows a resume drops. `dtplib.train` runs the epochs around them.
+"""A training run's folder: checkpoints (open_clip_train's policy; written to a temporary file and renamed, and only
+when every tensor is finite; the newest readable one found again on resume), the RNG states they carry, the CSV,
+TensorBoard and wandb logs, the per-step log line, and the rows a resume drops. `dtplib.train` runs the epochs
+around them.
 """
 
 from __future__ import annotations
@@ -58,32 +59,51 @@ def _non_finite_tensors(state: dict) -> list[str]:
 
 
 class Checkpoints:
-    """`<run>/checkpoints/epoch_<n>.pt` every --save-frequency epochs and `epoch_latest.pt` every epoch (or where
-    --max-steps stops mid-epoch, marked `mid_epoch`), each written to a temporary file and renamed, so a kill at
-    any moment leaves the previous checkpoint whole. A state with a non-finite tensor is never written."""
+    """`<run>/checkpoints/`, with open_clip_train's policy: `epoch_<n>.pt` every --save-frequency epochs and after
+    the last; `epoch_latest.pt` after every epoch with --save-most-recent; with --delete-previous-checkpoint only the
+    newest `epoch_<n>.pt` is kept. A --max-steps stop inside an epoch always writes `epoch_latest.pt` (marked
+    `mid_epoch`: the only file that resumes there), and a later `epoch_<n>.pt` written without --save-most-recent
+    removes it, so `epoch_latest.pt`, where present, is always the newest state. Each file is written to a
+    temporary file and renamed, so a kill at any moment leaves the previous checkpoint whole. A state with a
+    non-finite tensor is never written."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, delete_previous: bool = False):
+        self.folder, self.delete_previous = folder, delete_previous
 
-    def save(self, state: dict, epoch: int, keep_numbered: bool) -> Path:
+    def save(self, state: dict, epoch: int, numbered: bool, latest: bool) -> Path | None:
+        """Write `epoch_<epoch>.pt` (numbered) and/or `epoch_latest.pt` (latest); returns the path of the one that
+        `--resume latest` would read (None when neither was asked)."""
         bad = _non_finite_tensors(state)
         if bad:
             raise NonFiniteState(f"{len(bad)} tensors are not finite ({', '.join(bad[:3])}, ...) at step "
                                  f"{state['step']}: no checkpoint written; {self.kept()}")
+        if not (numbered or latest):
+            return None
         buffer = io.BytesIO()
         torch.save(state, buffer)
         payload = buffer.getvalue()
-        if keep_numbered:
-            atomic_write_bytes(self.folder / f"epoch_{epoch}.pt", payload)
-        latest = self.folder / "epoch_latest.pt"
-        atomic_write_bytes(latest, payload)
-        return latest
+        path = self.folder / "epoch_latest.pt"
+        if numbered:
+            path = self.folder / f"epoch_{epoch}.pt"
+            atomic_write_bytes(path, payload)
+            stale = [p for p in self.numbered() if p != path] if self.delete_previous else []
+            if not latest:
+                stale.append(self.folder / "epoch_latest.pt")  # older than the file just written
+            for old in stale:
+                old.unlink(missing_ok=True)
+        if latest:
+            path = self.folder / "epoch_latest.pt"
+            atomic_write_bytes(path, payload)
+        return path
+
+    def numbered(self) -> list[Path]:
+        """The `epoch_<n>.pt` files, newest first."""
+        return sorted(self.folder.glob("epoch_[0-9]*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
 
     def candidates(self) -> list[Path]:
         """Checkpoints to resume from, best first: epoch_latest.pt, then epoch_<n>.pt from the newest."""
-        numbered = sorted(self.folder.glob("epoch_[0-9]*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
         latest = self.folder / "epoch_latest.pt"
-        return ([latest] if latest.is_file() else []) + numbered
+        return ([latest] if latest.is_file() else []) + self.numbered()
 
     def latest(self) -> Path | None:
         found = self.candidates()
@@ -104,6 +124,12 @@ class Checkpoints:
         return f"the last good checkpoint is kept: {latest}" if latest else "there is no checkpoint of this run"
 
 
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a `dtplib.train` run folder holds its newest state in (epoch_latest.pt, else the highest
+    epoch_<n>.pt), or None: the one to evaluate, benchmark or finetune from."""
+    return Checkpoints(Path(run_dir) / "checkpoints").latest()
+
+
 def remove_partial_files(*folders: Path) -> None:
     """Remove the hidden temporary files of atomic writes that a killed process left behind."""
     for folder in folders:
@@ -113,30 +139,64 @@ def remove_partial_files(*folders: Path) -> None:
 
 
 class RunLog:
-    """steps.csv, epochs.csv, TensorBoard and out.log in the run folder; only the main process writes."""
+    """steps.csv, epochs.csv, TensorBoard and wandb in the run folder; only the main process writes. `wandb`:
+    `wandb.init`'s keyword arguments (project, name, id, config), its files under `<run>/wandb/` (`WANDB_MODE=offline`
+    keeps them there; `wandb sync` uploads them later)."""
 
-    def __init__(self, folder: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, folder: Path, enabled: bool, tensorboard: bool, wandb: dict | None = None):
         self.folder, self.enabled = folder, enabled
-        self.writer = None
+        self.writer = self.wandb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(folder / "tensorboard"))
+        if enabled and wandb is not None:
+            import wandb as wandb_module
+
+            self.wandb = wandb_module.init(dir=str(folder), resume="allow", **wandb)
 
     def csv_row(self, file: str, row: dict, columns: Sequence[str] | None = None) -> None:
         """Append a row; a row with columns the file lacks (an evaluation every n epochs) widens the file."""
         if self.enabled:
             append_csv(self.folder / file, {k: format_value(v) for k, v in row.items()}, columns)
 
-    def scalars(self, prefix: str, values: dict, step: int) -> None:
+    def scalars(self, prefix: str, values: dict, step: int, wandb_step: int | None = None) -> None:
+        """The finite numbers of `values` as `<prefix>/<key>`: to TensorBoard at `step`, to wandb at `wandb_step`
+        (default `step`; wandb's steps must not go back, so per-epoch values go at the run's global step)."""
+        numbers = {f"{prefix}/{key}": value for key, value in values.items()
+                   if isinstance(value, (int, float)) and math.isfinite(value)}
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step if wandb_step is None else wandb_step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def train_line(epoch: int, batches: int, num_batches: int, samples_per_epoch: int, global_batch: int,
+               world_size: int, window: Sequence[dict], epoch_rows: Sequence[dict], pooled: bool) -> str:
+    """open_clip_train's per-step line for the steps.csv rows of one log window: samples seen in the epoch, data and
+    batch (data + step) time as means over the window, throughput over the window, the lr and logit scale of its
+    last step, then each loss as `Name: last step (epoch mean)`. A pooling tower adds Boundary_loss and Compression
+    (patches per token). Times are the window's means because only the window's last step waits for the device."""
+    last = window[-1]
+    data_time = float(np.mean([r["data_time_s"] for r in window]))
+    batch_time = float(np.mean([r["data_time_s"] + r["step_time_s"] for r in window]))
+    digits = math.ceil(math.log(samples_per_epoch + 1, 10))
+    names = ("contrastive_loss", "boundary_loss", "loss") if pooled else ("contrastive_loss", "loss")
+    losses = " ".join(f"{name.capitalize()}: {last[name]:#.5g} ({np.mean([r[name] for r in epoch_rows]):#.5g})"
+                      for name in names)
+    compression = np.mean([r["compression"] for r in epoch_rows])
+    return (f"Train Epoch: {epoch} [{batches * global_batch:>{digits}}/{samples_per_epoch} "
+            f"({100.0 * batches / num_batches:.0f}%)] Data (t): {data_time:.3f} Batch (t): {batch_time:.3f}, "
+            f"{global_batch / batch_time:#g}/s, {global_batch / world_size / batch_time:#g}/s/gpu "
+            f"LR: {last['lr']:5f} Logit Scale: {last['logit_scale']:.3f} {losses}"
+            + (f" Compression: {last['compression']:.3f} ({compression:.3f})" if pooled else ""))
 
 
 def format_value(value):
