@@ -21,18 +21,19 @@ import os
 import pickle
 import sys
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import open_clip
 import timm
 import torch
 from open_clip.pretrained import download_pretrained
-from timm.models import register_model
+from timm.layers import to_2tuple
+from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import _convert_openai_clip
 
 from .control import get_tower
-from .model import STRUCTURAL_FIELDS, DTPConfig, DTPVisionTransformer
+from .model import STRUCTURAL_FIELDS, DTPConfig, DTPVisionTransformer, clip_pretrained_cfg
 
 TEXT_B = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
 TEXT_TI = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4}
@@ -106,18 +107,36 @@ def _build_tower(arch: Arch, dtp: DTPConfig, **kwargs) -> DTPVisionTransformer:
                                 embed_dim=arch.width, depth=arch.depth, num_heads=arch.heads, **kwargs)
 
 
+default_cfgs: dict[str, dict] = {}  # timm's registry reads a module's `default_cfgs` when it registers a name
+
+
 def _timm_entrypoint(arch: Arch, compression: int, upsample: bool):
-    """A timm entrypoint for one variant (timm registers a function by its __name__ and __module__)."""
+    """A timm entrypoint for one variant (timm registers a function by its __name__ and __module__), and its
+    complete pretrained_cfg in `default_cfgs` (`dtplib.tower.model.clip_pretrained_cfg`: CLIP's preprocessing at the
+    arch's fixed size, no timm weights). timm's keyword arguments override the arch's sizes (img_size, patch_size,
+    embed_dim, depth, num_heads; `dtp` a DTPConfig); features_only=True wraps the tower in timm's FeatureGetterNet,
+    which reads `forward_intermediates` (fx and hook feature extraction cannot follow the merged path)."""
+    name = f"{arch.timm_prefix}_{compression}x" + ("_up" if upsample else "")
+    default_cfgs[name] = clip_pretrained_cfg(arch.image_size)
 
     def entrypoint(pretrained: bool = False, **kwargs) -> DTPVisionTransformer:
         if pretrained:
             raise ValueError("DTP-ViT has no timm pretrained weights; load a CLIP ViT with dtplib.load_vit_weights")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
-        dtp = kwargs.pop("dtp", None) or tower_config(arch, compression, upsample)
-        return _build_tower(arch, dtp, **kwargs)
+        feature_cls = kwargs.get("feature_cls", "getter")
+        if kwargs.get("features_only") and not (isinstance(feature_cls, str) and feature_cls.lower() == "getter"):
+            raise ValueError(f"DTP-ViT features come from forward_intermediates (feature_cls='getter'), not "
+                             f"{feature_cls!r}: fx tracing and block hooks cannot follow a token count that depends "
+                             "on the image")
+        model_args = {"img_size": arch.image_size, "patch_size": arch.patch_size, "embed_dim": arch.width,
+                      "depth": arch.depth, "num_heads": arch.heads, **kwargs}
+        overlay = {**(model_args.pop("pretrained_cfg_overlay", None) or {}),
+                   "input_size": (3, *to_2tuple(model_args["img_size"]))}
+        model_args["dtp"] = model_args.get("dtp") or tower_config(arch, compression, upsample)
+        return build_model_with_cfg(DTPVisionTransformer, name, pretrained=False, pretrained_cfg_overlay=overlay,
+                                    feature_cfg={"out_indices": model_args.pop("out_indices", 3),
+                                                 "feature_cls": "getter"}, **model_args)
 
-    entrypoint.__name__ = f"{arch.timm_prefix}_{compression}x" + ("_up" if upsample else "")
+    entrypoint.__name__ = name
     entrypoint.__qualname__ = entrypoint.__name__
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"DTP-ViT tower, {arch.name} sizes, {compression}x target compression."
@@ -214,7 +233,6 @@ def create_model_and_transforms(arch: str = "ViT-B-32", compression: float = 4, 
         model.visual.trunk = new
     else:  # fields read at run time only: no second build, so the random stream is the registered model's
         tower.dtp = dtp
-        tower.pretrained_cfg["dtp"] = asdict(dtp)
     return model, preprocess_train, preprocess_val
 
 

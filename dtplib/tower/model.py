@@ -17,6 +17,11 @@ forward is one graph; "packed" does the same on exactly the real tokens, planned
 "padded", the reference, pads every image to the batch's largest count and masks the padding in attention and
 pooling. In all three an image's embedding does not depend on its batch-mates in eval.
 
+timm's model contract holds along the merged path: `forward_features` returns the tokens (their validity mask is
+`last_keep`, which `forward_head` reads), `forward_intermediates` gives full-length layers at full length and
+shortened ones as segment tokens (or, on the patch grid, each patch with its segment's token), and what cannot
+follow a per-image token count (TorchScript, torch.fx) raises an error that says so.
+
 Boundary modes (`DTPConfig.boundaries`): "threshold" (Gumbel-Sigmoid > 0.5: a count per image; in training at most
 `capacity` x B * ceil(N/c) segments per batch, the highest logits kept), "topk" (exactly ceil(N/c) per image) and
 "batch-topk" (exactly B * ceil(N/c) over the batch in training, shared by content; in eval a per-image threshold,
@@ -28,12 +33,14 @@ distribution).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import to_2tuple
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
@@ -77,6 +84,18 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PRIOR_SCOPES = ("batch", "image")  # DTPConfig.prior_scope
 POOLS = ("tok", "avg")  # DTPConfig.pool
+GLOBAL_POOLS = {"token": "tok", "avg": "avg", "": None}  # timm's global_pool -> DTPConfig.pool ("": no pooling)
+
+
+def clip_pretrained_cfg(img_size: int | tuple[int, int], num_classes: int = 0) -> dict:
+    """timm's pretrained_cfg of a DTP-ViT tower: OpenAI CLIP's preprocessing (bicubic resize of the short side, centre
+    crop, CLIP's mean and std) at a fixed input size (the position embedding and the patch grid that the boundary
+    predictor learnt on are the built size's), no timm weights (CLIP weights load with `dtplib.load_vit_weights`)."""
+    height, width = to_2tuple(img_size)
+    return {"input_size": (3, height, width), "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0,
+            "crop_mode": "center", "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD, "num_classes": num_classes,
+            "first_conv": "patch_embed.proj", "classifier": "head", "paper_ids": "arXiv:2211.09761",
+            "paper_name": "Efficient Transformers with Dynamic Token Pooling"}
 
 
 def setting(default, help: str, *, choices: tuple | None = None, type=None):
@@ -243,6 +262,27 @@ class TraceRecord:
         return token_budget(self.boundaries.shape[1], self.tokens)
 
 
+@dataclass
+class Tap:
+    """What `forward_intermediates` asks of a forward: the outputs of blocks `take` (indices into `blocks`), no block
+    run after `last`, and with `stop_early` no stage after the one that holds it. The forward fills the rest."""
+
+    take: set[int]
+    last: int
+    stop_early: bool = False
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> B x T x D
+    segment_of: torch.Tensor | None = None  # B x N: each patch's segment (reading order), when the tower pools
+    keep: torch.Tensor | None = None  # B x (1+S) validity of the shortened layers' tokens; None: all real
+
+    def record(self, index: int, tokens: torch.Tensor) -> None:
+        if index in self.take:
+            self.outputs[index] = tokens
+
+    def stops_before(self, index: int) -> bool:
+        """Whether the forward ends before block `index` (stop_early and the last wanted block is earlier)."""
+        return self.stop_early and self.last < index
+
+
 def token_budget(num_patches: int, segments: torch.Tensor) -> float:
     """Realised compression of a batch: patches / mean segments per image. A token budget, not the mean of the
     per-image ratios (which a few one-segment images would dominate)."""
@@ -254,14 +294,16 @@ class DTPVisionTransformer(VisionTransformer):
 
     `blocks[:pre]` run on all tokens, `blocks[pre:pre+short]` on CLS + segments, `blocks[pre+short:]` on all
     tokens again after upsampling. With compression=1 no predictor is built and the tower is a plain ViT.
+    timm's interface (forward_features / forward_head, forward_intermediates, prune_intermediate_layers,
+    reset_classifier, set_grad_checkpointing, set_input_size) follows the merged path; see each method.
     """
 
-    def __init__(self, dtp: DTPConfig | dict | None = None, img_size: int = 224, patch_size: int = 16,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, num_classes: int = 0,
-                 act_layer: str = "gelu", **kwargs):
+    def __init__(self, dtp: DTPConfig | dict | None = None, img_size: int | tuple[int, int] = 224,
+                 patch_size: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 num_classes: int = 0, global_pool: str | None = None, act_layer: str = "gelu", **kwargs):
         dtp = DTPConfig(**dtp) if isinstance(dtp, dict) else (dtp or DTPConfig())
         dtp.validate(depth)
-        if img_size % patch_size:
+        if any(side % patch_size for side in to_2tuple(img_size)):
             raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
         if kwargs.get("patch_drop_rate") and dtp.compresses:
             raise ValueError("patch dropout removes patches before the boundary predictor; use compression=1 "
@@ -271,20 +313,55 @@ class DTPVisionTransformer(VisionTransformer):
                          num_heads=num_heads, num_classes=num_classes, global_pool="token", class_token=True,
                          pre_norm=True, act_layer=act_layer, **kwargs)
         self.dtp = dtp
-        self.grid = (img_size // patch_size, img_size // patch_size)
-        self.num_patches = self.grid[0] * self.grid[1]
+        self.set_pool({"tok": "token", "avg": "avg"}[dtp.pool] if global_pool is None else global_pool)
         self.predictor = (BoundaryPredictor(embed_dim, dtp.predictor_hidden or embed_dim)
                           if dtp.compresses and dtp.forced_boundaries is None else None)
-        self.default_cfg = self.pretrained_cfg = {  # what timm's builder would attach; open_clip reads it
-            "input_size": (3, img_size, img_size), "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD,
-            "num_classes": num_classes, "dtp": asdict(dtp)}
-        self.topk_segments = math.ceil(self.num_patches / dtp.compression)  # the fixed count of `topk`
+        self.default_cfg = self.pretrained_cfg = clip_pretrained_cfg(img_size, num_classes)  # as timm's builder
+        self.set_grid()
         self.forced: torch.Tensor | str | int | None = None  # set by `forced_boundaries`
         self.tracers: list[list[TraceRecord]] = []  # set by `trace`
         self.last_boundary_loss: torch.Tensor | None = None  # read by the training loop
         self.last_segments: torch.Tensor | None = None  # B, segments per image in the last forward (device)
         self.last_dropped: torch.Tensor | None = None  # boundaries the capacity cap dropped in the last forward
+        self.last_keep: torch.Tensor | None = None  # B x T validity of the last forward's tokens; None: all real
+
+    def set_grid(self) -> None:
+        """The patch grid and what depends on it, from `patch_embed` (at build and after `set_input_size`)."""
+        self.grid = tuple(self.patch_embed.grid_size)  # (rows, cols)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.topk_segments = math.ceil(self.num_patches / self.dtp.compression)  # the fixed count of `topk`
         self.orders: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}  # (order, inverse)
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
+        """timm's: a new input size (the position embedding resampled); the patch grid, the topk count and the
+        patch order follow, and `pretrained_cfg`'s input size. The boundary predictor learnt on the old grid."""
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        self.set_grid()
+        self.pretrained_cfg = self.default_cfg = {**self.pretrained_cfg,
+                                                  "input_size": (3, *self.patch_embed.img_size)}
+
+    def set_pool(self, global_pool: str) -> None:
+        """timm's `global_pool` on DTP's pools: "token" (the CLS token, `DTPConfig.pool` "tok"), "avg" (the masked
+        mean over the segments, or the patches when upsampled) or "" (none: `forward` returns the tokens). The pool
+        itself is `DTPConfig.pool`, which this sets; `global_pool` "" turns pooling off."""
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)} (DTP-ViT pools by the CLS token or "
+                             f"a masked mean over its segments), got {global_pool!r}")
+        if GLOBAL_POOLS[global_pool] is not None:
+            self.dtp = replace(self.dtp, pool=GLOBAL_POOLS[global_pool])
+        self.global_pool = global_pool
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's: a new head of `num_classes` outputs (0: none) and optionally a new pool (`set_pool`)."""
+        if global_pool is not None:
+            self.set_pool(global_pool)
+        super().reset_classifier(num_classes)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: TorchScript cannot compile the merged path."""
+        raise TypeError("DTP-ViT cannot be compiled by TorchScript: the segment count, the packing and the boundary "
+                        "modes are Python-level decisions per batch; use torch.compile (the static execution "
+                        "compiles to one graph)")
 
     @property
     def pools(self) -> bool:
@@ -307,9 +384,16 @@ class DTPVisionTransformer(VisionTransformer):
         pre, short = self.dtp.pre_layers, self.dtp.short_layers
         return self.blocks[:pre], self.blocks[pre:pre + short], self.blocks[pre + short:]
 
-    def run_blocks(self, blocks: nn.Sequential, x: torch.Tensor, attn_mask: torch.Tensor | None = None):
-        for block in blocks:
+    def run_blocks(self, blocks: nn.Sequential, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   tap: Tap | None = None, first: int = 0) -> torch.Tensor:
+        """`blocks` (numbered from `first` in `self.blocks`) on B x T x D tokens; a `tap` records their outputs and
+        stops after its last block."""
+        for index, block in enumerate(blocks, first):
+            if tap is not None and index > tap.last:
+                break
             x = self.call_block(block, x, attn_mask=attn_mask)
+            if tap is not None:
+                tap.record(index, x)
         return x
 
     def call_block(self, function, *args, **kwargs):
@@ -319,6 +403,10 @@ class DTPVisionTransformer(VisionTransformer):
         return function(*args, **kwargs)
 
     def check_input(self, x: torch.Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError("DTP-ViT cannot be traced by torch.fx (nor by timm's fx feature extraction): how many "
+                            "tokens the shortened layers see depends on the image; use forward_intermediates "
+                            "(timm's features_only=True does)")
         expected = (3, *self.patch_embed.img_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected images of shape B x {' x '.join(map(str, expected))}, "
@@ -409,21 +497,28 @@ class DTPVisionTransformer(VisionTransformer):
         there, so it cannot compile with fullgraph; the static execution and equal counts (topk, forced) never do."""
         return self.pools and self.dtp.execution in ("packed", "padded") and self.static_segments() is None
 
-    def forward_pre(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_pre(self, x: torch.Tensor, tap: Tap | None = None) -> torch.Tensor:
         """Images to CLS + patch tokens after the full-length pre-layers: B x 3 x H x W -> B x (1+N) x D."""
         self.check_input(x)
         x = self.patch_embed(x)  # B x N x D
         x = self._pos_embed(x)  # B x (1+N) x D
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        return self.run_blocks(self.stages[0], x)
+        return self.run_blocks(self.stages[0], x, tap=tap)
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens after the last layer (B x T x D) and, when they are segments, their validity mask (B x T)."""
-        x = self.forward_pre(x)  # B x (1+N) x D
+    def forward_tokens(self, x: torch.Tensor, tap: Tap | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tower before its final norm: tokens after the last layer (B x T x D: CLS + segments in reading order,
+        or CLS + patches at grid positions when the tower upsamples or does not pool) and, when some are padding,
+        their validity mask (B x T; also kept as `last_keep`). `forward` pools these; a `tap` records block outputs
+        (`forward_intermediates`)."""
+        x = self.forward_pre(x, tap)  # B x (1+N) x D
         if not self.pools:
-            x = self.run_blocks(self.stages[1], x)
+            x = self.run_blocks(self.stages[1], x, tap=tap, first=self.dtp.pre_layers)
             self.record_plain(x)
+            self.last_keep = None
+            return x, None
+        if tap is not None and tap.stops_before(self.dtp.pre_layers):
+            self.last_keep = None
             return x, None
         order = self.reading_order(x.device)
         if order is not None:  # read the patches along the curve; later layers are permutation-equivariant
@@ -437,31 +532,53 @@ class DTPVisionTransformer(VisionTransformer):
             boundaries, probs, self.last_boundary_loss = self.boundaries_for(self.predictor(patches))  # B x N
         self.last_segments = boundaries.detach().sum(-1)  # B, read by the training loop every few steps
         self.record(boundaries, probs)
+        if tap is not None:
+            tap.segment_of = segment_ids(boundaries.detach().nan_to_num(1.0)).long()  # B x N, reading order
+        x, self.last_keep = self.forward_merged(x, boundaries, tap)
+        return x, self.last_keep
+
+    def forward_merged(self, x: torch.Tensor, boundaries: torch.Tensor,
+                       tap: Tap | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shortened (and post-) layers in the execution that fits (`DTPConfig.execution`); x: B x (1+N) x D
+        after the pre-layers, in reading order; boundaries B x N."""
         static = self.static_segments()
         if static is not None:
-            return self.forward_equal_counts(x, boundaries, static)
+            return self.forward_equal_counts(x, boundaries, static, tap)
         if self.dtp.execution == "static" and (self.training or torch.compiler.is_compiling()):
-            return self.forward_static(x, boundaries)
+            return self.forward_static(x, boundaries, tap)
         if self.dtp.execution in ("static", "packed"):  # eager eval: exactly the real tokens (see forward_static)
-            return self.forward_packed(x, boundaries)
-        return self.forward_padded(x, boundaries)
+            return self.forward_packed(x, boundaries, tap)
+        return self.forward_padded(x, boundaries, tap)
 
-    def forward_padded(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def upsampled_input(self, cls_token: torch.Tensor, upsampled: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The post-layers' input: CLS + each patch's segment token (B x N x D, reading order) + the pre-layers'
+        output x (the residual), put back at grid positions (the blocks are permutation-equivariant)."""
+        full = torch.cat([cls_token, upsampled], dim=1) + x  # B x (1+N) x D, reading order
+        order = self.reading_order(x.device)
+        if order is None:
+            return full
+        return torch.cat([full[:, :1], full[:, 1:].index_select(1, order[1])], dim=1)  # grid positions
+
+    def forward_padded(self, x: torch.Tensor, boundaries: torch.Tensor,
+                       tap: Tap | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference execution: every image padded to the batch's largest segment count, the padding masked in
         attention (and in pooling, by the returned mask). x: B x (1+N) x D after the pre-layers; boundaries B x N."""
         _, short_blocks, post_blocks = self.stages
+        pre, post = self.dtp.pre_layers, self.dtp.pre_layers + self.dtp.short_layers
         cls_token, patches = x[:, :1], x[:, 1:]  # B x 1 x D, B x N x D
         num_segments = int(boundaries.detach().nan_to_num(1.0).sum(-1).max())  # NaN weights: a NaN loss, no crash
         weights = membership(boundaries, num_segments)  # B x N x S
         segments, valid = downsample(patches, weights)  # B x S x D, B x S
         keep = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)  # B x (1+S)
         short = torch.cat([cls_token, segments], dim=1)  # B x (1+S) x D
-        short = self.run_blocks(short_blocks, short, attn_mask=keep[:, None, None, :])  # mask padded keys
-        if not self.dtp.upsample:
+        if tap is not None:
+            tap.keep = keep
+        short = self.run_blocks(short_blocks, short, attn_mask=keep[:, None, None, :], tap=tap, first=pre)  # mask
+        if not self.dtp.upsample or (tap is not None and tap.stops_before(post)):  # padded keys above
             return short, keep
         upsampled = upsample(short[:, 1:], self.upsampling_weights(weights))  # B x N x D
-        full = torch.cat([short[:, :1], upsampled], dim=1) + x  # B x (1+N) x D, residual
-        return self.run_blocks(post_blocks, full), None
+        return self.run_blocks(post_blocks, self.upsampled_input(short[:, :1], upsampled, x), tap=tap,
+                               first=post), None
 
     def upsampling_weights(self, weights: torch.Tensor) -> torch.Tensor:
         """The membership weights that copy segments back to their patches (B x N x S, or B x N straight-through
@@ -485,8 +602,8 @@ class DTPVisionTransformer(VisionTransformer):
         """
         return weights.detach() if self.dtp.upsample_weights == "normalised" else weights
 
-    def forward_equal_counts(self, x: torch.Tensor, boundaries: torch.Tensor,
-                             num_segments: int) -> tuple[torch.Tensor, None]:
+    def forward_equal_counts(self, x: torch.Tensor, boundaries: torch.Tensor, num_segments: int,
+                             tap: Tap | None = None) -> tuple[torch.Tensor, None]:
         """Every image has `num_segments` segments (topk, uniform): dense B x (1+S) x D, no padding, no mask, no
         host synchronisation; pooling by the packed path's scatter and gather, whatever the execution."""
         _, short_blocks, post_blocks = self.stages
@@ -495,13 +612,16 @@ class DTPVisionTransformer(VisionTransformer):
         index, through_ids = segment_index(boundaries, offsets)  # B x N
         segments = segment_means(x[:, 1:], index, through_ids, batch * num_segments)  # B*S x D
         short = torch.cat([x[:, :1], segments.view(batch, num_segments, -1)], dim=1)  # B x (1+S) x D
-        short = self.run_blocks(short_blocks, short)
-        if not self.dtp.upsample:
+        pre, post = self.dtp.pre_layers, self.dtp.pre_layers + self.dtp.short_layers
+        short = self.run_blocks(short_blocks, short, tap=tap, first=pre)
+        if not self.dtp.upsample or (tap is not None and tap.stops_before(post)):
             return short, None
         upsampled = gather_segments(short[:, 1:].flatten(0, 1), index, self.upsampling_weights(through_ids))
-        return self.run_blocks(post_blocks, torch.cat([short[:, :1], upsampled], dim=1) + x), None
+        return self.run_blocks(post_blocks, self.upsampled_input(short[:, :1], upsampled, x), tap=tap,
+                               first=post), None
 
-    def forward_static(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_static(self, x: torch.Tensor, boundaries: torch.Tensor,
+                       tap: Tap | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The shortened layers on the packed real tokens in a buffer of B + `segment_capacity(B)` rows
         (`dtplib.tower.packed.StaticPacking`): no host read, shapes fixed by the batch's shape alone.
 
@@ -515,49 +635,149 @@ class DTPVisionTransformer(VisionTransformer):
         lengths = boundaries.detach().sum(-1).long() + 1  # B: CLS + segments, on the device
         packing = StaticPacking.plan(lengths, batch + self.segment_capacity(batch), self.num_patches + 1)
         tokens, index, through_ids = pack_static(x[:, :1], x[:, 1:], boundaries, packing)  # T_cap x D
-        return self.run_packed(x, tokens, index, through_ids, packing)
+        return self.run_packed(x, tokens, index, through_ids, packing, tap)
 
-    def forward_packed(self, x: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_packed(self, x: torch.Tensor, boundaries: torch.Tensor,
+                       tap: Tap | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The shortened layers on the packed real tokens (`dtplib.tower.packed`); the output as
-        `forward_features`'s."""
+        `forward_tokens`'s."""
         counts = boundaries.detach().nan_to_num(1.0).sum(-1)  # B
         packing = Packing.plan(counts.long().tolist(), x.device)  # the forward's one host-device synchronisation
         tokens, index, through_ids = pack_tokens(x[:, :1], x[:, 1:], boundaries, packing)  # T x D
-        return self.run_packed(x, tokens, index, through_ids, packing)
+        return self.run_packed(x, tokens, index, through_ids, packing, tap)
 
     def run_packed(self, x: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor, through_ids: torch.Tensor,
-                   packing: Packing | StaticPacking) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   packing: Packing | StaticPacking,
+                   tap: Tap | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The shortened layers on packed rows (either execution's packing), then the output as
-        `forward_features`'s: without upsampling, B x (1+S) x D and its validity mask for forward_head; with it,
+        `forward_tokens`'s: without upsampling, B x (1+S) x D and its validity mask for forward_head; with it,
         each patch gathers its segment's row and the full-length post blocks run with the residual."""
         _, short_blocks, post_blocks = self.stages
-        for block in short_blocks:
+        pre, post = self.dtp.pre_layers, self.dtp.pre_layers + self.dtp.short_layers
+        for block_index, block in enumerate(short_blocks, pre):
+            if tap is not None and block_index > tap.last:
+                break
             check_block(block)
             tokens = self.call_block(block_forward, block, tokens, packing)
-        if not self.dtp.upsample:
+            if tap is not None and block_index in tap.take:
+                unpacked, tap.keep = packing.unpack(tokens)  # B x L x D (the padding zero), B x L
+                tap.record(block_index, unpacked)
+        if not self.dtp.upsample or (tap is not None and tap.stops_before(post)):
             return packing.unpack(tokens)
         upsampled = gather_segments(packing.segment_tokens(tokens), index,
                                     self.upsampling_weights(through_ids))  # B x N x D
         cls_out = tokens.index_select(0, packing.starts).unsqueeze(1)  # B x 1 x D
-        full = torch.cat([cls_out, upsampled], dim=1) + x  # B x (1+N) x D, residual
-        return self.run_blocks(post_blocks, full), None
+        return self.run_blocks(post_blocks, self.upsampled_input(cls_out, upsampled, x), tap=tap, first=post), None
+
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final norm where timm puts it for the pool: on every token for "tok" (timm's `norm`; the same CLS
+        token as norming after pooling), after pooling for "avg" (timm's `fc_norm`: `forward_head` applies it)."""
+        return self.norm(tokens) if self.dtp.pool == "tok" else tokens
+
+    def pool_tokens(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """B x T x D -> B x D: the CLS token, or the mean over the real non-CLS tokens (`keep`: B x T, None = all)."""
+        if self.dtp.pool == "tok":
+            return tokens[:, 0]  # B x D
+        rest = tokens[:, 1:]  # B x (T-1) x D
+        mask = keep[:, 1:] if keep is not None else rest.new_ones(rest.shape[:2], dtype=torch.bool)
+        mask = mask.unsqueeze(-1).to(rest.dtype)  # B x (T-1) x 1
+        return (rest * mask).sum(1) / mask.sum(1).clamp(min=1)  # B x D
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's: images to unpooled tokens after the final norm (`final_norm`), B x T x D: CLS + segments in
+        reading order (T = 1 + the batch's largest count, or N + 1 in the static execution, padding included), or
+        CLS + patches at grid positions when the tower upsamples or does not pool. `last_keep` (B x T, or None when
+        every token is real) marks the real ones; `forward_head` reads it."""
+        tokens, _ = self.forward_tokens(x)
+        return self.final_norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, keep: torch.Tensor | None = None):
-        """Pool (CLS or masked mean over real tokens), then norm, then the head (Identity inside open_clip)."""
-        if self.dtp.pool == "tok":
-            x = x[:, 0]  # B x D
-        else:
-            tokens = x[:, 1:]  # B x T x D
-            mask = (keep[:, 1:] if keep is not None else x.new_ones(tokens.shape[:2], dtype=torch.bool))
-            mask = mask.unsqueeze(-1).to(tokens.dtype)  # B x T x 1
-            x = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)  # B x D
-        x = self.norm(x)
+        """timm's: `forward_features`' tokens to the output: pool (CLS or the masked mean; none when `global_pool`
+        is ""), the norm for "avg", then the head (Identity inside open_clip). The mask of padded tokens is `keep`
+        or else `last_keep`, the last forward's."""
+        keep = self.last_keep if keep is None else keep
+        if self.global_pool and self.dtp.pool == "avg" and keep is not None and keep.shape != x.shape[:2]:
+            raise ValueError(f"forward_head got {tuple(x.shape[:2])} tokens, but the validity mask of the last "
+                             f"forward is {tuple(keep.shape)}: pass the tokens of the last forward_features call, "
+                             "or their mask as keep=")
+        if self.global_pool:
+            x = self.pool_tokens(x, keep)
+        x = x if self.dtp.pool == "tok" else self.norm(x)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, keep = self.forward_features(x)
-        return self.forward_head(x, keep=keep)
+        """Pool, then norm (for "tok" the same as timm's norm-then-pool, on one token), then the head."""
+        tokens, keep = self.forward_tokens(x)
+        if not self.global_pool:
+            return self.forward_head(self.final_norm(tokens), keep=keep)
+        x = self.norm(self.pool_tokens(tokens, keep))
+        x = self.head_drop(x)
+        return self.head(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
+                              attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        """timm's `forward_intermediates` along the merged path: the outputs of the blocks `indices` (the last n if
+        an int, all if None, negative from the end) and the final tokens.
+
+        Each intermediate is its block's tokens without the CLS token (`return_prefix_tokens`: with it, as a pair):
+        a pre- or post-layer's at full length; a shortened layer's as segment tokens. With output_fmt "NLC":
+        B x N x D at grid positions for full-length layers, B x S x D for shortened ones (segments in reading order,
+        padded to the batch's largest count, or to N in the static execution; the padding zero). With "NCHW":
+        B x D x H x W on the patch grid, where each patch of a shortened layer gets its segment's token. `norm`
+        applies the final norm to each; `stop_early` runs no block after the last one asked for (and the final
+        output is then that block's). The final output is `forward_features`' tokens (`forward_head` of it is
+        `forward`'s output; `last_keep` marks its real tokens). attn_mask and is_causal do not apply (the tower
+        masks its own padding). Returns (final, intermediates), the intermediates alone (`intermediates_only`), or
+        timm's dict (`output_dict`)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if attn_mask is not None or is_causal:
+            raise ValueError("DTP-ViT takes no attn_mask or is_causal: it masks the padding of its segments itself")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        tap = Tap(set(take), max_index if stop_early else len(self.blocks) - 1, stop_early)
+        tokens, _ = self.forward_tokens(x, tap)
+        placed = [self.place_intermediate(tap, index, norm, output_fmt == "NCHW") for index in take]
+        intermediates, prefix_tokens = [y for y, _ in placed], [cls for _, cls in placed]
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.final_norm(tokens)
+            return result
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
+        return intermediates if intermediates_only else (self.final_norm(tokens), intermediates)
+
+    def place_intermediate(self, tap: Tap, index: int, norm: bool,
+                           spatial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `index`'s recorded output as (tokens, CLS): B x N x D or B x S x D (spatial: B x D x H x W, each
+        patch with its segment's token), and B x 1 x D (see `forward_intermediates`)."""
+        y = tap.outputs[index]  # B x T x D
+        y = self.norm(y) if norm else y
+        cls_token, y = y[:, :1], y[:, 1:]  # B x 1 x D, B x (T-1) x D
+        shortened = self.pools and self.dtp.pre_layers <= index < self.dtp.pre_layers + self.dtp.short_layers
+        if shortened:
+            if tap.keep is not None:
+                y = y * tap.keep[:, 1:, None].to(y.dtype)  # the padding zero
+            if not spatial:
+                return y, cls_token
+            y = y.gather(1, tap.segment_of[..., None].expand(-1, -1, y.shape[-1]))  # B x N x D, reading order
+            order = self.reading_order(y.device)
+            y = y if order is None else y.index_select(1, order[1])  # B x N x D, grid positions
+        if spatial:
+            y = y.transpose(1, 2).reshape(y.shape[0], y.shape[-1], *self.grid)  # B x D x H x W
+        return y, cls_token
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's: drop the blocks after the last of `indices` (optionally the final norm, and the head and pool:
+        `forward` then returns `forward_features`' tokens). The layer split keeps its boundaries: blocks cut from
+        the shortened or post-layers shorten those stages, and the merging still runs after the pre-layers."""
+        return super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
 
     def record(self, boundaries: torch.Tensor, probs: torch.Tensor) -> None:
         if not self.tracers:
