@@ -1,6 +1,6 @@
 """The shipped weights: the seed-0 runs of results/flickr8k_ti retrained, exported into weights/ with their README.
 
-    python scripts/ship_weights.py --runs RUNS [--out weights]
+    python scripts/ship_weights.py --runs RUNS [--out weights] [--only RUN ...]
 
 RUNS holds <run>/checkpoints/epoch_latest.pt and <run>/epochs.csv for each run below, trained with the flags of
 experiments/flickr8k_ti.toml. Per run: (1) its epochs.csv against the committed results/flickr8k_ti/runs/<run>/
@@ -122,9 +122,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", required=True, help="folder with <run>/checkpoints/epoch_latest.pt per run")
     parser.add_argument("--out", default=str(REPO_ROOT / "weights"))
+    parser.add_argument("--only", nargs="+", choices=list(SHIPPED), default=list(SHIPPED),
+                        help="ship these runs only (the others are left out of weights/ and its README)")
     args = parser.parse_args()
     rows, checks = [], []
     for run, name in SHIPPED.items():
+        if run not in args.only:
+            continue
         run_dir = Path(args.runs) / run
         checkpoint = run_dir / "checkpoints" / "epoch_latest.pt"
         fp16_file = export_weights(checkpoint, Path(args.out) / f"{name}.safetensors", fp16=True, overwrite=True)
