@@ -89,9 +89,9 @@ committed) and exported with `python -m dtplib.export`. Small models trained bri
 boundaries (notebook 04) and trying the code, not a CLIP to use. The metrics in the table are the committed run's
 (`final_*` columns of `results/flickr8k_ti/runs.csv`: CIFAR-10 zero-shot, Flickr8k test retrieval, a linear probe;
 compression is the realised training compression, GMACs the image tower's forward per image). The retrain did not
-reproduce the committed run bit for bit (the first epochs agree exactly, then the runs drift apart: the code has
-changed since, and float sums in another order diverge over 480 steps); how far its per-epoch validation numbers
-are from the committed run's is listed at the end. The files were not scored on the test split themselves.
+reproduce the committed run bit for bit: the first three epochs agree to every printed digit, then the runs drift
+apart (the cause was not traced; the code has changed since the committed runs). How far the retrain's per-epoch
+numbers are from the committed run's is listed at the end. The files were not scored on the test split themselves.
 
 {table}
 
