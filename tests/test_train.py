@@ -103,7 +103,9 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(tmp_path):
         while not latest.exists() and time.time() < deadline and process.poll() is None:
             time.sleep(0.1)
         assert latest.exists(), "no checkpoint was written"
-        time.sleep(1.0)  # into the second epoch (8 steps of about 0.1-0.5 s)
+        steps_file = tmp_path / "k" / "steps.csv"  # into the second epoch: a step after the checkpoint's 8
+        while len(read_csv(steps_file)) <= 8 and time.time() < deadline and process.poll() is None:
+            time.sleep(0.05)
         assert process.poll() is None, "the run finished before it could be killed"
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
