@@ -283,6 +283,17 @@ def test_speedup_figures_draw_one_machine_each_and_label_every_panel_with_its_re
         plt.close(figure)
 
 
+def test_a_mode_a_table_did_not_time_is_said_not_drawn_empty(tmp_path):
+    full, clip_only = tmp_path / "efficiency_a.csv", tmp_path / "efficiency_b.csv"
+    pd.DataFrame(bench_rows("cpu A", "Ti-8-64")).to_csv(full, index=False)
+    pd.DataFrame([r for r in bench_rows("cpu A", "Ti-8-64") if r["mode"] == "clip"]).to_csv(clip_only, index=False)
+    figure = plots.speedup_plot([full, clip_only])
+    assert [ax.axison for ax in figure.axes] == [True, True, True, False]
+    assert "not timed in this table" in figure.axes[3].texts[0].get_text()
+    assert not figure.axes[3].lines  # nothing drawn in it
+    plt.close(figure)
+
+
 def test_arm_families_colour_every_kind_of_arm_apart():
     labels = {"DTP-ViT-Ti-8-64-1x": "baseline (1x)", "DTP-ViT-Ti-8-64-4x": "learned",
               "DTP-ViT-Ti-8-64-4x+image-prior": "learned", "DTP-ViT-Ti-8-64-4x+topk+hilbert": "top-k",

@@ -595,8 +595,13 @@ def speedup_plot(bench_csvs: Sequence[str | Path]):
         x_limit = 1.12 * max(float(nominal.max()), float(frame.loc[regular, "realised_compression"].max()))
         reference = str(frame["reference"].iloc[0])
         for column, mode in enumerate(modes):
-            ax = axes[row, column]
-            _speedup_panel(ax, frame[frame["mode"] == mode], x_limit)
+            ax, timed = axes[row, column], frame[frame["mode"] == mode]
+            if timed.empty:  # this table did not time this mode: say so instead of an empty axis
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"{MODE_TITLES[mode]}:\nnot timed in this table\n({_table_caption(frame)})",
+                        ha="center", va="center", transform=ax.transAxes, fontsize=7.5, color="#555555")
+                continue
+            _speedup_panel(ax, timed, x_limit)
             ax.set_title(f"{MODE_TITLES[mode]}\n{_table_caption(frame)}", fontsize=7.5)
             ax.set_ylabel(f"speed-up over {reference}", fontsize=7.5)
             ax.set_xlabel("realised compression (patches per token)" if row == len(frames) - 1 else "")
