@@ -24,10 +24,10 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
 from ..common.files import atomic_write_text
 from ..common.paths import repo_path
+from ..common.progress import progress
 from .loader import DECODE_ERRORS, IMAGE_EXTENSIONS, expand_shards
 
 log = logging.getLogger(__name__)
@@ -310,8 +310,8 @@ def _write_shards(images: Path, out: Path, jobs: list[tuple[CaptionedImage, list
             encoded = pool.imap(_encode_job, encode_args, chunksize=16)
         else:
             encoded = map(_encode_job, encode_args)
-        progress = tqdm(zip(jobs, encoded, strict=True), total=len(jobs), desc="shards", disable=None)
-        for (entry, kept), (jpg, width, height, error) in progress:
+        bar = progress(zip(jobs, encoded, strict=True), desc="shards", total=len(jobs), leave=True)
+        for (entry, kept), (jpg, width, height, error) in bar:
             if error is not None:
                 skips.skip(entry, "unreadable_image", len(kept))
                 log.warning("skipping %s: %s", entry.path, error)
