@@ -4,8 +4,8 @@ the checkout the code itself was imported from.
 Relative paths (notebook parameters, command-line flags) are taken from the working checkout: the folder above the
 current directory that holds this project's pyproject.toml (a notebook runs with its cwd in notebooks/, a command line
 from the root), or the current directory itself outside any checkout. They never follow the installed package, so two
-clones sharing one environment each write into their own tree. Only data that ships inside the package would be read
-relative to it (`PACKAGE_DIR`; there is none today).
+clones sharing one environment each write into their own tree. Only data that ships inside the package is read
+relative to it (the open_clip configs in `dtplib/tower/model_configs/`).
 """
 
 from __future__ import annotations
