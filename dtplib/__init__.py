@@ -33,6 +33,7 @@ from .tower.clip import (
     register,
     variant_names,
 )
+from .tower.config import DTPConfig
 from .tower.control import (
     fit_boundary_prior,
     forced_boundaries,
@@ -43,7 +44,7 @@ from .tower.control import (
     use_config,
     use_execution,
 )
-from .tower.model import DTPConfig, DTPVisionTransformer, token_budget
+from .tower.model import DTPVisionTransformer, token_budget
 from .tower.weights import load_weights
 from .training.checkpoint import load_trained
 from .training.config import TrainConfig

@@ -18,7 +18,7 @@ from .figures import plots
 from .figures.plots import save_figure
 from .measure.bench import MODES, bench, device_slug, markdown, memory_probe, parse_checkpoints, reference_index
 from .measure.specs import parse_spec
-from .tower.model import EXECUTIONS
+from .tower.config import EXECUTIONS
 from .training.config import ADAMW_IMPLS, TrainConfig
 
 

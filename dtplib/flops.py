@@ -15,7 +15,8 @@ from .common.images import load_photos
 from .common.provenance import run_info
 from .measure.flops import format_report, image_tower, patch_count, report, text_tower
 from .tower.clip import check_model_name
-from .tower.model import EXECUTIONS, DTPVisionTransformer
+from .tower.config import EXECUTIONS
+from .tower.model import DTPVisionTransformer
 
 
 def _parse_compressions(text: str) -> list[int]:

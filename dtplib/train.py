@@ -55,8 +55,8 @@ from .common.runtime import default_device, process_memory_mb, seed_everything, 
 from .data import loader as dtp_loader
 from .measure import evaluate as dtp_eval
 from .tower.clip import read_checkpoint
+from .tower.config import DTPConfig
 from .tower.control import dtp_towers
-from .tower.model import DTPConfig
 from .training.checkpoint import build_from_config
 from .training.config import TrainConfig
 from .training.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl

@@ -10,8 +10,8 @@ import torch
 
 from dtplib import train
 from dtplib.tower.clip import build_model, resolve_model
+from dtplib.tower.config import DTPConfig
 from dtplib.tower.control import get_tower, use_config
-from dtplib.tower.model import DTPConfig
 from dtplib.training.checkpoint import build_from_config, load_trained, training_config
 from dtplib.training.config import TrainConfig
 from dtplib.training.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl

@@ -8,7 +8,8 @@ from conftest import flickr_captions, flickr_photos
 import dtplib
 from dtplib.common.images import load_images
 from dtplib.tower.boundaries import downsample, membership, upsample
-from dtplib.tower.model import DTPConfig, DTPVisionTransformer, segment_ids
+from dtplib.tower.config import DTPConfig
+from dtplib.tower.model import DTPVisionTransformer, segment_ids
 
 
 @pytest.fixture(scope="module")

@@ -52,8 +52,9 @@ from timm.layers import Attention as TimmAttention
 
 from ..common.extras import optional_import
 from ..common.runtime import eval_mode
+from ..tower.config import EXECUTIONS
 from ..tower.control import dtp_towers, forced_boundaries, trace, use_execution
-from ..tower.model import EXECUTIONS, DTPVisionTransformer, token_budget
+from ..tower.model import DTPVisionTransformer, token_budget
 
 # ----------------------------------------------------------------------------------------------------------
 # Analytic model

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import open_clip
 
 from ..tower.clip import parse_dtp_name
-from ..tower.model import EXECUTIONS
+from ..tower.config import EXECUTIONS
 from ..training.config import TrainConfig
 
 BOUNDARY_MODIFIERS = ("uniform", "topk", "batch-topk")

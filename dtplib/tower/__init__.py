@@ -1,7 +1,7 @@
 """The method: the DTP-ViT image tower and how it runs.
 
-- `model`: `DTPConfig`, `DTPVisionTransformer` (boundary predictor, pooling, the padded, packed and static
-  executions), the boundary prior, `trace`;
+- `config`: `DTPConfig`, the tower's hyper-parameters, their choice lists and checks;
+- `model`: `DTPVisionTransformer` (boundary predictor, pooling, the padded, packed and static executions);
 - `boundaries`: drawing, capping and pooling boundaries, and their binomial prior (tensor functions);
 - `control`: handles on any model holding towers: `get_tower`, `trace`, `use_config`, `forced_boundaries`,
   `fit_boundary_prior`;
@@ -11,4 +11,4 @@
 - `weights`: weights-only safetensors files that describe themselves (`load_weights`, written by `dtplib.export`).
 """
 
-__all__ = ["boundaries", "clip", "control", "model", "order", "packed", "weights"]
+__all__ = ["boundaries", "clip", "config", "control", "model", "order", "packed", "weights"]

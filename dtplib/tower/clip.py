@@ -32,8 +32,9 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import _convert_openai_clip
 
+from .config import STRUCTURAL_FIELDS, DTPConfig
 from .control import get_tower
-from .model import STRUCTURAL_FIELDS, DTPConfig, DTPVisionTransformer, clip_pretrained_cfg
+from .model import DTPVisionTransformer, clip_pretrained_cfg
 
 TEXT_B = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
 TEXT_TI = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4}

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from ..common.progress import progress
-from .model import STRUCTURAL_FIELDS, DTPConfig, DTPVisionTransformer, TraceRecord, token_budget
+from .config import STRUCTURAL_FIELDS, DTPConfig
+from .model import DTPVisionTransformer, TraceRecord, token_budget
 
 
 def dtp_towers(model: nn.Module) -> list[DTPVisionTransformer]:

@@ -29,7 +29,7 @@ import torch
 from ..common.files import atomic_write_bytes, atomic_write_text
 from ..common.paths import REPO_ROOT, repo_path
 from .clip import ARCHS, COMPRESSIONS, build_model, parse_dtp_name, tower_config
-from .model import STRUCTURAL_FIELDS, DTPConfig
+from .config import STRUCTURAL_FIELDS, DTPConfig
 
 WEIGHTS_DIR = REPO_ROOT / "weights"  # the shipped weights files; `load_weights("name")` looks here
 METADATA_KEY = "dtp_vit"  # the safetensors metadata entry that holds the json header

@@ -10,7 +10,7 @@ import torch
 
 from ..common.provenance import git_commit
 from ..tower.clip import build_model, read_checkpoint, read_state_dict
-from ..tower.model import DTPConfig
+from ..tower.config import DTPConfig
 from ..tower.weights import weights_header, write_weights
 from .config import TrainConfig
 

@@ -20,7 +20,7 @@ from ..common.runtime import check_precision, default_device
 from ..data.imagefolder import zeroshot_classes
 from ..data.loader import dataset_size, expand_shards
 from ..tower.clip import ARCHS, dtp_name, parse_dtp_name, resolve_model, tower_config
-from ..tower.model import DTPConfig
+from ..tower.config import DTPConfig
 
 log = logging.getLogger("dtplib.train")
 
