@@ -1,5 +1,5 @@
 """`python -m dtplib.bench`: step time and memory of models side by side (`dtplib.measure.bench`), written to
-results/ as CSV, markdown and a speed-up figure (`dtplib.figures.plots.speedup_plot`)."""
+results/ as CSV, markdown and a speed-up figure (`dtplib.figures.compare.speedup_plot`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .common.cli import run_cli
 from .common.files import atomic_write_text
 from .common.paths import repo_path
 from .common.runtime import default_device
-from .figures import plots
+from .figures import compare
 from .figures.plots import save_figure
 from .measure.bench import MODES, bench, device_slug, markdown, memory_probe, parse_checkpoints, reference_index
 from .measure.specs import parse_spec
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     if args.plot:
         if not args.out:
             p.error("--plot needs --out (the figure is written to <out>.png)")
-        save_figure(plots.speedup_plot([repo_path(c) for c in args.plot]), repo_path(args.out).with_suffix(".png"),
+        save_figure(compare.speedup_plot([repo_path(c) for c in args.plot]), repo_path(args.out).with_suffix(".png"),
                     pdf=True)
         return pd.DataFrame()
     modes = [m.strip() for m in args.modes.split(",")]
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         f"efficiency_{device_slug(device)}" + (f"_{args.tag}" if args.tag else ""))
     atomic_write_text(stem.with_suffix(".csv"), frame.to_csv(index=False))
     atomic_write_text(stem.with_suffix(".md"), markdown(frame))
-    save_figure(plots.speedup_plot([stem.with_suffix(".csv")]), stem.with_suffix(".png"), pdf=True)
+    save_figure(compare.speedup_plot([stem.with_suffix(".csv")]), stem.with_suffix(".png"), pdf=True)
     print(markdown(frame))
     print(f"wrote {stem.with_suffix('.csv')}, .md and .png")
     return frame

@@ -6,7 +6,7 @@ import torch
 
 from dtplib import bench as bench_cmd
 from dtplib.common.paths import repo_path
-from dtplib.figures import plots
+from dtplib.figures import compare
 from dtplib.measure import bench, tables
 from dtplib.measure.specs import parse_spec
 from dtplib.tower.control import get_tower
@@ -117,7 +117,7 @@ def test_committed_results_read_back():
     for csv in csvs:
         for label in pd.read_csv(csv)["model"]:
             parse_spec(label)
-    figures = plots.speedup_figures(csvs)  # one per machine: two CPUs and the H100
+    figures = compare.speedup_figures(csvs)  # one per machine: two CPUs and the H100
     assert len(figures) == 3 and all(figure.axes for figure in figures.values())
     for figure in figures.values():
         plt.close(figure)

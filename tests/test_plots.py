@@ -13,7 +13,7 @@ from PIL import Image
 import dtplib
 import dtplib.common.paths
 from dtplib.common.images import load_images
-from dtplib.figures import plots, viz
+from dtplib.figures import compare, plots, viz
 from dtplib.measure import tables
 
 GREY = 128  # every PALETTE tint moves a mid-grey pixel by at least 22 levels, the edge and wrap colours are far
@@ -261,7 +261,7 @@ def test_speedup_figures_draw_one_machine_each_and_label_every_panel_with_its_re
     for stem, rows in tables_.items():
         csvs.append(tmp_path / f"{stem}.csv")
         pd.DataFrame(rows).to_csv(csvs[-1], index=False)
-    figures = plots.speedup_figures(csvs)
+    figures = compare.speedup_figures(csvs)
     assert list(figures) == ["cpu_a", "gpu_b"]
     cpu, gpu = figures["cpu_a"], figures["gpu_b"]
     # a row of panels per table, a panel per mode
@@ -276,7 +276,7 @@ def test_speedup_figures_draw_one_machine_each_and_label_every_panel_with_its_re
         assert ax.get_xlim()[1] < 5
         assert any("realised 49x" in text.get_text() for text in ax.texts)
     with pytest.raises(ValueError, match="one machine per speed-up figure"):
-        plots.speedup_plot(csvs)
+        compare.speedup_plot(csvs)
     assert read_png(plots.save_figure(cpu, tmp_path / "speedup.png", pdf=True)).ndim == 3
     assert (tmp_path / "speedup.pdf").read_bytes().startswith(b"%PDF")
     for figure in figures.values():
@@ -287,7 +287,7 @@ def test_a_mode_a_table_did_not_time_is_said_not_drawn_empty(tmp_path):
     full, clip_only = tmp_path / "efficiency_a.csv", tmp_path / "efficiency_b.csv"
     pd.DataFrame(bench_rows("cpu A", "Ti-8-64")).to_csv(full, index=False)
     pd.DataFrame([r for r in bench_rows("cpu A", "Ti-8-64") if r["mode"] == "clip"]).to_csv(clip_only, index=False)
-    figure = plots.speedup_plot([full, clip_only])
+    figure = compare.speedup_plot([full, clip_only])
     assert [ax.axison for ax in figure.axes] == [True, True, True, False]
     assert "not timed in this table" in figure.axes[3].texts[0].get_text()
     assert not figure.axes[3].lines  # nothing drawn in it
@@ -306,7 +306,7 @@ def test_arm_families_colour_every_kind_of_arm_apart():
 
 def test_plot_results_bars_each_method_above_chance():
     table = pd.DataFrame({"method": ["zero-shot", "linear probe"], "top1": [0.3, 0.55], "chance": [0.1, 0.1]})
-    figure = plots.plot_results(table)
+    figure = compare.plot_results(table)
     axis = figure.axes[0]
     assert [bar.get_height() for bar in axis.patches] == pytest.approx([30, 55])
     assert [text.get_text() for text in axis.get_legend().texts] == ["chance (10%)"]
@@ -318,7 +318,7 @@ def test_accuracy_curves_are_small_multiples_with_the_reference_in_grey_and_clip
     runs = pd.DataFrame([{"arm": arm, "seed": seed, "epochs_done": epoch, "train_time_s": 10.0 * epoch * (1 + i),
                           "train_gmacs": 5.0 * epoch * (1 + i), "R@10": 0.01 * (epoch + i) + 0.04 * seed}
                          for i, arm in enumerate(arms) for seed in (0, 1) for epoch in (1, 2, 3)])
-    figure = plots.accuracy_curves(tables.metric_curves(runs, "R@10"), "R@10", reference="1x", chance=0.01)
+    figure = compare.accuracy_curves(tables.metric_curves(runs, "R@10"), "R@10", reference="1x", chance=0.01)
     assert [ax.get_title() for ax in figure.axes] == [f"{arm} (n=2)" for arm in arms]  # a panel per arm
     for ax in figure.axes:
         assert ax.get_ylim()[0] == 0
@@ -332,7 +332,7 @@ def test_accuracy_curves_are_small_multiples_with_the_reference_in_grey_and_clip
     figure.canvas.draw()
     legend_box = figure.legends[0].get_window_extent()
     assert all(legend_box.x0 >= ax.get_window_extent().x1 for ax in figure.axes)
-    time = plots.accuracy_curves(tables.metric_curves(runs, "R@10"), "R@10", cost="train_time_s")
+    time = compare.accuracy_curves(tables.metric_curves(runs, "R@10"), "R@10", cost="train_time_s")
     assert time.get_supxlabel() == "cumulative training step time (min)"  # 180 s at most
     assert read_png(plots.save_figure(figure, tmp_path / "curves.png")).ndim == 3
     plt.close(figure)
@@ -342,7 +342,7 @@ def test_accuracy_curves_are_small_multiples_with_the_reference_in_grey_and_clip
 def test_accuracy_vs_gflops_has_every_arm_once_with_clipped_bars_and_chance(tmp_path):
     runs = pd.read_csv(dtplib.common.paths.repo_path("results/flickr8k_ti/runs.csv"))
     table = tables.arm_accuracy(dtplib.common.paths.repo_path("results/flickr8k_ti/runs.csv"), classes=10)
-    figure = plots.accuracy_vs_gflops(table)
+    figure = compare.accuracy_vs_gflops(table)
     arms = list(dict.fromkeys(runs["arm"]))
     for ax, (metric, chance) in zip(figure.axes, (("zero-shot top-1 (%)", 10.0), ("text→image R@10 (%)", 1.0)),
                                     strict=True):

@@ -21,7 +21,7 @@ Outputs in `<out>`:
 - `alignment.csv`, `overlays/<arm>/` ([alignment]): `align_runs`, once per finished run.
 - `curves_<metric>.png` and `curves_<metric>_time.png`: the metric against training compute (forward MACs) and
   against cumulative training step time, a panel per arm with the reference arm in grey, mean over seeds with its
-  95% t-interval band clipped to the metric's range, chance dotted (`dtplib.figures.plots.accuracy_curves`).
+  95% t-interval band clipped to the metric's range, chance dotted (`dtplib.figures.compare.accuracy_curves`).
 - `.gitignore`: the runs' checkpoints and TensorBoard events stay out of git; their CSVs and params.json do not.
 """
 
@@ -38,7 +38,7 @@ import pandas as pd
 
 from ..common.files import atomic_write_text, markdown_table
 from ..common.provenance import run_info
-from ..figures import plots
+from ..figures import compare, plots
 from ..measure import tables
 from ..measure.flops import analytic_macs, image_tower, patch_count, text_macs, total
 from ..measure.specs import trained_label
@@ -390,7 +390,7 @@ def write_report(grid: Grid, out: Path, command: str) -> pd.DataFrame:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.replace("@", "_at_"))
         curves, chance = tables.metric_curves(runs, metric), tables.runs_chance(runs, metric)
         for cost, suffix in (("train_gmacs", ""), ("train_time_s", "_time")):
-            figure = plots.accuracy_curves(curves, metric, cost, grid.reference, chance)
+            figure = compare.accuracy_curves(curves, metric, cost, grid.reference, chance)
             plots.save_figure(figure, out / f"curves_{name}{suffix}.png")
             pyplot.close(figure)
     return runs
