@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -15,8 +16,18 @@ from .paths import SOURCE_ROOT
 
 def git_commit() -> str:
     """Short commit of the checkout whose code runs (paths.SOURCE_ROOT), with '+dirty' when it has uncommitted
-    changes. DTPLIB_COMMIT overrides it for a copy of a clean checkout that has no .git (a machine that receives the
-    files alone); an installed wheel reads as its version, e.g. "dtp-vit==0.1.0"."""
+    changes, as it was when this module was imported: the code a process loaded is the checkout's at its start, so
+    a kernel or a training run that lives across commits keeps recording the commit it runs. DTPLIB_COMMIT overrides
+    it for a copy of a clean checkout that has no .git (a machine that receives the files alone); an installed wheel
+    reads as its version, e.g. "dtp-vit==0.1.0"."""
+    if os.environ.get("DTPLIB_COMMIT"):
+        return os.environ["DTPLIB_COMMIT"]
+    return _checkout_commit()
+
+
+@functools.cache
+def _checkout_commit() -> str:
+    """git_commit's reading of the checkout, once per process: at import (the end of this module)."""
     if os.environ.get("DTPLIB_COMMIT"):
         return os.environ["DTPLIB_COMMIT"]
     if SOURCE_ROOT is None:
@@ -29,6 +40,9 @@ def git_commit() -> str:
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+_checkout_commit()  # the commit of the code this process loaded, read now (two git calls, ~20 ms)
 
 
 def hardware(device: str | torch.device = "cpu") -> str:
