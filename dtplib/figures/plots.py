@@ -273,7 +273,8 @@ def segment_overlay(image: np.ndarray, segment_ids, grid: tuple[int, int], alpha
     - borders between patches of different segments (left-right and above-below) in EDGE_COLOUR (`_edge_mask`);
     - wrap ticks in WRAP_COLOUR where a segment continues on the next row (`_wrap_mask`, twice the edge width),
       for segments read in raster order only: along a Hilbert curve (`patch_order="hilbert"`) runs never wrap.
-    Pixels elsewhere are the image's, unchanged. Patch size = image size / grid, any sizes that divide.
+    Pixels elsewhere are the image's, unchanged; a patch that a reduction dropped (segment id -1) is untinted and
+    darkened to half. Patch size = image size / grid, any sizes that divide.
     """
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
@@ -285,11 +286,13 @@ def segment_overlay(image: np.ndarray, segment_ids, grid: tuple[int, int], alpha
     image = upscale(image, scale)  # sH x sW x 3
     ids = _as_grid(segment_ids, grid).astype(np.int64)  # rows x cols
     patch_h, patch_w = patch_shape(image.shape[:2], grid)
-    merged = np.bincount(ids.ravel())[ids] > 1  # rows x cols: the patch shares its segment
+    dropped = ids < 0  # rows x cols: no token (a pruning reduction)
+    merged = (np.bincount(ids.ravel() + 1)[ids + 1] > 1) & ~dropped  # rows x cols: the patch shares its segment
     merged_px = np.repeat(np.repeat(merged, patch_h, 0), patch_w, 1)[..., None]  # H x W x 1
     tint = np.repeat(np.repeat(PALETTE[ids % len(PALETTE)], patch_h, 0), patch_w, 1)  # H x W x 3
     blended = np.rint((1 - alpha) * image.astype(np.float64) + alpha * tint)  # H x W x 3
     out = np.where(merged_px, blended, image).astype(np.uint8)
+    out[np.repeat(np.repeat(dropped, patch_h, 0), patch_w, 1)] //= 2
     out[_edge_mask(ids, image.shape[:2], edge_width)] = EDGE_COLOUR
     if patch_order == "raster":
         out[_wrap_mask(ids, image.shape[:2], 2 * edge_width)] = WRAP_COLOUR
@@ -335,7 +338,8 @@ def overlays(images: torch.Tensor, record: TraceRecord, mean=OPENAI_CLIP_MEAN, s
 
 
 LEGEND = ("tint: one segment (a run of patches in raster order); untinted: a patch kept as its own token; "
-          "white: borders between segments; yellow ticks: the segment continues on the next row")
+          "white: borders between segments; yellow ticks: the segment continues on the next row; darkened: a dropped "
+          "patch (no token)")
 
 
 def boundary_figure(images: torch.Tensor, record: TraceRecord, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,

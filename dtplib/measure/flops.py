@@ -177,6 +177,8 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None, execu
                 "head": (head, 0)}
     if patch_dropout:
         raise ValueError("a pooling DTP tower has no patch dropout (it would remove patches before the predictor)")
+    if tower.reducer is not None:
+        return _reduction_stages(tower, segments, head)
     segments = num_patches / tower.dtp.compression if segments is None else segments
     segments = _as_count(segments, 1, num_patches, "segments per image")
     pooling = num_patches * segments * width if execution == "padded" else 0 * segments  # einsum N x S x D
@@ -188,6 +190,20 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None, execu
             "upsample": (pooling if tower.dtp.upsample else 0, 0),
             "post_layers": _stage_macs(post_blocks, 1 + num_patches),
             "head": (head, 0)}
+
+
+def _reduction_stages(tower: DTPVisionTransformer, segments, head: int) -> dict[str, tuple]:
+    """A reduction of the field: the shortened layers at `short_layer_tokens()` (the same for every image), the
+    reducer's own MACs (`reduction_macs()`) as the "predictor" component; `segments` must be its count if given."""
+    num_patches, tokens = tower.num_patches, tower.short_layer_tokens()
+    if segments is not None:
+        _as_count(segments, tokens[0] - 1, tokens[0] - 1, f"segments of reduction {tower.dtp.reduction!r}")
+    pre_blocks, short_blocks, _ = tower.stages
+    short = [_stage_macs([block], count) for block, count in zip(short_blocks, tokens, strict=True)]
+    return {"patch_embed": (tower.patch_embed.proj.weight.numel() * num_patches, 0),
+            "pre_layers": _stage_macs(pre_blocks, 1 + num_patches), "predictor": (tower.reduction_macs(), 0),
+            "downsample": (0, 0), "short_layers": (sum(s[0] for s in short), sum(s[1] for s in short)),
+            "upsample": (0, 0), "post_layers": (0, 0), "head": (head, 0)}
 
 
 def analytic_macs(model: nn.Module, segments: float | torch.Tensor | None = None,
@@ -326,6 +342,9 @@ NO_MAC_OPS = (  # seen in these towers and deliberately counted as 0 MACs (see t
     "aten::pad", "aten::isfinite", "aten::where", "aten::bucketize",  # the static path's device-built indices
     # lookups and bookkeeping
     "aten::embedding", "aten::argmax", "aten::unflatten", "aten::new_ones", "aten::ones_like", "aten::scalar_tensor",
+    # the reductions of the field (dtplib.tower.reductions): ranking, selection, masks, clamps
+    "aten::sort", "aten::expand_as", "aten::clamp_min", "aten::clamp", "aten::gather", "aten::eq", "aten::ne",
+    "aten::ge", "aten::amax", "aten::max", "aten::full", "aten::arange",
 )
 
 
@@ -498,7 +517,11 @@ def report(model: nn.Module, name: str, compressions: Sequence[int] = (1, 2, 4, 
                      "fvcore GMACs": fvcore / 1e9 if fvcore is not None else float("nan"),
                      "fvcore GFLOPs": 2 * fvcore / 1e9 if fvcore is not None else float("nan")})
 
-    if pools:
+    if pools and tower.reducer is not None:  # one budget, every image: the tower's own compression
+        tokens = tower.short_layer_tokens()[0] - 1
+        add(f"{tower.dtp.reduction} {tower.dtp.compression:g}x", tokens, image_fvcore_macs(model), segments=tokens,
+            compression=num_patches / tokens)
+    elif pools:
         for c in compressions:
             segments = fixed_segments(num_patches, c)
             with forced_boundaries(model, c):

@@ -7,8 +7,10 @@
   `fit_boundary_prior`;
 - `packed`: the variable-length shortened layers (host-planned buckets and the device-side static buffer);
 - `order`: the order patches are read into runs (raster or Hilbert);
+- `reductions`: the field's token reductions at DTP's budget (EViT, TokenLearner, k-means grouping, learned
+  pruning), chosen by `DTPConfig.reduction`;
 - `clip`: the registered timm and open_clip names, `build_model`, weight transfer from a plain CLIP ViT;
 - `weights`: weights-only safetensors files that describe themselves (`load_weights`, written by `dtplib.export`).
 """
 
-__all__ = ["boundaries", "clip", "config", "control", "model", "order", "packed", "weights"]
+__all__ = ["boundaries", "clip", "config", "control", "model", "order", "packed", "reductions", "weights"]

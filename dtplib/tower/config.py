@@ -18,9 +18,11 @@ BOUNDARY_MODES = ("threshold", "topk", "batch-topk")  # DTPConfig.boundaries
 UPSAMPLE_WEIGHTS = ("straight-through", "normalised")  # DTPConfig.upsample_weights
 # DTPConfig fields that shape the tower's parameters; the others are read at run time and may change on a model
 STRUCTURAL_FIELDS = ("compression", "pre_layers", "short_layers", "post_layers", "upsample", "predictor_hidden",
-                     "forced_boundaries")
+                     "forced_boundaries", "reduction")
 PRIOR_SCOPES = ("batch", "image")  # DTPConfig.prior_scope
 POOLS = ("tok", "avg")  # DTPConfig.pool
+# DTPConfig.reduction: DTP's learned runs, or a method of the field at the same budget (`dtplib.tower.reductions`)
+REDUCTIONS = ("dtp", "evit", "tokenlearner", "kmeans", "prune")
 
 
 def setting(default, help: str, *, choices: tuple | None = None, type=None):
@@ -68,6 +70,9 @@ class DTPConfig:
     upsample_weights: str = setting("straight-through", "DTP with --upsample: the boundaries get a gradient through "
                                     "upsampling (straight-through, ours) or not (normalised, Nawrot)",
                                     choices=UPSAMPLE_WEIGHTS)
+    reduction: str = setting("dtp", "how the shortened layers get their CLS + ceil(N / compression) tokens: DTP's "
+                             "learned runs, or a method of the field at the same budget (EViT, TokenLearner, k-means "
+                             "grouping, learned pruning; dtplib.tower.reductions)", choices=REDUCTIONS)
 
     @classmethod
     def settings(cls) -> list:
@@ -108,6 +113,7 @@ class DTPConfig:
                                    or forced != self.compression):
             raise ValueError(f"forced_boundaries (a boundary every c patches) must be an int c >= 2 equal to the "
                              f"compression, got {self.forced_boundaries!r} with compression {self.compression:g}")
+        self.validate_reduction()
         if not math.isfinite(self.boundary_loss_weight) or self.boundary_loss_weight < 0:
             raise ValueError(f"boundary_loss_weight must be a finite number >= 0, got {self.boundary_loss_weight}")
         if self.temperature <= 0:
@@ -120,3 +126,19 @@ class DTPConfig:
         if self.pre_layers + self.short_layers + self.post_layers != depth:
             raise ValueError(f"layer split pre_layers + short_layers + post_layers = {self.pre_layers} + "
                              f"{self.short_layers} + {self.post_layers} does not add up to depth={depth}")
+
+    def validate_reduction(self) -> None:
+        """A reduction other than DTP's: no upsampling, forced boundaries or patch order (DTP's own settings)."""
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.reduction == "dtp":
+            return
+        for name, value, ok in (("upsample", self.upsample, not self.upsample),
+                                ("forced_boundaries", self.forced_boundaries, self.forced_boundaries is None),
+                                ("patch_order", self.patch_order, self.patch_order == "raster")):
+            if not ok:
+                raise ValueError(f"{name}={value!r} is DTP's; reduction {self.reduction!r} takes none (no upsampling, "
+                                 "no forced boundaries, raster order)")
+        if self.reduction == "evit" and self.compresses and self.pre_layers < 1:
+            raise ValueError("reduction 'evit' ranks patches by the CLS attention of the last pre-layer: it needs "
+                             "pre_layers >= 1")

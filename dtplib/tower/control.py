@@ -81,6 +81,8 @@ def forced_boundaries(model: nn.Module, boundaries: torch.Tensor | str | int) ->
     tower = get_tower(model)
     if not tower.pools:
         raise ValueError("this tower does not pool tokens (compression=1); there are no boundaries to force")
+    if tower.reducer is not None:
+        raise ValueError(f"this tower reduces tokens by {tower.dtp.reduction!r}, not by boundaries: none to force")
     if isinstance(boundaries, str) and boundaries != "all":
         raise ValueError(f"forced boundaries must be 'all', an int or a B x N tensor, got {boundaries!r}")
     if isinstance(boundaries, bool) or (isinstance(boundaries, int) and not 1 <= boundaries <= tower.num_patches):

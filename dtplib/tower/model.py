@@ -71,6 +71,7 @@ from .packed import (
     segment_index,
     segment_means,
 )
+from .reductions import build_reducer, trace_fields
 
 THRESHOLD_MOMENTUM = 0.1  # batch-topk: the running eval threshold moves this far to each batch's (BatchNorm's 0.1)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -207,9 +208,11 @@ class DTPVisionTransformer(VisionTransformer):
         self.dtp = dtp
         self.set_pool({"tok": "token", "avg": "avg"}[dtp.pool] if global_pool is None else global_pool)
         self.predictor = (BoundaryPredictor(embed_dim, dtp.predictor_hidden or embed_dim)
-                          if dtp.compresses and dtp.forced_boundaries is None else None)
+                          if dtp.compresses and dtp.forced_boundaries is None and dtp.reduction == "dtp" else None)
         self.default_cfg = self.pretrained_cfg = clip_pretrained_cfg(img_size, num_classes)  # as timm's builder
         self.set_grid()
+        self.reducer = (build_reducer(dtp.reduction, embed_dim, self.topk_segments, self.grid)  # `.reductions`
+                        if dtp.compresses and dtp.reduction != "dtp" else None)
         self.forced: torch.Tensor | str | int | None = None  # set by `forced_boundaries`
         self.tracers: list[list[TraceRecord]] = []  # set by `trace`
         self.last_boundary_loss: torch.Tensor | None = None  # read by the training loop
@@ -387,22 +390,29 @@ class DTPVisionTransformer(VisionTransformer):
         """Whether a forward reads the segment counts to the host: a tower that pools with varying counts in the
         host-planned executions (packed reads every count, padded the largest). torch.compile breaks its graph
         there, so it cannot compile with fullgraph; the static execution and equal counts (topk, forced) never do."""
-        return self.pools and self.dtp.execution in ("packed", "padded") and self.static_segments() is None
+        return (self.pools and self.reducer is None and self.dtp.execution in ("packed", "padded")
+                and self.static_segments() is None)
 
-    def forward_pre(self, x: torch.Tensor, tap: Tap | None = None) -> torch.Tensor:
-        """Images to CLS + patch tokens after the full-length pre-layers: B x 3 x H x W -> B x (1+N) x D."""
+    def forward_pre(self, x: torch.Tensor, tap: Tap | None = None, with_input: bool = False):
+        """Images to CLS + patch tokens after the full-length pre-layers: B x 3 x H x W -> B x (1+N) x D;
+        `with_input`: and the last pre-layer's input (B x (1+N) x D), whose attention EViT reads."""
         self.check_input(x)
         x = self.patch_embed(x)  # B x N x D
         x = self._pos_embed(x)  # B x (1+N) x D
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        return self.run_blocks(self.stages[0], x, tap=tap)
+        pre = self.stages[0]
+        block_input = self.run_blocks(pre[:-1], x, tap=tap)  # B x (1+N) x D
+        x = self.run_blocks(pre[-1:], block_input, tap=tap, first=len(pre) - 1)
+        return (x, block_input) if with_input else x
 
     def forward_tokens(self, x: torch.Tensor, tap: Tap | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tower before its final norm: tokens after the last layer (B x T x D: CLS + segments in reading order,
         or CLS + patches at grid positions when the tower upsamples or does not pool) and, when some are padding,
         their validity mask (B x T; also kept as `last_keep`). `forward` pools these; a `tap` records block outputs
         (`forward_intermediates`)."""
+        if self.reducer is not None:
+            return self.forward_reduced(x, tap)
         x = self.forward_pre(x, tap)  # B x (1+N) x D
         if not self.pools:
             x = self.run_blocks(self.stages[1], x, tap=tap, first=self.dtp.pre_layers)
@@ -428,6 +438,32 @@ class DTPVisionTransformer(VisionTransformer):
             tap.segment_of = segment_ids(boundaries.detach().nan_to_num(1.0)).long()  # B x N, reading order
         x, self.last_keep = self.forward_merged(x, boundaries, tap)
         return x, self.last_keep
+
+    def forward_reduced(self, x: torch.Tensor, tap: Tap | None = None) -> tuple[torch.Tensor, None]:
+        """A reduction of the field (`DTPConfig.reduction`, `dtplib.tower.reductions`): images -> pre-layers ->
+        the reducer's CLS + K tokens (K = `topk_segments`, every image) -> the shortened layers, dense, no mask."""
+        x, block_input = self.forward_pre(x, tap, with_input=True)  # B x (1+N) x D each
+        self.last_keep, self.last_dropped = None, x.new_zeros(())
+        if tap is not None and tap.stops_before(self.dtp.pre_layers):
+            return x, None
+        last = self.stages[0][-1] if self.dtp.pre_layers else None
+        short, groups, scores = self.reducer(x, self.topk_segments, self.grid, block_input, last)  # B x (1+K) x D
+        self.last_boundary_loss = x.new_zeros(())
+        self.last_segments = x.new_full((x.shape[0],), float(self.topk_segments))  # B
+        self.record_groups(groups, scores)
+        if tap is not None:  # a dropped patch (-1) reads the zero row after the tokens
+            tap.segment_of = groups.where(groups >= 0, self.topk_segments)  # B x N
+        return self.run_blocks(self.stages[1], short, tap=tap, first=self.dtp.pre_layers), None
+
+    def short_layer_tokens(self) -> list[int] | None:
+        """Tokens (CLS included) per shortened layer, every image, with a reducer (for `dtplib.measure.flops`);
+        None for DTP, whose count is per image."""
+        return None if self.reducer is None else [1 + self.topk_segments] * len(self.stages[1])
+
+    def reduction_macs(self) -> int:
+        """The reducer's own multiply-accumulates per image (0 without one)."""
+        last = self.stages[0][-1] if self.dtp.pre_layers else None
+        return 0 if self.reducer is None else self.reducer.macs(self.num_patches, self.topk_segments, last)
 
     def forward_merged(self, x: torch.Tensor, boundaries: torch.Tensor,
                        tap: Tap | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -657,6 +693,7 @@ class DTPVisionTransformer(VisionTransformer):
                 y = y * tap.keep[:, 1:, None].to(y.dtype)  # the padding zero
             if not spatial:
                 return y, cls_token
+            y = F.pad(y, (0, 0, 0, 1))  # B x T x D: a zero row for patches a reduction dropped
             y = y.gather(1, tap.segment_of[..., None].expand(-1, -1, y.shape[-1]))  # B x N x D, reading order
             order = self.reading_order(y.device)
             y = y if order is None else y.index_select(1, order[1])  # B x N x D, grid positions
@@ -686,6 +723,12 @@ class DTPVisionTransformer(VisionTransformer):
                           patch_order=self.dtp.patch_order)
         for records in self.tracers:
             records.append(rec)
+
+    def record_groups(self, groups: torch.Tensor, scores: torch.Tensor) -> None:
+        """Trace of a reduction (`dtplib.tower.reductions.trace_fields`)."""
+        for records in self.tracers:
+            records.append(TraceRecord(**trace_fields(groups, scores, self.topk_segments), grid=self.grid,
+                                       boundary_loss=self.last_boundary_loss.detach()))
 
     def record_plain(self, x: torch.Tensor) -> None:
         """Trace of a tower that does not pool: every patch is its own segment."""
