@@ -8,7 +8,8 @@
 - `packed`: the variable-length shortened layers (host-planned buckets and the device-side static buffer);
 - `order`: the order patches are read into runs (raster or Hilbert);
 - `clip`: the registered timm and open_clip names, `build_model`, weight transfer from a plain CLIP ViT;
+- `tome`: ToMe (Bolya et al. 2023), bipartite token merging in the shortened layers, and its MAC-matched schedule;
 - `weights`: weights-only safetensors files that describe themselves (`load_weights`, written by `dtplib.export`).
 """
 
-__all__ = ["boundaries", "clip", "config", "control", "model", "order", "packed", "weights"]
+__all__ = ["boundaries", "clip", "config", "control", "model", "order", "packed", "tome", "weights"]
