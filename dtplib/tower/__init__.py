@@ -10,7 +10,8 @@
 - `reductions`: the field's token reductions at DTP's budget (EViT, TokenLearner, k-means grouping, learned
   pruning), chosen by `DTPConfig.reduction`;
 - `clip`: the registered timm and open_clip names, `build_model`, weight transfer from a plain CLIP ViT;
+- `tome`: ToMe (Bolya et al. 2023), bipartite token merging in the shortened layers, and its MAC-matched schedule;
 - `weights`: weights-only safetensors files that describe themselves (`load_weights`, written by `dtplib.export`).
 """
 
-__all__ = ["boundaries", "clip", "config", "control", "model", "order", "packed", "reductions", "weights"]
+__all__ = ["boundaries", "clip", "config", "control", "model", "order", "packed", "reductions", "tome", "weights"]
