@@ -1,5 +1,6 @@
-"""The field's token reductions (dtplib.tower.reductions) as arms of the DTP tower: the budget, the FLOP count, the
-gradient, batch invariance, compile, the plain-ViT limits, the trace and the overlay, training through the CLI."""
+"""The field's token reductions (dtplib.tower.reductions, dtplib.tower.tome) as arms of the DTP tower: the budget,
+the FLOP count, the gradient, batch invariance, compile, the plain-ViT limits, the trace and the overlay, training
+through the CLI."""
 
 import math
 
@@ -103,6 +104,51 @@ def test_budget_flops_gradient_and_eval_properties(method, shape, photos, one_th
         assert model.blocks[model.dtp.pre_layers - 1].attn.qkv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tome_meets_dtps_macs_with_its_schedule_and_keeps_every_patch(shape, photos, one_thread):
+    """ToMe at 4x: each shortened layer sees its schedule's count (the same for every image), the tower's forward
+    MACs are DTP's (topk, at its budget) within 3% and fvcore's exactly; every patch ends in exactly one token;
+    eval is deterministic and batch invariant; the loss reaches every shortened block; intermediates go on the grid."""
+    model = tower(shape, reduction="tome")
+    images = photos[shape]
+    counts = model.short_layer_tokens()
+    assert len(counts) == model.dtp.short_layers and counts == sorted(counts, reverse=True)
+    shapes = []  # what each shortened layer's attention reads (ToMe runs the blocks' parts, not their forward)
+    handles = [block.attn.qkv.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
+               for block in model.stages[1]]
+    with torch.no_grad(), dtplib.trace(model) as t:
+        batched = model(images)
+    for handle in handles:
+        handle.remove()
+    assert [s[1] for s in shapes] == counts and {s[0] for s in shapes} == {len(images)}
+    final = counts[-1] - model.reducer.schedule[-1] - 1  # patch tokens after the last layer's merge
+    assert (t.tokens == final).all() and t.segment_ids.min() >= 0 and t.segment_ids.max() == final - 1
+
+    analytic = flops.total(flops.analytic_macs(model))
+    assert analytic == pytest.approx(flops.fvcore_macs(model, images[:1]), rel=1e-9)
+    reference = tower(shape, boundaries="topk")
+    assert analytic == pytest.approx(flops.total(flops.analytic_macs(reference, model.topk_segments)), rel=0.03)
+    with torch.no_grad():
+        assert torch.equal(model(images), batched)
+        alone = torch.cat([model(images[i:i + 1]) for i in range(len(images))])
+        _, (short,) = model.forward_intermediates(images[:1], indices=[model.dtp.pre_layers + 1])
+    torch.testing.assert_close(alone, batched, atol=1e-5, rtol=0)
+    assert short.shape == (1, model.embed_dim, *model.grid) and short.isfinite().all()
+
+    model.train()
+    model(images).square().mean().backward()
+    assert all(block.mlp.fc2.weight.grad.abs().sum() > 0 for block in model.stages[1])
+
+
+def test_tome_merging_nothing_is_the_plain_vit(photos):
+    """ToMe with r = 0 everywhere (no entrance merge either) is the plain ViT with the same weights."""
+    plain, merging = tower("Ti", compression=1.0), tower("Ti", reduction="tome")
+    merging.load_state_dict(plain.state_dict())
+    merging.reducer.schedule = [0] * (1 + merging.dtp.short_layers)
+    with torch.no_grad():
+        torch.testing.assert_close(merging(photos["Ti"]), plain(photos["Ti"]), atol=1e-5, rtol=0)
+
+
 def test_evit_keeping_every_patch_is_the_plain_vit(photos):
     """K = N (compression just above 1): N - 1 patches kept, the one fused patch is itself: the plain ViT's output,
     whose token order attention does not see."""
@@ -146,7 +192,7 @@ def test_compile_serves_every_method_with_one_graph(photos, one_thread):
     no recompile."""
     from torch._dynamo.testing import CompileCounter
 
-    for method in METHODS:
+    for method in (*METHODS, "tome"):
         torch._dynamo.reset()
         model = tower("Ti", reduction=method).train()
         counter = CompileCounter()

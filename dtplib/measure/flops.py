@@ -193,13 +193,17 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None, execu
 
 
 def _reduction_stages(tower: DTPVisionTransformer, segments, head: int) -> dict[str, tuple]:
-    """A reduction of the field: the shortened layers at `short_layer_tokens()` (the same for every image), the
-    reducer's own MACs (`reduction_macs()`) as the "predictor" component; `segments` must be its count if given."""
-    num_patches, tokens = tower.num_patches, tower.short_layer_tokens()
+    """A reduction of the field: the shortened layers at `short_layer_tokens()` (the same for every image; ToMe's
+    from its schedule, `tome_stage_macs`), the reducer's own MACs (`reduction_macs()`, ToMe's matching) as the
+    "predictor" component; `segments`, if given, must be the budget K = ceil(N / c)."""
+    num_patches, tokens, budget = tower.num_patches, tower.short_layer_tokens(), tower.topk_segments
     if segments is not None:
-        _as_count(segments, tokens[0] - 1, tokens[0] - 1, f"segments of reduction {tower.dtp.reduction!r}")
+        _as_count(segments, budget, budget, f"segments of reduction {tower.dtp.reduction!r}")
     pre_blocks, short_blocks, _ = tower.stages
-    short = [_stage_macs([block], count) for block, count in zip(short_blocks, tokens, strict=True)]
+    if hasattr(tower.reducer, "stage_macs"):  # ToMe: attention before each merge, the MLP after it
+        short = [(tower.reducer.stage_macs["linear"], tower.reducer.stage_macs["attention"])]
+    else:
+        short = [_stage_macs([block], count) for block, count in zip(short_blocks, tokens, strict=True)]
     return {"patch_embed": (tower.patch_embed.proj.weight.numel() * num_patches, 0),
             "pre_layers": _stage_macs(pre_blocks, 1 + num_patches), "predictor": (tower.reduction_macs(), 0),
             "downsample": (0, 0), "short_layers": (sum(s[0] for s in short), sum(s[1] for s in short)),
@@ -345,6 +349,8 @@ NO_MAC_OPS = (  # seen in these towers and deliberately counted as 0 MACs (see t
     # the reductions of the field (dtplib.tower.reductions): ranking, selection, masks, clamps
     "aten::sort", "aten::expand_as", "aten::clamp_min", "aten::clamp", "aten::gather", "aten::eq", "aten::ne",
     "aten::ge", "aten::amax", "aten::max", "aten::full", "aten::arange",
+    # ToMe (dtplib.tower.tome): the metric's norm, the matching's sorts, the merge's scatter-add
+    "aten::linalg_vector_norm", "aten::argsort", "aten::empty_like", "aten::scatter_", "aten::scatter_add",
 )
 
 

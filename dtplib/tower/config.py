@@ -22,7 +22,7 @@ STRUCTURAL_FIELDS = ("compression", "pre_layers", "short_layers", "post_layers",
 PRIOR_SCOPES = ("batch", "image")  # DTPConfig.prior_scope
 POOLS = ("tok", "avg")  # DTPConfig.pool
 # DTPConfig.reduction: DTP's learned runs, or a method of the field at the same budget (`dtplib.tower.reductions`)
-REDUCTIONS = ("dtp", "evit", "tokenlearner", "kmeans", "prune")
+REDUCTIONS = ("dtp", "tome", "evit", "tokenlearner", "kmeans", "prune")
 
 
 def setting(default, help: str, *, choices: tuple | None = None, type=None):
@@ -71,8 +71,8 @@ class DTPConfig:
                                     "upsampling (straight-through, ours) or not (normalised, Nawrot)",
                                     choices=UPSAMPLE_WEIGHTS)
     reduction: str = setting("dtp", "how the shortened layers get their CLS + ceil(N / compression) tokens: DTP's "
-                             "learned runs, or a method of the field at the same budget (EViT, TokenLearner, k-means "
-                             "grouping, learned pruning; dtplib.tower.reductions)", choices=REDUCTIONS)
+                             "learned runs, or a method of the field at the same budget (ToMe at equal MACs, EViT, "
+                             "TokenLearner, k-means grouping, learned pruning; docs/reductions.md)", choices=REDUCTIONS)
 
     @classmethod
     def settings(cls) -> list:

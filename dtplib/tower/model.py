@@ -166,6 +166,7 @@ class Tap:
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> B x T x D
     segment_of: torch.Tensor | None = None  # B x N: each patch's segment (reading order), when the tower pools
     keep: torch.Tensor | None = None  # B x (1+S) validity of the shortened layers' tokens; None: all real
+    segment_of_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # ToMe: block index -> B x N
 
     def record(self, index: int, tokens: torch.Tensor) -> None:
         if index in self.take:
@@ -211,7 +212,8 @@ class DTPVisionTransformer(VisionTransformer):
                           if dtp.compresses and dtp.forced_boundaries is None and dtp.reduction == "dtp" else None)
         self.default_cfg = self.pretrained_cfg = clip_pretrained_cfg(img_size, num_classes)  # as timm's builder
         self.set_grid()
-        self.reducer = (build_reducer(dtp.reduction, embed_dim, self.topk_segments, self.grid)  # `.reductions`
+        self.reducer = (build_reducer(dtp.reduction, embed_dim, self.topk_segments, self.grid,  # `.reductions`
+                                      self.stages[1], dtp.predictor_hidden)
                         if dtp.compresses and dtp.reduction != "dtp" else None)
         self.forced: torch.Tensor | str | int | None = None  # set by `forced_boundaries`
         self.tracers: list[list[TraceRecord]] = []  # set by `trace`
@@ -446,19 +448,37 @@ class DTPVisionTransformer(VisionTransformer):
         self.last_keep, self.last_dropped = None, x.new_zeros(())
         if tap is not None and tap.stops_before(self.dtp.pre_layers):
             return x, None
+        self.last_boundary_loss = x.new_zeros(())
+        self.last_segments = x.new_full((x.shape[0],), float(self.topk_segments))  # B: the budget (ToMe: its MACs')
+        if getattr(self.reducer, "runs_blocks", False):
+            return self.forward_tome(x, tap), None
         last = self.stages[0][-1] if self.dtp.pre_layers else None
         short, groups, scores = self.reducer(x, self.topk_segments, self.grid, block_input, last)  # B x (1+K) x D
-        self.last_boundary_loss = x.new_zeros(())
-        self.last_segments = x.new_full((x.shape[0],), float(self.topk_segments))  # B
         self.record_groups(groups, scores)
         if tap is not None:  # a dropped patch (-1) reads the zero row after the tokens
             tap.segment_of = groups.where(groups >= 0, self.topk_segments)  # B x N
         return self.run_blocks(self.stages[1], short, tap=tap, first=self.dtp.pre_layers), None
 
+    def forward_tome(self, x: torch.Tensor, tap: Tap | None = None) -> torch.Tensor:
+        """ToMe (`dtplib.tower.tome`): the shortened layers merge tokens as they run; x: B x (1+N) x D after the
+        pre-layers -> B x T_out x D. A tap records each layer's tokens and each patch's token in that layer."""
+        layers = [] if tap is not None else None
+        result = self.reducer(self.stages[1], x, source=bool(self.tracers) or tap is not None, record=layers)
+        if self.tracers:
+            self.record_groups(result.groups, torch.ones_like(result.groups, dtype=x.dtype), result.tokens.shape[1] - 1)
+        for index, (tokens, groups) in enumerate(layers or [], self.dtp.pre_layers):
+            tap.record(index, tokens)
+            tap.segment_of_layer[index] = groups  # B x N
+        return result.tokens
+
     def short_layer_tokens(self) -> list[int] | None:
-        """Tokens (CLS included) per shortened layer, every image, with a reducer (for `dtplib.measure.flops`);
-        None for DTP, whose count is per image."""
-        return None if self.reducer is None else [1 + self.topk_segments] * len(self.stages[1])
+        """Tokens (CLS included) per shortened layer, every image, with a reducer (for `dtplib.measure.flops`; ToMe:
+        what each layer's attention sees); None for DTP, whose count is per image."""
+        if self.reducer is None:
+            return None
+        if getattr(self.reducer, "runs_blocks", False):
+            return self.reducer.layer_tokens()
+        return [1 + self.topk_segments] * len(self.stages[1])
 
     def reduction_macs(self) -> int:
         """The reducer's own multiply-accumulates per image (0 without one)."""
@@ -694,7 +714,8 @@ class DTPVisionTransformer(VisionTransformer):
             if not spatial:
                 return y, cls_token
             y = F.pad(y, (0, 0, 0, 1))  # B x T x D: a zero row for patches a reduction dropped
-            y = y.gather(1, tap.segment_of[..., None].expand(-1, -1, y.shape[-1]))  # B x N x D, reading order
+            segment_of = tap.segment_of_layer.get(index, tap.segment_of)  # B x N (ToMe: per layer)
+            y = y.gather(1, segment_of[..., None].expand(-1, -1, y.shape[-1]))  # B x N x D, reading order
             order = self.reading_order(y.device)
             y = y if order is None else y.index_select(1, order[1])  # B x N x D, grid positions
         if spatial:
@@ -724,10 +745,10 @@ class DTPVisionTransformer(VisionTransformer):
         for records in self.tracers:
             records.append(rec)
 
-    def record_groups(self, groups: torch.Tensor, scores: torch.Tensor) -> None:
-        """Trace of a reduction (`dtplib.tower.reductions.trace_fields`)."""
+    def record_groups(self, groups: torch.Tensor, scores: torch.Tensor, tokens: int | None = None) -> None:
+        """Trace of a reduction (`dtplib.tower.reductions.trace_fields`): `tokens` per image (default K)."""
         for records in self.tracers:
-            records.append(TraceRecord(**trace_fields(groups, scores, self.topk_segments), grid=self.grid,
+            records.append(TraceRecord(**trace_fields(groups, scores, tokens or self.topk_segments), grid=self.grid,
                                        boundary_loss=self.last_boundary_loss.detach()))
 
     def record_plain(self, x: torch.Tensor) -> None:

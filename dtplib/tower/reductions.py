@@ -1,4 +1,5 @@
-"""The field's token reductions as arms of the same tower: EViT, TokenLearner, k-means grouping, learned pruning.
+"""The field's token reductions as arms of the same tower: EViT, TokenLearner, k-means grouping, learned pruning
+(and ToMe, `dtplib.tower.tome`, which merges inside the shortened layers instead of before them).
 
 Each maps the pre-layers' output to the shortened layers' input at DTP's budget, CLS + K tokens with
 K = ceil(N / compression) (the tower's `topk_segments`), one count for every image: static shapes, no value read to
@@ -17,6 +18,9 @@ the host, one graph under torch.compile. A reducer is an nn.Module called as
 and `reducer.macs(num_patches, tokens, block)` is its own multiply-accumulates per image (matrix products only,
 as `dtplib.measure.flops` counts), which the analytic FLOP model adds to the layers'.
 
+ToMe's reducer (`ToMeReduction`, `runs_blocks`) is handed the shortened layers and runs them itself, merging as it
+goes; the tower then sees its last layer's tokens.
+
 Read top to bottom: the shared helpers, then one class per method, then `build_reducer`.
 """
 
@@ -27,6 +31,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .tome import ToMeReduction
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared helpers
@@ -300,9 +306,12 @@ class LearnedPruning(nn.Module):
 # By name
 
 
-def build_reducer(reduction: str, width: int, tokens: int, grid: tuple[int, int]) -> nn.Module:
+def build_reducer(reduction: str, width: int, tokens: int, grid: tuple[int, int], blocks=None,
+                  predictor_hidden: int | None = None) -> nn.Module:
     """The reducer of `DTPConfig.reduction` for a tower of width D that keeps K = `tokens` per image of a `grid` of
-    patches."""
+    patches (ToMe: its merge schedule for the shortened `blocks`, `dtplib.tower.tome.ToMeReduction`)."""
+    if reduction == "tome":
+        return ToMeReduction(blocks, grid[0] * grid[1], tokens, predictor_hidden or width)
     if reduction == "evit":
         return EViT()
     if reduction == "tokenlearner":

@@ -378,3 +378,42 @@ def merge_schedule(blocks: Sequence[nn.Module], num_patches: int, target_macs: f
                          f"{MAX_MAC_ERROR:.0%} of {target_macs:.4g} MACs"
                          + ("" if best is None else f" (closest {best[1]}: {best[0]:+.1%})"))
     return best[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tower's `tome` reduction
+
+
+class ToMeReduction(nn.Module):
+    """`DTPConfig.reduction = "tome"`: the shortened layers merge as they run (`run_tome`), on a schedule fixed when
+    the tower is built. Parameter-free (a module only so that it sits where the other reductions' reducers do).
+
+    The schedule meets the MACs of DTP's tower at the same compression: its shortened layers at 1 + ceil(N / c)
+    tokens plus its boundary predictor (a D -> hidden -> 1 MLP on every patch), which ToMe does not have; so the
+    two towers' forward MACs agree, matching included (`merge_schedule`'s rule, within 1%)."""
+
+    runs_blocks = True  # the tower hands it the shortened layers instead of running them itself
+
+    def __init__(self, blocks: Sequence[nn.Module], num_patches: int, tokens: int, predictor_hidden: int):
+        super().__init__()
+        width = BlockCost.of(blocks[0]).width
+        predictor = num_patches * (width * predictor_hidden + predictor_hidden)  # DTP's MLP, per image
+        self.num_patches = num_patches
+        self.schedule = merge_schedule(blocks, num_patches, dense_macs(blocks, 1 + tokens) + predictor)
+        self.stage_macs = tome_stage_macs(blocks, num_patches, self.schedule)  # linear, attention, matching
+
+    def forward(self, blocks: Sequence[nn.Module], x: torch.Tensor, source: bool = False,
+                record: list | None = None) -> ToMeResult:
+        """`run_tome` on x (B x (1+N) x D, the pre-layers' output) with this tower's schedule."""
+        if x.shape[1] - 1 != self.num_patches:
+            raise ValueError(f"the ToMe schedule was fixed for {self.num_patches} patches, got {x.shape[1] - 1} "
+                             "(a new input size needs a new tower)")
+        return run_tome(blocks, x, self.schedule, source=source, record=record)
+
+    def layer_tokens(self) -> list[int]:
+        """Tokens (CLS included) each shortened layer's attention sees."""
+        return tome_layer_tokens(self.num_patches, self.schedule)
+
+    def macs(self, num_patches: int, tokens: int, block: nn.Module | None = None) -> int:
+        """The reduction's own MACs per image: the matching (the layers' are `stage_macs`)."""
+        return self.stage_macs["matching"]
