@@ -2,6 +2,7 @@
 
 - `config`: `DTPConfig`, the tower's hyper-parameters, their choice lists and checks;
 - `model`: `DTPVisionTransformer` (boundary predictor, pooling, the padded, packed and static executions);
+- `intermediates`: timm's `forward_intermediates` along the merged path (a mixin of the tower);
 - `boundaries`: drawing, capping and pooling boundaries, and their binomial prior (tensor functions);
 - `control`: handles on any model holding towers: `get_tower`, `trace`, `use_config`, `forced_boundaries`,
   `fit_boundary_prior`;
@@ -14,4 +15,5 @@
 - `weights`: weights-only safetensors files that describe themselves (`load_weights`, written by `dtplib.export`).
 """
 
-__all__ = ["boundaries", "clip", "config", "control", "model", "order", "packed", "reductions", "tome", "weights"]
+__all__ = ["boundaries", "clip", "config", "control", "intermediates", "model", "order", "packed", "reductions", "tome",
+           "weights"]
