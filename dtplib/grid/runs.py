@@ -217,7 +217,8 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
             if epochs_done(folder) >= wanted:
                 continue
             if config is finish:
-                print(f"finishing {label}: {wanted} epochs from its last weights", flush=True)
+                print(f"finishing {label}: {wanted} epoch{'s' if wanted != 1 else ''} from its last weights",
+                      flush=True)
             _run_child("dtplib.train", config.to_argv(), name, grid.nproc_per_node)
             if epochs_done(folder) < wanted:
                 raise RunFailed(f"run {name} ended with {epochs_done(folder)} of {wanted} epochs in its epochs.csv "

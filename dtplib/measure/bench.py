@@ -92,6 +92,8 @@ def find_checkpoints(folder: str | Path) -> dict[str, Path]:
         config = TrainConfig.from_dict(params)
         if config.dtp is not None and (config.dtp.forced_boundaries is not None or config.dtp.patch_order != "raster"):
             continue  # not the registered tower: no predictor, or another reading order
+        if config.force_image_size is not None:
+            continue  # another input size: the spec's +pxSIZE, not the name alone
         found.setdefault(config.model_name, checkpoint)
     return found
 
