@@ -19,7 +19,8 @@ from dtplib.grid import spec
 from dtplib.measure import evaluate
 from dtplib.measure.specs import parse_spec, trained_label
 from dtplib.tower.clip import read_checkpoint
-from dtplib.training.checkpoint import POSITION_EMBEDDINGS, build_from_config, fit_position_embeddings
+from dtplib.tower.weights import weights_info
+from dtplib.training.checkpoint import POSITION_EMBEDDINGS, build_from_config, export_weights, fit_position_embeddings
 from dtplib.training.config import TrainConfig
 
 SAMPLE = REPO_ROOT / "data" / "sample"
@@ -141,7 +142,7 @@ class TestALowResolutionArmWithAFinish:
     """One arm, one seed: a main run at 32 px and its finish at 64 px (two dtplib.train children), the [final]
     evaluation (a dtplib.evaluate child) and [timing]; under a minute on 2 cores."""
 
-    def test_the_main_run_trains_and_evaluates_at_its_size(self, finished):
+    def test_the_main_run_trains_and_evaluates_at_its_size(self, finished, tmp_path):
         _, out, result = finished
         assert result["trained"] == result["evaluated"] == ["lowres-4x-seed0"]
         run = out / "runs" / "lowres-4x-seed0"
@@ -152,6 +153,11 @@ class TestALowResolutionArmWithAFinish:
         model, _, _ = evaluate.load_model(checkpoint=spec.last_checkpoint(run), force_image_size=64)
         assert model.visual.trunk.num_patches == 64
         assert model.encode_image(torch.zeros(1, 3, 64, 64)).isfinite().all()
+        exported = export_weights(spec.last_checkpoint(run), tmp_path / "lowres.safetensors")  # records its size
+        assert weights_info(exported)["source"]["force_image_size"] == 32
+        assert not weights_info(exported)["open_clip_loads"]  # open_clip's name alone would build 64 px
+        model, _, _ = evaluate.load_model(checkpoint=exported)
+        assert get_model_preprocess_cfg(model)["size"] == (32, 32) and model.visual.trunk.num_patches == 16
 
     def test_the_finish_starts_from_the_main_weights_with_a_new_schedule(self, finished):
         _, out, _ = finished

@@ -115,7 +115,9 @@ def export_weights(checkpoint: str | Path, out: str | Path, fp16: bool = False, 
     trained_at = json.loads(params.read_text()).get("commit", "unknown") if params.is_file() else "unknown"
     source = {"run": raw.get("name"), "run_id": raw.get("run_id"), "checkpoint": checkpoint.name,
               "epoch": raw.get("epoch"), "epochs": config.epochs, "step": raw.get("step"), "seed": config.seed,
-              "train_data": config.train_data, "commit": trained_at, "exported_by": git_commit(),
-              "force_image_size": config.force_image_size}
+              "train_data": config.train_data, "commit": trained_at, "exported_by": git_commit()}
+    if config.force_image_size is not None:  # the open_clip name alone builds its own size: load_weights reads this
+        source["force_image_size"] = config.force_image_size
     header = weights_header(config.model_name, config.dtp, source)
+    header["open_clip_loads"] = header["open_clip_loads"] and config.force_image_size is None
     return write_weights(model.state_dict(), out, header, fp16=fp16, overwrite=overwrite)
