@@ -16,8 +16,8 @@ Grid file:
     [final]                     # optional: `dtplib.evaluate` flags for each complete run's last checkpoint,
     val_data = "logs/data/flickr8k-64/test"  # run once per run (its final.json), e.g. on the test split
     bootstrap = 1000
-    [timing]                    # optional: time the training step of every arm's final checkpoint (this seed's
-    seed = 0                    # runs) in turn in one process, once all of them are finished: step_times.csv
+    [timing]                    # optional: time the training step of every arm's last checkpoint (this seed's
+    seed = 0                    # main runs) in turn in one process, once all are complete: step_times.csv
     contrasts = [["4x", "1x"]]  # optional: (arm, against) pairs differenced on each seed: contrasts.csv
     [alignment]                 # optional: COCO outline alignment of every finished run of `arms` (default: the
     num_images = 200            # learned-boundary arms), keys ALIGNMENT_KEYS; overlays = [arm, ...] draws
