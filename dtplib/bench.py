@@ -29,8 +29,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                                        "DTP-ViT-Ti-8-64-4x+batch-topk,DTP-ViT-Ti-8-64-4x+uniform,"
                                        "DTP-ViT-Ti-8-64-4x+topk,DTP-ViT-Ti-8-64-10x,DTP-ViT-Ti-8-64-10x+padded,"
                                        "ViT-Ti-8-64+pd0.5,ViT-Ti-8-64+pd0.75",
-                   help="comma-separated open_clip names with modifiers: +pdRATE patch dropout; for DTP towers that "
-                        "pool +static, +packed, +padded (execution) and +uniform, +topk, +batch-topk (boundaries)")
+                   help="comma-separated open_clip names with modifiers: +pxSIZE input size (low resolution), "
+                        "+pdRATE patch dropout; for DTP towers that pool +static, +packed, +padded (execution) and "
+                        "+uniform, +topk, +batch-topk (boundaries)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     p.add_argument("--steps", type=int, default=30, help="timed steps per model and mode")

@@ -7,6 +7,8 @@ import logging
 import os
 from collections.abc import Sequence
 
+from open_clip import get_model_preprocess_cfg
+
 from .common.cli import run_cli
 from .common.provenance import run_info
 from .measure.evaluate import (
@@ -57,13 +59,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "zeroshot_data": args.zeroshot_data, "imagenet_val": args.imagenet_val, "val_data": args.val_data,
               "probe_data": args.probe_data, "max_per_class": args.max_per_class, "max_images": args.max_images,
               "probe_train_per_class": args.probe_train_per_class, "probe_test_per_class": args.probe_test_per_class,
-              "loss_batch_size": args.loss_batch_size, "seed": args.seed, **run_info(args.device, "fp32",
-                                                                                       args.batch_size)}
+              "loss_batch_size": args.loss_batch_size, "seed": args.seed, "force_image_size": args.force_image_size,
+              **run_info(args.device, "fp32", args.batch_size)}
     if args.compare:
         resamples = 1000 if args.bootstrap is None else args.bootstrap
         scored = []
         for checkpoint in args.compare:
-            model, preprocess, tokenizer = load_model(args.model, checkpoint, None, args.device)
+            model, preprocess, tokenizer = load_model(args.model, checkpoint, None, args.device,
+                                                      args.force_image_size)
             scored.append(evaluate(model, preprocess, tokenizer, per_item=True, **options))
             del model
         (metrics_a, items_a), (metrics_b, items_b) = scored
@@ -76,10 +79,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                        "differences": rows}, rows)
         return {"a": metrics_a, "b": metrics_b, "differences": rows}
 
-    model, preprocess, tokenizer = load_model(args.model, args.checkpoint, args.pretrained, args.device)
+    model, preprocess, tokenizer = load_model(args.model, args.checkpoint, args.pretrained, args.device,
+                                              args.force_image_size)
     metrics = evaluate(model, preprocess, tokenizer, bootstrap=args.bootstrap or 0, **options)
     print(format_table(metrics))
-    if args.output:
+    if args.output:  # image_size: what the model saw (its trained size, or --force-image-size)
+        height, width = get_model_preprocess_cfg(model)["size"]
+        record = {**record, "image_size": height if height == width else [height, width]}
         write_output(args.output, {**record, "bootstrap": args.bootstrap or 0, "metrics": metrics}, [metrics])
     return metrics
 

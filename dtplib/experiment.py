@@ -4,7 +4,8 @@
 JSON with the same structure) and trains each (arm, seed) in `<out>/runs/<arm>-seed<seed>` as
 `python -m dtplib.train ... --logs <out>/runs --name <arm>-seed<seed> --resume latest`, in a process of its own.
 A run whose epochs.csv has --epochs rows is finished and skipped; a killed one resumes from its newest checkpoint,
-so the command can be repeated, and a grid can be run in pieces (`--arms`, `--seeds`, `--max-runs`).
+so the command can be repeated, and a grid can be run in pieces (`--arms`, `--seeds`, `--max-runs`). With a [finish]
+table each run then trains on from its last weights in `<run>/finish` (a final fine-tune, e.g. at full resolution).
 
 The grid file's format: `dtplib.grid.spec`; how runs are trained: `dtplib.grid.runs`; the outputs:
 `dtplib.grid.report`.
@@ -28,7 +29,7 @@ from .grid.runs import (
     run_grid,
     time_runs,
 )
-from .grid.spec import check_final_data, load_grid, resolved, run_label, shown_path
+from .grid.spec import FINISH_DIR, check_final_data, last_checkpoint, load_grid, resolved, run_label, shown_path
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -57,11 +58,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.dry_run:  # as a user would type them: paths as the grid writes them, torchrun for torch.distributed.run
         commands = []
         for arm, seed in grid.runs(args.arms, args.seeds):
-            argv = flags(**resolved(grid.options(arm, seed)), logs=f"{args.out}/runs", name=run_label(arm, seed),
-                         resume="latest")
-            command = child_command("dtplib.train", argv, grid.nproc_per_node)[1:]
-            command = ["torchrun", *command[2:]] if command[1] == "torch.distributed.run" else ["python", *command]
-            commands.append(shlex.join(command))
+            label = run_label(arm, seed)
+            argvs = [flags(**resolved(grid.options(arm, seed)), logs=f"{args.out}/runs", name=label, resume="latest")]
+            if grid.finish_options(arm, seed) is not None:  # then its [finish], from the run's last weights
+                argvs.append(flags(**resolved(grid.finish_options(arm, seed)), logs=f"{args.out}/runs/{label}",
+                                   name=FINISH_DIR, resume="latest", pretrained=shown_path(
+                                       last_checkpoint(out / "runs" / label))))
+            for argv in argvs:
+                command = child_command("dtplib.train", argv, grid.nproc_per_node)[1:]
+                command = ["torchrun", *command[2:]] if command[1] == "torch.distributed.run" else ["python", *command]
+                commands.append(shlex.join(command))
         print("\n".join(commands))
         return {"commands": commands}
     trained, evaluated, timed, aligned = [], [], False, []

@@ -57,7 +57,7 @@ from .measure import evaluate as dtp_eval
 from .tower.clip import read_checkpoint
 from .tower.config import DTPConfig
 from .tower.control import dtp_towers
-from .training.checkpoint import build_from_config
+from .training.checkpoint import build_from_config, load_pretrained
 from .training.config import TrainConfig
 from .training.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
 from .training.runfolder import (
@@ -90,13 +90,16 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def _default_name(args: TrainConfig) -> str:
-    """`DATE-TIME-MODEL[-DTP]-bBATCH-sSEED`: the model's name (`ViT-Ti-8-64-4x`), then for a pooling DTP tower its
-    boundary mode (`threshold`, `topk`, `batch-topk`; `uniform` for --forced-boundaries) and each other tower setting
-    that differs from its default as `flag=value` (`execution=packed`, `capacity=1.5`)."""
+    """`DATE-TIME-MODEL[-DTP][-pxSIZE]-bBATCH-sSEED`: the model's name (`ViT-Ti-8-64-4x`), then for a pooling DTP
+    tower its boundary mode (`threshold`, `topk`, `batch-topk`; `uniform` for --forced-boundaries) and each other
+    tower setting that differs from its default as `flag=value` (`execution=packed`, `capacity=1.5`), then
+    --force-image-size (`px32`)."""
     dtp = args.dtp
     model = args.model_name.removeprefix("DTP-")
     if dtp is not None and dtp.compresses:
         model += "-" + "-".join(_dtp_tags(dtp))
+    if args.force_image_size:
+        model += f"-px{args.force_image_size}"
     return f"{datetime.now():%Y_%m_%d-%H_%M_%S}-{model}-b{args.batch_size}-s{args.seed}"
 
 
@@ -443,6 +446,9 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
                     args.warmup, total_steps)
     if args.resume == "latest":
         resume = _latest_or_fresh(run_dir, checkpoints, dist_env.main)
+    if resume is None and args.pretrained:  # a new run from trained weights: its own optimizer and schedule
+        load_pretrained(model, args.pretrained)
+        log.info("weights from --pretrained %s", args.pretrained)
     position = Position() if resume is None else _restore(args, dist_env, run_dir, resume, model, optimizer, scaler)
     params = {}
     if dist_env.main:

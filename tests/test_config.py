@@ -59,6 +59,7 @@ def test_command_line_and_keyword_construction_agree():
     ["--model", "DTP-ViT-Ti-8-64-4x-up", "--upsample-weights", "normalised", "--torchcompile"],
     ["--model", "ViT-Ti-8-64", "--forced-boundaries", "4", "--patch-order", "hilbert", "--execution", "padded"],
     ["--model", "ViT-Ti-8-64", "--compression", "2.5", "--prior-scope", "image", "--boundary-loss-weight", "0"],
+    ["--model", "ViT-Ti-8-64", "--compression", "1", "--force-image-size", "32", "--pretrained", "run/epoch_1.pt"],
 ])
 def test_flags_objects_and_stored_dicts_round_trip(argv):
     """parse -> to_argv -> parse, and to_dict -> from_dict, give the same config: what a new process (torchrun,

@@ -208,9 +208,33 @@ def test_cli_table_and_csv(tmp_path, capsys):
     (["--model", "DTP-ViT-B-32-3x"], "unknown model"),
     (["--model", "ViT-Ti-8-64", "--images", "/nonexistent/photos"], "image folder not found"),
     (["--model", "ViT-Ti-8-64", "--compressions", "1,2.5"], "whole numbers"),
+    (["--model", "ViT-Ti-8-64", "--force-image-size", "36"], "not a multiple of ViT-Ti-8-64's patch size 8"),
+    (["--model", "ViT-Ti-8-64", "--force-image-size", "0"], "whole number of pixels > 0"),
 ])
 def test_cli_rejects_bad_input_before_building(args, message, capsys, monkeypatch):
     monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **k: pytest.fail("built a model"))
     with pytest.raises(SystemExit):
         flops_command.main(args)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["DTP-ViT-Ti-8-64-1x", "ViT-Ti-8-64"])
+def test_low_resolution_counts_the_patches_it_has(name):
+    """CLIPA's low resolution (open_clip's force_image_size): at 32 px the Ti tower has 16 patches, DTP-4x's budget,
+    and analytic == fvcore on a 32 px image; the image tower's forward costs about a quarter of 64 px's (the token-wise
+    MACs scale with the tokens, 17 against 65; attention with their square)."""
+    costs = {}
+    for size in (32, 64):
+        model = open_clip.create_model_and_transforms(name, force_image_size=size)[0].eval()
+        assert flops.patch_count(flops.image_tower(model)) == (size // 8) ** 2
+        assert flops.image_size(model) == (size, size)
+        costs[size] = flops.total(flops.analytic_macs(model))
+        assert costs[size] == flops.image_fvcore_macs(model)  # a random image at the model's own size
+    assert 0.24 < costs[32] / costs[64] < 0.27
+
+
+def test_cli_reports_the_forced_size(capsys):
+    frame = flops_command.main(["--model", "DTP-ViT-Ti-8-64-1x", "--force-image-size", "32", "--compressions", "1"])
+    image = frame[frame["tower"] == "image"].iloc[0]
+    assert image["model"] == "DTP-ViT-Ti-8-64-1x+px32" and image["segments"] == 16  # the benchmark's spec label
+    assert image["analytic GMACs"] == pytest.approx(image["fvcore GMACs"], rel=1e-12)

@@ -442,3 +442,4 @@ def test_default_run_name_records_the_dtp_settings():
         "-ViT-Ti-8-64-2x-up-threshold-boundary-loss-weight=0.5-patch-order=hilbert-b64-s0")
     assert name(forced_boundaries=4).endswith("-ViT-Ti-8-64-4x-uniform-b64-s0")
     assert name(batch_size=32).endswith("-ViT-Ti-8-64-b32-s0")  # a plain open_clip model: no tower settings
+    assert name(compression=1, force_image_size=32).endswith("-ViT-Ti-8-64-1x-px32-b64-s0")  # CLIPA's low resolution

@@ -8,14 +8,16 @@ Outputs in `<out>`:
   MACs per image at the epoch's realised training compression, and with --force-patch-dropout its kept tokens),
   text_gmacs, train_gmacs (cumulative forward MACs of both towers over the samples seen; a backward pass costs about
   twice a forward, not counted), train_image_gmacs (the image tower's share), the run's provenance from its
-  params.json (commit, hardware, torch, dtype, batch_size) and the arm's flags.
+  params.json (commit, hardware, torch, dtype, batch_size) and the arm's flags. With a [finish] table, each run's
+  rows go on with its finish's epochs (`stage` "main" or "finish"; epoch and every cumulative cost counting on, each
+  epoch's GMACs at its own input size and patch dropout), and a run is complete when its finish is.
   With a [final] table, the last epoch's row also has `final_<metric>` columns from the run's final.json (with
   --bootstrap their per-run intervals, `final_<metric>_ci_low/_ci_high`).
 - `summary.md`: per arm the last epoch's metrics of the complete runs, mean and 95% Student-t interval over seeds
   (mean +- t(0.975, n-1) sd / sqrt(n): with 2 seeds t = 12.7, wide as it should be), paired differences against
   the reference arm (same seed), and which runs are complete, partial or missing.
-- `step_times.csv` ([timing]): per arm, the median, p10 and p90 of the whole training step of its final
-  checkpoint (its own AdamW kernel, fp32, one batch of real photos, `steps` timed steps after `warmup`, all arms
+- `step_times.csv` ([timing]): per arm, the median, p10 and p90 of the whole training step of its main run's
+  last checkpoint (its own AdamW kernel, fp32, one batch of real photos, `steps` timed steps after `warmup`, all arms
   interleaved), the speed-up against the reference arm and the analytic bound; summary.md shows it.
 - `contrasts.csv` (`contrasts`): `contrast_table`: paired differences at the last epoch and at equal cost.
 - `alignment.csv`, `overlays/<arm>/` ([alignment]): `align_runs`, once per finished run.
@@ -53,6 +55,7 @@ from .spec import (
     Grid,
     close_names,
     epochs_done,
+    finish_dir,
     run_label,
     shown_flags,
     shown_path,
@@ -73,9 +76,9 @@ NOT_A_METRIC = re.compile(r"skipped|_images$|_texts$|_count$|_items$|(_ci)?_(low
 COST_COLUMNS = ("compression", "gmacs_per_image", "samples_seen", "train_time_s", "train_gmacs")
 
 
-DRIVER_COLUMNS = ("arm", "seed", "model", "epoch", "epochs_done", "complete", "steps", "samples_seen", "train_time_s",
-                  "gmacs_per_image", "text_gmacs", "train_gmacs", "train_image_gmacs", "commit", "hardware", "torch",
-                  "dtype", "batch_size", "flags", "run")
+DRIVER_COLUMNS = ("arm", "seed", "model", "stage", "epoch", "epochs_done", "complete", "steps", "samples_seen",
+                  "train_time_s", "gmacs_per_image", "text_gmacs", "train_gmacs", "train_image_gmacs", "commit",
+                  "hardware", "torch", "dtype", "batch_size", "flags", "run")
 
 
 FIGURE_DEFAULTS = ("zeroshot_top1", "text_to_image_R@10", "image_to_text_R@10", "imagenet_top1")
@@ -96,40 +99,62 @@ def _cost_model(config: TrainConfig):
 
 
 def _run_rows(grid: Grid, arm: str, seed: int, run_dir: Path, costs: dict) -> list[dict]:
-    """runs.csv rows of one run folder (none when it has no finished epoch)."""
+    """runs.csv rows of one run folder (none when it has no finished epoch): the main run's epochs, then its
+    [finish]'s (stage "finish", epochs counted on), the cumulative costs running on over both."""
     if epochs_done(run_dir) == 0:
         return []
-    epochs = pd.read_csv(run_dir / "epochs.csv")
-    params = json.loads((run_dir / "params.json").read_text())
-    config = TrainConfig.from_dict(params)
-    if arm not in costs:
-        costs[arm] = _cost_model(config)
-    image_macs, text = costs[arm]
-    steps = pd.read_csv(run_dir / "steps.csv") if (run_dir / "steps.csv").is_file() else None
+    stages = [("main", run_dir)] + ([("finish", finish_dir(run_dir))] if grid.finish_flags(arm) is not None else [])
+    trained = [(stage, folder, TrainConfig.from_dict(json.loads((folder / "params.json").read_text())))
+               for stage, folder in stages if epochs_done(folder) > 0]
+    complete = len(trained) == len(stages) and all(epochs_done(folder) >= config.epochs
+                                                   for _, folder, config in trained)
+    label = trained_label(trained[0][2])  # what the arm trains; a finish only tunes it
+    arm_flags = " ".join(shown_flags(grid.arms[arm])) or "(shared flags)"
+    rows, totals = [], {"epochs": 0, "samples_seen": 0, "train_time_s": 0.0, "train_gmacs": 0.0,
+                        "train_image_gmacs": 0.0}
+    staged = any(grid.finish_flags(a) is not None for a in grid.arms)  # a stage column only where there are two
+    for stage, folder, config in trained:
+        if (arm, stage) not in costs:
+            costs[(arm, stage)] = _cost_model(config)
+        head = {"arm": arm, "seed": seed, "model": label, **({"stage": stage} if staged else {})}
+        rows += _stage_rows(folder, config, costs[(arm, stage)], totals, head, complete,
+                            {"flags": arm_flags, "run": shown_path(run_dir)})
+    final = _final_metrics(run_dir) if complete else {}
+    if final:
+        rows[-1].update(final)  # the last epoch's checkpoint is the one [final] evaluated
+    return rows
+
+
+def _stage_rows(folder: Path, config: TrainConfig, costs: tuple, totals: dict, head: dict, complete: bool,
+                tail: dict) -> list[dict]:
+    """The rows of one training of a run (its main run or its finish), its costs added to `totals`, the running sums
+    over the run's trainings so far (updated in place)."""
+    epochs = pd.read_csv(folder / "epochs.csv")
+    params = json.loads((folder / "params.json").read_text())
+    image_macs, text = costs
+    steps = pd.read_csv(folder / "steps.csv") if (folder / "steps.csv").is_file() else None
     per_step = config.batch_size * int(params.get("world_size", 1))
     provenance = {k: params.get(k) for k in ("commit", "hardware", "torch", "dtype", "batch_size")}
-    arm_flags = " ".join(shown_flags(grid.arms[arm])) or "(shared flags)"
-    final = _final_metrics(run_dir) if len(epochs) >= config.epochs else {}
-    rows, seen, gmacs, image_gmacs = [], 0, 0.0, 0.0
+    rows, start = [], dict(totals)
     for record in epochs.to_dict("records"):
         epoch = int(record["epoch"])
         samples = int(record["steps"]) * per_step
-        seen += samples
+        totals["samples_seen"] += samples
         if steps is not None and "step_time_s" in steps:
-            train_time = float(steps.loc[steps["epoch"] <= epoch, "step_time_s"].sum())
+            train_time = start["train_time_s"] + float(steps.loc[steps["epoch"] <= epoch, "step_time_s"].sum())
         else:
             train_time = float("nan")
         per_image = image_macs(float(record.get("compression", float("nan")))) / 1e9
-        gmacs += (per_image + text / 1e9) * samples
-        image_gmacs += per_image * samples
+        totals["train_gmacs"] += (per_image + text / 1e9) * samples
+        totals["train_image_gmacs"] += per_image * samples
         metrics = {k: v for k, v in record.items() if k not in ("epoch", "first_epoch", "steps", "checkpoint")}
-        rows.append({"arm": arm, "seed": seed, "model": trained_label(config), "epoch": epoch, "epochs_done": epoch + 1,
-                     "complete": len(epochs) >= config.epochs, **metrics, "steps": int(record["steps"]),
-                     "samples_seen": seen, "train_time_s": train_time, "gmacs_per_image": per_image,
-                     "text_gmacs": text / 1e9, "train_gmacs": gmacs, "train_image_gmacs": image_gmacs,
-                     **provenance, "flags": arm_flags, "run": shown_path(run_dir)})
-    if final:
-        rows[-1].update(final)  # the last epoch's checkpoint is the one [final] evaluated
+        rows.append({**head, "epoch": start["epochs"] + epoch, "epochs_done": start["epochs"] + epoch + 1,
+                     "complete": complete, **metrics,
+                     "steps": int(record["steps"]), "samples_seen": totals["samples_seen"], "train_time_s": train_time,
+                     "gmacs_per_image": per_image, "text_gmacs": text / 1e9, "train_gmacs": totals["train_gmacs"],
+                     "train_image_gmacs": totals["train_image_gmacs"], **provenance, **tail})
+    totals["epochs"] += len(rows)
+    totals["train_time_s"] = rows[-1]["train_time_s"] if rows else totals["train_time_s"]
     return rows
 
 
@@ -174,11 +199,14 @@ def _cell(mean: float, low: float, high: float, marked: bool = False) -> str:
 
 
 def _status_lines(grid: Grid, runs: pd.DataFrame, out: Path) -> list[str]:
-    wanted = [run_label(a, s) for a, s in grid.runs()]
+    wanted = {run_label(a, s): a for a, s in grid.runs()}
     done = set() if runs.empty else {run_label(a, s) for a, s in tables.last_epochs(runs)[["arm", "seed"]].itertuples(
         index=False)}
     counts = {label: epochs_done(out / "runs" / label) for label in wanted if label not in done}
-    partial = [f"{label} ({count} epochs)" for label, count in counts.items() if count]
+    finishing = {label: epochs_done(finish_dir(out / "runs" / label)) for label in counts
+                 if grid.finish_flags(wanted[label]) is not None}
+    partial = [f"{label} ({count} epochs" + (f", finish {finishing[label]} epochs" if label in finishing else "") + ")"
+               for label, count in counts.items() if count]
     missing = [label for label, count in counts.items() if not count]
     lines = [f"Runs complete: {len(done)} of {len(wanted)}."]
     if partial:
@@ -197,10 +225,17 @@ def _summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, i
     lines += [f"Grid: `{shown_path(grid.path)}`; seeds {grid.seeds}; shared flags: "
               f"`{' '.join(shown_flags(grid.shared))}`. Generated by `{command}` at commit {info['commit']} "
               f"(torch {info['torch']}); every run's own commit and hardware are in runs.csv.", ""]
-    lines += markdown_table(["arm", "flags"], [
+    finishes = {arm: grid.finish_flags(arm) for arm in grid.arms}
+    lines += markdown_table(["arm", "flags", *(["finish"] if any(f is not None for f in finishes.values()) else [])], [
         [arm, f"`{' '.join(shown_flags(options)) or '(shared flags)'}`"
-              f"{f' (seeds {grid.seeds_of(arm)})' if grid.seeds_of(arm) != grid.seeds else ''}"]
+              f"{f' (seeds {grid.seeds_of(arm)})' if grid.seeds_of(arm) != grid.seeds else ''}",
+         *([] if not any(f is not None for f in finishes.values()) else
+           ["–" if finishes[arm] is None else f"`{' '.join(shown_flags(finishes[arm]))}`"])]
         for arm, options in grid.arms.items()])
+    if any(f is not None for f in finishes.values()):
+        lines += ["", "Finish: after its main run, each run of an arm with finish flags trains on from its last "
+                  "weights with them (a new optimizer and schedule); its last epoch, [final] and every cost below "
+                  "include the finish."]
     lines += ["", *_status_lines(grid, runs, out), ""]
     if runs.empty:
         return "\n".join(lines + ["No epoch finished yet."]) + "\n"

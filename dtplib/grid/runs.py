@@ -1,6 +1,7 @@
 """Running a grid: each (arm, seed) a `python -m dtplib.train` child process (torchrun with nproc_per_node),
-resumed where it stopped; then each complete run's [final] evaluation, the [timing] benchmark of the final
-checkpoints and the [alignment] of boundaries with object outlines.
+resumed where it stopped, and with a [finish] a second one that trains on from its last weights; then each complete
+run's [final] evaluation, the [timing] benchmark of the main runs' last checkpoints and the [alignment] of boundaries
+with object outlines.
 """
 
 from __future__ import annotations
@@ -26,15 +27,20 @@ from ..training.config import TrainConfig
 from .spec import (
     ALIGNMENT_FILE,
     FINAL_FILE,
+    FINISH_DIR,
     RUNTIME_FLAGS,
     TIMING_FILE,
     Grid,
     epochs_done,
     final_argv,
+    final_checkpoint,
+    finish_dir,
     last_checkpoint,
     parse_options,
+    run_complete,
     run_label,
     shown_path,
+    stage_epochs,
 )
 
 
@@ -68,25 +74,51 @@ def _run_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConfig:
     return config.replace(logs=str(runs_dir), name=run_label(arm, seed), resume="latest", save_most_recent=True)
 
 
+def _finish_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConfig | None:
+    """The TrainConfig of a run's [finish] (None without one): the grid's finish options, in `<run>/finish`, from
+    the main run's last checkpoint (--pretrained: its weights; a new optimizer and schedule), resumed."""
+    options = grid.finish_options(arm, seed)
+    if options is None:
+        return None
+    label = run_label(arm, seed)
+    config = parse_options(options, f"{label} [finish]")
+    return config.replace(logs=str(runs_dir / label), name=FINISH_DIR, resume="latest",
+                          save_most_recent=True, pretrained=str(last_checkpoint(runs_dir / label)))
+
+
 def _check_runs(grid: Grid, runs: list[tuple[str, int]], runs_dir: Path) -> None:
-    """`TrainConfig.check` on every run, in this process, before any trains (data paths, model names, flag
-    combinations): the first problem is one line naming the run."""
+    """`TrainConfig.check` on every run and its finish, in this process, before any trains (data paths, model names,
+    flag combinations; a finish's checkpoint to start from is made by its run): the first problem is one line
+    naming the run."""
     for arm, seed in runs:
-        try:
-            _run_config(grid, arm, seed, runs_dir).check(grid.nproc_per_node)
-        except (ValueError, OSError) as error:
-            raise ValueError(f"{grid.path.name}: {run_label(arm, seed)}: {' '.join(str(error).split())}") from None
+        finish = _finish_config(grid, arm, seed, runs_dir)
+        configs = [("", _run_config(grid, arm, seed, runs_dir))]
+        configs += [] if finish is None else [(" [finish]", finish.replace(pretrained=None))]
+        for where, config in configs:
+            try:
+                config.check(grid.nproc_per_node)
+            except (ValueError, OSError) as error:
+                raise ValueError(f"{grid.path.name}: {run_label(arm, seed)}{where}: "
+                                 f"{' '.join(str(error).split())}") from None
 
 
 def _check_same_run(grid: Grid, arm: str, seed: int, run_dir: Path) -> None:
-    """A run folder that already holds a run must hold this one: the flags the grid gives now (paths and
-    runtime flags such as --threads may differ)."""
+    """A run folder that already holds a run must hold this one, and its finish folder this finish: the flags the
+    grid gives now (paths and runtime flags such as --threads may differ)."""
+    _check_same_flags(run_dir, parse_options(grid.options(arm, seed), run_label(arm, seed)))
+    finish = grid.finish_options(arm, seed)
+    if finish is not None:
+        _check_same_flags(finish_dir(run_dir), parse_options(finish, f"{run_label(arm, seed)} [finish]"))
+
+
+def _check_same_flags(run_dir: Path, config: TrainConfig) -> None:
     params_file = run_dir / "params.json"
     if not params_file.is_file():
         return
     stored = TrainConfig.from_dict(json.loads(params_file.read_text())).flag_values()
-    wanted = parse_options(grid.options(arm, seed), run_label(arm, seed)).flag_values()
-    changed = [k for k in wanted if k not in (*RUNTIME_FLAGS, "name", "resume") and stored.get(k) != wanted[k]]
+    wanted = config.flag_values()
+    ignored = (*RUNTIME_FLAGS, "name", "resume", "pretrained")
+    changed = [k for k in wanted if k not in ignored and stored.get(k) != wanted[k]]
     if changed:
         key = changed[0]
         raise ValueError(f"{run_dir} was trained with {key}={stored.get(key)!r}, the grid now gives "
@@ -126,35 +158,37 @@ def _run_child(module: str, argv: list[str], label: str, nproc_per_node: int = 1
                         f"{(errors or lines or ['no output'])[-1]}")
 
 
-def _arm_epochs(grid: Grid) -> dict[str, int]:
-    """Each arm's --epochs: the count that makes a run finished."""
-    return {arm: parse_options(grid.options(arm, grid.seeds_of(arm)[0]), arm).epochs for arm in grid.arms}
+def _arm_epochs(grid: Grid) -> dict[str, tuple[int, int]]:
+    """Each arm's --epochs of its main run and of its finish (0 without one): the counts that make a run complete."""
+    return {arm: stage_epochs(grid, arm) for arm in grid.arms}
 
 
 def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
              max_runs: int | None = None) -> tuple[list[str], list[str]]:
-    """Train the selected runs that are not finished (at most `max_runs` of them), each followed at once by its
-    [final] evaluation (a session cut off later keeps it: checkpoints are not committed), then evaluate every other
-    finished one without its final.json; returns the labels trained and evaluated. A finished run that still needs
-    its evaluation but whose checkpoint is gone is refused before anything trains."""
+    """Train the selected runs that are not complete (at most `max_runs` of them): the main run, then its [finish];
+    each followed at once by its [final] evaluation (a session cut off later keeps it: checkpoints are not
+    committed), then evaluate every other complete one without its final.json; returns the labels trained and
+    evaluated. A run whose next step reads a checkpoint that is gone (its finish, or its evaluation) is refused
+    before anything trains."""
     runs_dir = out / "runs"
     selected = grid.runs(arms, seeds)
     epochs = _arm_epochs(grid)
 
     def final_due(arm: str, seed: int) -> bool:
         run_dir = runs_dir / run_label(arm, seed)
-        return bool(grid.final) and epochs_done(run_dir) >= epochs[arm] and not (run_dir / FINAL_FILE).is_file()
+        return bool(grid.final) and run_complete(run_dir, epochs[arm]) and not (run_dir / FINAL_FILE).is_file()
 
     todo = []
     for arm, seed in selected:
         run_dir = runs_dir / run_label(arm, seed)
         _check_same_run(grid, arm, seed, run_dir)
-        if epochs_done(run_dir) < epochs[arm]:
+        if not run_complete(run_dir, epochs[arm]):
             todo.append((arm, seed))
-        elif final_due(arm, seed) and not last_checkpoint(run_dir).is_file():
-            raise ValueError(f"{shown_path(run_dir)} is finished but has no {FINAL_FILE}, and the checkpoint its "
-                             f"[final] evaluation reads is gone ({last_checkpoint(run_dir).relative_to(run_dir)}: "
-                             "checkpoints are not committed): delete that run folder to retrain it")
+            if epochs_done(run_dir) >= epochs[arm][0] and not last_checkpoint(run_dir).is_file():
+                _refuse_lost(run_dir, "its [finish] starts from", last_checkpoint(run_dir))
+        elif final_due(arm, seed) and not final_checkpoint(grid, arm, run_dir).is_file():
+            _refuse_lost(run_dir, f"its [final] evaluation (no {FINAL_FILE} yet) reads",
+                         final_checkpoint(grid, arm, run_dir))
     if max_runs is not None:
         todo = todo[:max_runs]
     trained, evaluated = [], []
@@ -162,7 +196,7 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     def evaluate_run(arm: str, seed: int) -> None:
         label = run_label(arm, seed)
         print(f"final evaluation of {label}", flush=True)
-        _run_child("dtplib.evaluate", final_argv(grid.final, last_checkpoint(runs_dir / label),
+        _run_child("dtplib.evaluate", final_argv(grid.final, final_checkpoint(grid, arm, runs_dir / label),
                                                 runs_dir / label / FINAL_FILE), label)
         evaluated.append(label)
 
@@ -170,15 +204,25 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
         _prepare_data(grid)
     if todo:
         _check_runs(grid, todo, runs_dir)
-        atomic_write_text(out / ".gitignore", "runs/*/checkpoints/\nruns/*/tensorboard/\n")
+        atomic_write_text(out / ".gitignore", "".join(f"runs/*/{sub}{kind}/\n" for sub in ("", f"{FINISH_DIR}/")
+                                                      for kind in ("checkpoints", "tensorboard")))
     for index, (arm, seed) in enumerate(todo):
         label = run_label(arm, seed)
         print(f"[{index + 1}/{len(todo)}] training {label}", flush=True)
-        _run_child("dtplib.train", _run_config(grid, arm, seed, runs_dir).to_argv(), label, grid.nproc_per_node)
-        done = epochs_done(runs_dir / label)
-        if done < epochs[arm]:
-            raise RunFailed(f"run {label} ended with {done} of {epochs[arm]} epochs in its epochs.csv (its flags "
-                            "stop it early, e.g. --max-steps?)")
+        stages = [(_run_config(grid, arm, seed, runs_dir), epochs[arm][0], label)]
+        finish = _finish_config(grid, arm, seed, runs_dir)
+        stages += [] if finish is None else [(finish, epochs[arm][1], f"{label} [finish]")]
+        for config, wanted, name in stages:
+            folder = Path(config.logs) / config.name
+            if epochs_done(folder) >= wanted:
+                continue
+            if config is finish:
+                print(f"finishing {label}: {wanted} epoch{'s' if wanted != 1 else ''} from its last weights",
+                      flush=True)
+            _run_child("dtplib.train", config.to_argv(), name, grid.nproc_per_node)
+            if epochs_done(folder) < wanted:
+                raise RunFailed(f"run {name} ended with {epochs_done(folder)} of {wanted} epochs in its epochs.csv "
+                                "(its flags stop it early, e.g. --max-steps?)")
         trained.append(label)
         if final_due(arm, seed):
             evaluate_run(arm, seed)
@@ -188,19 +232,28 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     return trained, evaluated
 
 
+def _refuse_lost(run_dir: Path, step: str, checkpoint: Path) -> None:
+    """The one-line refusal of a finished training whose next step reads a checkpoint that is gone."""
+    raise ValueError(f"{shown_path(run_dir)} is finished, but the checkpoint {step} is gone "
+                     f"({checkpoint.relative_to(run_dir)}: checkpoints are not committed): delete that run folder to "
+                     "retrain it")
+
+
 def _timed_runs(grid: Grid, out: Path) -> dict[str, Path]:
-    """[timing]: arm -> last checkpoint of its run with the timing seed, when every such run is finished (else {})."""
+    """[timing]: arm -> last checkpoint of its main run with the timing seed (not its finish's: the main run's step
+    is what the run's training is mostly made of), when every such run is complete (else {})."""
     seed, epochs = grid.timing["seed"], _arm_epochs(grid)
     runs = {arm: out / "runs" / run_label(arm, s) for arm, s in grid.runs() if s == seed}
     for arm, run_dir in runs.items():
-        if epochs_done(run_dir) < epochs[arm]:
+        if not run_complete(run_dir, epochs[arm]):
             return {}
     return {arm: last_checkpoint(run_dir) for arm, run_dir in runs.items()}
 
 
 def time_runs(grid: Grid, out: Path) -> bool:
-    """[timing]: the whole training step of every arm's final checkpoint (the timing seed), timed in turn in this
-    process, into step_times.csv; once, when all of them are finished and the file does not cover them yet."""
+    """[timing]: the whole training step of every arm's main run's last checkpoint (the timing seed), timed in turn
+    in this process, into step_times.csv; once, when all of them are complete and the file does not cover them
+    yet."""
     checkpoints = _timed_runs(grid, out) if grid.timing else {}
     path = out / TIMING_FILE
     if not checkpoints or (path.is_file() and set(pd.read_csv(path)["arm"]) == set(checkpoints)):
@@ -240,7 +293,7 @@ def _alignment_due(grid: Grid, out: Path) -> tuple[list[tuple[str, int]], list[t
     spec, epochs, path = grid.alignment, _arm_epochs(grid), out / ALIGNMENT_FILE
     done = set(pd.read_csv(path)["run"]) if path.is_file() else set()
     finished = [(arm, seed) for arm, seed in grid.runs()
-                if epochs_done(out / "runs" / run_label(arm, seed)) >= epochs[arm]]
+                if run_complete(out / "runs" / run_label(arm, seed), epochs[arm])]
     todo = [(a, s) for a, s in finished if a in spec["arms"] and run_label(a, s) not in done]
     drawn = [(a, s) for a, s in finished if a in spec["overlays"] and s == spec["overlay_seed"]
              and not (out / "overlays" / a / "overlays.png").is_file()]
@@ -254,16 +307,15 @@ def check_alignment_checkpoints(grid: Grid, out: Path) -> None:
     todo, drawn = _alignment_due(grid, out)
     for arm, seed in dict.fromkeys([*todo, *drawn]):
         run_dir = out / "runs" / run_label(arm, seed)
-        if not last_checkpoint(run_dir).is_file():
-            raise ValueError(f"{shown_path(run_dir)} is finished, but the checkpoint its [alignment] reads is gone "
-                             f"({last_checkpoint(run_dir).relative_to(run_dir)}: checkpoints are not committed): "
-                             "delete that run folder to retrain it")
+        if not final_checkpoint(grid, arm, run_dir).is_file():
+            _refuse_lost(run_dir, "its [alignment] reads", final_checkpoint(grid, arm, run_dir))
 
 
 def align_runs(grid: Grid, out: Path) -> list[str]:
     """[alignment]: each finished run of its arms without rows in alignment.csv gets them (`dtplib.viz.alignment`
-    of its last checkpoint on the COCO folder, with arm, seed, run and provenance columns); each `overlays` arm's
-    overlay_seed run, once finished, gets overlays/<arm>/ (`dtplib.viz.draw_overlays`). Returns the runs done."""
+    of its final checkpoint, the finish's with a [finish], on the COCO folder, with arm, seed, run and provenance
+    columns); each `overlays` arm's overlay_seed run, once finished, gets overlays/<arm>/ (`dtplib.viz.draw_overlays`).
+    Returns the runs done."""
     if not grid.alignment:
         return []
     from ..figures import viz
@@ -277,7 +329,7 @@ def align_runs(grid: Grid, out: Path) -> list[str]:
     for arm, seed in todo:
         label = run_label(arm, seed)
         print(f"boundary alignment of {label}", flush=True)
-        model, preprocess, _ = evaluate.load_model(checkpoint=last_checkpoint(out / "runs" / label))
+        model, preprocess, _ = evaluate.load_model(checkpoint=final_checkpoint(grid, arm, out / "runs" / label))
         table = viz.alignment(model, preprocess, data_path(spec["coco"]), spec["num_images"], spec["batch_size"],
                               spec["draws"])
         table = table.assign(arm=arm, seed=seed, run=label, **provenance)
@@ -285,7 +337,7 @@ def align_runs(grid: Grid, out: Path) -> list[str]:
     for arm, seed in drawn:
         label = run_label(arm, seed)
         print(f"boundary overlays of {label}", flush=True)
-        model, preprocess, _ = evaluate.load_model(checkpoint=last_checkpoint(out / "runs" / label))
+        model, preprocess, _ = evaluate.load_model(checkpoint=final_checkpoint(grid, arm, out / "runs" / label))
         viz.draw_overlays(model, preprocess, data_path(spec["overlay_images"]), out / "overlays" / arm,
                           batch_size=spec["batch_size"])
     return [run_label(a, s) for a, s in todo]

@@ -16,15 +16,34 @@ Grid file:
     [final]                     # optional: `dtplib.evaluate` flags for each complete run's last checkpoint,
     val_data = "logs/data/flickr8k-64/test"  # run once per run (its final.json), e.g. on the test split
     bootstrap = 1000
-    [timing]                    # optional: time the training step of every arm's final checkpoint (this seed's
-    seed = 0                    # runs) in turn in one process, once all of them are finished: step_times.csv
+    [timing]                    # optional: time the training step of every arm's last checkpoint (this seed's
+    seed = 0                    # main runs) in turn in one process, once all are complete: step_times.csv
     contrasts = [["4x", "1x"]]  # optional: (arm, against) pairs differenced on each seed: contrasts.csv
     [alignment]                 # optional: COCO outline alignment of every finished run of `arms` (default: the
     num_images = 200            # learned-boundary arms), keys ALIGNMENT_KEYS; overlays = [arm, ...] draws
     overlays = ["4x"]           # overlays/<arm>/ for their overlay_seed runs
+    [finish]                    # optional: after its main run, every run trains on from its last weights with
+    epochs = 1                  # these flags over its own (a new optimizer and schedule, in <run>/finish/):
+    force_image_size = 64       # CLIPA's full-resolution and FLIP's unmasked fine-tune; epochs is required
+    force_patch_dropout = 0
+    lr = 1e-4
     [arms.1x]                   # each arm's own flags, over the shared ones
     compression = 1
     seeds = [0, 1, 2]           # optional: this arm's own seeds instead of the grid's
+    [arms.lowres-4x]            # CLIPA: the plain ViT at the input size with the patches of DTP-4x's budget
+    compression = 1             # (Ti: 32 px, 16 patches; B/16: 112 px)
+    force_image_size = 32
+    [arms.lowres-4x.finish]     # optional: this arm's own [finish] flags, over the grid's; `finish = false` in an
+    lr = 5e-5                   # arm's table: no finish for that arm
+
+A [finish] makes a run two trainings: the main run in `<arm>-seed<seed>/` and the finish in
+`<arm>-seed<seed>/finish/` (`python -m dtplib.train ... --pretrained <run>/checkpoints/epoch_latest.pt --logs <run>
+--name finish --resume latest`), each resumed where it stopped and refused when trained with other flags. The run
+is complete when both are. [final] and [alignment] then read the finish's checkpoint; runs.csv continues each run's
+rows with the finish's epochs (stage "finish"), so its last row, the summary and the contrasts are the finished
+model's, and the cost columns (steps, samples_seen, train_time_s, train_gmacs) count main + finish, each epoch at
+its own input size and patch dropout: arms stay compared at equal cost. [timing] times the main run's checkpoint:
+the training step that the run's cost is mostly made of (a finish at full resolution would time every arm alike).
 
 Everything is checked before any training: unknown keys (one line naming the bad key), flag types and choices
 (TrainConfig's parser and `TrainConfig.from_options`), then `TrainConfig.check` on every run (missing data, bad
@@ -50,7 +69,7 @@ from ..measure import evaluate
 from ..training.config import TrainConfig
 
 TOP_LEVEL = ("reference", "seeds", "shared", "arms", "data", "final", "timing", "metrics", "figure_metrics",
-             "description", "nproc_per_node", "contrasts", "alignment")
+             "description", "nproc_per_node", "contrasts", "alignment", "finish")
 
 
 ALIGNMENT_KEYS = {"arms": None, "coco": "$DTPLIB_DATA/coco-mini", "num_images": None, "draws": 100, "batch_size": 64,
@@ -67,6 +86,12 @@ FINAL_PATH_FLAGS = ("val_data", "zeroshot_data", "imagenet_val", "probe_data")
 
 
 DRIVER_FLAGS = ("logs", "name", "resume", "seed", "save_most_recent")  # set by the driver for each run
+
+
+FINISH_DRIVER_FLAGS = ("pretrained",)  # a finish starts from its main run's last checkpoint
+
+
+FINISH_DIR = "finish"  # <run>/finish/: the [finish] training of a run
 
 
 RUNTIME_FLAGS = ("workers", "threads", "device", "dist_backend", "report_to", "wandb_project_name",
@@ -105,10 +130,24 @@ class Grid:
     nproc_per_node: int = 1  # > 1: every run trains under torchrun with this many processes
     contrasts: list[tuple[str, str]] | None = None  # (arm, against) pairs: contrasts.csv and their summary tables
     alignment: dict | None = None  # [alignment] with its defaults filled in (arms: the learned-boundary arms)
+    finish: dict | None = None  # [finish]: flags of every run's final fine-tune, over the run's own
+    arm_finish: dict[str, dict | bool] | None = None  # arms with their own [arms.NAME.finish] table, or false
 
     def options(self, arm: str, seed: int) -> dict:
         """The run's TrainConfig fields as the grid gives them (paths as written), seed included."""
         return {**self.shared, **self.arms[arm], "seed": seed}
+
+    def finish_flags(self, arm: str) -> dict | None:
+        """The arm's [finish] flags: the grid's [finish] with the arm's own over it; None when it has no finish."""
+        own = (self.arm_finish or {}).get(arm)
+        if own is False or (self.finish is None and own is None):
+            return None
+        return {**(self.finish or {}), **(own or {})}
+
+    def finish_options(self, arm: str, seed: int) -> dict | None:
+        """The TrainConfig fields of the run's finish (the run's own with the finish flags over them), or None."""
+        flags = self.finish_flags(arm)
+        return None if flags is None else {**self.options(arm, seed), **flags}
 
     def seeds_of(self, arm: str) -> list[int]:
         return (self.arm_seeds or {}).get(arm, self.seeds)
@@ -183,13 +222,18 @@ def load_grid(path: str | Path) -> Grid:
     arms = raw.get("arms")
     if not isinstance(arms, dict) or not arms:
         raise ValueError(f"{path}: no arms: add [arms.NAME] tables (an empty table runs the shared flags alone)")
-    arm_seeds = {}
+    arm_seeds, arm_finish = {}, {}
     for arm in arms:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", arm):
             raise ValueError(f"{path}: arm name {arm!r}: use letters, digits and _ . + - (it names a run folder)")
         if isinstance(arms[arm], dict) and "seeds" in arms[arm]:
             arms[arm] = dict(arms[arm])
             arm_seeds[arm] = _check_seeds(f"{path}: [arms.{arm}] seeds", arms[arm].pop("seeds"))
+        if isinstance(arms[arm], dict) and "finish" in arms[arm]:
+            arms[arm] = dict(arms[arm])
+            arm_finish[arm] = arms[arm].pop("finish")
+            if arm_finish[arm] is not False:
+                _check_finish(f"{path.name} [arms.{arm}.finish]", arm_finish[arm])
     shared = raw.get("shared", {})
     _check_flags(f"{path.name} [shared]", shared)
     for arm, options in arms.items():
@@ -222,13 +266,35 @@ def load_grid(path: str | Path) -> Grid:
         raise ValueError(f"{path}: nproc_per_node must be an integer >= 1 (processes per run, under torchrun), "
                          f"got {nproc!r}")
     contrasts = _check_contrasts(path.name, raw["contrasts"], arms) if "contrasts" in raw else None
+    finish = _check_finish(f"{path.name} [finish]", raw["finish"]) if "finish" in raw else None
     grid = Grid(path, seeds, shared, arms, reference, data, **lists, description=str(raw.get("description", "")),
-                final=final, timing=timing, arm_seeds=arm_seeds or None, nproc_per_node=nproc, contrasts=contrasts)
+                final=final, timing=timing, arm_seeds=arm_seeds or None, nproc_per_node=nproc, contrasts=contrasts,
+                finish=finish, arm_finish=arm_finish or None)
     for arm in arms:  # types and choices, by the training command's own parser
         parse_options(grid.options(arm, seeds[0]), f"{path.name} [arms.{arm}]")
+        finish_flags = grid.finish_flags(arm)
+        if finish_flags is not None:
+            if "epochs" not in finish_flags:
+                raise ValueError(f"{path.name}: [arms.{arm}.finish] needs epochs (the finish's length; else it would "
+                                 "train as many epochs as the run), in [finish] or in the arm's own table")
+            parse_options(grid.finish_options(arm, seeds[0]), f"{path.name} [arms.{arm}] with its [finish]")
     if "alignment" in raw:
         grid.alignment = _check_alignment(path.name, raw["alignment"], grid)
     return grid
+
+
+def _check_finish(where: str, table) -> dict:
+    """A [finish] or [arms.NAME.finish] table: dtplib.train flags, as in [shared], but not the weights it starts
+    from (the driver's: the run's last checkpoint)."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table of dtplib.train flags (e.g. epochs = 1, force_image_size = 64), "
+                         f"got {table!r}")
+    _check_flags(where, table)
+    for key in FINISH_DRIVER_FLAGS:
+        if key in table:
+            raise ValueError(f"{where}: {key!r} is set by the driver (the finish starts from its run's last "
+                             "checkpoint)")
+    return table
 
 
 def _check_contrasts(where: str, contrasts, arms: dict) -> list[tuple[str, str]]:
@@ -390,9 +456,33 @@ def parse_options(options: dict, where: str) -> TrainConfig:
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint that [final], [timing] and [alignment] read: the run's epoch_latest.pt (the driver trains
-    every run with --save-most-recent)."""
+    """A training's last checkpoint: its epoch_latest.pt (the driver trains every run with --save-most-recent).
+    [timing] reads the main run's; the finish starts from it."""
     return run_dir / "checkpoints" / "epoch_latest.pt"
+
+
+def finish_dir(run_dir: Path) -> Path:
+    """Where a run's [finish] trains: <run>/finish/."""
+    return run_dir / FINISH_DIR
+
+
+def final_checkpoint(grid: Grid, arm: str, run_dir: Path) -> Path:
+    """The checkpoint that [final] and [alignment] read: the finish's last when the arm has a [finish], else the
+    run's own."""
+    return last_checkpoint(finish_dir(run_dir) if grid.finish_flags(arm) is not None else run_dir)
+
+
+def stage_epochs(grid: Grid, arm: str) -> tuple[int, int]:
+    """(--epochs of the arm's main run, of its finish; 0 without one): the counts that make a run complete."""
+    seed = grid.seeds_of(arm)[0]
+    finish = grid.finish_options(arm, seed)
+    return (parse_options(grid.options(arm, seed), arm).epochs,
+            0 if finish is None else parse_options(finish, f"{arm} [finish]").epochs)
+
+
+def run_complete(run_dir: Path, epochs: tuple[int, int]) -> bool:
+    """Whether a run has trained its epochs (`stage_epochs`): the main run's, then its finish's."""
+    return epochs_done(run_dir) >= epochs[0] and epochs_done(finish_dir(run_dir)) >= epochs[1]
 
 
 def epochs_done(run_dir: Path) -> int:

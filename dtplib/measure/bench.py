@@ -2,7 +2,8 @@
 
 Read top to bottom:
 1. `parse_spec`: a model is an open_clip name (dtplib's DTP-ViT names included) with optional modifiers:
-   `+pd0.5` FLIP-style patch dropout (open_clip's `force_patch_dropout`), and for a DTP tower that pools `+packed`
+   `+px32` the input size (open_clip's `force_image_size`: CLIPA's low resolution), `+pd0.5` FLIP-style patch
+   dropout (open_clip's `force_patch_dropout`), and for a DTP tower that pools `+packed`
    (host-planned) or `+padded` (the reference; `--execution` sets the default, the static-capacity path), and
    `+uniform` (a boundary every c patches), `+topk` (exactly ceil(N / c) segments per image) or `+batch-topk`
    (B * ceil(N / c) over the batch); without these the threshold rule with the capacity cap.
@@ -91,6 +92,8 @@ def find_checkpoints(folder: str | Path) -> dict[str, Path]:
         config = TrainConfig.from_dict(params)
         if config.dtp is not None and (config.dtp.forced_boundaries is not None or config.dtp.patch_order != "raster"):
             continue  # not the registered tower: no predictor, or another reading order
+        if config.force_image_size is not None:
+            continue  # another input size: the spec's +pxSIZE, not the name alone
         found.setdefault(config.model_name, checkpoint)
     return found
 
@@ -193,6 +196,7 @@ class Subject:
 def build_spec_model(spec: Spec, checkpoint: Path | None):
     """(model, preprocess_val) of a spec: open_clip's model, with a checkpoint's weights when one is given."""
     options = {"force_patch_dropout": spec.patch_dropout} if spec.patch_dropout else {}
+    options |= {"force_image_size": spec.image_size} if spec.image_size else {}
     model, _, preprocess = open_clip.create_model_and_transforms(spec.name, **options)
     if checkpoint is not None:
         model.load_state_dict(read_state_dict(checkpoint))
@@ -381,13 +385,15 @@ def _forward_macs(subject: Subject, mode: str, execution: str = "packed") -> flo
 
 
 def reference_index(specs: Sequence[Spec], reference: str | None) -> int:
-    """The row that speed-ups are taken against: `reference`, else the first same-code DTP-...-1x, else the first."""
+    """The row that speed-ups are taken against: `reference`, else the first same-code DTP-...-1x at its own input
+    size, else the first."""
     labels = [s.label for s in specs]
     if reference is not None:
         if reference not in labels:
             raise ValueError(f"--reference {reference!r} is not one of --models: {labels}")
         return labels.index(reference)
-    same_code = [i for i, s in enumerate(specs) if (parse_dtp_name(s.name) or ("", 0, False))[1] == 1]
+    same_code = [i for i, s in enumerate(specs) if (parse_dtp_name(s.name) or ("", 0, False))[1] == 1
+                 and s.image_size is None]
     return same_code[0] if same_code else 0
 
 

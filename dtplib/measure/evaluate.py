@@ -28,6 +28,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip import get_model_preprocess_cfg
 from open_clip.loss import ClipLoss
 from open_clip.zero_shot_classifier import batched, build_zero_shot_classifier
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
@@ -51,7 +52,8 @@ from ..data.imagefolder import (
 from ..data.loader import IMAGE_EXTENSIONS, expand_shards, iter_samples
 from ..tower.clip import check_model_name, check_pretrained, read_state_dict
 from ..tower.weights import is_weights_file, load_weights, weights_info
-from ..training.checkpoint import load_state_dict, load_trained, training_config
+from ..training.checkpoint import fit_position_embeddings, load_state_dict, load_trained, training_config
+from ..training.config import check_image_size
 from .metrics import ItemScores, hit_items, hit_rates, item_ranks, retrieval_items, retrieval_recall, topk_accuracy
 from .stats import paired_ci
 
@@ -504,7 +506,8 @@ def compare_items(metrics_a: dict, items_a: dict[str, ItemScores], metrics_b: di
 
 
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, pretrained: str | None = None,
-               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, object, object]:
+               device: str | torch.device = "cpu", force_image_size: int | None = None,
+               ) -> tuple[torch.nn.Module, object, object]:
     """(model in eval mode, preprocess_val, tokenizer) for an open_clip name (dtplib's DTP-ViT names included).
 
     `checkpoint`: a file from our training loop ({"state_dict": ..., optional `module.` prefixes, other keys}), or a
@@ -512,27 +515,38 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
     weights header), so `name` may be left out, and a tower that has no registered name (`--model ViT-B-32
     --compression 3`, other DTP settings) is rebuilt as it was trained.
     `pretrained`: an open_clip tag or weights file. Names, files and weights are checked before the model is built.
+    The input size is the one the model was trained at (a training checkpoint's --force-image-size), unless
+    `force_image_size` gives another: the position embedding is then resampled (open_clip's `force_image_size`).
     """
     if checkpoint is not None and pretrained is not None:
         raise ValueError("give a checkpoint or pretrained weights, not both")
+    if force_image_size is not None and force_image_size <= 0:
+        raise ValueError(f"--force-image-size must be a whole number of pixels > 0, got {force_image_size}")
     if checkpoint is not None and is_weights_file(checkpoint) \
             and name in (None, weights_info(checkpoint)["open_clip_model"]):
+        if force_image_size is not None:
+            raise ValueError("--force-image-size: a weights file is evaluated at the size it was trained at")
         model, preprocess, tokenizer, _ = load_weights(checkpoint, device)
         return model, preprocess, tokenizer
     config = training_config(checkpoint) if checkpoint is not None else None
     if name is None and config is None:
         raise ValueError("give a model name (a checkpoint from python -m dtplib.train records its own)")
     if config is not None and name in (None, config.model):  # the training flags rebuild exactly the trained model
-        model, preprocess, tokenizer, _ = load_trained(checkpoint, device)
-        log.info("loaded %s", checkpoint)
+        if force_image_size is not None:
+            check_image_size(force_image_size, config.model)
+        model, preprocess, tokenizer, _ = load_trained(checkpoint, device, force_image_size)
+        log.info("loaded %s at %d px", checkpoint, get_model_preprocess_cfg(model)["size"][0])
         return model, preprocess, tokenizer
     check_model_name(name)
     if pretrained is not None:
         check_pretrained(name, pretrained)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    if force_image_size is not None:
+        check_image_size(force_image_size, name)
+    forced = {} if force_image_size is None else {"force_image_size": force_image_size}
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device, **forced)
     tokenizer = open_clip.get_tokenizer(name)
     if checkpoint is not None:
-        state = read_state_dict(checkpoint)
+        state = fit_position_embeddings(read_state_dict(checkpoint), model)
         load_state_dict(model, state, checkpoint, name)
         log.info("loaded %d tensors from %s", len(state), checkpoint)
     return model.eval(), preprocess, tokenizer
@@ -601,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe-train-per-class", type=int, default=100, help="linear probe: train images per class")
     parser.add_argument("--probe-test-per-class", type=int, help="linear probe: test images per class (default: the "
                         "rest)")
+    parser.add_argument("--force-image-size", type=int, help="input size in pixels (default: the size the "
+                        "checkpoint was trained at, its --force-image-size, else the model's own); the position "
+                        "embedding is resampled")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--loss-batch-size", type=int, default=64, help="val_loss: pairs per fixed batch")
     parser.add_argument("--device", default="cpu")

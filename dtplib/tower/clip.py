@@ -230,6 +230,8 @@ def create_model_and_transforms(arch: str = "ViT-B-32", compression: float = 4, 
     tower = get_tower(model)
     if any(getattr(dtp, f) != getattr(tower.dtp, f) for f in STRUCTURAL_FIELDS):  # no registered name: rebuild
         new = _build_tower(spec, dtp).to(device=tower.pos_embed.device, dtype=tower.pos_embed.dtype)
+        if new.patch_embed.img_size != tower.patch_embed.img_size:  # force_image_size
+            new.set_input_size(tower.patch_embed.img_size)
         new.load_state_dict(tower.state_dict(), strict=False)  # identical ViT parameters; the predictor is new
         model.visual.trunk = new
     else:  # fields read at run time only: no second build, so the random stream is the registered model's
@@ -309,12 +311,15 @@ def _open_clip_name(model: str, compression: float | None = None, upsample: bool
 
 
 def build_model(model: str, compression: float | None = None, upsample: bool = False, *,
-                force_patch_dropout: float | None = None, **dtp_fields):
+                force_patch_dropout: float | None = None, force_image_size: int | None = None, **dtp_fields):
     """(model, preprocess_train, preprocess_val, tokenizer) for the training flags: a DTP-ViT CLIP (an arch with
     a compression, or a DTP-ViT-* name; `dtp_fields` are DTPConfig fields such as boundary_loss_weight,
-    boundaries, execution), or any open_clip model as the peer. `force_patch_dropout` is open_clip's (FLIP)."""
+    boundaries, execution), or any open_clip model as the peer. `force_patch_dropout` (FLIP) and
+    `force_image_size` (CLIPA's low resolution: the tower's grid and both preprocessings at that size) are
+    open_clip's."""
     arch, compression, upsample = resolve_model(model, compression, upsample)
-    options = {} if force_patch_dropout is None else {"force_patch_dropout": force_patch_dropout}
+    forced = {"force_patch_dropout": force_patch_dropout, "force_image_size": force_image_size}
+    options = {k: v for k, v in forced.items() if v is not None}
     if compression is None:
         if dtp_fields:
             raise ValueError(f"{sorted(dtp_fields)} need a DTP model; {arch} is a plain open_clip model")

@@ -139,15 +139,17 @@ def is_weights_file(path: str | Path) -> bool:
 
 def load_weights(weights: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, preprocess_val, tokenizer, header) from a weights file or a shipped name: the tower is
-    built with every setting it was trained with, then open_clip's own `load_checkpoint` loads the file (strict)."""
+    built with every setting it was trained with (and the input size, the source's force_image_size), then
+    open_clip's own `load_checkpoint` loads the file (strict)."""
     path = weights_file(weights)
     header = weights_info(path)
     name, dtp = header["open_clip_model"], header["dtp"]
+    size = (header.get("source") or {}).get("force_image_size")  # a run trained at another input size
     if dtp is None:
-        model, _, preprocess, tokenizer = build_model(name)
+        model, _, preprocess, tokenizer = build_model(name, force_image_size=size)
     else:
         settings = {k: v for k, v in dtp.items() if k not in ("compression", "upsample")}
         model, _, preprocess, tokenizer = build_model(parse_dtp_name(name)[0], dtp["compression"], dtp["upsample"],
-                                                      **settings)
+                                                      force_image_size=size, **settings)
     open_clip.load_checkpoint(model, str(path))
     return model.to(device).eval(), preprocess, tokenizer, header

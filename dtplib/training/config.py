@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import open_clip
+
 from ..common.runtime import check_precision, default_device
 from ..data.imagefolder import zeroshot_classes
 from ..data.loader import dataset_size, expand_shards
@@ -68,6 +70,29 @@ def _tower_for(model: str, settings: Mapping) -> DTPConfig | None:
     return replace(tower_config(ARCHS[arch], compression, upsample), **settings)
 
 
+def patch_size_of(model: str) -> int | None:
+    """The patch size of --model (an arch of ARCHS, a DTP-ViT-* name or an open_clip ViT); None when its config does
+    not say (a timm or hf-hub tower)."""
+    arch = parse_dtp_name(model)
+    arch = arch[0] if arch is not None else model
+    if arch in ARCHS:
+        return ARCHS[arch].patch_size
+    vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
+    size = vision.get("patch_size")
+    return size if isinstance(size, int) else None
+
+
+def check_image_size(size: int, model: str) -> None:
+    """--force-image-size: a whole number of pixels > 0 that the patch size divides (every patch whole)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"--force-image-size must be a whole number of pixels > 0, got {size!r}")
+    patch = patch_size_of(model)
+    if patch is not None and size % patch:
+        lower, upper = size // patch * patch, (size // patch + 1) * patch
+        raise ValueError(f"--force-image-size {size} is not a multiple of {model}'s patch size {patch} (try "
+                         f"{' or '.join(str(s) for s in (lower, upper) if s > 0)})")
+
+
 def flag(default, help: str, group: str, *, type=None, choices: Sequence | None = None, required: bool = False):
     """A TrainConfig field: its default, one line of meaning, its argparse group; `type` when the default is None."""
     return field(default=default, metadata={"help": help, "group": group, "type": type, "choices": choices,
@@ -98,6 +123,13 @@ class TrainConfig:
     # model, or a DTP tower given by name (DTP-ViT-*) is resolved into one (`_tower_for`)
     dtp: DTPConfig | None = field(default=None, metadata={"group": "model", "nested": DTPConfig})
     force_patch_dropout: float | None = flag(None, "open_clip patch dropout (FLIP peer)", "model", type=float)
+    force_image_size: int | None = flag(None, "input size in pixels instead of the model's own (open_clip's; CLIPA's "
+                                        "low resolution: 32 on Ti, a quarter of the patches): the position embedding "
+                                        "is resampled and the loader and evaluations resize to it", "model", type=int)
+    pretrained: str | None = flag(None, "a checkpoint (python -m dtplib.train's, or an open_clip state dict) whose "
+                                  "weights start this run, with a new optimizer and schedule (FLIP's and CLIPA's "
+                                  "final fine-tune); a position embedding of another grid is resampled; --resume "
+                                  "wins over it", "model", type=str)
     grad_checkpointing: bool = flag(False, "recompute the blocks' activations in the backward pass", "model")
     torchcompile: bool = flag(False, "torch.compile the model: static shapes, one graph (fullgraph) where the "
                               "model allows it; the first steps compile", "model")
@@ -261,6 +293,10 @@ class TrainConfig:
                              f"{self.warmup}, {self.workers}")
         if self.force_patch_dropout is not None and not 0 <= self.force_patch_dropout < 1:
             raise ValueError(f"--force-patch-dropout must be in [0, 1), got {self.force_patch_dropout}")
+        if self.force_image_size is not None:
+            check_image_size(self.force_image_size, self.model)
+        if self.pretrained and not Path(self.pretrained).is_file():
+            raise FileNotFoundError(f"--pretrained {self.pretrained}: no such checkpoint file")
         if self.local_loss and world_size == 1:
             log.info("--local-loss has no effect in a single process")
         check_precision(self.precision, default_device(self.device))
