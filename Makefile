@@ -50,7 +50,7 @@ TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
 test: install lint
-	$(VENV)/bin/pytest -q -ra $(XDIST) tests
+	$(VENV)/bin/pytest -q -ra --durations=15 $(XDIST) tests  # the 15 slowest listed at the end
 
 test-fast: install
 	$(VENV)/bin/pytest -q -ra $(XDIST) -m "not slow" tests
