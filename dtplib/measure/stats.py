@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,8 @@ def _percentile_interval(scores: np.ndarray, weights: np.ndarray | None, resampl
     if len(scores) == 1:
         return float(scores[0]), float(scores[0])
     samples, statistic = ((scores,), np.mean) if weights is None else ((scores, weights), _weighted_mean)
+    from scipy import stats as scipy_stats  # here, not at import: every training process imports this module
+
     result = scipy_stats.bootstrap(samples, statistic, n_resamples=resamples, batch=256, method="percentile",
                                    confidence_level=level, paired=True, vectorized=True,
                                    rng=np.random.default_rng(seed))
@@ -91,6 +92,8 @@ def paired_ci(scores_a, scores_b, resamples: int = 1000, level: float = 0.95, se
 # Intervals over a few independent runs (seeds): Student's t
 def t_quantile(df: int, level: float = 0.95) -> float:
     """The two-sided Student-t quantile, t((1 + level) / 2, df) (scipy.stats.t.ppf); nan below 1 degree of freedom."""
+    from scipy import stats as scipy_stats
+
     return float(scipy_stats.t.ppf((1 + level) / 2, df)) if df >= 1 else float("nan")
 
 
