@@ -304,6 +304,22 @@ def test_arm_families_colour_every_kind_of_arm_apart():
     assert len(set(plots.FAMILY_COLOURS.values())) == len(plots.FAMILY_COLOURS)
 
 
+def test_each_reduction_is_a_family_of_its_own_colour():
+    """A reduction's benchmark label, trained label or arm name is its method's family, coloured apart from every
+    other family; a name that merely contains a method's letters is not."""
+    from dtplib.tower.config import REDUCTIONS
+
+    families = {"tome": "ToMe", "evit": "EViT", "tokenlearner": "TokenLearner", "kmeans": "k-means grouping",
+                "prune": "learned pruning"}
+    assert set(families) == set(REDUCTIONS) - {"dtp"} and plots.REDUCTION_FAMILIES == families
+    for method, family in families.items():
+        for label in (f"DTP-ViT-Ti-8-64-4x+{method}", f"DTP-ViT-B-32-4x+{method}", f"{method}-4x"):
+            assert plots.arm_family(label) == family
+        assert family in plots.FAMILY_COLOURS
+    assert plots.arm_family("DTP-ViT-Ti-8-64-4x+topk") == "top-k"  # "tome" is no prefix of "topk"
+    assert plots.arm_family("pruned-vit") == "learned"  # not "+prune" nor "prune-"
+
+
 def test_plot_results_bars_each_method_above_chance():
     table = pd.DataFrame({"method": ["zero-shot", "linear probe"], "top1": [0.3, 0.55], "chance": [0.1, 0.1]})
     figure = compare.plot_results(table)

@@ -66,9 +66,16 @@ WRAP_COLOUR = (255, 221, 0)  # a segment continues on the next row
 
 
 PAGE_WIDTH, COLUMN_WIDTH = 7.0, 3.4  # inches: the text width of a two-column paper, and one column
-# One colour per kind of arm in every figure (seaborn's colour-blind palette): a reader matches arms across figures.
+# The field's token reductions (`DTPConfig.reduction`, spec modifier `+tome`, ...): their family names in figures.
+REDUCTION_FAMILIES = {"tome": "ToMe", "evit": "EViT", "tokenlearner": "TokenLearner", "kmeans": "k-means grouping",
+                      "prune": "learned pruning"}
+# One colour per kind of arm in every figure (seaborn's colour-blind palette; the reductions from Paul Tol's muted
+# one, chosen so that every pair stays apart under simulated deuteranopia, protanopia and tritanopia): a reader
+# matches arms across figures.
 FAMILY_COLOURS = {"baseline (1x)": "#000000", "learned": "#0173b2", "uniform": "#de8f05", "top-k": "#029e73",
-                  "2x2 pooling": "#cc78bc", "patch dropout (FLIP)": "#d55e00", "open_clip ViT": "#949494"}
+                  "2x2 pooling": "#cc78bc", "patch dropout (FLIP)": "#d55e00", "open_clip ViT": "#949494",
+                  "ToMe": "#56b4e9", "EViT": "#661100", "TokenLearner": "#882255", "k-means grouping": "#332288",
+                  "learned pruning": "#ddcc77"}
 FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P")  # arms of one family, in their order of appearance
 REFERENCE_GREY = "#9a9a9a"
 
@@ -76,8 +83,12 @@ REFERENCE_GREY = "#9a9a9a"
 def arm_family(label: str) -> str:
     """The kind of arm that a model label (`DTP-ViT-Ti-8-64-4x+uniform+hilbert`, `ViT-B-32+pd0.5`, from
     `dtplib.measure.specs`) or an arm name (`pool-2x2`, `flip-50`) is: a key of FAMILY_COLOURS. Uniform boundaries
-    along a Hilbert curve every 4 patches are 2x2 pooling."""
+    along a Hilbert curve every 4 patches are 2x2 pooling; a reduction of the field (`DTP-ViT-Ti-8-64-4x+tome`, an
+    arm `tome-4x`) is its method's family."""
     name = label.lower()
+    for method, family in REDUCTION_FAMILIES.items():
+        if re.search(rf"(^|\+){method}($|[+-])", name):
+            return family
     if "+pd" in name or name.startswith("flip"):
         return "patch dropout (FLIP)"
     if name.startswith("pool") or ("uniform" in name and "hilbert" in name):
