@@ -77,6 +77,3 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
 if __name__ == "__main__":
     run_cli(main, prog="python -m dtplib.viz")
 
-
-if __name__ == "__main__":
-    run_cli(main)
