@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                                        "ViT-Ti-8-64+pd0.5,ViT-Ti-8-64+pd0.75",
                    help="comma-separated open_clip names with modifiers: +pxSIZE input size (low resolution), "
                         "+pdRATE patch dropout; for DTP towers that pool +static, +packed, +padded (execution) and "
-                        "+uniform, +topk, +batch-topk (boundaries)")
+                        "+uniform, +topk, +batch-topk (boundaries), or one of +tome, +evit, +tokenlearner, +kmeans, "
+                        "+prune alone (a reduction of the field at the same budget, docs/reductions.md)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     p.add_argument("--steps", type=int, default=30, help="timed steps per model and mode")
@@ -46,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     p.add_argument("--checkpoint-dir", default=None,
                    help="learned boundaries from the trained runs (python -m dtplib.train folders) under this folder")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
-                   help="learned boundaries of model NAME from this checkpoint (repeatable; over --checkpoint-dir)")
+                   help="learned boundaries of model NAME from this checkpoint (repeatable; over --checkpoint-dir); "
+                        "a reduction's trained weights by its label, e.g. DTP-ViT-Ti-8-64-4x+tome=PATH")
     p.add_argument("--prior-steps", type=int, default=200, help="prior-only fit of models without a checkpoint")
     p.add_argument("--reference", default=None, help="model label that speed-ups are over; default: the first "
                                                      "DTP-...-1x, else the first model")

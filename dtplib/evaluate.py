@@ -95,6 +95,3 @@ if __name__ == "__main__":
     log.setLevel(logging.INFO)
     run_cli(main, prog="python -m dtplib.evaluate")
 
-
-if __name__ == "__main__":
-    run_cli(main)

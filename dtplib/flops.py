@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-import open_clip
 import pandas as pd
 
 from .common.cli import run_cli
@@ -14,6 +14,7 @@ from .common.files import atomic_write_text
 from .common.images import load_photos
 from .common.provenance import run_info
 from .measure.flops import format_report, image_tower, patch_count, report, text_tower
+from .measure.specs import REDUCTION_MODIFIERS, Spec, create_spec_model, parse_spec
 from .tower.clip import check_model_name
 from .tower.config import EXECUTIONS
 from .tower.model import DTPVisionTransformer
@@ -30,10 +31,23 @@ def _parse_compressions(text: str) -> list[int]:
     return values
 
 
+def _model_spec(text: str) -> Spec:
+    """--model: an open_clip name, or NAME+METHOD (a reduction of the field, `dtplib.measure.specs`)."""
+    if "+" not in text:
+        check_model_name(text)
+        return Spec(text)
+    spec = parse_spec(text)
+    if not spec.reduction:
+        raise ValueError(f"--model {text!r}: the only modifier here is a reduction (+{', +'.join(REDUCTION_MODIFIERS)})"
+                         "; boundaries and executions are rows of the report, patch dropout is the benchmark's")
+    return spec
+
+
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(prog="python -m dtplib.flops", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="open_clip name, e.g. DTP-ViT-B-32-4x, DTP-ViT-Ti-8-64-10x-up, "
-                        "ViT-B-32")
+                        "ViT-B-32, or a DTP tower with a reduction of the field as the benchmark labels it: "
+                        f"NAME+{'|+'.join(REDUCTION_MODIFIERS)}, e.g. DTP-ViT-Ti-8-64-4x+tome")
     parser.add_argument("--images", help="folder of photos for FLOPs at realised boundaries, e.g. "
                         "../shared/data/flickr8k/images")
     parser.add_argument("--num-images", type=int, default=64, help="first N photos of --images (sorted names)")
@@ -48,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
 
     try:  # every argument before any model is built
-        check_model_name(args.model)
+        spec = _model_spec(args.model)
         if args.force_image_size is not None:
-            check_image_size(args.force_image_size, args.model)
+            check_image_size(args.force_image_size, spec.name)
         compressions = _parse_compressions(args.compressions)
         if args.num_images < 1 or (args.batch_size is not None and args.batch_size < 1):
             raise ValueError("--num-images and --batch-size must be >= 1")
@@ -59,8 +73,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     except (ValueError, FileNotFoundError) as exn:
         parser.error(str(exn))
 
-    forced = {} if args.force_image_size is None else {"force_image_size": args.force_image_size}
-    model, _, preprocess = open_clip.create_model_and_transforms(args.model, **forced)
+    if args.force_image_size is not None:
+        spec = replace(spec, image_size=args.force_image_size)
+    model, preprocess = create_spec_model(spec)
     try:
         tower = image_tower(model)
         text_tower(model)
@@ -87,7 +102,3 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 if __name__ == "__main__":
     run_cli(main, prog="python -m dtplib.flops")
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -13,7 +13,7 @@ from .common.cli import run_cli
 from .common.files import append_csv
 from .common.paths import data_root, repo_path
 from .common.provenance import run_info
-from .figures.viz import COCO_MINI, RANDOM_WEIGHTS_NOTE, alignment, draw_overlays
+from .figures.viz import COCO_MINI, METHODS, RANDOM_WEIGHTS_NOTE, alignment, draw_methods, draw_overlays
 
 UNTRAINED = ("note: no checkpoint, so the boundary predictor is untrained (random init): its boundaries say nothing "
              "about the images yet")
@@ -27,6 +27,38 @@ def _model_label(name: str | None, checkpoint: str | None) -> str:
 
     config = training_config(checkpoint)
     return "" if config is None else config.model_name
+
+
+def _methods_parser(commands) -> None:
+    methods = commands.add_parser("methods", help="the same photos grouped by each method (DTP, uniform pooling, the "
+                                  "field's reductions) in one PNG")
+    methods.add_argument("--model", default="DTP-ViT-Ti-8-64-4x", help="DTP name: the arch and compression of every "
+                         "method's tower")
+    methods.add_argument("--weights", action="append", default=[], metavar="METHOD=WEIGHTS",
+                         help=f"trained weights of a method ({', '.join(METHODS)}): a shipped name or weights file, "
+                         "or a dtplib.train checkpoint (repeatable); the others are drawn at seeded random init, "
+                         "and the figure says so")
+    methods.add_argument("--images", default=str(data_root() / "flickr8k" / "images"), help="folder of photos")
+    methods.add_argument("--num-images", type=int, default=4, help="first N photos (sorted names): the rows")
+    methods.add_argument("--methods", default=",".join(METHODS), help="the columns, in order")
+    methods.add_argument("--seed", type=int, default=0, help="seeds every random init")
+    methods.add_argument("--out", required=True, help="the PNG to write, e.g. results/figures/methods_ti4x.png")
+
+
+def _methods(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from .common.images import photo_files
+
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    weights = dict(pair.partition("=")[::2] for pair in args.weights)
+    if any(not pair.partition("=")[2] for pair in args.weights):
+        parser.error("--weights takes METHOD=WEIGHTS, e.g. dtp=flickr8k-ti-learned-4x")
+    if not chosen or any(m not in METHODS for m in chosen) or args.num_images < 1:
+        parser.error(f"--methods name methods of {METHODS}; --num-images >= 1")
+    if set(weights) - set(chosen):
+        parser.error(f"--weights for {sorted(set(weights) - set(chosen))}, which are not among the methods {chosen}")
+    files = photo_files(args.images, args.num_images)
+    path = draw_methods(files, repo_path(args.out), args.model, weights, chosen, args.seed)
+    print(f"wrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
@@ -51,7 +83,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     overlay.add_argument("--shown", type=int, default=6, help="photos drawn in overlays.png")
     overlay.add_argument("--grid", type=int, default=24, help="photos drawn in token_grid.png")
     overlay.add_argument("--out", required=True, help="folder for overlays.png, token_grid.png, tokens_hist.png")
+    _methods_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "methods":
+        return _methods(parser, args)
     if args.model is None and args.checkpoint is None:
         parser.error("give --model, --checkpoint, or both")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
@@ -77,6 +112,3 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
 if __name__ == "__main__":
     run_cli(main, prog="python -m dtplib.viz")
 
-
-if __name__ == "__main__":
-    run_cli(main)

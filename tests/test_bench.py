@@ -108,6 +108,79 @@ def test_labels_name_the_execution_unless_it_is_static():
     assert parse_spec("ViT-Ti-8-64+pd0.5").execution == ""  # no tower that pools: no execution
 
 
+REDUCTIONS = ("tome", "evit", "tokenlearner", "kmeans", "prune")
+
+
+@pytest.mark.parametrize("method", REDUCTIONS)
+def test_a_reduction_label_parses_back_to_its_spec(method):
+    """`NAME+METHOD`: a DTP tower with that reduction, no execution and no boundaries; the label round-trips, what a
+    run trained with `--reduction METHOD` gives the same label (the models are built by the tests below)."""
+    from dtplib.measure.specs import trained_label
+    from dtplib.training.config import TrainConfig
+
+    label = f"DTP-ViT-Ti-8-64-4x+{method}"
+    spec = parse_spec(label, execution="padded")  # the default execution is for boundaries only
+    assert (spec.name, spec.reduction, spec.execution, spec.boundaries) == ("DTP-ViT-Ti-8-64-4x", method, "", "")
+    assert spec.pools and spec.label == label and parse_spec(spec.label) == spec and spec.trained == spec
+    config = TrainConfig.from_options(model="ViT-Ti-8-64", compression=4, reduction=method, train_data="x")
+    assert trained_label(config) == label
+
+
+def test_a_reduction_run_is_found_by_its_label(tmp_path):
+    """--checkpoint-dir: a run trained with a reduction is that reduction's row, never the learned tower's."""
+    for run, flags in (("a-tome", ', "reduction": "tome"'), ("b-learned", "")):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        (tmp_path / run / "checkpoints" / "epoch_latest.pt").write_bytes(b"x")
+        (tmp_path / run / "params.json").write_text(
+            f'{{"model": "ViT-Ti-8-64", "compression": 4.0{flags}}}')
+    assert bench.find_checkpoints(tmp_path) == {
+        "DTP-ViT-Ti-8-64-4x+tome": tmp_path / "a-tome" / "checkpoints" / "epoch_latest.pt",
+        "DTP-ViT-Ti-8-64-4x": tmp_path / "b-learned" / "checkpoints" / "epoch_latest.pt"}
+
+
+def test_reductions_are_timed_interleaved_beside_uniform_pooling(tmp_path):
+    """Uniform pooling and two reductions at Ti 4x, one warm-up and one timed step of the whole CLIP step: a row
+    each with the budget's compression, the method's forward GMACs (within 3% of uniform's, the issue's budget),
+    the ratios over uniform, and the method named in the CSV, the markdown and the figure's legend."""
+    models = "DTP-ViT-Ti-8-64-4x+uniform,DTP-ViT-Ti-8-64-4x+tome,DTP-ViT-Ti-8-64-4x+kmeans"
+    frame = bench_cmd.main(["--models", models, "--batch-size", "4", "--steps", "1", "--warmup", "1", "--modes",
+                            "clip", "--prior-steps", "1", "--threads", "1", "--no-memory", "--reference",
+                            "DTP-ViT-Ti-8-64-4x+uniform", "--out", str(tmp_path / "eff")])
+    written = pd.read_csv(tmp_path / "eff.csv", keep_default_na=False, na_values=[""])
+    assert list(written["model"]) == models.split(",") and (written["steps"] == 1).all()
+    assert list(written["reduction"].fillna("")) == ["", "tome", "kmeans"]
+    assert list(written["boundaries"].fillna("")) == ["uniform", "", ""]
+    assert list(written["boundary_source"].fillna("")[1:]) == ["seeded init"] * 2
+    assert (written["realised_compression"] == 4).all() and (written["segments_std"] == 0).all()
+    uniform = written.iloc[0]
+    assert uniform["speedup"] == 1 and (written["reference"] == "DTP-ViT-Ti-8-64-4x+uniform").all()
+    assert written["forward_gmacs"].to_numpy() == pytest.approx(uniform["forward_gmacs"], rel=0.03)
+    assert written["speedup"].to_numpy() == pytest.approx((uniform["median_s"] / written["median_s"]).to_numpy())
+    text = (tmp_path / "eff.md").read_text()
+    assert "| clip | DTP-ViT-Ti-8-64-4x+tome | tome (seeded init) |" in text and "MAC-matched schedule" in text
+    assert (tmp_path / "eff.png").stat().st_size > 0
+    figure = compare.speedup_plot([tmp_path / "eff.csv"])
+    legend = [text.get_text() for legend in figure.legends for text in legend.get_texts()]
+    assert {"uniform, static", "ToMe", "k-means grouping"} <= set(legend)
+    assert len(frame) == 3
+
+
+def test_the_efficiency_table_costs_a_reduction_row_by_its_own_tower(tmp_path):
+    from dtplib.measure import flops
+    from dtplib.measure.specs import create_spec_model
+
+    row = {"mode": "clip", "execution": "", "realised_compression": 4.0, "peak_memory_mb": 1.0, "median_s": 1.0,
+           "speedup": 1.0, "analytic_bound": 1.0, "hardware": "cpu", "batch_size": 8, "dtype": "fp32"}
+    pd.DataFrame([{**row, "model": "DTP-ViT-Ti-8-64-4x+prune"}, {**row, "model": "DTP-ViT-Ti-8-64-4x+topk"}]
+                 ).to_csv(tmp_path / "efficiency_test.csv", index=False)
+    table = tables.efficiency_table([tmp_path], accuracy_runs=tmp_path / "none.csv").set_index("model")
+    pruning = create_spec_model(parse_spec("DTP-ViT-Ti-8-64-4x+prune"))[0]
+    assert get_tower(pruning).dtp.reduction == "prune"
+    assert table.loc["DTP-ViT-Ti-8-64-4x+prune", "image GMACs"] == pytest.approx(
+        float(flops.total(flops.analytic_macs(pruning))) / 1e9)  # its scorer counted: not the learned tower's
+    assert table.loc["DTP-ViT-Ti-8-64-4x+prune", "image GMACs"] > table.loc["DTP-ViT-Ti-8-64-4x+topk", "image GMACs"]
+
+
 def test_committed_results_read_back():
     """The efficiency CSVs in results/ (packed rows labelled without a modifier) parse and draw."""
     import matplotlib.pyplot as plt
@@ -162,7 +235,13 @@ def test_a_trained_run_is_timed_with_the_adamw_kernel_it_trained_with(tmp_path):
 @pytest.mark.parametrize("spec, message", [("ViT-Nope-1", "unknown model"), ("ViT-Ti-8-64+pd1.5", "must be in"),
                                            ("DTP-ViT-Ti-8-64-1x+topk", "needs a DTP tower that pools"),
                                            ("DTP-ViT-Ti-8-64-4x+pd0.5", "towers that do not pool"),
-                                           ("DTP-ViT-Ti-8-64-4x+fast", "expected NAME")])
+                                           ("DTP-ViT-Ti-8-64-4x+fast", "expected NAME"),
+                                           ("DTP-ViT-Ti-8-64-1x+tome", "needs a DTP tower that pools"),
+                                           ("ViT-Ti-8-64+evit", "needs a DTP tower that pools"),
+                                           ("DTP-ViT-Ti-8-64-4x-up+kmeans", "without upsampling"),
+                                           ("DTP-ViT-Ti-8-64-4x+padded+prune", "takes no other modifier"),
+                                           ("DTP-ViT-Ti-8-64-4x+tokenlearner+topk", "takes no other modifier"),
+                                           ("DTP-ViT-Ti-8-64-4x+tome+evit", "takes no other modifier")])
 def test_bad_model_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_spec(spec)

@@ -204,8 +204,20 @@ def test_cli_table_and_csv(tmp_path, capsys):
     assert (frame["analytic GFLOPs"] == 2 * frame["analytic GMACs"]).all()
 
 
+def test_cli_reads_a_reduction_label(tmp_path, capsys):
+    """`--model NAME+METHOD`, as the benchmark labels a reduction: one row at the method's budget, analytic = fvcore."""
+    output = tmp_path / "flops.csv"
+    flops_command.main(["--model", "DTP-ViT-Ti-8-64-4x+tome", "--output", str(output)])
+    assert "DTP-ViT-Ti-8-64-4x+tome: image tower" in capsys.readouterr().out
+    image = pd.read_csv(output).query("tower == 'image'")
+    assert list(image["setting"]) == ["tome 4x"] and list(image["model"]) == ["DTP-ViT-Ti-8-64-4x+tome"]
+    assert list(image["segments"]) == [16] and (image["analytic GMACs"] - image["fvcore GMACs"]).abs().max() < 1e-12
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--model", "DTP-ViT-B-32-3x"], "unknown model"),
+    (["--model", "DTP-ViT-Ti-8-64-4x+padded"], "the only modifier here is a reduction"),
+    (["--model", "DTP-ViT-Ti-8-64-1x+tome"], "needs a DTP tower that pools"),
     (["--model", "ViT-Ti-8-64", "--images", "/nonexistent/photos"], "image folder not found"),
     (["--model", "ViT-Ti-8-64", "--compressions", "1,2.5"], "whole numbers"),
     (["--model", "ViT-Ti-8-64", "--force-image-size", "36"], "not a multiple of ViT-Ti-8-64's patch size 8"),

@@ -28,7 +28,7 @@ OUTPUTS = {
     "01_data_prep": ["samples.png", "caption_lengths.png", "url_shards/summary.json"],
     "02_model": ["variants.csv", "prior_fit.csv"],
     "03_train": ["training_curves.png", "epochs.csv"],
-    "04_boundaries": ["overlays.png", "token_grid.png", "tokens_hist.png", "alignment.csv"],
+    "04_boundaries": ["overlays.png", "token_grid.png", "tokens_hist.png", "methods.png", "alignment.csv"],
     "05_efficiency": ["flops_components.csv", "efficiency_live.csv", "summary_table.csv",
                       "speedup_nvidia_h100_80gb_hbm3.png",
                       "accuracy_vs_gflops.png", "accuracy_vs_cost.png"],

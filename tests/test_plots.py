@@ -15,6 +15,7 @@ import dtplib.common.paths
 from dtplib.common.images import load_images
 from dtplib.figures import compare, plots, viz
 from dtplib.measure import tables
+from dtplib.tower.model import TraceRecord
 
 GREY = 128  # every PALETTE tint moves a mid-grey pixel by at least 22 levels, the edge and wrap colours are far
 
@@ -304,6 +305,22 @@ def test_arm_families_colour_every_kind_of_arm_apart():
     assert len(set(plots.FAMILY_COLOURS.values())) == len(plots.FAMILY_COLOURS)
 
 
+def test_each_reduction_is_a_family_of_its_own_colour():
+    """A reduction's benchmark label, trained label or arm name is its method's family, coloured apart from every
+    other family; a name that merely contains a method's letters is not."""
+    from dtplib.tower.config import REDUCTIONS
+
+    families = {"tome": "ToMe", "evit": "EViT", "tokenlearner": "TokenLearner", "kmeans": "k-means grouping",
+                "prune": "learned pruning"}
+    assert set(families) == set(REDUCTIONS) - {"dtp"} and plots.REDUCTION_FAMILIES == families
+    for method, family in families.items():
+        for label in (f"DTP-ViT-Ti-8-64-4x+{method}", f"DTP-ViT-B-32-4x+{method}", f"{method}-4x"):
+            assert plots.arm_family(label) == family
+        assert family in plots.FAMILY_COLOURS
+    assert plots.arm_family("DTP-ViT-Ti-8-64-4x+topk") == "top-k"  # "tome" is no prefix of "topk"
+    assert plots.arm_family("pruned-vit") == "learned"  # not "+prune" nor "prune-"
+
+
 def test_plot_results_bars_each_method_above_chance():
     table = pd.DataFrame({"method": ["zero-shot", "linear probe"], "top1": [0.3, 0.55], "chance": [0.1, 0.1]})
     figure = compare.plot_results(table)
@@ -384,3 +401,40 @@ def test_epoch_report_is_a_frame_with_units_in_percent():
     assert tables.chance_level("image_to_text_R@1", {"retrieval_images": 2, "retrieval_texts": 10}) == \
         pytest.approx(0.5)  # 5 of 10 texts match
     assert tables.chance_level("val_loss", {"retrieval_images": 1000}) is None
+
+
+def test_methods_figure_draws_each_method_over_the_same_photos():
+    """A column per method, a row per photo, each cell exactly that method's overlay: a dropped patch darkened to
+    half, wrap ticks only where the groups are runs in raster order, titles with the tokens kept and a red note."""
+    images = torch.full((2, 3, 16, 16), GREY / 255)  # mid-grey photos, identity normalisation
+    runs = torch.tensor([[0, 0, 0, 1, 1, 1, *range(2, 12)]] * 2)  # run 1 leaves row 0 and comes back on row 1
+    grouped = torch.tensor([[1, 2, 3, 0, 0, *range(4, 15)]] * 2)  # the same wrap, as a group of a 2-D grouping
+    pruned = torch.tensor([[-1, *range(15)]] * 2)  # patch 0 dropped, every other patch its own token
+
+    def record(ids):
+        tokens = (ids.amax(1) + 1).long()
+        return TraceRecord(boundaries=torch.zeros(ids.shape, dtype=torch.bool), segment_ids=ids,
+                           probs=torch.zeros(ids.shape), tokens=tokens, compression=16 / tokens.float(),
+                           boundary_loss=torch.zeros(()), grid=(4, 4))
+
+    records = {"runs": record(runs), "grouped": record(grouped), "pruned": record(pruned)}
+    figure = plots.methods_figure(images, records, (0, 0, 0), (1, 1, 1), notes={"grouped": "random init"}, scale=1)
+    cells = np.array(figure.axes, dtype=object).reshape(2, 3)
+    assert [ax.get_title().split("\n") for ax in cells[0]] == [["runs", "12 / 16 tokens"],
+                                                               ["grouped", "15 / 16 tokens", "random init"],
+                                                               ["pruned", "15 / 16 tokens"]]
+    assert [ax.title.get_color() for ax in cells[0]] == ["black", "tab:red", "black"]
+    assert "darkened: a dropped patch" in figure.get_supxlabel()
+    pixels = np.full((16, 16, 3), GREY, dtype=np.uint8)
+    for row in range(2):
+        drawn = [np.asarray(ax.get_images()[0].get_array()) for ax in cells[row]]
+        assert np.array_equal(drawn[0], plots.segment_overlay(pixels, runs[row], (4, 4)))
+        assert np.array_equal(drawn[2], plots.segment_overlay(pixels, pruned[row], (4, 4), patch_order="grid"))
+        assert (drawn[2][1:3, 1:3] == GREY // 2).all() and (drawn[2][5:7, 5:7] == GREY).all()  # dropped; kept
+        assert (drawn[0] == plots.WRAP_COLOUR).all(-1).any()  # a run that wraps is marked
+        assert not (drawn[1] == plots.WRAP_COLOUR).all(-1).any()  # a 2-D group is no run: nothing to mark
+        assert (drawn[1][5:7, 1:3] != GREY).any(-1).all()  # ...but it is tinted
+    assert plots.is_runs(runs) and not plots.is_runs(grouped) and not plots.is_runs(pruned)
+    plt.close(figure)
+    with pytest.raises(ValueError, match="fewer than"):
+        plots.methods_figure(images, {"one image": record(runs[:1])}, (0, 0, 0), (1, 1, 1))

@@ -148,6 +148,16 @@ def test_each_top_level_name_is_defined_once():
     assert not repeated, f"defined in more than one module: {repeated}"
 
 
+def test_a_command_line_runs_its_main_once():
+    """One `if __name__ == "__main__":` block per module: a second one ran the command a second time."""
+    def is_main_guard(node) -> bool:
+        return isinstance(node, ast.If) and ast.unparse(node.test) in ("__name__ == '__main__'",
+                                                                       "'__main__' == __name__")
+    guards = {name: sum(map(is_main_guard, tree.body)) for name, tree in MODULES.items()}
+    assert {name: count for name, count in guards.items() if count > 1} == {}
+    assert guards["bench"] == guards["flops"] == guards["viz"] == 1
+
+
 def test_the_checks_see_the_package():
     """The graph is not empty by accident: train imports the training folder's modules, the tower's model imports
     packed, and a folder reaching up would be seen (the check runs on a made-up import)."""

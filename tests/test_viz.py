@@ -6,6 +6,7 @@ import open_clip
 import pandas as pd
 import pytest
 import torch
+from conftest import flickr_photos
 from PIL import Image, ImageDraw
 
 import dtplib
@@ -221,3 +222,48 @@ def test_align_command_reads_the_model_from_a_training_checkpoint(tmp_path, caps
     assert (pd.read_csv(output)["model"] == "DTP-ViT-Ti-8-64-4x").all()
     direct = viz.alignment(model, preprocess, num_images=3, draws=5)  # the same weights, built in this process
     pd.testing.assert_frame_equal(table, direct)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same photos grouped by each method
+
+
+def test_each_method_is_traced_on_the_same_photos(tmp_path):
+    """Shipped DTP weights in one column, uniform pooling and a pruning tower at seeded random init beside it: every
+    record covers the same photos at the tower's grid; the note says which columns are untrained; the DTP column is
+    the shipped model's own trace; the pruning tower keeps its budget and drops the rest."""
+    files = flickr_photos(2)
+    traces = viz.trace_methods(files, "DTP-ViT-Ti-8-64-4x", {"dtp": "flickr8k-ti-learned-4x"},
+                               ("dtp", "uniform", "prune"))
+    assert list(traces.records) == ["DTP, trained", "uniform pooling", "learned pruning"]
+    assert traces.notes == {"DTP, trained": "", "uniform pooling": "", "learned pruning": viz.RANDOM_INIT}
+    assert traces.images.shape == (2, 3, 64, 64) and all(r.grid == (8, 8) for r in traces.records.values())
+    trained = viz.trace_batches(dtplib.load_weights("flickr8k-ti-learned-4x")[0], traces.images)
+    assert torch.equal(traces.records["DTP, trained"].segment_ids, trained.segment_ids)
+    assert traces.records["uniform pooling"].segment_ids[0].tolist() == [i // 4 for i in range(64)]
+    pruned = traces.records["learned pruning"].segment_ids
+    assert ((pruned >= 0).sum(1) == 16).all() and ((pruned == -1).sum(1) == 48).all()
+    with pytest.raises(ValueError, match="not 'tome' at 4x"):  # DTP's weights are not a ToMe tower
+        viz.method_model("tome", "DTP-ViT-Ti-8-64-4x", "flickr8k-ti-learned-4x")
+    with pytest.raises(ValueError, match="not among the methods"):
+        viz.trace_methods(files, weights={"kmeans": "x"}, methods=("dtp",))
+
+
+def test_a_random_init_is_seeded():
+    """Two builds of one method at one seed are the same tower, its own module included: the figure is reproducible."""
+    first, second = (viz.method_model("tokenlearner", "DTP-ViT-Ti-8-64-4x", seed=3)[0] for _ in range(2))
+    assert first is not second and dtplib.get_tower(first).dtp.reduction == "tokenlearner"
+    torch.testing.assert_close(first.state_dict(), second.state_dict(), rtol=0, atol=0)
+
+
+def test_methods_command_writes_the_figure_and_refuses_bad_methods(tmp_path, capsys):
+    viz_command.main(["methods", "--num-images", "1", "--methods", "uniform,evit", "--out", str(tmp_path / "m.png")])
+    picture = read_png(tmp_path / "m.png")
+    assert picture.ndim == 3 and picture.shape[1] > picture.shape[0]  # two columns side by side, one row
+    assert "wrote" in capsys.readouterr().out
+    for argv, message in ((["--methods", "dtp,fastvit"], "name methods of"), (["--weights", "dtp"], "METHOD=WEIGHTS"),
+                          (["--weights", "tome=x", "--methods", "dtp"], "not among the methods")):
+        with pytest.raises(SystemExit):
+            viz_command.main(["methods", *argv, "--out", str(tmp_path / "bad.png")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()

@@ -25,12 +25,18 @@ def load_images(paths: Sequence[str | Path], preprocess) -> torch.Tensor:
     return torch.stack([preprocess(open_rgb(path)) for path in paths])
 
 
-def load_photos(folder: str | Path, count: int, preprocess) -> tuple[torch.Tensor, list[Path]]:
-    """The first `count` photos of a folder (sorted names), preprocessed: B x 3 x H x W, and their paths."""
+def photo_files(folder: str | Path, count: int) -> list[Path]:
+    """The first `count` photos of a folder (sorted names): .jpg, .jpeg or .png files."""
     folder = repo_path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:count]
     if not files:
         raise FileNotFoundError(f"no .jpg/.jpeg/.png images in {folder}")
+    return files
+
+
+def load_photos(folder: str | Path, count: int, preprocess) -> tuple[torch.Tensor, list[Path]]:
+    """The first `count` photos of a folder (sorted names), preprocessed: B x 3 x H x W, and their paths."""
+    files = photo_files(folder, count)
     return load_images(files, preprocess), files

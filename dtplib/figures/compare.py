@@ -18,7 +18,16 @@ import numpy as np
 import pandas as pd
 
 from ..measure.tables import metric_curves, metric_unit, runs_chance
-from .plots import FAMILY_COLOURS, FAMILY_MARKERS, PAGE_WIDTH, REFERENCE_GREY, arm_family, interval_limits, styled
+from .plots import (
+    FAMILY_COLOURS,
+    FAMILY_MARKERS,
+    PAGE_WIDTH,
+    REDUCTION_FAMILIES,
+    REFERENCE_GREY,
+    arm_family,
+    interval_limits,
+    styled,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Efficiency (05 notebook): speed-up per machine, accuracy against compute, accuracy against training cost
@@ -43,16 +52,22 @@ def speedup_figures(bench_csvs: Sequence[str | Path]) -> dict[str, object]:
 
 
 def _series(rows: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """(family, label, rows) of the lines of one speed-up panel: DTP rows by boundaries and execution, FLIP patch
-    dropout, open_clip's ViT; the reference itself (1, 1) is left out (the line at 1 shows it)."""
+    """(family, label, rows) of the lines of one speed-up panel: DTP rows by boundaries and execution, the field's
+    reductions by method (the `reduction` column; older tables have none), FLIP patch dropout, open_clip's ViT; the
+    reference itself (1, 1) is left out (the line at 1 shows it)."""
     series = []
-    kinds = rows["boundaries"].fillna("") if "boundaries" in rows else pd.Series("", index=rows.index)
+    blank = pd.Series("", index=rows.index)
+    kinds = rows["boundaries"].fillna("") if "boundaries" in rows else blank
+    reductions = rows["reduction"].fillna("") if "reduction" in rows else blank
     executions = rows["execution"].fillna("packed") if "execution" in rows else pd.Series("packed", index=rows.index)
     for (kind, execution), group in rows[kinds != ""].groupby([kinds[kinds != ""], executions[kinds != ""]],
                                                                  sort=False):
         family = "top-k" if "topk" in kind else kind
         series.append((family, f"{kind}, {execution}", group))
-    others = rows[kinds == ""]
+    for method, group in rows[reductions != ""].groupby(reductions[reductions != ""], sort=False):
+        family = REDUCTION_FAMILIES.get(method, method)
+        series.append((family, family, group))
+    others = rows[(kinds == "") & (reductions == "")]
     dropout = others[others["model"].str.contains(r"\+pd")]
     plain = others[~others["model"].str.contains(r"\+pd") & (others["model"] != others["reference"])]
     series += [("patch dropout (FLIP)", "FLIP patch dropout", dropout), ("open_clip ViT", "open_clip ViT", plain)]

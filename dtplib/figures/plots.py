@@ -12,7 +12,8 @@ Read top to bottom:
 2. Pictures as uint8 arrays (pure functions, tested pixel by pixel): `input_normalization`, `denormalize`,
    `upscale`, `segment_overlay`, `probability_heatmap`, `overlays`.
 3. Boundary figures (04 notebook, `python -m dtplib.viz overlay`): `boundary_figure` (photo | segments |
-   P(boundary)), `token_grid` (overlays labelled with the tokens kept), `tokens_histogram`.
+   P(boundary)), `token_grid` (overlays labelled with the tokens kept), `tokens_histogram`, `methods_figure` (the
+   same photos grouped by each method: DTP and the field's reductions, `python -m dtplib.viz methods`).
 4. Training runs (03 notebook), read back from a run folder's CSVs: `training_curves`.
 Figures that compare models (speed-up, accuracy against cost, the 05 and 06 notebooks) are `dtplib.figures.compare`,
 in this style. Intervals are clipped to what their metric can take (`interval_limits`); accuracy figures mark
@@ -66,9 +67,16 @@ WRAP_COLOUR = (255, 221, 0)  # a segment continues on the next row
 
 
 PAGE_WIDTH, COLUMN_WIDTH = 7.0, 3.4  # inches: the text width of a two-column paper, and one column
-# One colour per kind of arm in every figure (seaborn's colour-blind palette): a reader matches arms across figures.
+# The field's token reductions (`DTPConfig.reduction`, spec modifier `+tome`, ...): their family names in figures.
+REDUCTION_FAMILIES = {"tome": "ToMe", "evit": "EViT", "tokenlearner": "TokenLearner", "kmeans": "k-means grouping",
+                      "prune": "learned pruning"}
+# One colour per kind of arm in every figure (seaborn's colour-blind palette; the reductions from Paul Tol's muted
+# one, chosen so that every pair stays apart under simulated deuteranopia, protanopia and tritanopia): a reader
+# matches arms across figures.
 FAMILY_COLOURS = {"baseline (1x)": "#000000", "learned": "#0173b2", "uniform": "#de8f05", "top-k": "#029e73",
-                  "2x2 pooling": "#cc78bc", "patch dropout (FLIP)": "#d55e00", "open_clip ViT": "#949494"}
+                  "2x2 pooling": "#cc78bc", "patch dropout (FLIP)": "#d55e00", "open_clip ViT": "#949494",
+                  "ToMe": "#56b4e9", "EViT": "#661100", "TokenLearner": "#882255", "k-means grouping": "#332288",
+                  "learned pruning": "#ddcc77"}
 FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P")  # arms of one family, in their order of appearance
 REFERENCE_GREY = "#9a9a9a"
 
@@ -76,8 +84,12 @@ REFERENCE_GREY = "#9a9a9a"
 def arm_family(label: str) -> str:
     """The kind of arm that a model label (`DTP-ViT-Ti-8-64-4x+uniform+hilbert`, `ViT-B-32+pd0.5`, from
     `dtplib.measure.specs`) or an arm name (`pool-2x2`, `flip-50`) is: a key of FAMILY_COLOURS. Uniform boundaries
-    along a Hilbert curve every 4 patches are 2x2 pooling."""
+    along a Hilbert curve every 4 patches are 2x2 pooling; a reduction of the field (`DTP-ViT-Ti-8-64-4x+tome`, an
+    arm `tome-4x`) is its method's family."""
     name = label.lower()
+    for method, family in REDUCTION_FAMILIES.items():
+        if re.search(rf"(^|\+){method}($|[+-])", name):
+            return family
     if "+pd" in name or name.startswith("flip"):
         return "patch dropout (FLIP)"
     if name.startswith("pool") or ("uniform" in name and "hilbert" in name):
@@ -390,6 +402,59 @@ def token_grid(images: torch.Tensor, record: TraceRecord, mean=OPENAI_CLIP_MEAN,
         ax.imshow(drawn[i], interpolation="nearest")
         ax.set_title(f"{int(record.tokens[i])} / {num_patches} tokens", fontsize=9)
     figure.supxlabel(LEGEND, fontsize=7, wrap=True)
+    return figure
+
+
+METHODS_LEGEND = ("tint: the patches of one token (two or more); untinted: a patch that is a token of its own; "
+                  "white: borders between tokens; darkened: a dropped patch (no token); yellow ticks: a run of patches "
+                  "in raster order (DTP) continues on the next row. ToMe merges layer by layer, at the others' MACs: "
+                  "its count is after its last layer")
+
+
+def is_runs(segment_ids) -> bool:
+    """Whether every group is a run of patches in raster order (DTP's segments: ids never fall along the row-major
+    order, none dropped), so that a group leaving a row's end continues at the next row's start: then the overlay's
+    wrap ticks are true statements. A 2-D grouping (k-means, TokenLearner), a fused token (EViT) or a pruned patch
+    is no run."""
+    ids = torch.as_tensor(segment_ids)  # (B x) N
+    return bool((ids >= 0).all() and (ids.diff(dim=-1) >= 0).all())
+
+
+def _tokens_title(record: TraceRecord, shown: int) -> str:
+    """"16 / 64 tokens", or "12-31 / 64 tokens" when the shown images keep different counts."""
+    tokens = record.tokens[:shown].cpu()
+    low, high = int(tokens.min()), int(tokens.max())
+    return f"{low}{'' if low == high else f'-{high}'} / {record.segment_ids.shape[1]} tokens"
+
+
+def methods_figure(images: torch.Tensor, records: dict[str, TraceRecord], mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                   notes: dict[str, str] | None = None, count: int | None = None, scale: int | None = None):
+    """The same photos grouped by each method: a row per photo (the first `count`), a column per record (its key is
+    the column's title, with the tokens it keeps), each cell `segment_overlay` of that method's trace. `notes`:
+    a column's note (e.g. "random init") in red under its title, so an untrained grouping says so wherever the
+    figure is copied. Wrap ticks only for records whose groups are runs in raster order (`is_runs`)."""
+    import matplotlib.pyplot as plt
+
+    if not records:
+        raise ValueError("methods_figure needs at least one method's record")
+    count = min(count or len(images), len(images))
+    pixels = denormalize(images[:count], mean, std)  # count x H x W x 3
+    scale = scale or display_scale(pixels.shape[1])
+    figure, axes = plt.subplots(count, len(records), figsize=(1.55 * len(records) + 0.3, 1.55 * count + 1.0),
+                                squeeze=False, layout="constrained")
+    for column, (label, record) in enumerate(records.items()):
+        if record.segment_ids.shape[0] < count:
+            raise ValueError(f"the record of {label!r} has {record.segment_ids.shape[0]} images, fewer than {count}")
+        order = "raster" if is_runs(record.segment_ids[:count]) else "grid"  # "grid": no wrap ticks
+        for row in range(count):
+            ax = axes[row, column]
+            ax.imshow(segment_overlay(pixels[row], record.segment_ids[row], record.grid, scale=scale,
+                                      patch_order=order), interpolation="nearest")
+            ax.set_axis_off()
+        note = (notes or {}).get(label, "")
+        title = [label, _tokens_title(record, count), *([note] if note else [])]
+        axes[0, column].set_title("\n".join(title), fontsize=8, color="tab:red" if note else "black")
+    figure.supxlabel(METHODS_LEGEND, fontsize=6.5, wrap=True)
     return figure
 
 

@@ -15,12 +15,16 @@ Read top to bottom:
    uniform and random boundaries at the same count per image and the chance rate (`alignment`).
 3. `python -m dtplib.viz align --model NAME [--checkpoint PATH]` (the alignment table) and
    `python -m dtplib.viz overlay ...` (overlays.png, token_grid.png, tokens_hist.png, drawn by `dtplib.figures.plots`).
+4. The same photos grouped by each method (`trace_methods`, `draw_methods`; `python -m dtplib.viz methods`): DTP's
+   learned runs, uniform pooling and the field's reductions (docs/reductions.md) at one arch and compression, each
+   tower seeded at random init or from trained weights where given, traced on the same photos for
+   `plots.methods_figure`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +32,28 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..common.images import open_rgb
+from ..common.images import load_images, open_rgb
 from ..common.paths import data_root, repo_path
 from ..common.progress import progress
+from ..common.runtime import seed_everything
 from ..measure.stats import bootstrap_ci
-from ..tower.control import get_tower, trace
+from ..tower.clip import create_model_and_transforms, parse_dtp_name
+from ..tower.config import REDUCTIONS
+from ..tower.control import fit_boundary_prior, get_tower, trace
 from ..tower.model import TraceRecord
 from ..tower.order import patch_order
-from .plots import boundary_figure, input_normalization, patch_shape, save_figure, token_grid, tokens_histogram
+from ..tower.weights import load_weights
+from ..training.checkpoint import load_trained
+from .plots import (
+    REDUCTION_FAMILIES,
+    boundary_figure,
+    input_normalization,
+    methods_figure,
+    patch_shape,
+    save_figure,
+    token_grid,
+    tokens_histogram,
+)
 
 COCO_MINI = data_root() / "coco-mini"  # DTPLIB_DATA as set when dtplib.viz is imported
 # preprocess steps that leave pixel positions alone ("function": a plain function such as open_clip's _convert_to_rgb)
@@ -352,3 +370,94 @@ def draw_overlays(model: torch.nn.Module, preprocess, images_dir: str | Path, ou
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. Command line
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The same photos grouped by each method
+
+
+METHODS = ("dtp", "uniform", *(r for r in REDUCTIONS if r != "dtp"))  # the figure's columns, in this order
+METHOD_TITLES = {"dtp": "DTP", "uniform": "uniform pooling", **REDUCTION_FAMILIES}
+RANDOM_INIT = "random init"  # a column's note when its tower is untrained
+
+
+@dataclass
+class MethodTraces:
+    """What `plots.methods_figure` draws: the photos as every method's tower reads them, and per column (a
+    method's title, "..., trained" from trained weights) its trace and its note ("random init", or "" for trained
+    weights and uniform pooling)."""
+
+    images: torch.Tensor  # B x 3 x H x W, normalised
+    records: dict[str, TraceRecord]
+    notes: dict[str, str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _check_method(model: torch.nn.Module, method: str, compression: float, source: str) -> None:
+    """A ValueError unless `model` (from `source`) is `method`'s tower at `compression`."""
+    dtp = get_tower(model).dtp
+    found = "uniform" if dtp.forced_boundaries else dtp.reduction
+    if found != method or dtp.compression != compression:
+        raise ValueError(f"weights {source} are a {found!r} tower at {dtp.compression:g}x, not {method!r} at "
+                         f"{compression:g}x")
+
+
+def method_model(method: str, name: str, weights: str | Path | None = None, seed: int = 0):
+    """(model in eval mode, preprocess_val, trained) of one method's tower at the arch and compression of a DTP name
+    (`DTP-ViT-Ti-8-64-4x`): from `weights` (a shipped name or weights file, `dtplib.load_weights`; or a
+    `dtplib.train` checkpoint) when given, else seeded at random init (the same trunk for every method)."""
+    parsed = parse_dtp_name(name)
+    if parsed is None or parsed[1] <= 1 or parsed[2]:
+        raise ValueError(f"{name!r}: the methods need a DTP name that pools without upsampling, e.g. "
+                         "DTP-ViT-Ti-8-64-4x")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    arch, compression, _ = parsed
+    if weights:
+        path = Path(weights)
+        trained = repo_path(path).is_file() and path.suffix != ".safetensors"
+        model, preprocess = (load_trained(repo_path(path)) if trained else load_weights(weights))[:2]
+        _check_method(model, method, compression, str(weights))
+        return model.eval(), preprocess, True
+    seed_everything(seed)
+    options = {"forced_boundaries": int(compression)} if method == "uniform" else \
+        {"reduction": method} if method != "dtp" else {}
+    model, _, preprocess = create_model_and_transforms(arch, compression, **options)
+    return model.eval(), preprocess, False
+
+
+def trace_methods(files: Sequence[str | Path], name: str = "DTP-ViT-Ti-8-64-4x",
+                  weights: Mapping[str, str | Path] | None = None, methods: Sequence[str] = METHODS, seed: int = 0,
+                  prior_steps: int = 100) -> MethodTraces:
+    """Each method's tower (`method_model`: `weights[method]` where given, else seeded random init) traced on the
+    same photo files. An untrained DTP predictor is first fitted to its prior on these photos (`prior_steps`), so
+    it keeps about its budget; the reductions keep exactly theirs. Uniform pooling has no weights to train."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(methods))
+    if unknown:
+        raise ValueError(f"weights for {unknown}, which are not among the methods {list(methods)}")
+    images, records, notes, normalisation = None, {}, {}, None
+    for method in methods:
+        model, preprocess, trained = method_model(method, name, weights.get(method), seed)
+        if images is None:
+            images, normalisation = load_images(files, preprocess), input_normalization(model)
+        if method == "dtp" and not trained and prior_steps:
+            fit_boundary_prior(model, images, steps=prior_steps, seed=seed)
+        title = METHOD_TITLES[method] + (", trained" if trained else "")
+        records[title] = trace_batches(model, images)
+        notes[title] = "" if trained or method == "uniform" else RANDOM_INIT
+    return MethodTraces(images, records, notes, *normalisation)
+
+
+def draw_methods(files: Sequence[str | Path], out: str | Path, name: str = "DTP-ViT-Ti-8-64-4x",
+                 weights: Mapping[str, str | Path] | None = None, methods: Sequence[str] = METHODS,
+                 seed: int = 0) -> Path:
+    """`plots.methods_figure` of `trace_methods` saved as the PNG `out`."""
+    from matplotlib import pyplot
+
+    traces = trace_methods(files, name, weights, methods, seed)
+    figure = methods_figure(traces.images, traces.records, traces.mean, traces.std, traces.notes)
+    path = save_figure(figure, out)
+    pyplot.close(figure)
+    return path

@@ -6,12 +6,16 @@ Read top to bottom:
    dropout (open_clip's `force_patch_dropout`), and for a DTP tower that pools `+packed`
    (host-planned) or `+padded` (the reference; `--execution` sets the default, the static-capacity path), and
    `+uniform` (a boundary every c patches), `+topk` (exactly ceil(N / c) segments per image) or `+batch-topk`
-   (B * ceil(N / c) over the batch); without these the threshold rule with the capacity cap.
-   E.g. `DTP-ViT-B-32-4x+padded`, `DTP-ViT-B-32-4x+batch-topk`, `ViT-B-32+pd0.75`.
+   (B * ceil(N / c) over the batch); without these the threshold rule with the capacity cap. Or `+tome`, `+evit`,
+   `+tokenlearner`, `+kmeans`, `+prune`: that method of the field in place of the boundaries, at DTP's budget
+   (docs/reductions.md). E.g. `DTP-ViT-B-32-4x+padded`, `DTP-ViT-B-32-4x+batch-topk`, `DTP-ViT-B-32-4x+tome`,
+   `ViT-B-32+pd0.75`.
 2. `Subject`: one model with its real input batch (Flickr8k photos and captions), optimiser and loss. Learned
    boundaries come from a trained checkpoint when one is given (`--checkpoint NAME=PATH`, or `--checkpoint-dir`
    holding `python -m dtplib.train` run folders), else from a short prior-only fit on the photos; every row of
-   one model name uses the same weights, for timing and for memory alike.
+   one model name uses the same weights, for timing and for memory alike. A reduction's row is at its seeded
+   initialisation (the same trunk as its name's), or a trained run's weights by its label
+   (`--checkpoint DTP-ViT-Ti-8-64-4x+tome=PATH`, or a `--checkpoint-dir` run trained with `--reduction tome`).
 3. `bench`: every model in one process, interleaved step by step, warm-up steps dropped, device synchronised;
    the whole CLIP training step (forward, backward, and training's AdamW update with the `--adamw-impl` kernel,
    fused by default) and the image tower alone (forward and backward). `--torchcompile` wraps every model (and
@@ -70,7 +74,7 @@ from ..training.config import TrainConfig
 from ..training.optim import make_optimizer
 from ..training.runfolder import newest_checkpoint
 from . import flops as dtp_flops
-from .specs import Spec, trained_spec
+from .specs import Spec, create_spec_model, trained_label, trained_spec
 
 MODES = ("clip", "image")  # whole CLIP training step; image tower forward + backward
 FLICKR = data_root() / "flickr8k"  # DTPLIB_DATA as set when dtplib.bench is imported
@@ -82,7 +86,8 @@ FLICKR = data_root() / "flickr8k"  # DTPLIB_DATA as set when dtplib.bench is imp
 
 def find_checkpoints(folder: str | Path) -> dict[str, Path]:
     """Model name -> latest checkpoint of the first (sorted) `python -m dtplib.train` run under `folder` that
-    trained it, read from each run's params.json (--model, --compression, --upsample)."""
+    trained it, read from each run's params.json (--model, --compression, --upsample); a run trained with a
+    reduction of the field is found by its label instead (`DTP-ViT-Ti-8-64-4x+tome`), as `bench` looks it up."""
     found = {}
     for params_file in sorted(Path(folder).glob("**/params.json")):
         params = json.loads(params_file.read_text())
@@ -90,6 +95,9 @@ def find_checkpoints(folder: str | Path) -> dict[str, Path]:
         if checkpoint is None or "model" not in params:
             continue
         config = TrainConfig.from_dict(params)
+        if config.dtp is not None and config.dtp.reduction != "dtp":
+            found.setdefault(trained_label(config), checkpoint)
+            continue
         if config.dtp is not None and (config.dtp.forced_boundaries is not None or config.dtp.patch_order != "raster"):
             continue  # not the registered tower: no predictor, or another reading order
         if config.force_image_size is not None:
@@ -153,7 +161,7 @@ class Subject:
     images: torch.Tensor
     texts: torch.Tensor
     optimizer: torch.optim.Optimizer
-    source: str = ""  # where a pooling tower's weights (and so its learned boundaries) come from
+    source: str = ""  # where a pooling tower's weights (and so its learned boundaries or scores) come from
     label: str = ""  # the row's name when it is not the spec's (a trained run's arm)
     times: dict = field(default_factory=lambda: {m: [] for m in MODES})
     counts: list = field(default_factory=list)  # per step, the segments of every image (B,)
@@ -194,13 +202,11 @@ class Subject:
 
 
 def build_spec_model(spec: Spec, checkpoint: Path | None):
-    """(model, preprocess_val) of a spec: open_clip's model, with a checkpoint's weights when one is given."""
-    options = {"force_patch_dropout": spec.patch_dropout} if spec.patch_dropout else {}
-    options |= {"force_image_size": spec.image_size} if spec.image_size else {}
-    model, _, preprocess = open_clip.create_model_and_transforms(spec.name, **options)
+    """(model, preprocess_val) of a spec (`create_spec_model`), with a checkpoint's weights when one is given."""
+    model, preprocess = create_spec_model(spec)
     if checkpoint is not None:
         model.load_state_dict(read_state_dict(checkpoint))
-    if spec.pools:
+    if spec.boundaries:
         tower = get_tower(model)
         tower.dtp.execution = spec.execution
         tower.dtp.boundaries = spec.boundaries if spec.boundaries in ("topk", "batch-topk") else "threshold"
@@ -220,11 +226,13 @@ def make_subject(spec: Spec, batch_size: int, device: torch.device, prior_steps:
     images, texts = _real_batch(preprocess, open_clip.get_tokenizer(spec.name), batch_size)
     model.to(device)
     source = ""
-    if spec.pools:
+    if checkpoint is not None and spec.pools:
+        source = f"checkpoint {os.path.relpath(checkpoint, repo_path('.'))}"
+    elif spec.reduction:
+        source = "seeded init"
+    elif spec.pools:
         predictor = get_tower(model).predictor
-        if checkpoint is not None:
-            source = f"checkpoint {os.path.relpath(checkpoint, repo_path('.'))}"
-        elif fitted is not None and spec.name in fitted:
+        if fitted is not None and spec.name in fitted:
             predictor.load_state_dict(fitted[spec.name])
             source = f"prior-only fit, {prior_steps} steps"
         else:  # on at least 64 photos: a fit on a batch of 8 can drive every logit below zero
@@ -332,8 +340,8 @@ def bench(specs: Sequence[Spec], batch_size: int, precision: str = "fp32", steps
     check_precision(precision, device)
     checkpoints = checkpoints or {}
     fitted = {}
-    subjects = [make_subject(s, batch_size, device, prior_steps, checkpoints.get(s.name), fitted, adamw_impl,
-                             compiled) for s in specs]
+    subjects = [make_subject(s, batch_size, device, prior_steps, checkpoints.get(s.label if s.reduction else s.name),
+                             fitted, adamw_impl, compiled) for s in specs]
     _time_interleaved(subjects, modes, steps, warmup, precision, device)
     if measure_memory and device.type == "cpu" and not compiled:
         with tempfile.TemporaryDirectory() as folder:
@@ -418,7 +426,8 @@ def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: 
             own_bound = padded_bound if subject.spec.execution == "padded" else bound
             rows.append({
                 "model": subject.label or subject.spec.label, "mode": mode, "execution": subject.spec.execution,
-                "boundaries": subject.spec.boundaries, "boundary_source": subject.source,
+                "boundaries": subject.spec.boundaries, "reduction": subject.spec.reduction,
+                "boundary_source": subject.source,
                 "median_s": median, "p10_s": float(np.percentile(times, 10)), "p90_s": float(np.percentile(times, 90)),
                 "images_per_s": batch_size / median, "peak_memory_mb": subject.peak_memory_mb.get(mode),
                 "realised_compression": subject.compression,
@@ -436,6 +445,23 @@ def table(subjects: Sequence[Subject], batch_size: int, precision: str, device: 
     return frame
 
 
+def _tokens_source(row) -> str:
+    """Where a pooling row's tokens come from, for the markdown: "learned (prior fit)", "uniform", "tome (checkpoint)",
+    "kmeans (seeded init)"; "" for a tower that does not pool. CSVs from before the reductions have no `reduction`."""
+    reduction = row.get("reduction", "")
+    kind = reduction if isinstance(reduction, str) and reduction else row["boundaries"]
+    if not isinstance(kind, str) or not kind:
+        return ""
+    if str(row["boundary_source"]).startswith("checkpoint"):
+        return f"{kind} (checkpoint)"
+    return f"{kind} (seeded init)" if kind == reduction else f"{kind} (prior fit)" if kind in (
+        "learned", "topk", "batch-topk") else kind
+
+
+def _has_reductions(frame: pd.DataFrame) -> bool:
+    return "reduction" in frame and bool(frame["reduction"].fillna("").astype(str).ne("").any())
+
+
 def markdown(frame: pd.DataFrame) -> str:
     first = frame.iloc[0]
     compiled = bool(frame["compiled"].any())
@@ -447,20 +473,22 @@ def markdown(frame: pd.DataFrame) -> str:
              f"Memory: {first['memory_kind']}. Speed-ups are over {first['reference']}. A bound is the ratio of "
              "forward GMACs (image tower, plus the text tower for the clip step) to the reference's: packed (and "
              "static), each image at its own segment count; padded, each batch at its largest. Efficiency is the "
-             "speed-up over the bound of the row's own execution.", ""]
+             "speed-up over the bound of the row's own execution."
+             + (" A reduction of the field (docs/reductions.md) runs every image at DTP's budget, CLS + ceil(N / c) "
+                "tokens in the shortened layers (ToMe: its MAC-matched schedule); its own work (matching, "
+                "clustering, scoring) is in its GMACs and its step." if _has_reductions(frame) else ""), ""]
     rows = []
     for _, r in frame.iterrows():
         memory = "" if pd.isna(r["peak_memory_mb"]) else f"{r['peak_memory_mb']:.0f}"
         segments = "" if pd.isna(r["max_segments"]) else f"{r['segments_mean']:.1f} / {r['max_segments']:.1f}"
-        source = r["boundaries"] + (" (checkpoint)" if str(r["boundary_source"]).startswith("checkpoint")
-                                    else " (prior fit)" if r["boundaries"] in ("learned", "topk", "batch-topk") else "")
+        source = _tokens_source(r)
         compile_s = [f"{r['compile_s']:.1f}" if r["compiled"] else ""] if compiled else []
-        rows.append([r["mode"], r["model"], source if r["boundaries"] else "", *compile_s, f"{r['median_s']:.4f}",
+        rows.append([r["mode"], r["model"], source, *compile_s, f"{r['median_s']:.4f}",
                      f"{r['p10_s']:.4f}..{r['p90_s']:.4f}", f"{r['images_per_s']:.1f}", memory,
                      f"{r['realised_compression']:.2f}", segments, f"{r['forward_gmacs']:.3f}", f"{r['speedup']:.2f}x",
                      f"{r['analytic_bound']:.2f}x", f"{r['padded_bound']:.2f}x", f"{100 * r['efficiency']:.0f}%"])
-    lines += markdown_table(["mode", "model", "boundaries", *(["compile (s)"] if compiled else []), "median step (s)",
-                             "p10..p90 (s)", "images/s", "peak memory (MiB)", "compression",
+    lines += markdown_table(["mode", "model", "boundaries / reduction", *(["compile (s)"] if compiled else []),
+                             "median step (s)", "p10..p90 (s)", "images/s", "peak memory (MiB)", "compression",
                              "segments mean / batch max", "forward GMACs", "speed-up", "bound, packed",
                              "bound, padded", "efficiency"], rows)
     return "\n".join(lines) + "\n"

@@ -523,9 +523,9 @@ def report(model: nn.Module, name: str, compressions: Sequence[int] = (1, 2, 4, 
                      "fvcore GMACs": fvcore / 1e9 if fvcore is not None else float("nan"),
                      "fvcore GFLOPs": 2 * fvcore / 1e9 if fvcore is not None else float("nan")})
 
-    if pools and tower.reducer is not None:  # one budget, every image: the tower's own compression
-        tokens = tower.short_layer_tokens()[0] - 1
-        add(f"{tower.dtp.reduction} {tower.dtp.compression:g}x", tokens, image_fvcore_macs(model), segments=tokens,
+    if pools and tower.reducer is not None:  # one budget K, every image (ToMe: the MACs of K, by its schedule)
+        tokens = tower.topk_segments
+        add(f"{tower.dtp.reduction} {tower.dtp.compression:g}x", None, image_fvcore_macs(model), segments=tokens,
             compression=num_patches / tokens)
     elif pools:
         for c in compressions:

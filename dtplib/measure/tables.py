@@ -8,6 +8,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import open_clip
@@ -20,7 +21,7 @@ from ..data.loader import iter_samples
 from ..tower.clip import ARCHS, create_model_and_transforms, parse_dtp_name
 from ..tower.control import dtp_towers, fit_boundary_prior, get_tower, realised_compression, trace
 from .flops import analytic_macs, image_tower, patch_count, total
-from .specs import Spec, parse_spec
+from .specs import create_spec_model, parse_spec
 from .stats import t_interval
 
 EVAL_COLUMNS = ("zeroshot_top1", "zeroshot_top5", "imagenet_top1", "imagenet_top5", "image_to_text_R@1",
@@ -222,15 +223,18 @@ def efficiency_table(folders: list[str | Path],
         spec = parse_spec(r["model"])
         name, dropout = spec.name, spec.patch_dropout
         size, patch = _geometry(name)
-        if name not in models:  # one build per name: the GPU tables repeat B-16 and B-32 rows
-            models[name] = open_clip.create_model(name)
-        model = models[name]
+        key = (name, spec.reduction)
+        if key not in models:  # one build per name (and reduction): the GPU tables repeat B-16 and B-32 rows
+            models[key] = create_spec_model(replace(spec, patch_dropout=None))[0]
+        model = models[key]
         towers = dtp_towers(model)
-        if towers and towers[0].pools:  # at the benchmark's mean segment count
+        if spec.reduction:  # every image at the budget (ToMe: its MAC-matched schedule)
+            macs = float(total(analytic_macs(model)))
+        elif towers and towers[0].pools:  # at the benchmark's mean segment count
             macs = float(total(analytic_macs(model, patch_count(image_tower(model)) / r["realised_compression"])))
         else:
             macs = float(total(analytic_macs(model, patch_dropout=dropout)))
-        trained = Spec(name, dropout, "", spec.boundaries).label  # the execution does not change what is learned
+        trained = spec.trained.label  # the execution does not change what is learned
         top = accuracy.loc[trained] if trained in accuracy.index else None
         rows.append({"model": r["model"], "execution": r.get("execution", ""), "image GMACs": macs / 1e9,
                      "image GFLOPs": 2 * macs / 1e9,
