@@ -1,12 +1,28 @@
 """Bootstrap confidence intervals (dtplib.measure.stats): the interval holds the estimate, narrows with more items, is
 seeded, weights make a ratio of sums, a paired comparison of identical scores is exactly 0 with [0, 0], and the draws
-are those of the hand-written resampling the committed results used. Student-t intervals over seeds: SciPy's."""
+are those of the hand-written resampling the committed results used. Student-t intervals over seeds: SciPy's. The
+tests over seeds (Holm, the paired t-test, TOST, degenerate intervals) against hand-computed values, and the
+bootstrap over seeds and items against the exact distribution, enumerated."""
+
+import itertools
+import time
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from dtplib.measure.stats import bootstrap_ci, paired_ci, t_interval, t_quantile
+from dtplib.measure.stats import (
+    bootstrap_ci,
+    degenerate,
+    hierarchical_ci,
+    hierarchical_paired_ci,
+    holm,
+    paired_ci,
+    paired_t_pvalue,
+    t_interval,
+    t_quantile,
+    tost,
+)
 
 
 def hits(count: int, rate: float, seed: int) -> np.ndarray:
@@ -98,3 +114,131 @@ def test_t_quantiles_and_intervals_are_scipys():
     expected = scipy_stats.t.interval(0.95, len(finite) - 1, loc=finite.mean(), scale=scipy_stats.sem(finite))
     assert n == 4 and mean == pytest.approx(finite.mean()) and (low, high) == pytest.approx(expected, rel=1e-12)
     assert t_interval([0.5])[:2] == (0.5, pytest.approx(float("nan"), nan_ok=True)) and t_interval([])[3] == 0
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04; step-down keeps the running maximum: 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.2, 0.6]) == pytest.approx([0.4, 0.6]) and holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped
+    adjusted = holm([0.01, float("nan"), 0.02])  # a NaN stays NaN and still counts in m = 3
+    assert adjusted[0] == pytest.approx(0.03) and np.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.04)
+    p = np.random.default_rng(0).random(12) ** 3
+    order, m = np.argsort(p), len(p)
+    by_definition = np.empty(m)  # the i-th smallest: max over j <= i of min(1, (m - j + 1) p_(j)), 1-based
+    for i in range(m):
+        by_definition[order[i]] = max(min(1.0, (m - j) * p[order[j]]) for j in range(i + 1))
+    assert holm(p) == pytest.approx(by_definition, rel=1e-12)
+    assert (holm(p) >= p).all() and (np.diff(holm(p)[order]) >= 0).all()
+
+
+def test_paired_t_and_degenerate_intervals():
+    # differences 0.1, 0.3, 0.2: t = 0.2 / (0.1 / sqrt 3) = 2 sqrt 3; with 2 df, F(t) = 1/2 + t / (2 sqrt(t^2 + 2))
+    t = 2 * np.sqrt(3)
+    assert paired_t_pvalue([0.1, 0.3, 0.2]) == pytest.approx(2 * (0.5 - t / (2 * np.sqrt(t * t + 2))), rel=1e-9)
+    same = [0.011 - 0.006, 0.012 - 0.007]  # two seeds that moved alike, to rounding: a zero-width interval
+    mean, low, high, _ = t_interval(same)
+    assert high - low == pytest.approx(0, abs=1e-12) and degenerate(same) and np.isnan(paired_t_pvalue(same))
+    assert degenerate([0.3]) and degenerate([]) and not degenerate([0.1, 0.1 + 1e-6])
+    assert tost(same, 0.1) == (pytest.approx(float("nan"), nan_ok=True), False)
+
+
+def test_tost_is_the_90_interval_inside_the_margin():
+    differences = np.array([0.012, -0.004, 0.006, 0.010, -0.002])
+    mean, se = differences.mean(), differences.std(ddof=1) / np.sqrt(5)
+    half = scipy_stats.t.ppf(0.95, 4) * se  # the (1 - 2 alpha) t-interval
+    for margin in (0.005, 0.01, 0.015, 0.02, 0.05):
+        p, equivalent = tost(differences, margin)
+        assert equivalent == (mean - half > -margin and mean + half < margin), margin
+        lower = 1 - scipy_stats.t.cdf((mean + margin) / se, 4)  # H0: mean <= -margin
+        upper = scipy_stats.t.cdf((mean - margin) / se, 4)  # H0: mean >= margin
+        assert p == pytest.approx(max(lower, upper), rel=1e-9)
+    with pytest.raises(ValueError, match="margin must be > 0"):
+        tost(differences, 0)
+
+
+def exact_interval(statistics: np.ndarray, level: float) -> tuple[float, float]:
+    """The percentile interval of an enumerated, equally likely distribution, where a bootstrap of thousands of
+    draws lands on the same atoms: each quantile's cumulative share at least 0.03 away from its level."""
+    atoms, counts = np.unique(np.round(statistics, 12), return_counts=True)
+    cdf, tail = np.cumsum(counts) / counts.sum(), (1 - level) / 2
+    low, high = atoms[np.searchsorted(cdf, tail)], atoms[np.searchsorted(cdf, 1 - tail)]
+    assert np.abs(cdf - tail).min() > 0.03 and np.abs(cdf - (1 - tail)).min() > 0.03, "pick another level"
+    return float(low), float(high)
+
+
+def test_hierarchical_bootstrap_with_alike_items_is_the_bootstrap_over_seeds():
+    run_means = np.array([0.2, 0.3, 0.7])
+    table = np.repeat(run_means[:, None], 50, axis=1)  # 3 runs x 50 items, each run's items alike
+    every_draw = [run_means[list(draw)].mean() for draw in itertools.product(range(3), repeat=3)]  # 27 draws
+    expected = exact_interval(np.array(every_draw), 0.8)  # by hand: 0.2333 (cdf 4/27) and 0.5667
+    assert expected == pytest.approx((0.7 / 3, 1.7 / 3))
+    interval = hierarchical_ci(table, resamples=4000, level=0.8, seed=1)
+    assert (interval.low, interval.high) == pytest.approx(expected, abs=1e-12)
+    assert interval.value == pytest.approx(run_means.mean()) and interval.items == 50
+    one_item = hierarchical_ci(run_means[:, None], resamples=4000, level=0.8, seed=2)  # seeds alone
+    assert (one_item.low, one_item.high) == pytest.approx(expected, abs=1e-12)
+
+
+def test_hierarchical_bootstrap_with_alike_seeds_is_the_bootstrap_over_items():
+    items = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    table = np.tile(items, (4, 1))  # 4 runs that scored every item alike
+    every_draw = items[np.array(list(itertools.product(range(6), repeat=6)))].mean(axis=1)  # 6^6 draws
+    expected = exact_interval(every_draw, 0.9)  # Binomial(6, 2/3) / 6: cdf 0.018, 0.100 around 5%: 2/6; and 1
+    assert expected == pytest.approx((1 / 3, 1.0))
+    interval = hierarchical_ci(table, resamples=4000, level=0.9, seed=3)
+    assert (interval.low, interval.high) == pytest.approx(expected, abs=1e-12)
+    over_items = bootstrap_ci(items, resamples=4000, level=0.9, seed=3)  # the item bootstrap of one run
+    assert (over_items.low, over_items.high) == pytest.approx(expected, abs=1e-12)
+
+
+def test_hierarchical_bootstrap_against_every_draw():
+    """2 runs x 3 weighted items: every one of the 2^2 x 3^3 equally likely (runs, items) draws enumerated, one item
+    draw for both chosen runs (the items are the same test set)."""
+    scores = np.array([[0.0, 1.0, 0.5], [1.0, 1.0, 0.0]])
+    weights = np.array([1.0, 2.0, 3.0])
+    statistics = []
+    for runs in itertools.product(range(2), repeat=2):
+        for items in itertools.product(range(3), repeat=3):
+            w = weights[list(items)]
+            statistics.append(np.mean([(scores[r, list(items)] * w).sum() / w.sum() for r in runs]))
+    statistics = np.array(statistics)
+    for level in (0.8, 0.95):  # many close atoms: each end where the exact distribution has its quantile, to 1%
+        interval = hierarchical_ci(scores, weights, resamples=20000, level=level, seed=4)
+        for end, share in ((interval.low, (1 - level) / 2), (interval.high, (1 + level) / 2)):
+            assert (statistics < end - 1e-12).mean() <= share + 0.01 and (statistics <= end + 1e-12).mean() >= \
+                share - 0.01, (level, end)
+    value = np.mean([(row * weights).sum() / weights.sum() for row in scores])
+    assert hierarchical_ci(scores, weights, resamples=10).value == pytest.approx(value)
+
+
+def test_hierarchical_paired_contrast():
+    rng = np.random.default_rng(5)
+    a = (rng.random((5, 200)) < 0.3).astype(float)
+    b = (rng.random((5, 200)) < 0.25).astype(float)
+    paired = hierarchical_paired_ci(a, b, resamples=500, seed=6)
+    alone = hierarchical_ci(a - b, resamples=500, seed=6)  # the same draws; the statistic is linear in the scores
+    assert (paired.value, paired.low, paired.high) == pytest.approx((alone.value, alone.low, alone.high), rel=1e-12)
+    assert paired.value == pytest.approx(a.mean() - b.mean())
+    shifted = hierarchical_paired_ci(a, a - 0.1, resamples=200)  # every draw differs by 0.1
+    assert (shifted.low, shifted.high) == pytest.approx((0.1, 0.1))
+    two = np.stack([a, b])  # components: a metric that averages two per-item metrics of the same items
+    weights = np.stack([np.ones(200), rng.integers(1, 6, 200).astype(float)])
+    both = hierarchical_paired_ci(two, two[::-1], weights, resamples=300)
+    expected = np.mean([(two[k] * weights[k]).sum(1).mean() / weights[k].sum() for k in (0, 1)]) - np.mean(
+        [(two[1 - k] * weights[k]).sum(1).mean() / weights[k].sum() for k in (0, 1)])
+    assert both.value == pytest.approx(expected) and both.low <= both.value <= both.high
+    with pytest.raises(ValueError, match="same seeds and items"):
+        hierarchical_paired_ci(a, b[:4])
+    with pytest.raises(ValueError, match="one positive weight per item"):
+        hierarchical_ci(a, np.ones(3))
+
+
+def test_hierarchical_bootstrap_is_fast():
+    rng = np.random.default_rng(7)
+    scores = np.stack([(rng.random((5, 1000)) < p).astype(float) for p in (0.08, 0.09)])  # 2 components
+    weights = np.stack([np.ones(1000), rng.integers(1, 6, 1000).astype(float)])
+    start = time.perf_counter()
+    interval = hierarchical_paired_ci(scores, scores[:, ::-1], weights, resamples=2000)
+    elapsed = time.perf_counter() - start
+    assert interval.low <= interval.value <= interval.high
+    assert elapsed < 2.0  # about 0.4 s on a 2-core CPU; the bound leaves room for a busy one
