@@ -20,6 +20,7 @@ from .measure.evaluate import (
     format_table,
     load_model,
     log,
+    write_items,
     write_output,
 )
 from .tower.clip import check_model_name, check_pretrained
@@ -38,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             parser.error(f"checkpoint not found: {path}")
     if args.model is None and args.checkpoint is None and args.compare is None:
         parser.error("give --model (and --pretrained), --checkpoint, or --compare A B")
+    if args.items and args.compare:
+        parser.error("--items writes one model's per-item scores: not with --compare")
     if args.bootstrap is not None and args.bootstrap < (1 if args.compare else 0):
         parser.error(f"--bootstrap must be at least {1 if args.compare else 0}, got {args.bootstrap}")
     try:  # every path, the name and the weights, before the model is built
@@ -81,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     model, preprocess, tokenizer = load_model(args.model, args.checkpoint, args.pretrained, args.device,
                                               args.force_image_size)
-    metrics = evaluate(model, preprocess, tokenizer, bootstrap=args.bootstrap or 0, **options)
+    metrics, items = evaluate(model, preprocess, tokenizer, bootstrap=args.bootstrap or 0, per_item=True, **options)
     print(format_table(metrics))
+    if args.items:
+        write_items(args.items, items)
     if args.output:  # image_size: what the model saw (its trained size, or --force-image-size)
         height, width = get_model_preprocess_cfg(model)["size"]
         record = {**record, "image_size": height if height == width else [height, width]}

@@ -13,13 +13,18 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from dtplib import experiment
 from dtplib.common.paths import REPO_ROOT, data_path
+from dtplib.grid import contrasts as grid_contrasts
 from dtplib.grid import report, spec
+from dtplib.grid.runs import RunFailed
 from dtplib.measure import stats
+from dtplib.measure.evaluate import read_items, write_items
+from dtplib.measure.metrics import ItemScores
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 TINY_RUN = """epochs = 1
@@ -113,7 +118,7 @@ class TestTheTrainedGrid:
         assert four["gmacs_per_image"] < one["gmacs_per_image"]  # fewer tokens in the shortened layers
         assert one["train_gmacs"] == pytest.approx((one["gmacs_per_image"] + one["text_gmacs"]) * 48)
         summary = (out / "summary.md").read_text()
-        assert "Runs complete: 4 of 4." in summary and "Paired differences against 1x" in summary
+        assert "Runs complete: 4 of 4." in summary and "## Exploratory: paired differences against 1x" in summary
         assert "4x − 1x (pairs=2)" in summary and "| text_to_image_R@10 |" in summary
         assert "| final_text_to_image_R@10 |" in summary and "final_text_to_image_R@10_ci" not in summary
         assert f"--val-data {SAMPLE / 'val'} " in summary  # the grid's flags as written
@@ -142,10 +147,16 @@ class TestTheTrainedGrid:
         differences = [by_seed[("4x", s)] - by_seed[("1x", s)] for s in (0, 1)]
         assert last["pairs"] == 2 and last["difference"] == pytest.approx(sum(differences) / 2)
         assert (last["ci_low"], last["ci_high"]) == pytest.approx(stats.t_interval(differences)[1:3])
-        assert set(contrasts["at"]) == {"last epoch", "equal train_time_s", "equal train_gmacs"}
+        assert set(contrasts["at"]) == {"last epoch", "equal model_time_s", "equal train_gmacs"}  # [timing]: the model
+        assert (runs.loc[runs["complete"], "model_time_s"] > 0).all()
+        hb = contrasts[(contrasts["at"] == "last epoch") & (contrasts["metric"] == "final_text_to_image_R@10")].iloc[0]
+        assert hb["hb_pairs"] == 2 and hb["hb_low"] <= hb["hb_high"] and set(contrasts["family"]) == {"exploratory"}
+        assert all((out / "runs" / f"{arm}-seed{seed}" / spec.ITEMS_FILE).is_file() for arm in ("1x", "4x")
+                   for seed in (0, 1))
         equal = contrasts[(contrasts["at"] == "equal train_gmacs")].iloc[0]  # one epoch each: both end at one point,
         assert equal["cost"] == pytest.approx(runs.loc[runs["arm"] == "4x", "train_gmacs"].mean())  # the 4x run's cost
-        assert "## Contrasts: paired differences over seeds" in summary and "### At equal train_gmacs" in summary
+        assert "## Exploratory: paired differences over seeds" in summary and "### At equal train_gmacs" in summary
+        assert "## Primary" not in summary  # no [protocol]: everything is exploratory
         assert "checkpoints" in (out / ".gitignore").read_text()
 
     def test_a_second_call_trains_nothing(self, finished):
@@ -219,6 +230,30 @@ class TestTheTrainedGrid:
             experiment.main(["--grid", str(grid), "--out", str(out)])
         assert not (out / "runs" / "1x-seed1" / "epochs.csv").exists()
 
+    def test_a_run_evaluated_before_per_item_scores_gains_them(self, finished, tmp_path):
+        """A complete run with a final.json but no per-item scores (evaluated before [final] wrote them) is evaluated
+        again from its checkpoint: its final.json is kept when the new evaluation agrees with it, else refused."""
+        grid, reference, _ = finished
+        out = tmp_path / "out"
+        shutil.copytree(reference, out)
+        run = out / "runs" / "4x-seed1"
+        kept = (run / spec.FINAL_FILE).read_bytes()
+        (run / spec.ITEMS_FILE).unlink()
+        result = experiment.main(["--grid", str(grid), "--out", str(out)])
+        assert result["trained"] == [] and result["evaluated"] == ["4x-seed1"]
+        assert (run / spec.FINAL_FILE).read_bytes() == kept
+        metrics = json.loads(kept)["metrics"]
+        items = read_items(run / spec.ITEMS_FILE)
+        assert items["text_to_image_R@10"].value == pytest.approx(metrics["text_to_image_R@10"])
+        assert items["image_to_text_R@10"].value == pytest.approx(metrics["image_to_text_R@10"])
+        record = json.loads(kept)
+        record["metrics"]["val_loss"] += 0.5  # a final.json that its checkpoint does not give
+        (run / spec.FINAL_FILE).write_text(json.dumps(record))
+        (run / spec.ITEMS_FILE).unlink()
+        with pytest.raises(RunFailed, match="4x-seed1.*val_loss.*no per-item scores kept"):
+            experiment.main(["--grid", str(grid), "--out", str(out)])
+        assert not (run / spec.ITEMS_FILE).exists()
+
     def test_a_run_folder_with_other_flags_is_refused(self, finished, tmp_path):
         grid, out, _ = finished
         changed = write_grid(tmp_path, GRID.replace("warmup = 1", "warmup = 2"))
@@ -247,6 +282,21 @@ class TestTheTrainedGrid:
     (('overlays = ["4x"]', 'overlays = ["1x"]'), r"\[alignment\] overlays: arm '1x' pools no tokens"),
     (("draws = 3", "draw = 3"), r"\[alignment\] unknown key 'draw'.*did you mean 'draws'"),
     (("draws = 3", "draws = 0"), r"\[alignment\] draws must be an integer >= 1"),
+    (("[timing]", '[protocol]\nprimary_metrc = "final_mean_R@10"\n[timing]'),
+     r"\[protocol\] unknown key 'primary_metrc'.*did you mean 'primary_metric'"),
+    (("[timing]", '[protocol]\nprimary_metric = "final_mean_R@100"\nfamily = [["4x", "1x"]]\n[timing]'),
+     r"\[protocol\] metric 'final_mean_R@100' is not a test metric.*did you mean 'final_mean_R@10'"),
+    (("[timing]", '[protocol]\nprimary_metric = "final_val_loss"\nfamily = [["best", "1x"]]\n[timing]'),
+     r"\[protocol\] family names 'best': give best_of and choose_on"),
+    (("[timing]", '[protocol]\nprimary_metric = "final_val_loss"\nfamily = [["best", "1x"]]\nbest_of = ["4x"]\n'
+                  'choose_on = "final_val_loss"\n[timing]'),
+     r"\[protocol\] choose_on must be a validation metric.*did you mean 'val_loss'"),
+    (("[timing]", '[protocol]\nprimary_metric = "final_val_loss"\nfamily = [["4x", "2x"]]\n[timing]'),
+     r"\[protocol\] family: contrasts: '2x' is not an arm"),
+    (("[timing]", '[protocol]\nprimary_metric = "final_val_loss"\nfamily = [["4x", "1x"]]\nalpha = 1\n[timing]'),
+     r"\[protocol\] alpha must be a number in \(0, 0.5\)"),
+    (("[timing]", '[protocol]\nprimary_metric = "final_val_loss"\nfamily = [["4x", "1x"]]\ncorrection = "bh"\n'
+                  '[timing]'), r"\[protocol\] correction must be \"holm\""),
 ])
 def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
     grid = write_grid(tmp_path, GRID.replace(*edit))
@@ -290,6 +340,14 @@ def test_json_grids_and_the_smallrun_grid_load(tmp_path):
     assert comparison.alignment["arms"] == ["learned-4x", "learned-4x-image-prior", "topk-4x", "learned-4x-hilbert",
                                             "learned-10x"]  # the learned arms, found from their flags
     assert ("learned-4x", "uniform-4x") in comparison.contrasts
+    v2 = spec.load_grid("experiments/flickr8k_ti_v2.toml")  # reuses the first grid's runs: same names, same flags
+    assert all(v2.arms[arm] == comparison.arms[arm] for arm in comparison.arms)
+    assert (v2.shared, v2.final, v2.data) == (comparison.shared, comparison.final, comparison.data)
+    assert set(runs) < set(v2.runs()) and len(v2.runs()) == 80  # 53 new: 49 at 10 epochs, 4 at 20
+    assert v2.protocol["family"][0] == ("best", "uniform-4x") and len(v2.protocol["family"]) == 9
+    assert v2.protocol["primary_metric"] == "final_mean_R@10" and comparison.protocol is None
+    lowres = spec.parse_options(v2.finish_options("lowres-4x", 0), "lowres-4x")
+    assert (lowres.epochs, lowres.force_image_size, spec.stage_epochs(v2, "lowres-4x")) == (1, 64, (9, 1))
     named = spec.load_grid(write_grid(tmp_path, GRID.replace("compression = 4", 'model = "DTP-ViT-Ti-8-64-4x"'),
                                             "named.toml"))  # a DTP-ViT-* name pools without --compression
     assert named.alignment["arms"] == ["4x"] and spec.pooling_arms(named) == {"4x": True}
@@ -315,9 +373,9 @@ def test_equal_cost_reads_both_curves_where_both_spent_the_same():
     """value_at interpolates a run's per-epoch metric along a cost axis; contrast_table pairs seeds and reads both
     runs at the smaller final cost."""
     curve = pd.DataFrame({"train_time_s": [10.0, 20.0, 30.0], "acc": [0.1, 0.3, float("nan")]})
-    assert report.value_at(curve, "train_time_s", "acc", 15.0) == pytest.approx(0.2)
-    assert math.isnan(report.value_at(curve, "train_time_s", "acc", 5.0))  # before the first evaluation
-    assert math.isnan(report.value_at(curve, "train_time_s", "acc", 25.0))  # past the last one with a value
+    assert grid_contrasts.value_at(curve, "train_time_s", "acc", 15.0) == pytest.approx(0.2)
+    assert math.isnan(grid_contrasts.value_at(curve, "train_time_s", "acc", 5.0))  # before the first evaluation
+    assert math.isnan(grid_contrasts.value_at(curve, "train_time_s", "acc", 25.0))  # past the last one with a value
     rows = []
     for arm, seconds, acc in (("fast", 5.0, [0.2, 0.4]), ("slow", 10.0, [0.1, 0.5])):
         for seed in (0, 1):
@@ -326,12 +384,105 @@ def test_equal_cost_reads_both_curves_where_both_spent_the_same():
                              "train_time_s": seconds * (epoch + 1), "acc": acc[epoch] + seed / 10})
     grid = spec.Grid(Path("g.toml"), [0, 1], {}, {"fast": {}, "slow": {}}, metrics=["acc"],
                            figure_metrics=["acc"], contrasts=[("fast", "slow")])
-    table = report.contrast_table(grid, pd.DataFrame(rows)).set_index("at")
+    table = grid_contrasts.contrast_table(grid, pd.DataFrame(rows)).set_index("at")
     assert table.loc["last epoch", "difference"] == pytest.approx(-0.1)  # 0.4 - 0.5 on both seeds
-    assert table.loc["last epoch", "pairs"] == 2 and table.loc["last epoch", "excludes_zero"]
+    assert table.loc["last epoch", "pairs"] == 2 and table.loc["last epoch", "degenerate"]
+    assert not table.loc["last epoch", "excludes_zero"]  # two seeds with the same difference: a zero-width interval
     # at 10 s the fast run has finished (0.4) and the slow one has done its first epoch (0.1): +0.3 on both seeds
     equal = table.loc["equal train_time_s"]
-    assert equal["cost"] == 10 and equal["difference"] == pytest.approx(0.3) and equal["excludes_zero"]
+    assert equal["cost"] == 10 and equal["difference"] == pytest.approx(0.3) and equal["degenerate"]
+
+
+def protocol_grid(protocol: bool = True) -> spec.Grid:
+    """Arms a1 and a2 (the best_of), u and x, seeds 0-2; the family: the best of a1, a2 against u and against x."""
+    table = {**spec.PROTOCOL_KEYS, "primary_metric": "final_mean_R@10", "secondary_metrics": ["final_val_loss"],
+             "family": [("best", "u"), ("best", "x")], "best_of": ["a1", "a2"], "choose_on": "mean_R@10",
+             "equivalence_margin": 0.05, "bootstrap": 300}
+    return spec.Grid(Path("g.toml"), [0, 1, 2], {}, {arm: {} for arm in ("a1", "a2", "u", "x")},
+                     metrics=["final_mean_R@10", "final_val_loss"], figure_metrics=["mean_R@10"],
+                     contrasts=[("x", "u"), ("a2", "u")], protocol=table if protocol else None)
+
+
+def hand_made_runs(out: Path) -> pd.DataFrame:
+    """One epoch per run; per-item scores of 40 test images (i2t hits, t2i shares with 1-5 captions) in each run
+    folder, and the final columns computed from them; validation mean_R@10 makes a2 the best mode."""
+    rng, rows = np.random.default_rng(0), []
+    captions = rng.integers(1, 6, 40).astype(float)
+    rates = {"a1": 0.3, "a2": 0.5, "u": 0.2, "x": 0.45}
+    for seed in (0, 1, 2):
+        for arm, rate in rates.items():
+            hits = (rng.random(40) < rate).astype(float)
+            shares = np.minimum(1.0, hits * rng.random(40) + rate / 2)
+            write_items(out / "runs" / f"{arm}-seed{seed}" / spec.ITEMS_FILE,
+                        {"image_to_text_R@10": ItemScores(hits), "text_to_image_R@10": ItemScores(shares, captions)})
+            i2t, t2i = hits.mean(), (shares * captions).sum() / captions.sum()
+            rows.append({"arm": arm, "seed": seed, "epoch": 0, "complete": True, "train_time_s": 10.0,
+                         "hardware": "cpu A", "mean_R@10": rate + seed / 100, "final_image_to_text_R@10": i2t,
+                         "final_text_to_image_R@10": t2i, "final_mean_R@10": (i2t + t2i) / 2,
+                         "final_val_loss": 3.0 + rate + (0.02 if arm == "u" else 0.01) * seed})
+    return pd.DataFrame(rows)
+
+
+def test_the_protocol_primary_family_holm_tost_and_the_bootstrap_over_items(tmp_path):
+    (tmp_path / "runs").mkdir()
+    runs, grid = hand_made_runs(tmp_path), protocol_grid()
+    assert grid_contrasts.choose_best(grid, runs)[0] == "a2"  # the higher validation mean_R@10
+    table = grid_contrasts.contrast_table(grid, runs, tmp_path)
+    last = table[table["at"] == "last epoch"].set_index(["contrast", "metric"])
+    primary = table[table["family"] == "primary"]
+    assert list(primary["contrast"]) == ["a2 − u", "a2 − x"] and set(primary["metric"]) == {"final_mean_R@10"}
+    assert primary["p_holm"].to_numpy() == pytest.approx(stats.holm(primary["p_value"].to_numpy()))
+    assert table.loc[table["family"] != "primary", "p_holm"].isna().all()
+    assert last.loc[("a2 − u", "final_val_loss"), "family"] == "secondary"
+    assert last.loc[("x − u", "final_mean_R@10"), "family"] == "exploratory"  # not in the family
+    by_seed = runs.set_index(["arm", "seed"])
+    for _, row in primary.iterrows():
+        differences = [by_seed.at[(row["arm"], s), "final_mean_R@10"] - by_seed.at[(row["against"], s),
+                                                                                   "final_mean_R@10"] for s in range(3)]
+        assert row["p_value"] == pytest.approx(stats.paired_t_pvalue(differences))
+        tost_p, equivalent = stats.tost(differences, 0.05)
+        assert row["tost_p"] == pytest.approx(tost_p) and row["equivalent"] == equivalent
+        # the bootstrap over seed pairs and test items, from the runs' per-item files
+        scored = {arm: [read_items(tmp_path / "runs" / f"{arm}-seed{s}" / spec.ITEMS_FILE) for s in range(3)]
+                  for arm in (row["arm"], row["against"])}
+        parts = ("image_to_text_R@10", "text_to_image_R@10")
+        a, b = (np.stack([np.stack([r[p].scores for r in scored[arm]]) for p in parts])
+                for arm in (row["arm"], row["against"]))
+        weights = np.stack([np.ones(40), scored[row["arm"]][0]["text_to_image_R@10"].weights])
+        interval = stats.hierarchical_paired_ci(a, b, weights, resamples=300)
+        assert (row["hb_low"], row["hb_high"], row["hb_pairs"]) == pytest.approx((interval.low, interval.high, 3))
+        assert interval.value == pytest.approx(row["difference"])
+    flat = last.loc[("a2 − x", "final_val_loss")]  # x's loss is a2's less 0.05 on every seed
+    assert flat["degenerate"] and not flat["excludes_zero"] and math.isnan(flat["p_value"])
+    summary = grid_contrasts.contrast_lines(grid, table, runs)
+    text = "\n".join(summary)
+    assert text.index("## Primary (decided before the runs)") < text.index("## Exploratory")
+    assert "**a2**, chosen on the validation split only" in text
+    assert "| 0.05 [0.05, 0.05] ° |" in text  # the degenerate interval: marked, never starred
+    plain = grid_contrasts.contrast_table(protocol_grid(protocol=False), runs, tmp_path)  # everything exploratory
+    assert set(plain["family"]) == {"exploratory"} and plain["p_holm"].isna().all()
+    assert "## Primary" not in "\n".join(grid_contrasts.contrast_lines(protocol_grid(False), plain, runs))
+
+
+def test_equal_time_reads_the_cost_model_and_refuses_wall_time_across_machines(tmp_path):
+    rows = []
+    for stage, samples, gmacs in (("main", 100, 1.0), ("main", 200, 1.0), ("finish", 250, 3.0)):
+        rows.append({"arm": "a", "seed": 0, "stage": stage, "samples_seen": samples, "gmacs_per_image": gmacs,
+                     "text_gmacs": 1.0})
+    pd.DataFrame({"arm": ["a"], "median_s": [0.5], "batch_size": [10]}).to_csv(tmp_path / spec.TIMING_FILE)
+    timed = grid_contrasts.add_model_time(pd.DataFrame(rows), tmp_path)
+    # 0.05 s per sample; the finish's 50 samples at twice the main run's GMACs per pair (4 against 2)
+    assert timed["model_time_s"].tolist() == pytest.approx([5.0, 10.0, 10.0 + 50 * 0.05 * 2])
+    (tmp_path / "h" / "runs").mkdir(parents=True)
+    runs = hand_made_runs(tmp_path / "h")
+    runs.loc[(runs["arm"] == "x") & (runs["seed"] == 1), "hardware"] = "cpu B"
+    with pytest.raises(ValueError, match="a2 − x at equal training time: seed 1's runs were trained on different "
+                                         "hardware.*no \\[timing\\] cost model"):
+        grid_contrasts.contrast_table(protocol_grid(), runs)
+    with_timing = protocol_grid()
+    with_timing.timing = dict(spec.TIMING_KEYS)  # a cost model: no refusal; its rows wait for step_times.csv
+    table = grid_contrasts.contrast_table(with_timing, runs)
+    assert (table.loc[table["at"] == "equal model_time_s", "pairs"] == 0).all()
 
 
 def test_t_interval():

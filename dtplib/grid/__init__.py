@@ -3,7 +3,8 @@
 - `spec`: the grid file (schema, checks, the flags of each run) and the run-folder layout;
 - `runs`: training each (arm, seed) in a child process, resumably, and the jobs on finished runs ([final],
   [timing], [alignment]);
-- `report`: runs.csv, the contrasts, summary.md and the curves figures.
+- `contrasts`: the paired contrasts, the tests of the [protocol]'s primary family and the costs they are read at;
+- `report`: runs.csv, summary.md and the curves figures.
 """
 
-__all__ = ["report", "runs", "spec"]
+__all__ = ["contrasts", "report", "runs", "spec"]

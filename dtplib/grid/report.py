@@ -12,14 +12,21 @@ Outputs in `<out>`:
   rows go on with its finish's epochs (`stage` "main" or "finish"; epoch and every cumulative cost counting on, each
   epoch's GMACs at its own input size and patch dropout), and a run is complete when its finish is.
   With a [final] table, the last epoch's row also has `final_<metric>` columns from the run's final.json (with
-  --bootstrap their per-run intervals, `final_<metric>_ci_low/_ci_high`).
+  --bootstrap their per-run intervals, `final_<metric>_ci_low/_ci_high`). Derived: mean_R@10 and final_mean_R@10,
+  the mean of both retrieval directions' R@10; with [timing]'s step_times.csv, model_time_s, the cost model of
+  training time (`contrasts.add_model_time`: every arm's step timed on one machine), beside the runs' own
+  train_time_s and hardware.
 - `summary.md`: per arm the last epoch's metrics of the complete runs, mean and 95% Student-t interval over seeds
   (mean +- t(0.975, n-1) sd / sqrt(n): with 2 seeds t = 12.7, wide as it should be), paired differences against
-  the reference arm (same seed), and which runs are complete, partial or missing.
+  the reference arm (same seed), which runs are complete, partial or missing, and the contrasts
+  (`contrasts.contrast_lines`): with a [protocol], its primary family first ("Primary (decided before the runs)"),
+  then everything else as "Exploratory".
 - `step_times.csv` ([timing]): per arm, the median, p10 and p90 of the whole training step of its main run's
   last checkpoint (its own AdamW kernel, fp32, one batch of real photos, `steps` timed steps after `warmup`, all arms
   interleaved), the speed-up against the reference arm and the analytic bound; summary.md shows it.
-- `contrasts.csv` (`contrasts`): `contrast_table`: paired differences at the last epoch and at equal cost.
+- `contrasts.csv` (`contrasts` or [protocol]): `contrasts.contrast_table`: paired differences at the last epoch
+  and at equal cost, with p-values, Holm over the primary family, equivalence tests and the bootstrap over seeds
+  and test items.
 - `alignment.csv`, `overlays/<arm>/` ([alignment]): `align_runs`, once per finished run.
 - `curves_<metric>.png` and `curves_<metric>_time.png`: the metric against training compute (forward MACs) and
   against cumulative training step time, a panel per arm with the reference arm in grey, mean over seeds with its
@@ -32,10 +39,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..common.files import atomic_write_text, markdown_table
@@ -44,44 +49,31 @@ from ..figures import compare, plots
 from ..measure import tables
 from ..measure.flops import analytic_macs, image_tower, patch_count, text_macs, total
 from ..measure.specs import trained_label
-from ..measure.stats import t_interval
+from ..measure.stats import degenerate, t_interval
 from ..training.checkpoint import build_from_config
 from ..training.config import TrainConfig
+from .contrasts import (
+    DEGENERATE_NOTE,
+    add_derived_columns,
+    add_model_time,
+    cell,
+    contrast_lines,
+    contrast_table,
+    figure_metrics,
+    metric_columns,
+)
 from .spec import (
     ALIGNMENT_FILE,
     CONTRASTS_FILE,
     FINAL_FILE,
     TIMING_FILE,
     Grid,
-    close_names,
     epochs_done,
     finish_dir,
     run_label,
     shown_flags,
     shown_path,
 )
-
-COST_AXES = ("train_time_s", "train_gmacs")  # the cost axes of the equal-cost contrasts (runs.csv columns)
-
-
-# epochs.csv columns that describe the training itself, not an evaluation (shown in runs.csv, not in the summary)
-TRAINING_COLUMNS = ("epoch", "first_epoch", "steps", "loss", "contrastive_loss", "boundary_loss", "lr_end",
-                    "step_time_s", "step_time_median_s", "data_time_s", "samples_per_s", "warmup_step_time_s",
-                    "peak_memory_mb", "checkpoint", "capacity_bound_steps", "capacity_dropped")
-
-
-NOT_A_METRIC = re.compile(r"skipped|_images$|_texts$|_count$|_items$|(_ci)?_(low|high|lo|hi)$|_ci$")
-
-
-COST_COLUMNS = ("compression", "gmacs_per_image", "samples_seen", "train_time_s", "train_gmacs")
-
-
-DRIVER_COLUMNS = ("arm", "seed", "model", "stage", "epoch", "epochs_done", "complete", "steps", "samples_seen",
-                  "train_time_s", "gmacs_per_image", "text_gmacs", "train_gmacs", "train_image_gmacs", "commit",
-                  "hardware", "torch", "dtype", "batch_size", "flags", "run")
-
-
-FIGURE_DEFAULTS = ("zeroshot_top1", "text_to_image_R@10", "image_to_text_R@10", "imagenet_top1")
 
 
 def _cost_model(config: TrainConfig):
@@ -172,30 +164,8 @@ def _collect(grid: Grid, out: Path) -> pd.DataFrame:
     costs: dict = {}
     rows = [row for arm, seed in grid.runs() for row in _run_rows(grid, arm, seed, out / "runs" / run_label(arm, seed),
                                                                   costs)]
-    return pd.DataFrame(rows)
-
-
-def _metric_columns(runs: pd.DataFrame, chosen: Sequence[str] | None = None) -> list[str]:
-    """The summary's rows: `chosen`, else every numeric evaluation column (not training statistics, counts or
-    per-run interval bounds) followed by the cost columns."""
-    if chosen:
-        missing = [c for c in chosen if c not in runs]
-        if missing:
-            raise ValueError(f"metric {missing[0]!r} is not a column of runs.csv{close_names(missing[0], list(runs))}")
-        return list(chosen)
-    found = [c for c in runs.columns if c not in DRIVER_COLUMNS and c not in TRAINING_COLUMNS
-             and c not in COST_COLUMNS and not NOT_A_METRIC.search(c) and pd.api.types.is_numeric_dtype(runs[c])
-             and runs[c].notna().any()]
-    return found + [c for c in COST_COLUMNS if c in runs]
-
-
-def _cell(mean: float, low: float, high: float, marked: bool = False) -> str:
-    if not np.isfinite(mean):
-        return "–"
-    text = f"{mean:.4g}"
-    if np.isfinite(low):
-        text += f" [{low:.4g}, {high:.4g}]"
-    return text + (" *" if marked and np.isfinite(low) and (low > 0 or high < 0) else "")
+    runs = add_derived_columns(pd.DataFrame(rows))
+    return add_model_time(runs, out) if grid.timing else runs
 
 
 def _status_lines(grid: Grid, runs: pd.DataFrame, out: Path) -> list[str]:
@@ -216,8 +186,10 @@ def _status_lines(grid: Grid, runs: pd.DataFrame, out: Path) -> list[str]:
     return lines
 
 
-def _summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, info: dict | None = None) -> str:
-    """summary.md's text; `info` is the provenance (`run_info()`), taken before any report file is rewritten."""
+def _summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, info: dict | None = None,
+                      contrasts: pd.DataFrame | None = None) -> str:
+    """summary.md's text; `info` is the provenance (`run_info()`), taken before any report file is rewritten;
+    `contrasts` the contrast table (`contrast_table`, computed here when None)."""
     info = info or run_info()
     lines = [f"# Experiment {grid.path.stem}", ""]
     if grid.description:
@@ -239,7 +211,7 @@ def _summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, i
     lines += ["", *_status_lines(grid, runs, out), ""]
     if runs.empty:
         return "\n".join(lines + ["No epoch finished yet."]) + "\n"
-    metrics = _metric_columns(runs, grid.metrics)
+    metrics = metric_columns(runs, grid.metrics)
     last = tables.last_epochs(runs)
     if last.empty:
         return "\n".join(lines + ["No run is complete yet."]) + "\n"
@@ -252,110 +224,28 @@ def _summary_markdown(grid: Grid, runs: pd.DataFrame, out: Path, command: str, i
               "the samples seen.", ""]
     seeds = {arm: len(last[last["arm"] == arm]) for arm in arms}
     lines += markdown_table(["metric", *(f"{arm} (n={seeds[arm]})" for arm in arms)], [
-        [metric, *(_cell(*t_interval(last.loc[last["arm"] == arm, metric])[:3]) for arm in arms)]
+        [metric, *(cell(*t_interval(last.loc[last["arm"] == arm, metric])[:3]) for arm in arms)]
         for metric in metrics])
     lines += _timing_lines(grid, out)
     reference = grid.reference
     if reference and reference in arms and len(arms) > 1:
         others = [arm for arm in arms if arm != reference]
         ref = last[last["arm"] == reference].set_index("seed")
-        lines += ["", f"## Paired differences against {reference} (same seed)", "",
-                  f"arm − {reference} on each seed that both completed, mean [95% t-interval over those seeds]; "
-                  "* marks an interval that excludes 0.", ""]
+        lines += ["", f"## Exploratory: paired differences against {reference} (same seed)", "",
+                  f"arm − {reference} on each seed that both completed, mean [95% t-interval over those seeds], no "
+                  "correction for the many intervals; * marks an interval that excludes 0. " + DEGENERATE_NOTE, ""]
         pairs = {arm: sorted(set(last.loc[last["arm"] == arm, "seed"]) & set(ref.index)) for arm in others}
         own = {arm: last[last["arm"] == arm].set_index("seed") for arm in others}
 
         def paired(arm: str, metric: str) -> str:
             differences = [own[arm].at[s, metric] - ref.at[s, metric] for s in pairs[arm]]
-            return _cell(*t_interval(differences)[:3], marked=True)
+            return cell(*t_interval(differences)[:3], marked=True, flat=degenerate(differences))
 
         lines += markdown_table(["metric", *(f"{arm} − {reference} (pairs={len(pairs[arm])})" for arm in others)],
                                 [[metric, *(paired(arm, metric) for arm in others)] for metric in metrics])
-    lines += _contrast_lines(contrast_table(grid, runs))
+    lines += contrast_lines(grid, contrast_table(grid, runs, out) if contrasts is None else contrasts, runs)
     lines += _alignment_lines(grid, out)
     return "\n".join(lines) + "\n"
-
-
-def value_at(curve: pd.DataFrame, axis: str, metric: str, cost: float) -> float:
-    """A run's per-epoch `metric` at `cost` along `axis` (a cumulative runs.csv column), linearly interpolated
-    between its evaluations; NaN before the first evaluation or past the last."""
-    points = curve[[axis, metric]].dropna().sort_values(axis)
-    if points.empty or not points[axis].iloc[0] <= cost <= points[axis].iloc[-1]:
-        return float("nan")
-    return float(np.interp(cost, points[axis].to_numpy(float), points[metric].to_numpy(float)))
-
-
-CONTRAST_COLUMNS = ("contrast", "arm", "against", "at", "cost", "metric", "pairs", "difference", "ci_low", "ci_high",
-                    "excludes_zero")
-
-
-def contrast_table(grid: Grid, runs: pd.DataFrame) -> pd.DataFrame:
-    """contrasts.csv: for each `contrasts` pair (arm, against), arm − against on each seed both completed, mean and
-    95% t-interval over those seeds (`dtplib.measure.stats.t_interval`), for
-
-    - at = "last epoch": every summary metric of the last epoch;
-    - at = "equal <axis>" for each cost axis (cumulative training step time, training GMACs): the figure metrics
-      (the per-epoch evaluations) of both runs read off their curves at the same cost, the smaller of the two
-      runs' final costs (linear interpolation between epochs; `cost` is its mean over the seeds): the cheaper
-      run's final value against what the dearer run had reached when it had spent as much.
-    """
-    if not grid.contrasts or runs.empty or not runs["complete"].astype(bool).any():
-        return pd.DataFrame(columns=list(CONTRAST_COLUMNS))
-    last = tables.last_epochs(runs)
-    complete = runs[runs["complete"].astype(bool)]
-    metrics, curves = _metric_columns(runs, grid.metrics), figure_metrics(grid, runs)
-    rows = []
-
-    def add(base: dict, at: str, cost: float, metric: str, differences: list[float]) -> None:
-        mean, low, high, n = t_interval(differences)
-        rows.append({**base, "at": at, "cost": cost, "metric": metric, "pairs": n, "difference": mean, "ci_low": low,
-                     "ci_high": high, "excludes_zero": bool(low > 0 or high < 0)})
-
-    for arm, against in grid.contrasts:
-        own, other = (last[last["arm"] == a].set_index("seed") for a in (arm, against))
-        pairs = sorted(set(own.index) & set(other.index))
-        base = {"contrast": f"{arm} − {against}", "arm": arm, "against": against}
-        for metric in metrics:
-            add(base, "last epoch", float("nan"), metric, [own.at[s, metric] - other.at[s, metric] for s in pairs])
-        for axis in (a for a in COST_AXES if a in runs):
-            for metric in curves:
-                differences, costs = [], []
-                for seed in pairs:
-                    first, second = (complete[(complete["arm"] == a) & (complete["seed"] == seed)]
-                                     for a in (arm, against))
-                    cost = float(min(first[axis].max(), second[axis].max()))
-                    differences.append(value_at(first, axis, metric, cost) - value_at(second, axis, metric, cost))
-                    costs.append(cost)
-                add(base, f"equal {axis}", float(np.mean(costs)) if costs else float("nan"), metric, differences)
-    return pd.DataFrame(rows, columns=list(CONTRAST_COLUMNS))
-
-
-def _contrast_cell(block: pd.DataFrame, contrast: str, metric: str) -> str:
-    row = block[(block["contrast"] == contrast) & (block["metric"] == metric)]
-    return _cell(*row[["difference", "ci_low", "ci_high"]].iloc[0], marked=True) if len(row) else "–"
-
-
-def _contrast_lines(table: pd.DataFrame) -> list[str]:
-    """summary.md's contrast tables: one per `at`, a row per metric, a column per contrast."""
-    if table.empty:
-        return []
-    lines = ["", "## Contrasts: paired differences over seeds", "",
-             "arm − against on each seed that both completed, mean [95% t-interval over those seeds]; * marks an "
-             "interval that excludes 0. At equal cost, both runs' per-epoch evaluations (validation split) are read "
-             "off their curves where both had spent the same: the smaller of the two final costs (its mean over "
-             "the seeds in the header), linear between epochs."]
-    contrasts = list(dict.fromkeys(table["contrast"]))
-    for at, block in table.groupby("at", sort=False):
-        lines += ["", f"### At {at}", ""]
-        heads = []
-        for contrast in contrasts:
-            rows = block[block["contrast"] == contrast]
-            cost = rows["cost"].iloc[0] if len(rows) else float("nan")
-            heads.append(f"{contrast} (pairs={int(rows['pairs'].max()) if len(rows) else 0}"
-                         + (f", at {cost:.4g}" if np.isfinite(cost) else "") + ")")
-        lines += markdown_table(["metric", *heads], [[metric, *(_contrast_cell(block, c, metric) for c in contrasts)]
-                                                     for metric in dict.fromkeys(block["metric"])])
-    return lines
 
 
 def _alignment_lines(grid: Grid, out: Path) -> list[str]:
@@ -373,7 +263,7 @@ def _alignment_lines(grid: Grid, out: Path) -> list[str]:
     table = []
     for run, rows in frame.groupby("run", sort=False):
         by_kind = {r["boundaries"]: r for _, r in rows.iterrows()}
-        cells = [_cell(k["alignment"], k["ci low"], k["ci high"]) if k is not None else "–"
+        cells = [cell(k["alignment"], k["ci low"], k["ci high"]) if k is not None else "–"
                  for k in (by_kind.get(n) for n in kinds)]
         first = rows.iloc[0]
         table.append([run, *cells, f"{first['chance']:.4g}", f"{first['boundaries per image']:.3g}",
@@ -404,23 +294,17 @@ def _timing_lines(grid: Grid, out: Path) -> list[str]:
     return lines
 
 
-def figure_metrics(grid: Grid, runs: pd.DataFrame) -> list[str]:
-    if grid.figure_metrics:
-        return [m for m in grid.figure_metrics if m in runs and runs[m].notna().any()]
-    found = [m for m in FIGURE_DEFAULTS if m in runs and runs[m].notna().any()]
-    return found[:1]
-
-
 def write_report(grid: Grid, out: Path, command: str) -> pd.DataFrame:
     """runs.csv, summary.md and the curves figures from the run folders as they are now."""
     from matplotlib import pyplot
 
     info = run_info()  # before runs.csv is rewritten: a report committed with the code is not "dirty" by itself
     runs = _collect(grid, out)
+    contrasts = contrast_table(grid, runs, out)
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
-    atomic_write_text(out / "summary.md", _summary_markdown(grid, runs, out, command, info))
-    if grid.contrasts:
-        atomic_write_text(out / CONTRASTS_FILE, contrast_table(grid, runs).to_csv(index=False))
+    atomic_write_text(out / "summary.md", _summary_markdown(grid, runs, out, command, info, contrasts))
+    if grid.contrasts or grid.protocol:
+        atomic_write_text(out / CONTRASTS_FILE, contrasts.to_csv(index=False))
     for metric in figure_metrics(grid, runs) if not runs.empty else []:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.replace("@", "_at_"))
         curves, chance = tables.metric_curves(runs, metric), tables.runs_chance(runs, metric)

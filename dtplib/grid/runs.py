@@ -7,6 +7,7 @@ with object outlines.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from .spec import (
     ALIGNMENT_FILE,
     FINAL_FILE,
     FINISH_DIR,
+    ITEMS_FILE,
     RUNTIME_FLAGS,
     TIMING_FILE,
     Grid,
@@ -197,7 +199,7 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
         label = run_label(arm, seed)
         print(f"final evaluation of {label}", flush=True)
         _run_child("dtplib.evaluate", final_argv(grid.final, final_checkpoint(grid, arm, runs_dir / label),
-                                                runs_dir / label / FINAL_FILE), label)
+                                                runs_dir / label / FINAL_FILE, runs_dir / label / ITEMS_FILE), label)
         evaluated.append(label)
 
     if todo or any(final_due(arm, seed) for arm, seed in selected):  # [final] may read the shards it makes
@@ -229,7 +231,52 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     for arm, seed in selected:  # finished earlier, their evaluation not (a grid killed while it evaluated)
         if final_due(arm, seed):
             evaluate_run(arm, seed)
+    evaluated += _add_items(grid, out, selected)
     return trained, evaluated
+
+
+def _add_items(grid: Grid, out: Path, selected: list[tuple[str, int]]) -> list[str]:
+    """Per-item scores for the complete runs evaluated before [final] wrote them (a final.json, no final_items.npz):
+    [final] again on the same checkpoint, its final.json kept and the new one checked against it (the same metrics,
+    to rounding), else refused. Runs whose checkpoint is gone keep no per-item scores (one line says how many)."""
+    if not grid.final:
+        return []
+    epochs, done, lost = _arm_epochs(grid), [], []
+    for arm, seed in selected:
+        label = run_label(arm, seed)
+        run_dir = out / "runs" / label
+        if not ((run_dir / FINAL_FILE).is_file() and not (run_dir / ITEMS_FILE).is_file()
+                and run_complete(run_dir, epochs[arm])):
+            continue
+        checkpoint = final_checkpoint(grid, arm, run_dir)
+        if not checkpoint.is_file():
+            lost.append(label)
+            continue
+        if not done:
+            _prepare_data(grid)  # [final] may read the shards it makes
+        print(f"per-item scores of {label}: its [final] evaluation again", flush=True)
+        again = run_dir / f"{FINAL_FILE}.again"
+        _run_child("dtplib.evaluate", final_argv(grid.final, checkpoint, again, run_dir / ITEMS_FILE), label)
+        kept, new = (json.loads(path.read_text())["metrics"] for path in (run_dir / FINAL_FILE, again))
+        again.unlink()
+        changed = [k for k in kept if not _same_number(kept[k], new.get(k))]
+        if changed:
+            (run_dir / ITEMS_FILE).unlink()
+            raise RunFailed(f"run {label}: [final] on {shown_path(checkpoint)} now gives {changed[0]}="
+                            f"{new.get(changed[0])!r}, its final.json {kept[changed[0]]!r}: not the model that was "
+                            "evaluated; no per-item scores kept")
+        done.append(label)
+    if lost:
+        print(f"{len(lost)} complete runs have no per-item scores and no checkpoint to score them again (e.g. "
+              f"{lost[0]}): their contrasts get no bootstrap over test items", flush=True)
+    return done
+
+
+def _same_number(kept, new) -> bool:
+    """Two final.json values alike to rounding (numbers within 1e-5 relative; anything else equal)."""
+    if isinstance(kept, (int, float)) and isinstance(new, (int, float)):
+        return math.isclose(kept, new, rel_tol=1e-5, abs_tol=1e-9) or (math.isnan(kept) and math.isnan(new))
+    return kept == new
 
 
 def _refuse_lost(run_dir: Path, step: str, checkpoint: Path) -> None:
@@ -257,6 +304,12 @@ def time_runs(grid: Grid, out: Path) -> bool:
     checkpoints = _timed_runs(grid, out) if grid.timing else {}
     path = out / TIMING_FILE
     if not checkpoints or (path.is_file() and set(pd.read_csv(path)["arm"]) == set(checkpoints)):
+        return False
+    gone = [arm for arm, checkpoint in checkpoints.items() if not checkpoint.is_file()]
+    if gone:  # the benchmark times every arm on one machine, or none: a partial one would mix machines
+        print(f"[timing] not run: {len(gone)} of the timed checkpoints are gone (e.g. "
+              f"{shown_path(checkpoints[gone[0]])}; checkpoints are not committed): time a seed whose runs are all "
+              "kept", flush=True)
         return False
     timing = grid.timing
     threads = grid.shared.get("threads")

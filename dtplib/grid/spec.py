@@ -22,6 +22,12 @@ Grid file:
     [alignment]                 # optional: COCO outline alignment of every finished run of `arms` (default: the
     num_images = 200            # learned-boundary arms), keys ALIGNMENT_KEYS; overlays = [arm, ...] draws
     overlays = ["4x"]           # overlays/<arm>/ for their overlay_seed runs
+    [protocol]                  # optional, written before the runs: what summary.md reports as primary (below)
+    primary_metric = "final_mean_R@10"
+    family = [["best", "uniform-4x"]]  # the primary contrasts; "best" is the best_of arm chosen on validation
+    best_of = ["learned-4x", "topk-4x"]
+    choose_on = "mean_R@10"
+    equivalence_margin = 0.005
     [finish]                    # optional: after its main run, every run trains on from its last weights with
     epochs = 1                  # these flags over its own (a new optimizer and schedule, in <run>/finish/):
     force_image_size = 64       # CLIPA's full-resolution and FLIP's unmasked fine-tune; epochs is required
@@ -44,6 +50,14 @@ rows with the finish's epochs (stage "finish"), so its last row, the summary and
 model's, and the cost columns (steps, samples_seen, train_time_s, train_gmacs) count main + finish, each epoch at
 its own input size and patch dropout: arms stay compared at equal cost. [timing] times the main run's checkpoint:
 the training step that the run's cost is mostly made of (a finish at full resolution would time every arm alike).
+
+A [protocol] (`PROTOCOL_KEYS`) states the comparison before the runs: `primary_metric` (a runs.csv column: a
+`final_` test metric, or `final_mean_R@10`, the mean of both retrieval directions' R@10), `secondary_metrics`, the
+primary `family` of [arm, against] contrasts (Holm's correction over it at `alpha`), `best_of` and `choose_on` (the
+arm that "best" stands for in the family: the best_of arm with the best mean over seeds of the validation metric
+`choose_on` at the last epoch, lowest for a loss), `equivalence_margin` (in the primary metric's units: the
+margin that two one-sided tests must pass for a "within ±m" reading) and `bootstrap` (resamples of the bootstrap over
+seeds and test items). Every other contrast is reported as exploratory.
 
 Everything is checked before any training: unknown keys (one line naming the bad key), flag types and choices
 (TrainConfig's parser and `TrainConfig.from_options`), then `TrainConfig.check` on every run (missing data, bad
@@ -69,7 +83,7 @@ from ..measure import evaluate
 from ..training.config import TrainConfig
 
 TOP_LEVEL = ("reference", "seeds", "shared", "arms", "data", "final", "timing", "metrics", "figure_metrics",
-             "description", "nproc_per_node", "contrasts", "alignment", "finish")
+             "description", "nproc_per_node", "contrasts", "alignment", "finish", "protocol")
 
 
 ALIGNMENT_KEYS = {"arms": None, "coco": "$DTPLIB_DATA/coco-mini", "num_images": None, "draws": 100, "batch_size": 64,
@@ -79,7 +93,7 @@ ALIGNMENT_KEYS = {"arms": None, "coco": "$DTPLIB_DATA/coco-mini", "num_images": 
 TIMING_KEYS = {"seed": 0, "steps": 30, "warmup": 5, "batch_size": None}  # None: the runs' own batch size
 
 
-FINAL_SET_BY_DRIVER = ("checkpoint", "compare", "model", "pretrained", "output")
+FINAL_SET_BY_DRIVER = ("checkpoint", "compare", "model", "pretrained", "output", "items")
 
 
 FINAL_PATH_FLAGS = ("val_data", "zeroshot_data", "imagenet_val", "probe_data")
@@ -102,6 +116,9 @@ RUNTIME_FLAGS = ("workers", "threads", "device", "dist_backend", "report_to", "w
 FINAL_FILE = "final.json"  # a run folder's [final] evaluation (dtplib.evaluate --output)
 
 
+ITEMS_FILE = "final_items.npz"  # the [final] evaluation's per-item scores (dtplib.evaluate --items)
+
+
 TIMING_FILE = "step_times.csv"  # [timing]: the interleaved benchmark of the final checkpoints
 
 
@@ -109,6 +126,17 @@ ALIGNMENT_FILE = "alignment.csv"  # [alignment]: COCO outline alignment of each 
 
 
 CONTRASTS_FILE = "contrasts.csv"  # paired differences of the `contrasts` pairs, at the last epoch and at equal cost
+
+
+BEST = "best"  # in a [protocol] family: the best_of arm chosen on validation
+
+
+PROTOCOL_KEYS = {"primary_metric": None, "secondary_metrics": [], "family": None, "best_of": [], "choose_on": None,
+                 "correction": "holm", "alpha": 0.05, "equivalence_margin": None, "bootstrap": 2000}
+
+
+EVALUATED = ("zeroshot_top1", "zeroshot_top5", "imagenet_top1", "imagenet_top5", "val_loss", "probe_top1",
+             "probe_top5", "mean_R@10", *(f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)))
 
 
 @dataclass
@@ -130,6 +158,7 @@ class Grid:
     nproc_per_node: int = 1  # > 1: every run trains under torchrun with this many processes
     contrasts: list[tuple[str, str]] | None = None  # (arm, against) pairs: contrasts.csv and their summary tables
     alignment: dict | None = None  # [alignment] with its defaults filled in (arms: the learned-boundary arms)
+    protocol: dict | None = None  # [protocol] with its defaults filled in: the primary family and its tests
     finish: dict | None = None  # [finish]: flags of every run's final fine-tune, over the run's own
     arm_finish: dict[str, dict | bool] | None = None  # arms with their own [arms.NAME.finish] table, or false
 
@@ -280,7 +309,62 @@ def load_grid(path: str | Path) -> Grid:
             parse_options(grid.finish_options(arm, seeds[0]), f"{path.name} [arms.{arm}] with its [finish]")
     if "alignment" in raw:
         grid.alignment = _check_alignment(path.name, raw["alignment"], grid)
+    if "protocol" in raw:
+        grid.protocol = _check_protocol(path.name, raw["protocol"], arms)
     return grid
+
+
+def _check_protocol(where: str, table, arms: dict) -> dict:
+    """A [protocol] table (`PROTOCOL_KEYS`): metric names among the evaluations' (`EVALUATED`, with final_ for the
+    test split; choose_on a validation metric, without it), family pairs of arms or "best", best_of arms."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: [protocol] must be a table ({', '.join(PROTOCOL_KEYS)}), got {table!r}")
+    for key in table:
+        if key not in PROTOCOL_KEYS:
+            raise ValueError(f"{where}: [protocol] unknown key {key!r}{close_names(key, list(PROTOCOL_KEYS))}; it "
+                             f"takes {', '.join(PROTOCOL_KEYS)}")
+    spec = {**PROTOCOL_KEYS, **table}
+    for key in ("primary_metric", "family"):
+        if spec[key] is None:
+            raise ValueError(f"{where}: [protocol] needs {key}")
+    tested = [f"final_{m}" for m in EVALUATED]
+    metrics = [spec["primary_metric"], *_string_list(where, "secondary_metrics", spec["secondary_metrics"])]
+    for metric in metrics:
+        if metric not in tested:
+            raise ValueError(f"{where}: [protocol] metric {metric!r} is not a test metric of [final]"
+                             f"{close_names(str(metric), tested)}; they are final_<metric> for {', '.join(EVALUATED)}")
+    best_of = _string_list(where, "best_of", spec["best_of"])
+    for arm in best_of:
+        if arm not in arms:
+            raise ValueError(f"{where}: [protocol] best_of: {arm!r} is not an arm{close_names(arm, list(arms))}")
+    if best_of and spec["choose_on"] not in EVALUATED:
+        hint = close_names(str(spec["choose_on"]), EVALUATED)
+        raise ValueError(f"{where}: [protocol] choose_on must be a validation metric (the per-epoch evaluation, "
+                         f"without final_: the choice never sees the test split){hint}; one of {', '.join(EVALUATED)}")
+    if not best_of and isinstance(spec["family"], list) and any(isinstance(pair, list) and BEST in pair
+                                                                 for pair in spec["family"]):
+        raise ValueError(f"{where}: [protocol] family names {BEST!r}: give best_of and choose_on (the arms it is "
+                         "chosen from, and the validation metric it is chosen on)")
+    spec["family"] = _check_contrasts(f"{where}: [protocol] family", spec["family"],
+                                      {**arms, **({BEST: {}} if best_of else {})})
+    if spec["correction"] != "holm":
+        raise ValueError(f"{where}: [protocol] correction must be \"holm\" (Holm-Bonferroni over the family), got "
+                         f"{spec['correction']!r}")
+    alpha, margin, resamples = spec["alpha"], spec["equivalence_margin"], spec["bootstrap"]
+    if not isinstance(alpha, float) or not 0 < alpha < 0.5:
+        raise ValueError(f"{where}: [protocol] alpha must be a number in (0, 0.5), got {alpha!r}")
+    if margin is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin <= 0):
+        raise ValueError(f"{where}: [protocol] equivalence_margin must be a number > 0 (in the primary metric's "
+                         f"units), got {margin!r}")
+    if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
+        raise ValueError(f"{where}: [protocol] bootstrap must be an integer >= 1 (resamples), got {resamples!r}")
+    return spec
+
+
+def _string_list(where: str, key: str, value) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: [protocol] {key} must be a list of names, got {value!r}")
+    return value
 
 
 def _check_finish(where: str, table) -> dict:
@@ -404,9 +488,11 @@ def _check_timing(where: str, timing) -> dict:
     return {**TIMING_KEYS, **timing}
 
 
-def final_argv(final: dict, checkpoint: str | Path, output: str | Path) -> list[str]:
-    """The `dtplib.evaluate` command line of a [final] table, paths as `resolved` gives them."""
-    return flags(**resolved(final, FINAL_PATH_FLAGS), checkpoint=str(checkpoint), output=str(output))
+def final_argv(final: dict, checkpoint: str | Path, output: str | Path, items: str | Path | None = None) -> list[str]:
+    """The `dtplib.evaluate` command line of a [final] table, paths as `resolved` gives them; `items`: where its
+    per-item scores go."""
+    return flags(**resolved(final, FINAL_PATH_FLAGS), checkpoint=str(checkpoint), output=str(output),
+                 **({} if items is None else {"items": str(items)}))
 
 
 def check_final_data(grid: Grid) -> None:

@@ -10,7 +10,8 @@ ImageFolder reading is `dtplib.data.imagefolder`):
    `dtplib.finetune`).
 4. `evaluate` (what the training loop calls), `compare_items`, `load_model`, and the flags of
    `python -m dtplib.evaluate -h` (`build_parser`; `--bootstrap N` adds <metric>_ci_low / _ci_high; `--compare
-   A.pt B.pt` gives A - B per metric with its paired bootstrap interval).
+   A.pt B.pt` gives A - B per metric with its paired bootstrap interval; `--items` writes the per-item scores,
+   `write_items`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..common.files import atomic_write_text
+from ..common.files import atomic_write_bytes, atomic_write_text
 from ..common.paths import repo_path
 from ..common.progress import progress
 from ..common.runtime import eval_mode, unwrap
@@ -596,6 +597,24 @@ def write_output(path: str | Path, record: dict, rows: list[dict]) -> None:
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
 
 
+def write_items(path: str | Path, items: dict[str, ItemScores]) -> None:
+    """Per-item scores as a compressed .npz (written atomically): `<metric>` the scores of each test item in the
+    data's order, `<metric>.weights` its weights where the metric has them (text-to-image: captions per image);
+    `read_items` reads it back. What a bootstrap over runs and items (`stats.hierarchical_ci`) resamples."""
+    arrays = {key: np.asarray(item.scores) for key, item in items.items()}
+    arrays |= {f"{key}.weights": np.asarray(item.weights) for key, item in items.items() if item.weights is not None}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_items(path: str | Path) -> dict[str, ItemScores]:
+    """`write_items`'s file as {metric: ItemScores}."""
+    with np.load(path) as stored:
+        return {key: ItemScores(stored[key], stored[f"{key}.weights"] if f"{key}.weights" in stored else None)
+                for key in stored.files if not key.endswith(".weights")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (the experiment driver checks its [final] flags with it)."""
     parser = argparse.ArgumentParser(prog="python -m dtplib.evaluate", description=__doc__.split("\n")[0])
@@ -631,4 +650,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="the probe split and the bootstrap resamples")
     parser.add_argument("--output", help="write the metrics and provenance to this file: JSON, or CSV if it ends "
                         "in .csv (one row, or one row per metric with --compare)")
+    parser.add_argument("--items", help="write each metric's per-item scores (test images; val_loss: its batches) to "
+                        "this .npz, what a bootstrap over runs and items reads (not with --compare)")
     return parser
