@@ -21,7 +21,7 @@ from dtplib import experiment
 from dtplib.common.paths import REPO_ROOT, data_path
 from dtplib.grid import contrasts as grid_contrasts
 from dtplib.grid import report, spec
-from dtplib.grid.runs import RunFailed
+from dtplib.grid.runs import RunFailed, compare_finals
 from dtplib.measure import stats
 from dtplib.measure.evaluate import read_items, write_items
 from dtplib.measure.metrics import ItemScores
@@ -391,6 +391,17 @@ def test_equal_cost_reads_both_curves_where_both_spent_the_same():
     # at 10 s the fast run has finished (0.4) and the slow one has done its first epoch (0.1): +0.3 on both seeds
     equal = table.loc["equal train_time_s"]
     assert equal["cost"] == 10 and equal["difference"] == pytest.approx(0.3) and equal["degenerate"]
+
+
+def test_a_new_evaluation_agrees_with_final_json_to_rounding_and_a_refitted_probe_loses_its_items():
+    kept = {"image_to_text_R@10": 0.092, "val_loss": 3.666612148284912, "probe_top1": 0.36, "probe_top1_ci_low": 0.35,
+            "retrieval_images": 1000}
+    same = {**kept, "val_loss": 3.6666122}  # float sums of another CPU
+    assert compare_finals(kept, same) == ([], [])
+    refit = {**same, "probe_top1": 0.361, "probe_top1_ci_low": 0.3503}  # L-BFGS on another CPU: 9 of 9,000 images
+    assert compare_finals(kept, refit) == ([], ["probe_top1", "probe_top5"])
+    other = {**refit, "image_to_text_R@10": 0.091}  # one image more or less: another model
+    assert compare_finals(kept, other) == (["image_to_text_R@10"], ["probe_top1", "probe_top5"])
 
 
 def protocol_grid(protocol: bool = True) -> spec.Grid:
