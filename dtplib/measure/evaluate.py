@@ -98,10 +98,15 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
     runs). Unreadable images are skipped and counted (zeroshot_skipped); the model's training flags are kept.
     A class folder without images is a ValueError naming it, before any model work; with `skip_empty_classes` it is
     left out of the classifier and counted (zeroshot_skipped_classes, a key only present then).
+    Accuracy is over the classes present: on the ImageNet layout, classes of ImageNet-1k without a folder (or left
+    out) are counted (zeroshot_missing_classes, a key of that layout only) with a warning, as the numbers are then
+    not ImageNet-1k accuracy. With 5 classes or fewer every image is a top-5 hit, so zeroshot_top5 is NaN (and
+    has no per-image scores), with a warning.
     `per_item`: (metrics, {"zeroshot_top1" / "zeroshot_top5": per-image hits}) instead of the metrics alone.
     """
     root = Path(data_dir)
     classnames, layout = zeroshot_classes(root, skip_empty_classes=skip_empty_classes)
+    _warn_partial_classes(root, classnames, layout)
     empty = [folder.name for folder in class_folders(root)[1]]
     samples = image_files(root, max_per_class, skip_empty_classes)
     if not samples:
@@ -125,15 +130,34 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
         raise ValueError(f"none of the {len(samples)} images under {root} could be read")
     ranks = torch.cat(ranks)
     hits = hit_rates(ranks, (1, 5))
-    metrics = {"zeroshot_top1": hits[1], "zeroshot_top5": hits[5], "zeroshot_images": len(ranks),
-               "zeroshot_skipped": skipped}
+    has_top5 = len(classnames) > TOP5_MIN_CLASSES
+    metrics = {"zeroshot_top1": hits[1], "zeroshot_top5": hits[5] if has_top5 else float("nan"),
+               "zeroshot_images": len(ranks), "zeroshot_skipped": skipped}
     if skip_empty_classes:
         if empty:
             log.warning("%s: left out %d class folders without images: %s", root, len(empty), empty[:10])
         metrics["zeroshot_skipped_classes"] = len(empty)
+    if layout == "imagenet":
+        metrics["zeroshot_missing_classes"] = IMAGENET_CLASSES - len(classnames)
     if per_item:
-        return metrics, {"zeroshot_top1": hit_items(ranks, 1), "zeroshot_top5": hit_items(ranks, 5)}
+        items = {"zeroshot_top1": hit_items(ranks, 1)}
+        return metrics, items | ({"zeroshot_top5": hit_items(ranks, 5)} if has_top5 else {})
     return metrics
+
+
+IMAGENET_CLASSES = 1000
+TOP5_MIN_CLASSES = 5  # top-5 is reported above this many classes: at or below it every image is a hit
+
+
+def _warn_partial_classes(root: Path, classnames: Sequence[str], layout: str) -> None:
+    """Warn, before the classifier is built, when an ImageNet layout lacks classes and when top-5 is not reported."""
+    if layout == "imagenet" and len(classnames) < IMAGENET_CLASSES:
+        log.warning("%s: %d of the %d ImageNet-1k classes are missing (%d class folders with images); top-1/top-5 "
+                    "are over those classes only, not ImageNet-1k accuracy", root, IMAGENET_CLASSES - len(classnames),
+                    IMAGENET_CLASSES, len(classnames))
+    if len(classnames) <= TOP5_MIN_CLASSES:
+        log.warning("%s: top-5 not reported (NaN): %d classes, and top-5 needs more than %d", root, len(classnames),
+                    TOP5_MIN_CLASSES)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -433,7 +457,8 @@ def evaluate(model, preprocess, tokenizer, *, zeroshot_data: str | Path | None =
              per_item: bool = False) -> dict | tuple[dict, dict[str, ItemScores]]:
     """Every evaluation whose data is given, as one flat dict ({} when none is).
 
-    - `zeroshot_data`: zeroshot_top1, zeroshot_top5, ...; `imagenet_val` the same keys with the prefix imagenet_.
+    - `zeroshot_data`: zeroshot_top1, zeroshot_top5, ...; `imagenet_val` the same keys with the prefix imagenet_
+      (imagenet_missing_classes: ImageNet-1k classes without a folder). top-5 is NaN with 5 classes or fewer.
     - `val_data`: the retrieval recalls and the held-out contrastive loss (val_loss over fixed batches of
       `loss_batch_size`, see `val_loss_eval`), from one pass over the shards in eval mode.
     - `probe_data`: a linear probe on frozen features (`probe_eval`: probe_top1, ...), `probe_per_class` probe-train
@@ -607,7 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two checkpoints scored on the same images: "
                          "A - B per metric with its paired bootstrap interval (--bootstrap, default 1000)")
     parser.add_argument("--zeroshot-data", help="ImageFolder-style directory, e.g. a CIFAR-10 test folder")
-    parser.add_argument("--imagenet-val", help="ImageNet validation directory with one WordNet-id folder per class")
+    parser.add_argument("--imagenet-val", help="ImageNet validation directory with one WordNet-id folder per class "
+                        "(missing classes are counted, imagenet_missing_classes, with a warning; top-5 is NaN with 5 "
+                        "classes or fewer)")
     parser.add_argument("--val-data", help="retrieval shards, brace notation allowed: dir/{000000..000004}.tar; "
                         "also gives val_loss, the held-out contrastive loss")
     parser.add_argument("--probe-data", help="ImageFolder-style directory for a linear probe on frozen image "
