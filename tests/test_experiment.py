@@ -146,7 +146,9 @@ class TestTheTrainedGrid:
         equal = contrasts[(contrasts["at"] == "equal train_gmacs")].iloc[0]  # one epoch each: both end at one point,
         assert equal["cost"] == pytest.approx(runs.loc[runs["arm"] == "4x", "train_gmacs"].mean())  # the 4x run's cost
         assert "## Contrasts: paired differences over seeds" in summary and "### At equal train_gmacs" in summary
-        assert "checkpoints" in (out / ".gitignore").read_text()
+        ignored = (out / ".gitignore").read_text()
+        assert "checkpoints" in ignored and "runs/*/run.lock" in ignored
+        assert (out / "runs" / "4x-seed0" / "run.lock").is_file()  # each child run locked its folder
 
     def test_a_second_call_trains_nothing(self, finished):
         grid, out, _ = finished

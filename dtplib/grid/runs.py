@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from ..common.cli import stop_process
-from ..common.files import append_csv, atomic_write_text
+from ..common.files import LOCK_FILE, append_csv, atomic_write_text
 from ..common.paths import child_environment, data_path
 from ..common.provenance import run_info
 from ..data.shards import from_captions
@@ -205,7 +205,8 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     if todo:
         _check_runs(grid, todo, runs_dir)
         atomic_write_text(out / ".gitignore", "".join(f"runs/*/{sub}{kind}/\n" for sub in ("", f"{FINISH_DIR}/")
-                                                      for kind in ("checkpoints", "tensorboard")))
+                                                      for kind in ("checkpoints", "tensorboard"))
+                          + "".join(f"runs/*/{sub}{LOCK_FILE}\n" for sub in ("", f"{FINISH_DIR}/")))
     for index, (arm, seed) in enumerate(todo):
         label = run_label(arm, seed)
         print(f"[{index + 1}/{len(todo)}] training {label}", flush=True)

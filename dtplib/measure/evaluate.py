@@ -539,7 +539,9 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
     weights file from `python -m dtplib.export`. Either records what built its model (the training flags, the
     weights header), so `name` may be left out, and a tower that has no registered name (`--model ViT-B-32
     --compression 3`, other DTP settings) is rebuilt as it was trained.
-    `pretrained`: an open_clip tag or weights file. Names, files and weights are checked before the model is built.
+    `pretrained`: an open_clip tag or weights file (a file is read as `checkpoint` is: `torch.load(weights_only=True)`
+    or safetensors, then loaded strictly). Names, files and weights are checked before the model is built; a file
+    that is not a safe checkpoint, or one of another model, is a ValueError in one line naming it.
     The input size is the one the model was trained at (a training checkpoint's --force-image-size), unless
     `force_image_size` gives another: the position embedding is then resampled (open_clip's `force_image_size`).
     """
@@ -563,17 +565,21 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
         log.info("loaded %s at %d px", checkpoint, get_model_preprocess_cfg(model)["size"][0])
         return model, preprocess, tokenizer
     check_model_name(name)
-    if pretrained is not None:
+    weights_file = checkpoint if checkpoint is not None else pretrained if pretrained and Path(pretrained).is_file() \
+        else None
+    state = None if weights_file is None else read_state_dict(weights_file)  # safely (weights_only), before the build
+    if pretrained is not None and weights_file is None:
         check_pretrained(name, pretrained)
     if force_image_size is not None:
         check_image_size(force_image_size, name)
     forced = {} if force_image_size is None else {"force_image_size": force_image_size}
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device, **forced)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=None if weights_file is not None else pretrained, device=device, **forced)
     tokenizer = open_clip.get_tokenizer(name)
-    if checkpoint is not None:
-        state = fit_position_embeddings(read_state_dict(checkpoint), model)
-        load_state_dict(model, state, checkpoint, name)
-        log.info("loaded %d tensors from %s", len(state), checkpoint)
+    if state is not None:  # a file of another model is one line naming it and the mismatch
+        state = fit_position_embeddings(state, model)
+        load_state_dict(model, state, weights_file, name)
+        log.info("loaded %d tensors from %s", len(state), weights_file)
     return model.eval(), preprocess, tokenizer
 
 
@@ -658,4 +664,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="the probe split and the bootstrap resamples")
     parser.add_argument("--output", help="write the metrics and provenance to this file: JSON, or CSV if it ends "
                         "in .csv (one row, or one row per metric with --compare)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, the traceback "
+                        "(and torch's full message for a refused checkpoint) instead of one line")
     return parser
