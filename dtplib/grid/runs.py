@@ -69,9 +69,12 @@ def _prepare_data(grid: Grid) -> None:
 
 def _run_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConfig:
     """The TrainConfig of one run: the grid's options for it, in `<runs_dir>/<arm>-seed<seed>`, resumed, with
-    `epoch_latest.pt` after every epoch (--save-most-recent: what a resume continues from, and `last_checkpoint`)."""
+    `epoch_latest.pt` after every epoch (--save-most-recent: what a resume continues from, and `last_checkpoint`).
+    --allow-changed-flags: the driver has compared the run's flags itself (`_check_same_run`: only paths and runtime
+    flags may differ), so a data folder that moved is recorded in the run's params.json history, not refused."""
     config = parse_options(grid.options(arm, seed), run_label(arm, seed))
-    return config.replace(logs=str(runs_dir), name=run_label(arm, seed), resume="latest", save_most_recent=True)
+    return config.replace(logs=str(runs_dir), name=run_label(arm, seed), resume="latest", save_most_recent=True,
+                          allow_changed_flags=True)
 
 
 def _finish_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConfig | None:
@@ -82,8 +85,8 @@ def _finish_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConf
         return None
     label = run_label(arm, seed)
     config = parse_options(options, f"{label} [finish]")
-    return config.replace(logs=str(runs_dir / label), name=FINISH_DIR, resume="latest",
-                          save_most_recent=True, pretrained=str(last_checkpoint(runs_dir / label)))
+    return config.replace(logs=str(runs_dir / label), name=FINISH_DIR, resume="latest", save_most_recent=True,
+                          allow_changed_flags=True, pretrained=str(last_checkpoint(runs_dir / label)))
 
 
 def _check_runs(grid: Grid, runs: list[tuple[str, int]], runs_dir: Path) -> None:
