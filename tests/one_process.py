@@ -14,6 +14,7 @@ import json
 import runpy
 import sys
 import traceback
+import warnings
 
 
 def run_module(module: str, args: list[str]) -> dict:
@@ -23,7 +24,10 @@ def run_module(module: str, args: list[str]) -> dict:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         sys.argv = [module, *args]
         try:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            with warnings.catch_warnings():  # the module may be imported already (by the test, or a command before):
+                # it runs afresh as __main__ all the same, as under `python -m`
+                warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
             if not isinstance(stop.code, int | None):

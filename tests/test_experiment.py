@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from one_process import run_module
 
 from dtplib import experiment
 from dtplib.common.paths import REPO_ROOT, data_path
@@ -257,15 +258,14 @@ def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
     assert not (tmp_path / "out" / "runs").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("split", ["val", "test"], ids=["training-data", "final-data"])
 def test_missing_data_is_one_line_before_any_run(tmp_path, split):
+    """`python -m dtplib.experiment` as the interpreter runs it (runpy, in this process: tests/one_process.py)."""
     grid = write_grid(tmp_path, GRID.replace(str(SAMPLE / split), str(tmp_path / "nowhere")))
-    result = subprocess.run([sys.executable, "-m", "dtplib.experiment", "--grid", str(grid), "--out",
-                             str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("python -m dtplib.experiment: error: ")
-    assert "nowhere" in result.stderr.strip().splitlines()[-1]
+    result = run_module("dtplib.experiment", ["--grid", str(grid), "--out", str(tmp_path / "out")])
+    assert result["returncode"] == 2
+    assert result["stderr"].strip().splitlines()[-1].startswith("python -m dtplib.experiment: error: ")
+    assert "nowhere" in result["stderr"].strip().splitlines()[-1]
     assert not list((tmp_path / "out").glob("runs/*/steps.csv"))
 
 
