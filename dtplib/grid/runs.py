@@ -120,7 +120,7 @@ def _check_same_flags(run_dir: Path, config: TrainConfig) -> None:
         return
     stored = TrainConfig.from_dict(json.loads(params_file.read_text())).flag_values()
     wanted = config.flag_values()
-    ignored = (*RUNTIME_FLAGS, "name", "resume", "pretrained")
+    ignored = (*RUNTIME_FLAGS, "name", "resume", "pretrained", "allow_changed_flags")
     changed = [k for k in wanted if k not in ignored and stored.get(k) != wanted[k]]
     if changed:
         key = changed[0]
