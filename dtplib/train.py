@@ -15,7 +15,9 @@ The command line only: nothing in the package imports this module. Read top to b
    and only when every tensor is finite, holding model, optimizer, scaler, schedule position, per-rank RNG states,
    the TrainConfig and the run's id; `--resume latest` continues a killed run exactly (from the newest checkpoint
    that reads whole), and a stop at --max-steps inside an epoch is saved as `epoch_latest.pt` marked `mid_epoch`,
-   resumed at the same batch.
+   resumed at the same batch. `_run` refuses before the folder is made or written: a folder of another run, a
+   resume with other flags (`changed_flags`; --allow-changed-flags records them in params.json's history), a
+   checkpoint of another model; then it locks the folder (`lock_folder`: one writing process at a time).
 5. `train(config)` (Python, notebooks) and `main(argv)` (the command line): the run, per-epoch means in epochs.csv
    (the first epoch and the timing warm-up steps apart), the evaluations of `dtplib.measure.evaluate`, TensorBoard
    events and wandb (`--report-to tensorboard,wandb`).
@@ -47,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .common.cli import CLI_ERRORS, run_cli
-from .common.files import atomic_write_text
+from .common.files import atomic_write_text, lock_folder
 from .common.paths import child_environment, repo_path
 from .common.progress import progress
 from .common.provenance import run_info
@@ -57,8 +59,8 @@ from .measure import evaluate as dtp_eval
 from .tower.clip import read_checkpoint
 from .tower.config import DTPConfig
 from .tower.control import dtp_towers
-from .training.checkpoint import build_from_config, load_pretrained
-from .training.config import TrainConfig
+from .training.checkpoint import build_from_config, load_pretrained, load_state_dict, state_mismatch
+from .training.config import TrainConfig, changed_flags, run_flags
 from .training.optim import NonFiniteLoss, lr_at, make_optimizer, train_step, use_adamw_impl
 from .training.runfolder import (
     Checkpoints,
@@ -66,6 +68,7 @@ from .training.runfolder import (
     RunLog,
     format_value,
     remove_partial_files,
+    restore_row,
     rng_state,
     set_rng_state,
     train_line,
@@ -345,6 +348,9 @@ def train(args: TrainConfig) -> dict:
 
 
 def _run(args: TrainConfig, dist_env: Dist) -> dict:
+    """Everything that can refuse the run before its folder is made or written: the folder's state and flags
+    (`_check_folder`), the model, a --resume or --pretrained checkpoint that does not fit it; then the folder's lock
+    (one writer at a time; `dtplib.common.files.lock_folder`) and the run."""
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.name or _default_name(args)
@@ -354,25 +360,28 @@ def _run(args: TrainConfig, dist_env: Dist) -> dict:
         name = names[0]
     run_dir = repo_path(args.logs) / name
     checkpoints = Checkpoints(run_dir / "checkpoints", delete_previous=args.delete_previous_checkpoint)
-    params_file = run_dir / "params.json"
-    resume = None
+    given = None
     if args.resume and args.resume != "latest":
-        resume = Path(args.resume), read_checkpoint(args.resume)
-        if params_file.exists():  # a folder records its run; a checkpoint records the run it belongs to
-            held, incoming = _run_identity(json.loads(params_file.read_text())), _run_identity(resume[1])
-            if held != incoming:
-                raise FileExistsError(f"run folder {run_dir} holds run {held}, but --resume {args.resume} belongs "
-                                      f"to run {incoming}: give a new --name to continue from it")
-    if args.resume != "latest" and resume is None and params_file.exists():
-        raise FileExistsError(f"run folder {run_dir} already holds a run: pass --resume latest to continue it, or a "
-                              "new --name")
+        given = Path(args.resume), read_checkpoint(args.resume)
+    _check_folder(args, run_dir, given)
+    seed_everything(args.seed + dist_env.rank)
+    built = build_from_config(args)
+    if given is not None:
+        mismatch = state_mismatch(built[0], _model_state(given[1], given[0]))
+        if mismatch:
+            raise ValueError(f"--resume {args.resume}: a checkpoint of another model than {args.model_name} "
+                             f"({mismatch})")
+    elif args.pretrained:  # a foreign file is refused here; a --resume latest that finds a checkpoint overwrites it
+        load_pretrained(built[0], args.pretrained)
+    lock = lock_folder(run_dir) if dist_env.main else None
     handler = None
-    if dist_env.main:
-        checkpoints.folder.mkdir(parents=True, exist_ok=True)
-        handler = _setup_file_logging(run_dir)
-        remove_partial_files(run_dir, checkpoints.folder)
     try:
-        return _train(args, dist_env, name, run_dir, checkpoints, resume)
+        if dist_env.main:
+            _check_folder(args, run_dir, given)  # again under the lock: a run may have ended here meanwhile
+            checkpoints.folder.mkdir(parents=True, exist_ok=True)
+            handler = _setup_file_logging(run_dir)
+            remove_partial_files(run_dir, checkpoints.folder)
+        return _train(args, dist_env, name, run_dir, checkpoints, given, built)
     except Exception as error:
         if handler is not None:  # the one line goes to the console from __main__; out.log gets the traceback too
             handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "stopped: %s", (error,),
@@ -382,6 +391,64 @@ def _run(args: TrainConfig, dist_env: Dist) -> dict:
         if handler is not None:  # a notebook or test may train again in this process: log there, not here
             logging.getLogger("dtplib").removeHandler(handler)
             handler.close()
+        if lock is not None:
+            lock.release()
+
+
+def _check_folder(args: TrainConfig, run_dir: Path, given: tuple[Path, dict] | None) -> None:
+    """A folder that holds a run is written only to continue that run: with --resume latest, or --resume PATH of a
+    checkpoint of that run, and with the run's flags (`changed_flags`: runtime flags aside), unless
+    --allow-changed-flags. Raises FileExistsError or ValueError in one line; nothing is written."""
+    params_file = run_dir / "params.json"
+    if not params_file.is_file():
+        return
+    params = json.loads(params_file.read_text())
+    if given is not None:  # a folder records its run; a checkpoint records the run it belongs to
+        held, incoming = _run_identity(params), _run_identity(given[1])
+        if held != incoming:
+            raise FileExistsError(f"run folder {run_dir} holds run {held}, but --resume {args.resume} belongs "
+                                  f"to run {incoming}: give a new --name to continue from it")
+    elif args.resume != "latest":
+        raise FileExistsError(f"run folder {run_dir} already holds a run: pass --resume latest to continue it, or a "
+                              "new --name")
+    changes = changed_flags(run_flags(params), args)
+    if changes and not args.allow_changed_flags:
+        listed = ", ".join(f"--{key.replace('_', '-')}: {old} -> {new}" for key, (old, new) in changes.items())
+        raise ValueError(f"run folder {run_dir} was trained with other flags ({listed}): resume with the run's own "
+                         "flags, or pass --allow-changed-flags to go on with these (recorded in its params.json)")
+
+
+def _model_state(state: dict, source: Path) -> dict:
+    """The weights of a `dtplib.train` checkpoint, without DDP's `module.` prefixes."""
+    weights = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not {"optimizer", "epoch", "step"} <= state.keys():
+        raise ValueError(f"{source}: not a checkpoint of python -m dtplib.train (no state_dict, optimizer, epoch "
+                         "and step to resume from); --pretrained starts a new run from any model's weights")
+    return {k.removeprefix("module."): v for k, v in weights.items()}
+
+
+def _run_params(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, position: Position, resumed: bool,
+                loader, model: torch.nn.Module) -> dict:
+    """params.json: the flags, the run's id, its schedule and provenance. A resume of the folder's own run keeps
+    the flags the run started with and appends what --allow-changed-flags changed to `history` (the step, old and
+    new values), so the first flags are never lost; the schedule and provenance are this process's."""
+    params = {**args.to_dict(), "name": name, "run_id": position.run_id, "world_size": dist_env.world_size,
+              "steps_per_epoch": loader.num_batches, "total_steps": loader.num_batches * args.epochs,
+              "samples_per_epoch": loader.num_samples, "parameters": sum(p.numel() for p in model.parameters()),
+              **run_info(dist_env.device, args.precision, args.batch_size)}
+    params_file = run_dir / "params.json"
+    if not (resumed and params_file.is_file()):
+        return params
+    stored = json.loads(params_file.read_text())
+    history = list(stored.get("history", []))
+    changes = changed_flags(run_flags(stored), args)
+    if changes:
+        history.append({"step": position.step, "epoch": position.epoch,
+                        "changed": {key: {"old": old, "new": new} for key, (old, new) in changes.items()}})
+        log.warning("flags changed at step %d (recorded in params.json): %s", position.step,
+                    ", ".join(f"--{k.replace('_', '-')}: {o} -> {n}" for k, (o, n) in changes.items()))
+    first = {key: stored[key] for key in args.to_dict() if key in stored}
+    return {**params, **first, "history": history}
 
 
 def _latest_or_fresh(run_dir: Path, checkpoints: Checkpoints, main: bool) -> tuple[Path, dict] | None:
@@ -429,9 +496,8 @@ class Training:
 
 
 def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoints: Checkpoints,
-           resume: tuple[Path, dict] | None) -> dict:
-    seed_everything(args.seed + dist_env.rank)
-    model, preprocess_train, preprocess_val, tokenizer = build_from_config(args)
+           resume: tuple[Path, dict] | None, built: tuple) -> dict:
+    model, preprocess_train, preprocess_val, tokenizer = built  # `build_from_config(args)`, seeded
     model.to(dist_env.device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -446,16 +512,12 @@ def _train(args: TrainConfig, dist_env: Dist, name: str, run_dir: Path, checkpoi
                     args.warmup, total_steps)
     if args.resume == "latest":
         resume = _latest_or_fresh(run_dir, checkpoints, dist_env.main)
-    if resume is None and args.pretrained:  # a new run from trained weights: its own optimizer and schedule
-        load_pretrained(model, args.pretrained)
+    if resume is None and args.pretrained:  # a new run from trained weights (loaded by `_run`): its own schedule
         log.info("weights from --pretrained %s", args.pretrained)
     position = Position() if resume is None else _restore(args, dist_env, run_dir, resume, model, optimizer, scaler)
     params = {}
     if dist_env.main:
-        params = {**args.to_dict(), "name": name, "run_id": position.run_id, "world_size": dist_env.world_size,
-                  "steps_per_epoch": loader.num_batches, "total_steps": total_steps,
-                  "samples_per_epoch": loader.num_samples, "parameters": sum(p.numel() for p in model.parameters()),
-                  **run_info(dist_env.device, args.precision, args.batch_size)}
+        params = _run_params(args, dist_env, name, run_dir, position, resume is not None, loader, model)
         atomic_write_text(run_dir / "params.json", json.dumps(params, indent=2, default=str))
     train_model = model
     if dist_env.world_size > 1:
@@ -483,14 +545,15 @@ def _restore(args: TrainConfig, dist_env: Dist, run_dir: Path, resume: tuple[Pat
     """Load a checkpoint's weights, optimizer, scaler and RNG states; drop the CSV rows past it. Returns where the
     run stands: the checkpoint's own run id when it continues its run, a new one when a new run starts from it."""
     resume_from, state = resume
-    model.load_state_dict({k.removeprefix("module."): v for k, v in state["state_dict"].items()})
+    load_state_dict(model, _model_state(state, resume_from), source=resume_from, name=args.model_name)
     optimizer.load_state_dict(state["optimizer"])
     use_adamw_impl(optimizer, args.adamw_impl)  # the flag's kernel, not the checkpoint's
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     position = Position(state["epoch"], state["step"],
                         state.get("batches_done", 0) if state.get("mid_epoch") else 0)
-    if (run_dir / "params.json").exists() or args.resume == "latest":  # its own run; else a new run from it
+    own = (run_dir / "params.json").exists() or args.resume == "latest"  # its own run; else a new run from it
+    if own:
         position.run_id = state.get("run_id", position.run_id)
     rng = state.get("rng", [])
     if len(rng) == dist_env.world_size:
@@ -502,6 +565,8 @@ def _restore(args: TrainConfig, dist_env: Dist, run_dir: Path, resume: tuple[Pat
     if dist_env.main:
         truncate_csv(run_dir / "steps.csv", lambda r: int(r["step"]) < position.step)
         truncate_csv(run_dir / "epochs.csv", lambda r: int(r["epoch"]) < position.epoch)
+        if own and state.get("epoch_row") and not state.get("mid_epoch"):  # killed between checkpoint and row
+            restore_row(run_dir / "epochs.csv", state["epoch_row"], "epoch")
     log.info("resumed from %s at epoch %d, step %d%s", resume_from, position.epoch, position.step,
              f" ({position.skip_batches} batches into the epoch)" if position.skip_batches else "")
     return position
@@ -555,11 +620,12 @@ def _run_epochs(args: TrainConfig, dist_env: Dist, name: str, training: Training
             dist.barrier()
         state["rng"] = _gather_rng(dist_env)
         numbered = (epoch + 1) % args.save_frequency == 0 or epoch + 1 == args.epochs
-        if dist_env.main:  # the row first: a kill before the checkpoint is written drops it on resume
-            summary["checkpoint"] = ("epoch_latest.pt" if args.save_most_recent
-                                     else f"epoch_{epoch + 1}.pt" if numbered else "")
-            run_log.csv_row("epochs.csv", summary)
+        if dist_env.main:  # the checkpoint first: no row names a file that was not written; the checkpoint holds
+            summary["checkpoint"] = ("epoch_latest.pt" if args.save_most_recent  # its row, which a resume from it
+                                     else f"epoch_{epoch + 1}.pt" if numbered else "")  # writes if a kill lost it
+            state["epoch_row"] = summary
             checkpoints.save(state, epoch + 1, numbered=numbered, latest=args.save_most_recent)
+            run_log.csv_row("epochs.csv", summary)
             run_log.scalars("epoch", summary, epoch + 1, wandb_step=step)
             log.info("epoch %d: %s", epoch, {k: format_value(v) for k, v in summary.items()})
         summaries.append(summary)

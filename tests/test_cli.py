@@ -1,10 +1,14 @@
 """Bad input on every dtplib command line but training: one line on stderr that names the file (and the line of a
-text file), exit status 2, no traceback unless --debug. Each command runs as `python -m` in a subprocess, on real
-files: Flickr8k photos from DTPLIB_DATA, the embedded sample's shards, checkpoints saved and then cut short."""
+text file), exit status 2, no traceback unless --debug. Each command runs as `python -m` runs it, on real files:
+Flickr8k photos from DTPLIB_DATA, the embedded sample's shards, checkpoints saved and then cut short. The commands
+share one child process (tests/one_process.py: runpy, as `python -m`), so that nine commands cost one interpreter
+start."""
 
+import json
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,35 +19,31 @@ from dtplib.data.shards import SAMPLE_DIR, split_shards
 from dtplib.tower.clip import read_checkpoint
 
 
-def run(module: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *names: str) -> str:
+def assert_one_line_error(result: dict, *names: str) -> str:
     """Exit 2; the last stderr line names every one of `names`; no traceback; returns that line."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    line = result.stderr.strip().splitlines()[-1]
+    assert result["returncode"] == 2, result["stderr"]
+    assert "Traceback" not in result["stderr"], result["stderr"]
+    line = result["stderr"].strip().splitlines()[-1]
     assert all(name in line for name in names), line
     return line
 
 
-@pytest.fixture
-def images(tmp_path):
-    folder = tmp_path / "images"
+def make_images(folder: Path) -> Path:
     folder.mkdir()
     for path in FLICKR_IMAGES[:2]:
         (folder / path.name).write_bytes(path.read_bytes())
     return folder
 
 
-@pytest.fixture
-def truncated_checkpoint(tmp_path):
-    path = tmp_path / "cut.pt"
+def make_truncated_checkpoint(path: Path) -> Path:
     torch.save({"state_dict": {"weight": torch.zeros(1000)}}, path)
     path.write_bytes(path.read_bytes()[:300])
     return path
+
+
+@pytest.fixture
+def truncated_checkpoint(tmp_path):
+    return make_truncated_checkpoint(tmp_path / "cut.pt")
 
 
 def test_read_checkpoint_names_an_empty_or_cut_file(tmp_path, truncated_checkpoint):
@@ -53,59 +53,73 @@ def test_read_checkpoint_names_an_empty_or_cut_file(tmp_path, truncated_checkpoi
             read_checkpoint(path)
 
 
-@pytest.mark.slow
-def test_data_empty_json_captions(tmp_path, images):
-    (tmp_path / "captions.json").write_bytes(b"")
-    argv = ["from-captions", "--images", images, "--captions", tmp_path / "captions.json", "--out", tmp_path / "out"]
-    line = assert_one_line_error(run("dtplib.data", *argv), "captions.json")
-    assert "empty" in line
-    debug = run("dtplib.data", *argv, "--debug")
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "captions.json" in debug.stderr
-
-
-@pytest.mark.slow
-def test_data_latin1_byte_in_captions_tsv(tmp_path, images):
+def bad_inputs(root: Path) -> dict[str, tuple[str, list]]:
+    """Each case's files made under `root`: case -> (module, args)."""
+    images = make_images(root / "images")
+    cut = make_truncated_checkpoint(root / "cut.pt")
+    (root / "captions.json").write_bytes(b"")
+    empty_json = ["from-captions", "--images", images, "--captions", root / "captions.json", "--out", root / "out1"]
     names = [p.name for p in sorted(images.iterdir())]
-    (tmp_path / "captions.tsv").write_bytes(f"image\tcaption\n{names[0]}\ta dog\n".encode()
-                                            + f"{names[1]}\ta caf\xe9 table\n".encode("latin-1"))
-    result = run("dtplib.data", "from-captions", "--images", images, "--captions", tmp_path / "captions.tsv",
-                 "--out", tmp_path / "out")
-    assert "UTF-8" in assert_one_line_error(result, "captions.tsv:3")
+    (root / "captions.tsv").write_bytes(f"image\tcaption\n{names[0]}\ta dog\n".encode()
+                                        + f"{names[1]}\ta caf\xe9 table\n".encode("latin-1"))
+    (root / "tar").mkdir()
+    tarfile.open(root / "tar" / "000000.tar", "w").close()
+    (root / "tar" / "sizes.json").write_text('{"000000.tar": 0}')
+    (root / "epoch_1.pt").write_bytes(b"")
+    broken = make_images(root / "broken")
+    (broken / "zz_broken.jpg").write_bytes(b"not a jpeg")
+    return {
+        "empty json": ("dtplib.data", empty_json),
+        "empty json --debug": ("dtplib.data", [*empty_json, "--debug"]),
+        "latin-1 tsv": ("dtplib.data", ["from-captions", "--images", images, "--captions", root / "captions.tsv",
+                                        "--out", root / "out2"]),
+        "empty tar": ("dtplib.data", ["bench", root / "tar" / "000000.tar"]),
+        "empty checkpoint": ("dtplib.evaluate", ["--checkpoint", root / "epoch_1.pt", "--val-data",
+                                                 split_shards(SAMPLE_DIR, "test")]),
+        "viz cut checkpoint": ("dtplib.viz", ["overlay", "--checkpoint", cut, "--images", images,
+                                              "--out", root / "viz"]),
+        "flops broken photo": ("dtplib.flops", ["--model", "DTP-ViT-Ti-8-64-4x", "--images", broken,
+                                                "--compressions", "2"]),
+        "bench cut checkpoint": ("dtplib.bench", ["--models", "DTP-ViT-Ti-8-64-4x", "--checkpoint",
+                                                  f"DTP-ViT-Ti-8-64-4x={cut}", "--batch-size", "2", "--steps", "1",
+                                                  "--warmup", "0", "--modes", "image", "--no-memory",
+                                                  "--out", root / "bench"]),
+    }
 
 
 @pytest.mark.slow
-def test_data_bench_on_an_empty_tar(tmp_path):
-    tarfile.open(tmp_path / "000000.tar", "w").close()
-    (tmp_path / "sizes.json").write_text('{"000000.tar": 0}')
-    line = assert_one_line_error(run("dtplib.data", "bench", tmp_path / "000000.tar"), "000000.tar")
-    assert "empty" in line and "no sizes.json" not in line
+class TestBadInputOnEveryCommandLine:
+    """One child process runs every case (tests/one_process.py); each test reads its case's status and stderr."""
 
+    @pytest.fixture(scope="class")
+    def said(self, tmp_path_factory) -> dict[str, dict]:
+        root = tmp_path_factory.mktemp("cli")
+        cases = bad_inputs(root)
+        (root / "commands.json").write_text(json.dumps([[m, [str(a) for a in args]] for m, args in cases.values()]))
+        subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "one_process.py"), str(root / "commands.json"),
+                        str(root / "results.json")], cwd=REPO_ROOT, check=True, timeout=600)
+        return dict(zip(cases, json.loads((root / "results.json").read_text()), strict=True))
 
-@pytest.mark.slow
-def test_evaluate_empty_checkpoint(tmp_path):
-    (tmp_path / "epoch_1.pt").write_bytes(b"")
-    result = run("dtplib.evaluate", "--checkpoint", tmp_path / "epoch_1.pt", "--val-data",
-                 split_shards(SAMPLE_DIR, "test"))
-    assert "empty or not a checkpoint" in assert_one_line_error(result, "epoch_1.pt")
+    def test_data_empty_json_captions(self, said):
+        assert "empty" in assert_one_line_error(said["empty json"], "captions.json")
+        debug = said["empty json --debug"]
+        assert debug["returncode"] != 0 and "Traceback" in debug["stderr"] and "captions.json" in debug["stderr"]
 
+    def test_data_latin1_byte_in_captions_tsv(self, said):
+        assert "UTF-8" in assert_one_line_error(said["latin-1 tsv"], "captions.tsv:3")
 
-@pytest.mark.slow
-def test_viz_truncated_checkpoint(tmp_path, truncated_checkpoint, images):
-    result = run("dtplib.viz", "overlay", "--checkpoint", truncated_checkpoint, "--images", images,
-                 "--out", tmp_path / "viz")
-    assert "empty or not a checkpoint" in assert_one_line_error(result, "cut.pt")
+    def test_data_bench_on_an_empty_tar(self, said):
+        line = assert_one_line_error(said["empty tar"], "000000.tar")
+        assert "empty" in line and "no sizes.json" not in line
 
+    def test_evaluate_empty_checkpoint(self, said):
+        assert "empty or not a checkpoint" in assert_one_line_error(said["empty checkpoint"], "epoch_1.pt")
 
-@pytest.mark.slow
-def test_flops_undecodable_photo(tmp_path, images):
-    (images / "zz_broken.jpg").write_bytes(b"not a jpeg")
-    result = run("dtplib.flops", "--model", "DTP-ViT-Ti-8-64-4x", "--images", images, "--compressions", "2")
-    assert_one_line_error(result, "zz_broken.jpg")
+    def test_viz_truncated_checkpoint(self, said):
+        assert "empty or not a checkpoint" in assert_one_line_error(said["viz cut checkpoint"], "cut.pt")
 
+    def test_flops_undecodable_photo(self, said):
+        assert_one_line_error(said["flops broken photo"], "zz_broken.jpg")
 
-@pytest.mark.slow
-def test_bench_truncated_checkpoint(tmp_path, truncated_checkpoint):
-    result = run("dtplib.bench", "--models", "DTP-ViT-Ti-8-64-4x", "--checkpoint",
-                 f"DTP-ViT-Ti-8-64-4x={truncated_checkpoint}", "--batch-size", "2", "--steps", "1", "--warmup",
-                 "0", "--modes", "image", "--no-memory", "--out", tmp_path / "bench")
-    assert "empty or not a checkpoint" in assert_one_line_error(result, "cut.pt")
+    def test_bench_truncated_checkpoint(self, said):
+        assert "empty or not a checkpoint" in assert_one_line_error(said["bench cut checkpoint"], "cut.pt")

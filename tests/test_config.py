@@ -21,7 +21,7 @@ def test_every_field_is_a_flag_with_its_default_and_meaning():
     """Each TrainConfig field is a flag; the nested tower gives one flag per DTPConfig setting (absent unless
     given), so a DTP setting is declared once, in DTPConfig."""
     parser = TrainConfig.parser()
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "debug")}  # the command line's own
     fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "dtp"}
     settings = {f.name: f for f in DTPConfig.settings()}
     assert set(actions) == set(fields) | set(settings) and not set(fields) & set(settings)
@@ -34,6 +34,7 @@ def test_every_field_is_a_flag_with_its_default_and_meaning():
     assert "compression" in settings and "pre_layers" not in settings  # the layer split is the arch's
     help_text = parser.format_help()
     assert "--boundary-loss-weight" in help_text and "--force-patch-dropout" in help_text
+    assert "--allow-changed-flags" in help_text and "--debug" in help_text
 
 
 def test_command_line_and_keyword_construction_agree():

@@ -1,5 +1,6 @@
 """Downloading on real components: a real img2dataset run against `python -m http.server` on 127.0.0.1 (COCO
-files from DTPLIB_DATA), and URL lists checked before anything is downloaded."""
+files from DTPLIB_DATA, and a file:// row that is counted, never fetched), and URL lists checked before anything is
+downloaded."""
 
 import csv
 import io
@@ -37,6 +38,7 @@ def test_from_urls_with_local_http_server(tmp_path):
     for path in good:
         shutil.copy(path, www / path.name)
     (www / "corrupt.jpg").write_bytes(b"this is not a JPEG " * 200)
+    local = sorted((COCO / "val2017").glob("*.jpg"))[5]  # a real photo outside the served folder
     with serve_directory(www) as server:
         url_list = tmp_path / "urls.csv"
         with open(url_list, "w", newline="") as f:
@@ -45,6 +47,7 @@ def test_from_urls_with_local_http_server(tmp_path):
             writer.writerows([(f"{server.url}/{p.name}", f"caption of {p.name}") for p in good])
             writer.writerow([f"{server.url}/missing.jpg", "a 404"])
             writer.writerow([f"{server.url}/corrupt.jpg", "a corrupt file"])
+            writer.writerow([local.as_uri(), "a local file: counted as a failure, never fetched"])
         summary = from_urls(url_list, tmp_path / "shards", image_size=64, processes=1, threads=4,
                             shard_size=100, timeout=5)
         with pytest.raises(FileExistsError, match="already holds a download"):  # before any download
@@ -64,13 +67,18 @@ def test_from_urls_with_local_http_server(tmp_path):
         assert sample["txt"].decode() == f"caption of {meta['url'].rsplit('/', 1)[1]}"
         with Image.open(io.BytesIO(sample["jpg"])) as img:
             assert min(img.size) == 64
-    assert (summary["count"], summary["successes"]) == (7, 5)
-    assert (summary["failed_to_download"], summary["failed_to_resize"]) == (1, 1)
+    assert (summary["count"], summary["successes"]) == (8, 5)
+    assert (summary["failed_to_download"], summary["failed_to_resize"]) == (2, 1)
     reasons = " ".join(summary["failure_reasons"])
     assert "404" in reasons and "decoding" in reasons.lower()
+    assert summary["failure_reasons"]["not fetched: URL scheme 'file' (only http and https)"] == 1
+    assert summary["refused_examples"] == [f"urls.csv row 8: {local.as_uri()}"]
+    assert local.read_bytes() not in [s["jpg"] for s in samples]  # and no sample's url is the file's
+    assert not list((tmp_path / "shards").glob("_http_only*"))  # the filtered list is gone
     table = success_rate_table(tmp_path / "shards")
-    assert table["count"].sum() == 7 and table.loc[table.outcome == "success", "count"].item() == 5
+    assert table["count"].sum() == 8 and table.loc[table.outcome == "success", "count"].item() == 5
     with open(tmp_path / "shards" / "summary.csv") as f:
-        total = [row for row in csv.DictReader(f) if row["shard"] == "total"][0]
-    assert float(total["success_rate"]) == pytest.approx(5 / 7, abs=1e-3)
+        rows = {row["shard"]: row for row in csv.DictReader(f)}
+    assert (rows["refused"]["count"], rows["refused"]["failed_to_download"]) == ("1", "1")
+    assert float(rows["total"]["success_rate"]) == pytest.approx(5 / 8, abs=1e-3)
     assert dataset_size(expand_shards(str(tmp_path / "shards" / summary["shards"]))) == 5

@@ -4,6 +4,9 @@ whose right answers are known, real tiny CLIPs on CIFAR-10 and the embedded COCO
 import csv
 import io
 import json
+import logging
+import math
+import shutil
 import tarfile
 
 import open_clip
@@ -179,11 +182,13 @@ def test_zero_shot_with_known_answers(oracle, colour_folders, workers):
     model.train()
     model.words.eval()
     metrics = ev.zero_shot_eval(model, preprocess, tokenizer, colour_folders, batch_size=2, workers=workers)
-    # 5 readable images, all right but the blue one filed under red/; top-5 of 3 classes is everything
-    assert metrics == {"zeroshot_top1": 0.8, "zeroshot_top5": 1.0, "zeroshot_images": 5, "zeroshot_skipped": 1}
+    # 5 readable images, all right but the blue one filed under red/; top-5 of 3 classes would be everything: NaN
+    assert math.isnan(metrics.pop("zeroshot_top5"))
+    assert metrics == {"zeroshot_top1": 0.8, "zeroshot_images": 5, "zeroshot_skipped": 1}
     assert model.training and not model.words.training  # each module's own mode comes back
     first = ev.zero_shot_eval(model, preprocess, tokenizer, colour_folders, max_per_class=1)
-    assert first == {"zeroshot_top1": 1.0, "zeroshot_top5": 1.0, "zeroshot_images": 3, "zeroshot_skipped": 0}
+    assert math.isnan(first.pop("zeroshot_top5"))
+    assert first == {"zeroshot_top1": 1.0, "zeroshot_images": 3, "zeroshot_skipped": 0}
 
 
 def test_zero_shot_tiny_dtp_on_cifar(tiny):
@@ -264,11 +269,33 @@ def test_evaluate_names_imagenet_keys(tiny, tmp_path):
         (tmp_path / wnid / "val.JPEG").write_bytes(photo.read_bytes())
     metrics = ev.evaluate(model, preprocess, tokenizer, imagenet_val=tmp_path,
                           val_data=split_shards(SAMPLE_DIR, "test"), max_images=4)
-    assert metrics["imagenet_images"] == 2 and metrics["imagenet_top5"] == 1.0  # 2 classes
+    assert metrics["imagenet_images"] == 2 and math.isnan(metrics["imagenet_top5"])  # 2 classes: no top-5
+    assert metrics["imagenet_missing_classes"] == 998
     assert metrics["retrieval_images"] == 4 and not any(k.startswith("zeroshot_") for k in metrics)
     assert ev.evaluate(model, preprocess, tokenizer) == {}
     with pytest.raises(FileNotFoundError, match="missing"):
         ev.evaluate(model, preprocess, tokenizer, zeroshot_data=tmp_path / "missing", val_data="x.tar")
+
+
+def test_imagenet_val_with_missing_classes_warns_and_has_no_top5(tmp_path, caplog, capsys):
+    """The probe: --imagenet-val on 3 of the 1000 class folders (real CIFAR-10 photos) reported top-5 = 100%."""
+    for wnid, name in zip(("n01440764", "n01443537", "n01484850"), CIFAR_NAMES, strict=False):
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        for photo in sorted((CIFAR / name).glob("*.jpg"))[:2]:
+            shutil.copy(photo, tmp_path / "val" / wnid / photo.name)
+    before = sorted(tmp_path.rglob("*"))
+    with caplog.at_level(logging.WARNING, logger=ev.log.name):
+        metrics = evaluate_command.main(["--model", TINY, "--imagenet-val", str(tmp_path / "val"), "--batch-size", "6",
+                                         "--bootstrap", "20"])  # returns: exit status 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("997 of the 1000 ImageNet-1k classes are missing (3 class folders with images)" in w for w in warnings)
+    assert any("top-5 not reported (NaN): 3 classes, and top-5 needs more than 5" in w for w in warnings)
+    assert metrics["imagenet_missing_classes"] == 997 and metrics["imagenet_images"] == 6
+    assert math.isnan(metrics["imagenet_top5"]) and "imagenet_top5_ci_low" not in metrics  # no interval of nothing
+    assert 0.0 <= metrics["imagenet_top1"] <= 1.0 and "imagenet_top1_ci_low" in metrics
+    table = capsys.readouterr().out
+    assert "imagenet_top5" in table and "nan" in table.split("imagenet_top5", 1)[1].splitlines()[0]
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written beside the photos
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,7 +322,7 @@ def test_load_model_checkpoint_round_trip(tiny, tmp_path):
         assert torch.equal(model.encode_image(images), original.encode_image(images))
         assert not torch.allclose(fresh.encode_image(images), original.encode_image(images))
     assert tokenizer(["a dog"]).shape == (1, 32)
-    with pytest.raises(RuntimeError, match="does not fit model ViT-Ti-8-64"):
+    with pytest.raises(ValueError, match="does not fit model ViT-Ti-8-64: .*missing keys"):
         ev.load_model("ViT-Ti-8-64", checkpoint=checkpoint)
 
 
@@ -372,7 +399,8 @@ def test_zero_shot_refuses_or_skips_an_empty_class_folder(oracle, colour_folders
         ev.evaluate(model, preprocess, tokenizer, zeroshot_data=colour_folders)
     assert imagefolder.zeroshot_classes(colour_folders, skip_empty_classes=True) == (["blue", "green", "red"], "names")
     metrics = ev.zero_shot_eval(model, preprocess, tokenizer, colour_folders, skip_empty_classes=True)
-    assert metrics == {"zeroshot_top1": 0.8, "zeroshot_top5": 1.0, "zeroshot_images": 5, "zeroshot_skipped": 1,
+    assert math.isnan(metrics.pop("zeroshot_top5"))  # 3 classes
+    assert metrics == {"zeroshot_top1": 0.8, "zeroshot_images": 5, "zeroshot_skipped": 1,
                        "zeroshot_skipped_classes": 1}
     metrics = ev.evaluate(model, preprocess, tokenizer, imagenet_val=None, zeroshot_data=colour_folders,
                           skip_empty_classes=True)

@@ -2,6 +2,7 @@
 second call that trains nothing, a SIGKILL mid-grid and a resume that ends with the same runs.csv, and the grid
 checks that fail before any training."""
 
+import itertools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from one_process import run_module
 
 from dtplib import experiment
 from dtplib.common.paths import REPO_ROOT, data_path
@@ -94,6 +96,9 @@ class TestTheTrainedGrid:
     def test_a_grid_trains_every_run_and_reports(self, finished):
         grid, out, result = finished
         assert result["trained"] == result["evaluated"] == ["1x-seed0", "4x-seed0", "1x-seed1", "4x-seed1"]
+        for first, second in itertools.pairwise(result["trained"]):  # each run evaluated before the next trains
+            checkpoints = (out / "runs" / second / "checkpoints").glob("*.pt")
+            assert (out / "runs" / first / "final.json").stat().st_mtime < min(p.stat().st_mtime for p in checkpoints)
         runs = pd.read_csv(out / "runs.csv")
         final = json.loads((out / "runs" / "4x-seed1" / "final.json").read_text())
         assert final["checkpoint"].endswith("4x-seed1/checkpoints/epoch_latest.pt")
@@ -157,7 +162,9 @@ class TestTheTrainedGrid:
         assert equal["cost"] == pytest.approx(runs.loc[runs["arm"] == "4x", "train_gmacs"].mean())  # the 4x run's cost
         assert "## Exploratory: paired differences over seeds" in summary and "### At equal train_gmacs" in summary
         assert "## Primary" not in summary  # no [protocol]: everything is exploratory
-        assert "checkpoints" in (out / ".gitignore").read_text()
+        ignored = (out / ".gitignore").read_text()
+        assert "checkpoints" in ignored and "runs/*/run.lock" in ignored
+        assert (out / "runs" / "4x-seed0" / "run.lock").is_file()  # each child run locked its folder
 
     def test_a_second_call_trains_nothing(self, finished):
         grid, out, _ = finished
@@ -183,11 +190,13 @@ class TestTheTrainedGrid:
         assert events.count("write") == 3  # runs, summary, contrasts
 
     def test_a_killed_grid_resumes_to_the_same_rows(self, finished, tmp_path):
-        """The grid's seed-0 piece: SIGKILL to the driver and its training child while the second run trains; the same
-        command then skips the first run, retrains the second and ends with the uninterrupted grid's rows, and the
-        summary names the runs of the piece not run."""
+        """The grid's seed-0 piece, its first run already trained and evaluated (copied from the uninterrupted grid):
+        SIGKILL to the driver and its training child while the second run trains; the same command then skips the
+        first run, retrains the second and ends with the uninterrupted grid's rows, and the summary names the runs of
+        the piece not run."""
         grid, reference, _ = finished
         out = tmp_path / "out"
+        shutil.copytree(reference / "runs" / "1x-seed0", out / "runs" / "1x-seed0")  # the piece's first run, done
         command = [sys.executable, "-m", "dtplib.experiment", "--grid", str(grid), "--out", str(out), "--seeds", "0"]
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
@@ -200,9 +209,7 @@ class TestTheTrainedGrid:
             os.killpg(process.pid, signal.SIGKILL)  # the driver and the dtplib.train child it started
         finally:
             process.wait()
-        assert spec.epochs_done(out / "runs" / "1x-seed0") == 1
         assert spec.epochs_done(out / "runs" / "4x-seed0") == 0
-        assert (out / "runs" / "1x-seed0" / "final.json").is_file()  # each run is evaluated before the next trains
         result = experiment.main(command[3:])
         assert result["trained"] == result["evaluated"] == ["4x-seed0"]
         resumed, expected = (pd.read_csv(folder / "runs.csv") for folder in (out, reference))
@@ -305,15 +312,14 @@ def test_bad_grids_fail_before_any_training(tmp_path, edit, message):
     assert not (tmp_path / "out" / "runs").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("split", ["val", "test"], ids=["training-data", "final-data"])
 def test_missing_data_is_one_line_before_any_run(tmp_path, split):
+    """`python -m dtplib.experiment` as the interpreter runs it (runpy, in this process: tests/one_process.py)."""
     grid = write_grid(tmp_path, GRID.replace(str(SAMPLE / split), str(tmp_path / "nowhere")))
-    result = subprocess.run([sys.executable, "-m", "dtplib.experiment", "--grid", str(grid), "--out",
-                             str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("python -m dtplib.experiment: error: ")
-    assert "nowhere" in result.stderr.strip().splitlines()[-1]
+    result = run_module("dtplib.experiment", ["--grid", str(grid), "--out", str(tmp_path / "out")])
+    assert result["returncode"] == 2
+    assert result["stderr"].strip().splitlines()[-1].startswith("python -m dtplib.experiment: error: ")
+    assert "nowhere" in result["stderr"].strip().splitlines()[-1]
     assert not list((tmp_path / "out").glob("runs/*/steps.csv"))
 
 

@@ -215,3 +215,19 @@ def test_empty_shard_is_named_as_such(tmp_path, preprocess, tokenizer):
     with pytest.raises(ValueError, match=r"000000\.tar.*no samples") as error:
         make_loader(str(tmp_path / "000000.tar"), preprocess, tokenizer, 4)
     assert "no sizes.json" not in str(error.value)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pass_without_a_full_batch_names_the_shards_and_advises_what_helps(tmp_path, preprocess, tokenizer,
+                                                                            workers):
+    """Two shards of 3 good photos, batch 8: no worker ever fills a batch. The error names the shards and suggests
+    fewer workers only where there are several."""
+    for index in range(2):
+        write_shard(tmp_path / f"00000{index}.tar", [good_sample(3 * index + i) for i in range(3)])
+    loader = make_loader(str(tmp_path / "{000000..000001}.tar"), preprocess, tokenizer, 8, workers=workers,
+                         num_samples=16, is_train=True)
+    with pytest.raises(RuntimeError, match="no full batch of 8") as error:
+        next(iter(loader))
+    message = str(error.value)
+    assert "000000.tar ..." in message and "a smaller batch" in message
+    assert ("fewer workers" in message) == (workers > 1)

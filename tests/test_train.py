@@ -5,7 +5,9 @@ import csv
 import json
 import os
 import re
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,11 +20,14 @@ from conftest import QUIET, TI_4X, TI_4X_RUN, copy_run, flickr_photos, free_port
 
 from dtplib import TrainConfig, train
 from dtplib import evaluate as evaluate_command
+from dtplib.common.cli import CLI_ERRORS, run_cli
+from dtplib.common.files import atomic_write_bytes, lock_folder
 from dtplib.common.paths import REPO_ROOT
+from dtplib.data.shards import SAMPLE_DIR, split_shards
 from dtplib.measure import evaluate
 from dtplib.tower.control import get_tower
 from dtplib.training.optim import lr_at
-from dtplib.training.runfolder import newest_checkpoint
+from dtplib.training.runfolder import newest_checkpoint, truncate_csv
 
 # one process of batch 32 against two of 16 with learned boundaries: rank 1 samples other Gumbel noise and crops, and
 # the batch-count prior counts each device's batch; measured loss gaps over 4 steps: 0.15, 0.04, 0.07, 0.02
@@ -173,7 +178,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shar
     latest = tmp_path / "nan" / "checkpoints" / "epoch_2.pt"
     before = latest.read_bytes()
     with pytest.raises(train.NonFiniteLoss, match=f"last good checkpoint is kept: {latest}"):
-        run(tmp_path, shards32, *TI_4X_RUN, "--epochs", "4", "--resume", "latest", "--lr", "1e30", name="nan")
+        run(tmp_path, shards32, *TI_4X_RUN, "--epochs", "4", "--resume", "latest", "--lr", "1e30",
+            "--allow-changed-flags", name="nan")
     assert latest.read_bytes() == before
     log = (tmp_path / "nan" / "out.log").read_text()  # the stop is in the run's log, with its traceback
     assert "stopped: loss is" in log and "Traceback" in log
@@ -239,7 +245,7 @@ def test_resume_into_another_runs_folder_is_refused(tmp_path, shards32, trained_
     forked = run(tmp_path, shards32, *flags, "--resume", str(foreign), name="fork")  # a new folder may start from it
     assert [r["step"] for r in read_csv(forked["run_dir"] / "steps.csv")] == ["2", "3"]
     own = run(tmp_path, shards32, *flags, "--epochs", "3", "--resume", str(other / "checkpoints" / "epoch_2.pt"),
-              name="other")
+              "--allow-changed-flags", name="other")
     assert len(read_csv(own["run_dir"] / "steps.csv")) == 6  # its own checkpoint, by path, is accepted
 
 
@@ -271,7 +277,7 @@ def test_resume_latest_passes_over_a_corrupt_checkpoint_and_removes_partial_writ
     (folder / "epoch_latest.pt").write_bytes(b"PK\x03\x04 torn")  # a disk that lost the latest write
     partial = folder / ".epoch_latest.pt.k2j4.tmp"
     partial.write_bytes(b"half")
-    run(tmp_path, shards32, *TI_4X_RUN, "--epochs", "3", "--resume", "latest", name="r")
+    run(tmp_path, shards32, *TI_4X_RUN, "--epochs", "3", "--resume", "latest", "--allow-changed-flags", name="r")
     assert not partial.exists()
     log = (run_dir / "out.log").read_text()
     assert "epoch_latest.pt cannot be read" in log and "resuming from" in log and "epoch_2.pt" in log
@@ -312,6 +318,19 @@ def test_epochs_csv_counts_skipped_samples_by_reason(tmp_path):
     (["--compression", "0.5"], ValueError, "--compression must be >= 1"),
     (["--compression", "nan"], ValueError, "--compression must be a finite number"),
     (["--compression", "inf"], ValueError, "--compression must be a finite number"),
+    (["--train-num-samples", "-5"], ValueError, "--train-num-samples must be >= 1, got -5"),
+    (["--max-steps", "-3"], ValueError, "--max-steps must be >= 1, got -3"),
+    (["--threads", "-1"], ValueError, "--threads must be >= 1, got -1"),
+    (["--epochs", "0"], ValueError, "--epochs must be >= 1, got 0"),
+    (["--workers", "-1"], ValueError, "--workers must be >= 0, got -1"),
+    (["--warmup", "-1"], ValueError, "--warmup must be >= 0, got -1"),
+    (["--lr", "0"], ValueError, r"--lr must be > 0, got 0.0"),
+    (["--beta2", "1"], ValueError, r"--beta2 must be in \[0, 1\), got 1.0"),
+    (["--seed", "-1"], ValueError, r"--seed must be in \[0, 4294967295\], got -1"),
+    (["--log-every-n-steps", "0"], ValueError, "--log-every-n-steps must be >= 1, got 0"),
+    (["--zeroshot-frequency", "-1"], ValueError, "--zeroshot-frequency must be >= 0, got -1"),
+    (["--grad-clip-norm", "0"], ValueError, r"--grad-clip-norm must be > 0, got 0.0"),
+    (["--workers", "4"], ValueError, "has 2 shards, too few to feed 4 loader workers x 1 processes"),
 ])
 def test_bad_flags_fail_before_training(tmp_path, shards32, flags, error, message):
     argv = ["--train-data", shards32, "--model", "ViT-Ti-8-64", "--batch-size", "16", "--logs", str(tmp_path),
@@ -443,3 +462,194 @@ def test_default_run_name_records_the_dtp_settings():
     assert name(forced_boundaries=4).endswith("-ViT-Ti-8-64-4x-uniform-b64-s0")
     assert name(batch_size=32).endswith("-ViT-Ti-8-64-b32-s0")  # a plain open_clip model: no tower settings
     assert name(compression=1, force_image_size=32).endswith("-ViT-Ti-8-64-1x-px32-b64-s0")  # CLIPA's low resolution
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refusals before the run folder exists, one writer per folder, resumes that keep their flags
+
+
+def cli(capsys, main, argv: list[str], prog: str = "python -m dtplib.train") -> tuple[int, list[str]]:
+    """A command line's `main` through `run_cli`, in this process: (exit status, its stderr's error lines)."""
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, [str(a) for a in argv], prog=prog, errors=(*CLI_ERRORS, train.NonFiniteLoss))
+    errors = [line for line in capsys.readouterr().err.splitlines() if f"{prog}: error:" in line]
+    return stop.value.code, errors
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_bad_number_flags_are_one_line_each_before_the_run_folder(tmp_path, shards32, capsys):
+    argv = ["--train-data", shards32, "--logs", tmp_path, "--name", "bad", *QUIET, *TI_4X, "--batch-size", "16",
+            "--train-num-samples", "-5", "--max-steps", "-3", "--threads", "-1"]
+    code, errors = cli(capsys, train.main, argv)
+    assert code == 2
+    assert [line.split("error: ")[1].split(" (--debug")[0] for line in errors] == [
+        "--train-num-samples must be >= 1, got -5", "--threads must be >= 1, got -1",
+        "--max-steps must be >= 1, got -3"]
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("data, reason", [
+    ("empty", r"000000.tar is empty \(0 bytes\) \(its sizes.json declares 100 samples\)"),
+    ("no captions", r"000000.tar has no usable sample \(an image and a caption\): 4 samples, 4 with no caption"),
+])
+def test_unusable_training_shards_are_refused_before_the_run_folder(tmp_path, capsys, data, reason):
+    """A 0-byte tar whose sizes.json says 100, and shards of photos without captions: one line naming the file and
+    the reason (with --workers 0: no advice about workers), and no run folder left to block the name."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    if data == "empty":
+        (folder / "000000.tar").write_bytes(b"")
+        (folder / "sizes.json").write_text('{"000000.tar": 100}')
+    else:
+        with wds.TarWriter(str(folder / "000000.tar")) as sink:
+            for photo in flickr_photos(4):
+                sink.write({"__key__": photo.stem, "jpg": photo.read_bytes()})
+        (folder / "sizes.json").write_text('{"000000.tar": 4}')
+    code, errors = cli(capsys, train.main, ["--train-data", folder / "000000.tar", "--logs", tmp_path, "--name", "r",
+                                            *QUIET, *TI_4X, "--batch-size", "2"])
+    assert code == 2 and len(errors) == 1 and re.search(reason, errors[0]), errors
+    assert "workers" not in errors[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_num_samples_beyond_the_declared_size_is_a_warning(shards32, caplog):
+    config = TrainConfig.parse(["--train-data", shards32, *TI_4X, "--batch-size", "16", "--workers", "0",
+                                "--train-num-samples", "100000"])
+    with caplog.at_level("WARNING", logger="dtplib.train"):
+        config.check()
+    assert "--train-num-samples 100000 exceeds the 32 samples the shards' sizes.json declares" in caplog.text
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(tmp_path, shards32, trained_ti4x, capsys):
+    """Another process holds the run folder's lock (taken with `lock_folder`, in a real second process): a resume
+    of the same --logs/--name is refused in one line naming that process's PID and host, and writes nothing; once
+    the holder is SIGKILLed its lock file blocks nothing."""
+    run_dir = copy_run(trained_ti4x, tmp_path, "held")
+    holder = subprocess.Popen(  # files.py imports only the standard library: loaded alone, no torch import
+        [sys.executable, "-c", "import importlib.util, sys, time\n"
+         "spec = importlib.util.spec_from_file_location('files', sys.argv[1])\n"
+         "files = importlib.util.module_from_spec(spec); spec.loader.exec_module(files)\n"
+         "lock = files.lock_folder(sys.argv[2]); print('locked', flush=True); time.sleep(120)",
+         str(REPO_ROOT / "dtplib" / "common" / "files.py"), str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(run_dir)
+        code, errors = cli(capsys, train.main, ["--train-data", shards32, "--logs", tmp_path, "--name", "held",
+                                                *QUIET, *TI_4X_RUN, "--resume", "latest"])
+        assert code == 2 and len(errors) == 1
+        assert f"is in use by process {holder.pid} on {socket.gethostname()}" in errors[0]
+        assert snapshot(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    lock_folder(run_dir).release()  # the dead holder's lock went with it
+
+
+def test_a_resume_with_other_flags_is_refused_in_one_line(tmp_path, shards32, trained_ti4x, capsys):
+    """--resume latest with --epochs 4 --lr 2e-3 on a finished run: refused, listing both (runtime flags such as
+    --workers and --log-every-n-steps may differ), the run's files untouched; --resume PATH into the same folder too."""
+    run_dir = copy_run(trained_ti4x, tmp_path, "r")
+    before = snapshot(run_dir)
+    for resume in ("latest", run_dir / "checkpoints" / "epoch_1.pt"):
+        code, errors = cli(capsys, train.main, ["--train-data", shards32, "--logs", tmp_path, "--name", "r",
+                                                *QUIET, *TI_4X_RUN, "--epochs", "4", "--lr", "2e-3", "--resume",
+                                                resume, "--log-every-n-steps", "7"])
+        assert code == 2 and len(errors) == 1
+        assert "--epochs: 2 -> 4, --lr: 0.0005 -> 0.002)" in errors[0] and "--allow-changed-flags" in errors[0]
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_allowed_flag_changes_go_to_history_and_no_row_names_an_unwritten_checkpoint(tmp_path, shards32,
+                                                                                     trained_ti4x):
+    """--allow-changed-flags --epochs 3: params.json keeps the first flags and records the change (step, old, new).
+    The third epoch's checkpoint cannot be written (its path is a folder): the run stops naming it, and epochs.csv
+    holds no row for it; the same resume then trains it, writes the row, and records nothing twice."""
+    run_dir = copy_run(trained_ti4x, tmp_path, "r")
+    (run_dir / "checkpoints" / "epoch_3.pt").mkdir()
+    flags = [*TI_4X_RUN, "--epochs", "3", "--resume", "latest", "--allow-changed-flags"]
+    with pytest.raises(IsADirectoryError, match="epoch_3.pt"):
+        run(tmp_path, shards32, *flags, name="r")
+    assert [r["epoch"] for r in read_csv(run_dir / "epochs.csv")] == ["0", "1"]
+    params = json.loads((run_dir / "params.json").read_text())
+    assert params["epochs"] == 2 and params["lr"] == 5e-4
+    assert params["history"] == [{"step": 4, "epoch": 2, "changed": {"epochs": {"old": 2, "new": 3}}}]
+    (run_dir / "checkpoints" / "epoch_3.pt").rmdir()
+    run(tmp_path, shards32, *TI_4X_RUN, "--epochs", "3", "--resume", "latest", name="r")  # the run's flags now
+    rows = read_csv(run_dir / "epochs.csv")
+    assert [(r["epoch"], r["checkpoint"]) for r in rows] == [("0", "epoch_1.pt"), ("1", "epoch_2.pt"),
+                                                             ("2", "epoch_3.pt")]
+    assert json.loads((run_dir / "params.json").read_text())["history"] == params["history"]
+
+
+def test_a_row_lost_between_checkpoint_and_csv_comes_back_on_resume(tmp_path, shards32, trained_ti4x):
+    """A kill after the checkpoint of epoch 1 and before its epochs.csv row: the resume writes the row the
+    checkpoint carries."""
+    run_dir = copy_run(trained_ti4x, tmp_path, "r")
+    rows = read_csv(run_dir / "epochs.csv")
+    truncate_csv(run_dir / "epochs.csv", lambda r: r["epoch"] == "0")
+    run(tmp_path, shards32, *TI_4X_RUN, "--resume", "latest", name="r")  # finished: nothing trains
+    assert read_csv(run_dir / "epochs.csv") == rows
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--pretrained"])
+def test_a_checkpoint_of_another_model_is_refused_before_the_run_folder(tmp_path, shards32, trained_ti4x, capsys,
+                                                                         flag):
+    checkpoint = trained_ti4x / "checkpoints" / "epoch_2.pt"  # DTP-ViT-Ti-8-64-4x, into the plain ViT-Ti-8-64
+    code, errors = cli(capsys, train.main, ["--train-data", shards32, "--logs", tmp_path, "--name", "plain", *QUIET,
+                                            "--model", "ViT-Ti-8-64", "--batch-size", "16", flag, checkpoint])
+    assert code == 2 and len(errors) == 1
+    assert str(checkpoint) in errors[0] and re.search(r"\d+ missing keys \(.*\); \d+ unexpected keys \(", errors[0])
+    assert not (tmp_path / "plain").exists()
+
+
+class Canary:
+    """A pickle that would write a file when loaded (what a malicious checkpoint does)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.path)!r}, 'w').write('ran')",)
+
+
+def test_evaluate_refuses_a_malicious_or_foreign_file_in_one_line(tmp_path, trained_ti4x, capsys):
+    """--pretrained and --checkpoint with a pickle that would run code: one line naming the file and the refused
+    global, the code never runs; --debug has torch's whole message (its warning included). --pretrained of another
+    model's checkpoint: one line with the mismatch."""
+    canary = tmp_path / "canary"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": Canary(canary)}, evil)
+    val = ["--val-data", split_shards(SAMPLE_DIR, "test"), "--max-images", "4"]
+    for weights in (["--model", "ViT-Ti-8-64", "--pretrained", evil], ["--checkpoint", evil]):
+        code, errors = cli(capsys, evaluate_command.main, [*weights, *val], prog="python -m dtplib.evaluate")
+        assert code == 2 and len(errors) == 1
+        assert "evil.pt: not a checkpoint that loads safely" in errors[0] and "could run arbitrary code" in errors[0]
+        assert "Unsupported global: GLOBAL exec" in errors[0]
+    with pytest.raises(ValueError) as debug:
+        run_cli(evaluate_command.main, ["--checkpoint", str(evil), *map(str, val), "--debug"])
+    assert "arbitrary code execution" in str(debug.value.__cause__)  # torch's own full message
+    assert not canary.exists()
+    foreign = trained_ti4x / "checkpoints" / "epoch_2.pt"
+    code, errors = cli(capsys, evaluate_command.main, ["--model", "ViT-Ti-8-64", "--pretrained", foreign, *val],
+                       prog="python -m dtplib.evaluate")
+    assert code == 2 and len(errors) == 1 and "does not fit model ViT-Ti-8-64" in errors[0]
+
+
+def test_a_failed_write_names_its_file(tmp_path):
+    """A write the file system refuses (here the file-size limit, as a full disk refuses with ENOSPC) is an
+    OSError naming the file, and leaves no temporary file."""
+    target = tmp_path / "epoch_1.pt"
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal ends the process
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, limits[1]))
+        with pytest.raises(OSError, match=f"File too large: '{target}'"):
+            atomic_write_bytes(target, bytes(1 << 20))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert list(tmp_path.iterdir()) == []

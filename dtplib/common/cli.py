@@ -46,7 +46,8 @@ def run_cli(main: Callable[[list[str]], T], argv: Sequence[str] | None = None, *
     """Run a command line's `main(argv)` (default argv: sys.argv[1:]); bad input ends it with one line on stderr,
     "<prog>: error: <message>", and exit status 2, as argparse does for a bad flag. `--debug` anywhere in argv is
     taken out before `main` sees it and lets the error through with its traceback. `errors`: the exception types
-    that are bad input (CLI_ERRORS: ValueError, OSError; add your own, e.g. (*CLI_ERRORS, NonFiniteLoss)).
+    that are bad input (CLI_ERRORS: ValueError, OSError; add your own, e.g. (*CLI_ERRORS, NonFiniteLoss)); an error
+    with a `messages` list (several bad flags at once) gives one such line per message.
     `--quiet` anywhere in argv is taken out too and turns the progress bars off (`dtplib.common.progress`).
     Returns what `main` returns. Use: `if __name__ == "__main__": run_cli(main)`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -61,9 +62,10 @@ def run_cli(main: Callable[[list[str]], T], argv: Sequence[str] | None = None, *
     except errors as error:
         if debug:
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
         name = prog or Path(sys.argv[0]).stem
-        sys.stderr.write(f"{name}: error: {message} (--debug for the traceback)\n")
+        for line in getattr(error, "messages", None) or [str(error)]:  # several bad flags: one line each
+            message = " ".join(str(line).split()) or type(error).__name__
+            sys.stderr.write(f"{name}: error: {message} (--debug for the traceback)\n")
         sys.exit(2)
     finally:
         if quiet and before is None:  # a notebook or test calls run_cli again in this process

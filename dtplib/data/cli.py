@@ -3,8 +3,8 @@
 The command line over the data modules (`python -m dtplib.data -h`):
 - `from-captions`: an image folder + captions file (Flickr8k tsv, COCO json) -> seeded train/val/test shards
   (`dtplib.data.shards.from_captions`).
-- `from-urls`: a LAION-style URL list -> img2dataset -> shards, plus a success-rate summary
-  (`dtplib.data.download.from_urls`).
+- `from-urls`: a LAION-style URL list -> img2dataset -> shards, plus a success-rate summary; only http and https
+  URLs are fetched (`dtplib.data.download.from_urls`).
 - `bench`: images/s of the training loader (`dtplib.data.loaderbench.benchmark_loader`; the loader itself is
   `dtplib.data.loader.make_loader`).
 """
@@ -30,7 +30,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("from-captions", help="image folder + captions file -> train/val/test shards")
-    p.add_argument("--images", required=True, help="folder the captions file's image names are relative to")
+    p.add_argument("--images", required=True, help="folder the captions file's image names are relative to; a name "
+                   "that resolves outside it (absolute, .., a symlink out) refuses the run")
     p.add_argument("--captions", required=True, help="captions.tsv (image<TAB>caption) or COCO captions json")
     p.add_argument("--out", required=True, help="output folder: {train,val,test}/NNNNNN.tar, stats.json")
     p.add_argument("--image-size", type=int, default=0, help="shrink the shorter side to this (0: keep)")
@@ -45,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
 
     p = commands.add_parser("from-urls", help="URL list (parquet/csv/tsv) -> img2dataset -> shards + summary")
-    p.add_argument("--url-list", required=True, help="a parquet/csv/tsv file, or a folder of them")
+    p.add_argument("--url-list", required=True, help="a parquet/csv/tsv file, or a folder of them; only http(s) URLs "
+                   "are fetched, other rows count as failures")
     p.add_argument("--out", required=True, help="output folder: NNNNN.tar, summary.csv, summary.json")
     p.add_argument("--url-col", default="url", help="URL column (LAION-400M: URL)")
     p.add_argument("--caption-col", default="caption", help="caption column (LAION-400M: TEXT)")

@@ -1,8 +1,9 @@
 """Downloading a URL list into webdataset shards with img2dataset, and a local HTTP server to try it offline.
 
-`from_urls` checks the list, runs img2dataset and summarizes its per-shard stats (summary.csv, summary.json,
-sizes.json); `success_rate_table` reads the summary back. `serve_directory` serves a folder on 127.0.0.1 and
-`write_url_list` names a captions file's images under its URL, a stand-in for the web (notebook and tests).
+`from_urls` checks the list (only http and https URLs are fetched), runs img2dataset and summarizes its per-shard
+stats (summary.csv, summary.json, sizes.json); `success_rate_table` reads the summary back. `serve_directory` serves
+a folder on 127.0.0.1 and `write_url_list` names a captions file's images under its URL, a stand-in for the web
+(notebook and tests).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +40,8 @@ from .shards import (
     unpack_shards,
 )
 
+log = logging.getLogger(__name__)
+
 
 def from_urls(url_list: str | Path, out: str | Path, *, url_col: str = "url", caption_col: str = "caption",
               input_format: str | None = None, image_size: int = 256, resize_mode: str = "keep_ratio",
@@ -47,24 +52,109 @@ def from_urls(url_list: str | Path, out: str | Path, *, url_col: str = "url", ca
     the summary.
 
     Only images that downloaded and decoded end up in the shards (jpg, txt, img2dataset's json with url and
-    caption). The url list and its columns are checked before anything is downloaded. LAION-400M metadata:
-    url_col="URL", caption_col="TEXT", input_format="parquet".
+    caption). The url list and its columns are checked before anything is downloaded. Only http and https URLs are
+    fetched (urllib, under img2dataset, would also open file:// and ftp:// ones, so an untrusted list could pull
+    local files into the shards): any other row is left out of what img2dataset reads and counted as a failed
+    download with its reason (`_http_only`); a list with no http(s) URL at all is refused before any work.
+    LAION-400M metadata: url_col="URL", caption_col="TEXT", input_format="parquet".
     """
     url_list, out = Path(url_list), Path(out)
     table = _check_url_list(url_list, input_format, [url_col, caption_col, *(extra_columns or [])])
-    _prepare_download_dir(out, overwrite)
     input_format = input_format or table.suffix.lstrip(".")
+    refused = _refused_urls(url_list, input_format, url_col)
+    _prepare_download_dir(out, overwrite)
     os.environ.setdefault("WANDB_MODE", "disabled")  # img2dataset imports wandb at import time
     img2dataset = optional_import("img2dataset")
-    img2dataset.download(
-        url_list=str(url_list), output_folder=str(out), output_format="webdataset", input_format=input_format,
-        url_col=url_col, caption_col=caption_col, save_additional_columns=list(extra_columns or []) or None,
-        image_size=image_size, resize_mode=resize_mode, resize_only_if_bigger=True,
-        processes_count=processes, thread_count=threads, number_sample_per_shard=shard_size,
-        timeout=timeout, retries=retries, extract_exif=False, distributor="multiprocessing",
-        enable_wandb=False,
-    )
-    return _summarize_downloads(out)
+    fetched = _http_only(url_list, input_format, url_col, out / HTTP_ONLY_DIR) if refused.reasons else url_list
+    try:
+        img2dataset.download(
+            url_list=str(fetched), output_folder=str(out), output_format="webdataset", input_format=input_format,
+            url_col=url_col, caption_col=caption_col, save_additional_columns=list(extra_columns or []) or None,
+            image_size=image_size, resize_mode=resize_mode, resize_only_if_bigger=True,
+            processes_count=processes, thread_count=threads, number_sample_per_shard=shard_size,
+            timeout=timeout, retries=retries, extract_exif=False, distributor="multiprocessing",
+            enable_wandb=False,
+        )
+    finally:
+        shutil.rmtree(out / HTTP_ONLY_DIR, ignore_errors=True)
+    return _summarize_downloads(out, refused)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Only http and https: other URLs are counted as failures, never handed to img2dataset
+
+
+FETCHED_SCHEMES = ("http", "https")
+HTTP_ONLY_DIR = "_http_only"  # in OUT while img2dataset runs: the url list without the refused rows
+
+
+def _refusal(url: object) -> str | None:
+    """Why a URL is not fetched, as a failure reason of summary.json; None for an http or https URL."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+    if scheme in FETCHED_SCHEMES:
+        return None
+    return f"not fetched: URL scheme {scheme!r} (only http and https)" if scheme else "not fetched: not a URL"
+
+
+def _url_tables(url_list: Path, input_format: str) -> list[Path]:
+    """The table files img2dataset reads: the file itself, or every *.<format> of the folder."""
+    return sorted(url_list.glob(f"*.{input_format}")) if url_list.is_dir() else [url_list]
+
+
+def _read_table(path: Path, kind: str, columns: Sequence[str] | None = None):
+    """A url table as pyarrow reads it for img2dataset (so a copy keeps every value as img2dataset would see it)."""
+    if kind == "parquet":
+        return optional_import("pyarrow.parquet").read_table(path, columns=columns)
+    pa_csv = optional_import("pyarrow.csv")
+    return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter="\t" if kind == "tsv" else ","),
+                           convert_options=pa_csv.ConvertOptions(include_columns=columns))
+
+
+@dataclass
+class RefusedUrls:
+    """Rows of a url list that are not fetched: counted by reason, with up to five examples ("FILE row N: URL", the
+    N-th URL of the file, its header not counted)."""
+
+    reasons: Counter
+    examples: list[str]
+
+
+def _refused_urls(url_list: Path, input_format: str, url_col: str) -> RefusedUrls:
+    """Count the rows whose URL is not http or https (reading only the URL column); a ValueError when no row is
+    left to fetch, before any work."""
+    refused, total = RefusedUrls(Counter(), []), 0
+    for path in _url_tables(url_list, input_format):
+        urls = _read_table(path, input_format, [url_col]).column(url_col).to_pylist()
+        total += len(urls)
+        for row, url in enumerate(urls, start=1):
+            reason = _refusal(url)
+            if reason is not None:
+                refused.reasons[reason] += 1
+                if len(refused.examples) < 5:
+                    refused.examples.append(f"{path.name} row {row}: {str(url)[:200]}")
+    if total and sum(refused.reasons.values()) == total:
+        raise ValueError(f"{url_list}: none of the {total} URLs is http or https, e.g. {refused.examples[0]}; "
+                         "only http and https URLs are fetched")
+    if refused.reasons:
+        log.warning("%d URLs of %s are not fetched (only http and https), e.g. %s", sum(refused.reasons.values()),
+                    url_list, refused.examples[0])
+    return refused
+
+
+def _http_only(url_list: Path, input_format: str, url_col: str, folder: Path) -> Path:
+    """Copies of the url list's tables without the rows `_refusal` refuses, in `folder` (same names and format);
+    returns what to hand img2dataset instead of `url_list`."""
+    pa, pa_csv, pq = (optional_import(name) for name in ("pyarrow", "pyarrow.csv", "pyarrow.parquet"))
+    folder.mkdir(parents=True)
+    for path in _url_tables(url_list, input_format):
+        table = _read_table(path, input_format)
+        table = table.filter(pa.array([_refusal(url) is None for url in table.column(url_col).to_pylist()]))
+        if input_format == "parquet":
+            pq.write_table(table, folder / path.name)
+        else:
+            options = pa_csv.WriteOptions(delimiter="\t" if input_format == "tsv" else ",")
+            pa_csv.write_csv(table, folder / path.name, write_options=options)
+    return folder if url_list.is_dir() else folder / url_list.name
 
 
 @dataclass
@@ -112,7 +202,7 @@ def _prepare_download_dir(out: Path, overwrite: bool) -> None:
     """Refuse to download into a folder that already holds a download (img2dataset would resume into it and
     trip on our summary files); with `overwrite`, remove only what img2dataset and from_urls write there."""
     replace_outputs(out, ("*.tar", "*.parquet", "*_stats.json", "sizes.json", "summary.csv", "summary.json",
-                           "_tmp"), overwrite, "a download")
+                           "_tmp", HTTP_ONLY_DIR), overwrite, "a download")
 
 
 def _check_url_list(url_list: Path, input_format: str | None, columns: Sequence[str]) -> Path:
@@ -145,9 +235,10 @@ def _check_url_list(url_list: Path, input_format: str | None, columns: Sequence[
     return table
 
 
-def _summarize_downloads(out: str | Path) -> dict:
-    """Aggregate img2dataset's NNNNN_stats.json files: summary.csv (one row per shard and a total),
-    summary.json (totals, success rate, failure reasons), sizes.json (successes per shard: make_loader)."""
+def _summarize_downloads(out: str | Path, refused: RefusedUrls | None = None) -> dict:
+    """Aggregate img2dataset's NNNNN_stats.json files: summary.csv (one row per shard, a "refused" row for the URLs
+    that were not fetched, and a total), summary.json (totals, success rate, failure reasons, refused examples),
+    sizes.json (successes per shard: make_loader)."""
     out = Path(out)
     stats_files = sorted(out.glob("*_stats.json"))
     if not stats_files:
@@ -160,8 +251,13 @@ def _summarize_downloads(out: str | Path) -> dict:
                      "failed_to_resize": stats["failed_to_resize"],
                      "duration_s": round(stats["duration"], 3)})
         reasons.update({k: v for k, v in stats["status_dict"].items() if k != "success"})
+    n_refused = sum(refused.reasons.values()) if refused else 0
+    if n_refused:
+        rows.append({"shard": "refused", "count": n_refused, "successes": 0, "failed_to_download": n_refused,
+                     "failed_to_resize": 0, "duration_s": 0.0})
+        reasons.update(refused.reasons)
     table = pd.DataFrame(rows)
-    total = table.drop(columns="shard").sum().to_dict() | {"shard": "total"}
+    total = {column: table[column].sum() for column in table.columns if column != "shard"} | {"shard": "total"}
     table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
     table["success_rate"] = (table["successes"] / table["count"].clip(lower=1)).round(4)
     atomic_write_text(out / "summary.csv", table.to_csv(index=False))
@@ -178,6 +274,8 @@ def _summarize_downloads(out: str | Path) -> dict:
         "num_shards": len(tars),
         "shards": brace_pattern(tars) if tars else None,
     }
+    if n_refused:
+        summary["refused_examples"] = refused.examples
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 

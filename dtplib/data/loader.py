@@ -178,7 +178,7 @@ def _decoded(samples: Iterator[dict], preprocess, caption_choice: str, counter: 
 
 
 def _batches(pairs: Iterator[tuple[torch.Tensor, str]], batch_size: int, tokenizer, counter: SkipCounter,
-             single_pass: bool) -> Iterator[tuple]:
+             single_pass: bool, advice: str = "use a smaller batch") -> Iterator[tuple]:
     """(image, caption) pairs -> (images B x 3 x H x W, tokens B x context_length, skip counts).
 
     single_pass (evaluation): the last batch may be short, and a final (None, None, counts) hands over skips
@@ -202,7 +202,7 @@ def _batches(pairs: Iterator[tuple[torch.Tensor, str]], batch_size: int, tokeniz
         yield None, None, counter.drain()
     elif produced == 0:
         raise RuntimeError(f"a whole pass over this worker's shards gave no full batch of {batch_size} "
-                           f"(skipped so far: {dict(counter.pending)}); use fewer workers or a smaller batch")
+                           f"(skipped so far: {dict(counter.pending)}); {advice}")
 
 
 class ShardLoader:
@@ -326,8 +326,9 @@ def make_loader(urls: str | Path | Sequence[str], preprocess, tokenizer, batch_s
     stages += [
         partial(_decoded, preprocess=preprocess, caption_choice=caption_choice, counter=counter, seed=seed,
                 epoch=shared_epoch),
-        partial(_batches, batch_size=batch_size, tokenizer=tokenizer, counter=counter,
-                single_pass=not is_train),
+        partial(_batches, batch_size=batch_size, tokenizer=tokenizer, counter=counter, single_pass=not is_train,
+                advice=(f"shards {shards[0]}{' ...' if len(shards) > 1 else ''}: check their samples, or use "
+                        + ("fewer workers or " if workers > 1 else "") + "a smaller batch")),
     ]
     dataset = wds.DataPipeline(*source, *stages)
 

@@ -17,6 +17,7 @@ import multiprocessing as mp
 import random
 import re
 import shutil
+import tarfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class CaptionedImage:
     path: str
     captions: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    row: int = 0  # where the captions file first names it: a table's line, or the image's entry in a json (from 1)
 
 
 def read_captions(captions_file: str | Path) -> dict[str, CaptionedImage]:
@@ -93,7 +95,7 @@ def _read_caption_table(path: Path) -> dict[str, CaptionedImage]:
         image = row[0].strip().split("#")[0]
         if line_number == 1 and not image.lower().endswith(IMAGE_EXTENSIONS):
             continue  # a header such as "image<TAB>caption"
-        entries.setdefault(image, CaptionedImage(image)).captions.append(row[1])
+        entries.setdefault(image, CaptionedImage(image, row=line_number)).captions.append(row[1])
     return entries
 
 
@@ -108,14 +110,15 @@ def _read_coco_json(path: Path) -> dict[str, CaptionedImage]:
     images = data.get("images") if isinstance(data, dict) else None
     licenses = {lic["id"]: lic for lic in data.get("licenses", [])} if isinstance(data, dict) else {}
     if isinstance(images, list) and "annotations" in data:  # official COCO: images[] + annotations[]
-        by_id = {img["id"]: CaptionedImage(img["file_name"], [], _coco_meta(img, licenses)) for img in images}
+        by_id = {img["id"]: CaptionedImage(img["file_name"], [], _coco_meta(img, licenses), row)
+                 for row, img in enumerate(images, start=1)}
         for annotation in data["annotations"]:
             if annotation["image_id"] in by_id:
                 by_id[annotation["image_id"]].captions.append(annotation["caption"])
         return {entry.path: entry for entry in by_id.values()}
     if isinstance(images, dict):  # coco-mini captions_all.json: {"<folder>/<file>": {captions, license, ...}}
-        return {p: CaptionedImage(p, list(rec.get("captions", [])), _coco_meta(rec, licenses))
-                for p, rec in images.items()}
+        return {p: CaptionedImage(p, list(rec.get("captions", [])), _coco_meta(rec, licenses), row)
+                for row, (p, rec) in enumerate(images.items(), start=1)}
     raise ValueError(f"{path}: not COCO captions json ('images' and 'annotations', or an images dict)")
 
 
@@ -191,8 +194,10 @@ def from_captions(images: str | Path, captions: str | Path, out: str | Path, *, 
     """Write shards OUT/{train,val,test}/NNNNNN.tar (one sample per image) plus sizes.json, stats.json and,
     when the source names licences (COCO), LICENSES.tsv. Returns the stats.
 
-    Errors before any image is read: missing folder or captions file, no captions at all, none of the named
-    images present, a non-empty OUT without `overwrite`. Skipped and counted (stats.json): images named but
+    Errors before any image is read: missing folder or captions file, no captions at all, any row whose image path
+    resolves outside `images` (absolute, `..`, or a symlink out of it: the whole run is refused, naming the first
+    rows and the count, since such a file would be read and packed with its path), none of the named images
+    present, a non-empty OUT without `overwrite`. Skipped and counted (stats.json): images named but
     absent (an error with `strict`), empty captions, images left without any caption, undecodable images.
     Counts add up: samples_out = images_in - sum(skipped), captions_out = pairs_in - sum(captions_skipped).
     `limit` keeps the first N images by path (for quick runs).
@@ -240,6 +245,7 @@ def _read_entries(images: Path, captions: Path, limit: int | None, strict: bool
     if not captions.is_file():
         raise FileNotFoundError(f"captions file not found: {captions}")
     entries = read_captions(captions)
+    _refuse_outside(images, captions, entries)
     if limit:
         entries = dict(list(entries.items())[:limit])
     missing = [p for p in entries if not (images / p).is_file()]
@@ -250,6 +256,30 @@ def _read_entries(images: Path, captions: Path, limit: int | None, strict: bool
         raise FileNotFoundError(f"{len(missing)} images named in {captions} are missing under {images}, "
                                 f"e.g. {missing[:3]}")
     return entries, missing
+
+
+def _refuse_outside(images: Path, captions: Path, entries: dict[str, CaptionedImage]) -> None:
+    """A ValueError naming the first rows (a table's line, a json's image entry) whose image path resolves outside
+    `images`, and how many there are."""
+    root = images.resolve()
+    outside = sorted((entry for entry in entries.values() if not _resolves_inside(root, entry.path)),
+                     key=lambda entry: entry.row)
+    if outside:
+        where = "entry" if captions.suffix == ".json" else "line"
+        shown = "; ".join(f"{where} {entry.row}: {entry.path!r}" for entry in outside[:3])
+        raise ValueError(f"{captions}: {len(outside)} of {len(entries)} image paths resolve outside --images {images} "
+                         f"({shown}); paths must stay inside the images folder, nothing was written")
+
+
+def _resolves_inside(root: Path, name: str) -> bool:
+    """Whether `root / name` is inside `root` (resolved, symlinks followed). An absolute name or a `..` is refused by
+    the name alone, so nothing outside is even looked at; a symlink loop counts as outside."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    try:
+        return (root / name).resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a symlink loop: RuntimeError before Python 3.13, OSError from then on
+        return False
 
 
 @dataclass
@@ -380,15 +410,59 @@ def split_shards(out: str | Path, split: str = "train") -> str:
 
 def unpack_shards(shards: str | Sequence[str], out: str | Path) -> tuple[Path, Path]:
     """Shards back to a folder: OUT/images/<key>.jpg and OUT/captions.tsv (image<TAB>caption, every caption).
-    Returns (images folder, captions file), ready for from_captions or serve_directory."""
+    Returns (images folder, captions file), ready for from_captions or serve_directory.
+
+    Nothing is written outside OUT. A shard member that is not a regular file (a link, a device) or whose name is
+    not a plain file name (absolute, `..`, or in a sub-folder, which a flat images folder cannot hold) is refused
+    with a ValueError naming the shard and the member, not renamed: a renamed member could land on another sample's
+    file, and such a member means the shard is not what from_captions or img2dataset write. Local shards are checked
+    before anything is written; a remote one (a URL, `pipe:`) as its samples arrive."""
     out = Path(out)
+    shard_list = expand_shards(shards)
+    for shard in shard_list:
+        _check_members(shard)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = ["image\tcaption"]
-    for sample in wds.DataPipeline(wds.SimpleShardList(expand_shards(shards)), wds.tarfile_to_samples()):
-        name = f"{sample['__key__']}.jpg"
-        (out / "images" / name).write_bytes(sample["jpg"])
+    for sample in wds.DataPipeline(wds.SimpleShardList(shard_list), wds.tarfile_to_samples()):
+        name = _plain_name(f"{sample['__key__']}.jpg")
+        if name is None:
+            raise ValueError(f"{sample['__url__']}: member {sample['__key__']!r}.jpg is not a plain file name; "
+                             "refusing to unpack it")
+        target = out / "images" / name
+        target.unlink(missing_ok=True)  # a link left in OUT is replaced, never followed
+        target.write_bytes(sample["jpg"])
         captions = json.loads(sample["json"])["captions"] if "json" in sample else [sample["txt"].decode()]
         lines += [f"{name}\t{' '.join(c.split())}" for c in captions]
     atomic_write_text(out / "captions.tsv", "\n".join(lines) + "\n")
     return out / "images", out / "captions.tsv"
 
+
+def _plain_name(name: str) -> str | None:
+    """A tar member's name as a file directly inside the unpacked folder (a leading "./" dropped), or None when it
+    is not one: absolute, `..`, in a sub-folder, empty."""
+    name = name.removeprefix("./")
+    unsafe = name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+    return None if unsafe else name
+
+
+def _check_members(shard: str) -> None:
+    """A ValueError naming the shard and the first member that unpack_shards must not write: a link, device or other
+    non-regular file, or a name that is not a plain file name. Reads only the tar headers; remote shards are left to
+    the check in unpack_shards."""
+    if "://" in shard or shard.startswith("pipe:"):
+        return
+    try:
+        with tarfile.open(shard) as tar:
+            members = tar.getmembers()
+    except tarfile.TarError as exn:
+        raise ValueError(f"{shard}: not a readable tar ({exn})") from None
+    for member in members:
+        if member.isdir() and member.name.rstrip("/") == ".":
+            continue  # the "./" entry of `tar -C folder .`
+        if not member.isreg():
+            kind = "link" if member.issym() or member.islnk() else "directory" if member.isdir() else "device or fifo"
+            raise ValueError(f"{shard}: member {member.name!r} is a {kind}, not a regular file; refusing to unpack "
+                             "the shard")
+        if _plain_name(member.name) is None:
+            raise ValueError(f"{shard}: member {member.name!r} is not a plain file name (absolute, '..' or a "
+                             "sub-folder); refusing to unpack the shard")

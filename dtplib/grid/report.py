@@ -31,7 +31,8 @@ Outputs in `<out>`:
 - `curves_<metric>.png` and `curves_<metric>_time.png`: the metric against training compute (forward MACs) and
   against cumulative training step time, a panel per arm with the reference arm in grey, mean over seeds with its
   95% t-interval band clipped to the metric's range, chance dotted (`dtplib.figures.compare.accuracy_curves`).
-- `.gitignore`: the runs' checkpoints and TensorBoard events stay out of git; their CSVs and params.json do not.
+- `.gitignore`: the runs' checkpoints, TensorBoard events and lock files (`run.lock`: a PID and host) stay out of
+  git; their CSVs and params.json do not.
 """
 
 from __future__ import annotations

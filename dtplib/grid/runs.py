@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from ..common.cli import stop_process
-from ..common.files import append_csv, atomic_write_text
+from ..common.files import LOCK_FILE, append_csv, atomic_write_text
 from ..common.paths import child_environment, data_path
 from ..common.provenance import run_info
 from ..data.shards import from_captions
@@ -71,9 +71,12 @@ def _prepare_data(grid: Grid) -> None:
 
 def _run_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConfig:
     """The TrainConfig of one run: the grid's options for it, in `<runs_dir>/<arm>-seed<seed>`, resumed, with
-    `epoch_latest.pt` after every epoch (--save-most-recent: what a resume continues from, and `last_checkpoint`)."""
+    `epoch_latest.pt` after every epoch (--save-most-recent: what a resume continues from, and `last_checkpoint`).
+    --allow-changed-flags: the driver has compared the run's flags itself (`_check_same_run`: only paths and runtime
+    flags may differ), so a data folder that moved is recorded in the run's params.json history, not refused."""
     config = parse_options(grid.options(arm, seed), run_label(arm, seed))
-    return config.replace(logs=str(runs_dir), name=run_label(arm, seed), resume="latest", save_most_recent=True)
+    return config.replace(logs=str(runs_dir), name=run_label(arm, seed), resume="latest", save_most_recent=True,
+                          allow_changed_flags=True)
 
 
 def _finish_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConfig | None:
@@ -84,8 +87,8 @@ def _finish_config(grid: Grid, arm: str, seed: int, runs_dir: Path) -> TrainConf
         return None
     label = run_label(arm, seed)
     config = parse_options(options, f"{label} [finish]")
-    return config.replace(logs=str(runs_dir / label), name=FINISH_DIR, resume="latest",
-                          save_most_recent=True, pretrained=str(last_checkpoint(runs_dir / label)))
+    return config.replace(logs=str(runs_dir / label), name=FINISH_DIR, resume="latest", save_most_recent=True,
+                          allow_changed_flags=True, pretrained=str(last_checkpoint(runs_dir / label)))
 
 
 def _check_runs(grid: Grid, runs: list[tuple[str, int]], runs_dir: Path) -> None:
@@ -119,7 +122,7 @@ def _check_same_flags(run_dir: Path, config: TrainConfig) -> None:
         return
     stored = TrainConfig.from_dict(json.loads(params_file.read_text())).flag_values()
     wanted = config.flag_values()
-    ignored = (*RUNTIME_FLAGS, "name", "resume", "pretrained")
+    ignored = (*RUNTIME_FLAGS, "name", "resume", "pretrained", "allow_changed_flags")
     changed = [k for k in wanted if k not in ignored and stored.get(k) != wanted[k]]
     if changed:
         key = changed[0]
@@ -207,7 +210,8 @@ def run_grid(grid: Grid, out: Path, arms: Sequence[str] | None = None, seeds: Se
     if todo:
         _check_runs(grid, todo, runs_dir)
         atomic_write_text(out / ".gitignore", "".join(f"runs/*/{sub}{kind}/\n" for sub in ("", f"{FINISH_DIR}/")
-                                                      for kind in ("checkpoints", "tensorboard")))
+                                                      for kind in ("checkpoints", "tensorboard"))
+                          + "".join(f"runs/*/{sub}{LOCK_FILE}\n" for sub in ("", f"{FINISH_DIR}/")))
     for index, (arm, seed) in enumerate(todo):
         label = run_label(arm, seed)
         print(f"[{index + 1}/{len(todo)}] training {label}", flush=True)

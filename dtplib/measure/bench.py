@@ -69,7 +69,7 @@ from ..data.shards import read_captions
 from ..tower.clip import parse_dtp_name, read_state_dict
 from ..tower.control import fit_boundary_prior, forced_boundaries, get_tower, last_boundary_loss
 from ..tower.model import token_budget
-from ..training.checkpoint import load_trained
+from ..training.checkpoint import load_state_dict, load_trained
 from ..training.config import TrainConfig
 from ..training.optim import make_optimizer
 from ..training.runfolder import newest_checkpoint
@@ -205,7 +205,7 @@ def build_spec_model(spec: Spec, checkpoint: Path | None):
     """(model, preprocess_val) of a spec (`create_spec_model`), with a checkpoint's weights when one is given."""
     model, preprocess = create_spec_model(spec)
     if checkpoint is not None:
-        model.load_state_dict(read_state_dict(checkpoint))
+        load_state_dict(model, read_state_dict(checkpoint), source=checkpoint, name=spec.label)  # one line if foreign
     if spec.boundaries:
         tower = get_tower(model)
         tower.dtp.execution = spec.execution

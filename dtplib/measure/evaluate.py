@@ -99,10 +99,15 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
     runs). Unreadable images are skipped and counted (zeroshot_skipped); the model's training flags are kept.
     A class folder without images is a ValueError naming it, before any model work; with `skip_empty_classes` it is
     left out of the classifier and counted (zeroshot_skipped_classes, a key only present then).
+    Accuracy is over the classes present: on the ImageNet layout, classes of ImageNet-1k without a folder (or left
+    out) are counted (zeroshot_missing_classes, a key of that layout only) with a warning, as the numbers are then
+    not ImageNet-1k accuracy. With 5 classes or fewer every image is a top-5 hit, so zeroshot_top5 is NaN (and
+    has no per-image scores), with a warning.
     `per_item`: (metrics, {"zeroshot_top1" / "zeroshot_top5": per-image hits}) instead of the metrics alone.
     """
     root = Path(data_dir)
     classnames, layout = zeroshot_classes(root, skip_empty_classes=skip_empty_classes)
+    _warn_partial_classes(root, classnames, layout)
     empty = [folder.name for folder in class_folders(root)[1]]
     samples = image_files(root, max_per_class, skip_empty_classes)
     if not samples:
@@ -126,15 +131,34 @@ def zero_shot_eval(model, preprocess, tokenizer, data_dir: str | Path, *, batch_
         raise ValueError(f"none of the {len(samples)} images under {root} could be read")
     ranks = torch.cat(ranks)
     hits = hit_rates(ranks, (1, 5))
-    metrics = {"zeroshot_top1": hits[1], "zeroshot_top5": hits[5], "zeroshot_images": len(ranks),
-               "zeroshot_skipped": skipped}
+    has_top5 = len(classnames) > TOP5_MIN_CLASSES
+    metrics = {"zeroshot_top1": hits[1], "zeroshot_top5": hits[5] if has_top5 else float("nan"),
+               "zeroshot_images": len(ranks), "zeroshot_skipped": skipped}
     if skip_empty_classes:
         if empty:
             log.warning("%s: left out %d class folders without images: %s", root, len(empty), empty[:10])
         metrics["zeroshot_skipped_classes"] = len(empty)
+    if layout == "imagenet":
+        metrics["zeroshot_missing_classes"] = IMAGENET_CLASSES - len(classnames)
     if per_item:
-        return metrics, {"zeroshot_top1": hit_items(ranks, 1), "zeroshot_top5": hit_items(ranks, 5)}
+        items = {"zeroshot_top1": hit_items(ranks, 1)}
+        return metrics, items | ({"zeroshot_top5": hit_items(ranks, 5)} if has_top5 else {})
     return metrics
+
+
+IMAGENET_CLASSES = 1000
+TOP5_MIN_CLASSES = 5  # top-5 is reported above this many classes: at or below it every image is a hit
+
+
+def _warn_partial_classes(root: Path, classnames: Sequence[str], layout: str) -> None:
+    """Warn, before the classifier is built, when an ImageNet layout lacks classes and when top-5 is not reported."""
+    if layout == "imagenet" and len(classnames) < IMAGENET_CLASSES:
+        log.warning("%s: %d of the %d ImageNet-1k classes are missing (%d class folders with images); top-1/top-5 "
+                    "are over those classes only, not ImageNet-1k accuracy", root, IMAGENET_CLASSES - len(classnames),
+                    IMAGENET_CLASSES, len(classnames))
+    if len(classnames) <= TOP5_MIN_CLASSES:
+        log.warning("%s: top-5 not reported (NaN): %d classes, and top-5 needs more than %d", root, len(classnames),
+                    TOP5_MIN_CLASSES)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,7 +458,8 @@ def evaluate(model, preprocess, tokenizer, *, zeroshot_data: str | Path | None =
              per_item: bool = False) -> dict | tuple[dict, dict[str, ItemScores]]:
     """Every evaluation whose data is given, as one flat dict ({} when none is).
 
-    - `zeroshot_data`: zeroshot_top1, zeroshot_top5, ...; `imagenet_val` the same keys with the prefix imagenet_.
+    - `zeroshot_data`: zeroshot_top1, zeroshot_top5, ...; `imagenet_val` the same keys with the prefix imagenet_
+      (imagenet_missing_classes: ImageNet-1k classes without a folder). top-5 is NaN with 5 classes or fewer.
     - `val_data`: the retrieval recalls and the held-out contrastive loss (val_loss over fixed batches of
       `loss_batch_size`, see `val_loss_eval`), from one pass over the shards in eval mode.
     - `probe_data`: a linear probe on frozen features (`probe_eval`: probe_top1, ...), `probe_per_class` probe-train
@@ -515,7 +540,9 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
     weights file from `python -m dtplib.export`. Either records what built its model (the training flags, the
     weights header), so `name` may be left out, and a tower that has no registered name (`--model ViT-B-32
     --compression 3`, other DTP settings) is rebuilt as it was trained.
-    `pretrained`: an open_clip tag or weights file. Names, files and weights are checked before the model is built.
+    `pretrained`: an open_clip tag or weights file (a file is read as `checkpoint` is: `torch.load(weights_only=True)`
+    or safetensors, then loaded strictly). Names, files and weights are checked before the model is built; a file
+    that is not a safe checkpoint, or one of another model, is a ValueError in one line naming it.
     The input size is the one the model was trained at (a training checkpoint's --force-image-size), unless
     `force_image_size` gives another: the position embedding is then resampled (open_clip's `force_image_size`).
     """
@@ -539,17 +566,21 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
         log.info("loaded %s at %d px", checkpoint, get_model_preprocess_cfg(model)["size"][0])
         return model, preprocess, tokenizer
     check_model_name(name)
-    if pretrained is not None:
+    weights_file = checkpoint if checkpoint is not None else pretrained if pretrained and Path(pretrained).is_file() \
+        else None
+    state = None if weights_file is None else read_state_dict(weights_file)  # safely (weights_only), before the build
+    if pretrained is not None and weights_file is None:
         check_pretrained(name, pretrained)
     if force_image_size is not None:
         check_image_size(force_image_size, name)
     forced = {} if force_image_size is None else {"force_image_size": force_image_size}
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device, **forced)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=None if weights_file is not None else pretrained, device=device, **forced)
     tokenizer = open_clip.get_tokenizer(name)
-    if checkpoint is not None:
-        state = fit_position_embeddings(read_state_dict(checkpoint), model)
-        load_state_dict(model, state, checkpoint, name)
-        log.info("loaded %d tensors from %s", len(state), checkpoint)
+    if state is not None:  # a file of another model is one line naming it and the mismatch
+        state = fit_position_embeddings(state, model)
+        load_state_dict(model, state, weights_file, name)
+        log.info("loaded %d tensors from %s", len(state), weights_file)
     return model.eval(), preprocess, tokenizer
 
 
@@ -626,7 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two checkpoints scored on the same images: "
                          "A - B per metric with its paired bootstrap interval (--bootstrap, default 1000)")
     parser.add_argument("--zeroshot-data", help="ImageFolder-style directory, e.g. a CIFAR-10 test folder")
-    parser.add_argument("--imagenet-val", help="ImageNet validation directory with one WordNet-id folder per class")
+    parser.add_argument("--imagenet-val", help="ImageNet validation directory with one WordNet-id folder per class "
+                        "(missing classes are counted, imagenet_missing_classes, with a warning; top-5 is NaN with 5 "
+                        "classes or fewer)")
     parser.add_argument("--val-data", help="retrieval shards, brace notation allowed: dir/{000000..000004}.tar; "
                         "also gives val_loss, the held-out contrastive loss")
     parser.add_argument("--probe-data", help="ImageFolder-style directory for a linear probe on frozen image "
@@ -652,4 +685,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "in .csv (one row, or one row per metric with --compare)")
     parser.add_argument("--items", help="write each metric's per-item scores (test images; val_loss: its batches) to "
                         "this .npz, what a bootstrap over runs and items reads (not with --compare)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, the traceback "
+                        "(and torch's full message for a refused checkpoint) instead of one line")
     return parser

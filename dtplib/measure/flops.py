@@ -46,58 +46,17 @@ from contextlib import contextmanager
 import pandas as pd
 import torch
 import torch.nn as nn
-from open_clip.transformer import Attention as OpenClipAttention
 from open_clip.transformer import TextTransformer, VisionTransformer
-from timm.layers import Attention as TimmAttention
 
 from ..common.extras import optional_import
 from ..common.runtime import eval_mode
 from ..tower.config import EXECUTIONS
 from ..tower.control import dtp_towers, forced_boundaries, trace, use_execution
+from ..tower.cost import block_macs, linear_macs_per_token
 from ..tower.model import DTPVisionTransformer, token_budget
 
 # ----------------------------------------------------------------------------------------------------------
 # Analytic model
-
-
-def _linear_macs_per_token(module: nn.Module) -> int:
-    """MACs per token of every linear map inside `module` (nn.Linear, and the packed in-projection of attention)."""
-    macs = 0
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            macs += m.in_features * m.out_features
-        elif isinstance(m, nn.MultiheadAttention):  # in_proj is a parameter, not a Linear; out_proj is a Linear
-            macs += sum(w.numel() for w in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
-                        if w is not None)
-        elif isinstance(m, OpenClipAttention):
-            macs += m.in_proj_weight.numel()
-    return macs
-
-
-def _attention_width(block: nn.Module) -> int:
-    """Width of the query/key space of a transformer block's self-attention (heads x head width)."""
-    widths = []
-    for m in block.modules():
-        if isinstance(m, nn.MultiheadAttention):
-            widths.append(m.embed_dim)
-        elif isinstance(m, OpenClipAttention):
-            widths.append(m.in_proj_weight.shape[0] // 3)
-        elif isinstance(m, TimmAttention):
-            widths.append(m.attn_dim)
-    if len(widths) != 1:
-        raise ValueError(f"{type(block).__name__}: expected one self-attention (nn.MultiheadAttention, open_clip "
-                         f"or timm Attention), found {len(widths)}; the analytic model does not cover this block")
-    return widths[0]
-
-
-def _stage_macs(blocks: Sequence[nn.Module], tokens):
-    """(linear, attention) MACs of transformer blocks on `tokens` tokens (a number, or a tensor of per-image counts).
-
-    Per block: tokens x (qkv + out-projection + MLP) for the linear maps, 2 x tokens^2 x width for QK^T and AV.
-    """
-    linear = sum(_linear_macs_per_token(block) for block in blocks) * tokens
-    attention = sum(2 * _attention_width(block) for block in blocks) * tokens * tokens
-    return linear, attention
 
 
 def image_tower(model: nn.Module) -> nn.Module:
@@ -161,19 +120,19 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None, execu
         kept = max(1, int(num_patches * (1 - patch_dropout))) if patch_dropout else num_patches  # open_clip's rule
         head = tower.proj.numel() if tower.proj is not None else 0
         return {"patch_embed": (tower.conv1.weight.numel() * num_patches, 0),
-                "layers": _stage_macs(tower.transformer.resblocks, 1 + kept),
+                "layers": block_macs(tower.transformer.resblocks, 1 + kept),
                 "head": (head, 0)}
 
     num_patches, width = tower.num_patches, tower.embed_dim
     pre_blocks, short_blocks, post_blocks = tower.stages
-    head = _linear_macs_per_token(tower.head) + _linear_macs_per_token(_adapter_head(model, tower) or nn.Identity())
+    head = linear_macs_per_token(tower.head) + linear_macs_per_token(_adapter_head(model, tower) or nn.Identity())
     if not tower.pools:  # compression=1: a plain ViT on the same code path
         if segments is not None:
             _as_count(segments, num_patches, num_patches, "segments of a tower that does not pool (compression=1)")
         kept = max(1, int(num_patches * (1 - patch_dropout))) if patch_dropout else num_patches  # timm's rule
         return {"patch_embed": (tower.patch_embed.proj.weight.numel() * num_patches, 0),
-                "pre_layers": _stage_macs(pre_blocks, 1 + kept), "predictor": (0, 0), "downsample": (0, 0),
-                "short_layers": _stage_macs(short_blocks, 1 + kept), "upsample": (0, 0), "post_layers": (0, 0),
+                "pre_layers": block_macs(pre_blocks, 1 + kept), "predictor": (0, 0), "downsample": (0, 0),
+                "short_layers": block_macs(short_blocks, 1 + kept), "upsample": (0, 0), "post_layers": (0, 0),
                 "head": (head, 0)}
     if patch_dropout:
         raise ValueError("a pooling DTP tower has no patch dropout (it would remove patches before the predictor)")
@@ -183,30 +142,26 @@ def _tower_stages(model: nn.Module, segments, patch_dropout: float | None, execu
     segments = _as_count(segments, 1, num_patches, "segments per image")
     pooling = num_patches * segments * width if execution == "padded" else 0 * segments  # einsum N x S x D
     return {"patch_embed": (tower.patch_embed.proj.weight.numel() * num_patches, 0),
-            "pre_layers": _stage_macs(pre_blocks, 1 + num_patches),
-            "predictor": (_linear_macs_per_token(tower.predictor) * num_patches if tower.predictor else 0, 0),
+            "pre_layers": block_macs(pre_blocks, 1 + num_patches),
+            "predictor": (linear_macs_per_token(tower.predictor) * num_patches if tower.predictor else 0, 0),
             "downsample": (pooling, 0),
-            "short_layers": _stage_macs(short_blocks, 1 + segments),
+            "short_layers": block_macs(short_blocks, 1 + segments),
             "upsample": (pooling if tower.dtp.upsample else 0, 0),
-            "post_layers": _stage_macs(post_blocks, 1 + num_patches),
+            "post_layers": block_macs(post_blocks, 1 + num_patches),
             "head": (head, 0)}
 
 
 def _reduction_stages(tower: DTPVisionTransformer, segments, head: int) -> dict[str, tuple]:
-    """A reduction of the field: the shortened layers at `short_layer_tokens()` (the same for every image; ToMe's
-    from its schedule, `tome_stage_macs`), the reducer's own MACs (`reduction_macs()`, ToMe's matching) as the
-    "predictor" component; `segments`, if given, must be the budget K = ceil(N / c)."""
-    num_patches, tokens, budget = tower.num_patches, tower.short_layer_tokens(), tower.topk_segments
+    """A reduction of the field: the shortened layers as its reducer runs them (`short_macs`: dense at CLS + K
+    tokens, or ToMe's schedule), and the reducer's own MACs (`reduction_macs()`, ToMe's matching) as the "predictor"
+    component; `segments`, if given, must be the budget K = ceil(N / c)."""
+    num_patches, budget = tower.num_patches, tower.topk_segments
     if segments is not None:
         _as_count(segments, budget, budget, f"segments of reduction {tower.dtp.reduction!r}")
     pre_blocks, short_blocks, _ = tower.stages
-    if hasattr(tower.reducer, "stage_macs"):  # ToMe: attention before each merge, the MLP after it
-        short = [(tower.reducer.stage_macs["linear"], tower.reducer.stage_macs["attention"])]
-    else:
-        short = [_stage_macs([block], count) for block, count in zip(short_blocks, tokens, strict=True)]
     return {"patch_embed": (tower.patch_embed.proj.weight.numel() * num_patches, 0),
-            "pre_layers": _stage_macs(pre_blocks, 1 + num_patches), "predictor": (tower.reduction_macs(), 0),
-            "downsample": (0, 0), "short_layers": (sum(s[0] for s in short), sum(s[1] for s in short)),
+            "pre_layers": block_macs(pre_blocks, 1 + num_patches), "predictor": (tower.reduction_macs(), 0),
+            "downsample": (0, 0), "short_layers": tower.reducer.short_macs(short_blocks, budget),
             "upsample": (0, 0), "post_layers": (0, 0), "head": (head, 0)}
 
 
@@ -252,10 +207,10 @@ def text_macs(model: nn.Module) -> dict[str, int]:
     """MACs per text of the text tower at open_clip's context length: layers, head (projection of one token)."""
     transformer, projection, tokens = text_tower(model)
     if isinstance(projection, nn.Module):
-        head = _linear_macs_per_token(projection)
+        head = linear_macs_per_token(projection)
     else:
         head = projection.numel() if projection is not None else 0
-    return {"layers": sum(_stage_macs(transformer.resblocks, tokens)), "head": head}
+    return {"layers": sum(block_macs(transformer.resblocks, tokens)), "head": head}
 
 
 def fixed_segments(num_patches: int, compression: int) -> int:

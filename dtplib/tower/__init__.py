@@ -8,6 +8,7 @@
   `fit_boundary_prior`;
 - `packed`: the variable-length shortened layers (host-planned buckets and the device-side static buffer);
 - `order`: the order patches are read into runs (raster or Hilbert);
+- `cost`: the MACs of linear maps and attention read from the modules (shared by the FLOP model and ToMe's schedule);
 - `reductions`: the field's token reductions at DTP's budget (EViT, TokenLearner, k-means grouping, learned
   pruning), chosen by `DTPConfig.reduction`;
 - `clip`: the registered timm and open_clip names, `build_model`, weight transfer from a plain CLIP ViT;
@@ -15,5 +16,5 @@
 - `weights`: weights-only safetensors files that describe themselves (`load_weights`, written by `dtplib.export`).
 """
 
-__all__ = ["boundaries", "clip", "config", "control", "intermediates", "model", "order", "packed", "reductions", "tome",
-           "weights"]
+__all__ = ["boundaries", "clip", "config", "control", "cost", "intermediates", "model", "order", "packed", "reductions",
+           "tome", "weights"]

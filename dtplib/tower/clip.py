@@ -19,6 +19,7 @@ import difflib
 import json
 import os
 import pickle
+import re
 import sys
 import zipfile
 from dataclasses import dataclass, fields
@@ -353,7 +354,9 @@ class LoadReport:
 
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint file as a dict (torch.load with weights_only=True, or safetensors). A zero-byte, cut short or
-    foreign file is a ValueError that names it ("empty or not a checkpoint"), not torch's bare EOFError."""
+    foreign file is a ValueError that names it ("empty or not a checkpoint"), not torch's bare EOFError; a pickle
+    that weights_only refuses is named with the refused global (`unreadable_reason`), never loaded otherwise. The
+    ValueError's cause is torch's own error, whole (`--debug` shows it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -370,17 +373,36 @@ def read_checkpoint(path: str | Path) -> dict:
                 raise ValueError(str(exn)) from exn
         return torch.load(path, map_location="cpu", weights_only=True)
     except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exn:
-        reason = " ".join(str(exn).split()) or type(exn).__name__
-        raise ValueError(f"{path}: empty or not a checkpoint ({reason[:200]})") from exn
+        raise ValueError(f"{path}: {unreadable_reason(exn)}") from exn  # --debug: torch's whole message
+
+
+def unreadable_reason(exn: BaseException) -> str:
+    """Why torch.load could not read a file, in one line: a file that `weights_only=True` refuses (a pickle that
+    names a function or class, which a plain `torch.load` would run: the way a malicious file runs code) keeps the
+    refused global and the warning; anything else is "empty or not a checkpoint (<torch's first words>)"."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exn)).split()) or type(exn).__name__
+    if isinstance(exn, pickle.UnpicklingError) and "weights_only" in text:
+        found = re.search(r"WeightsUnpickler error: (.*?)(?= Please use| Check the documentation|$)", text)
+        detail = found.group(1) if found else text[:200]
+        return (f"not a checkpoint that loads safely: torch.load(weights_only=True) refused it ({detail[:200]}); "
+                "loading it without weights_only could run arbitrary code, so it is not loaded")
+    return f"empty or not a checkpoint ({text[:200]})"
 
 
 def read_state_dict(checkpoint: str | Path | dict) -> dict[str, torch.Tensor]:
-    """A state dict from an open_clip checkpoint file or dict (optional `state_dict` key, `module.` prefix)."""
+    """A state dict from an open_clip checkpoint file or dict (optional `state_dict` key, `module.` prefix); anything
+    else (a pickle of other objects, a dict of settings) is a ValueError naming the file."""
+    source = f"{checkpoint}: " if isinstance(checkpoint, (str, Path)) else ""
     if isinstance(checkpoint, (str, Path)):
         checkpoint = read_checkpoint(checkpoint)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"a checkpoint must be a state dict, got {type(checkpoint).__name__}")
+        raise ValueError(f"{source}a checkpoint must be a state dict, got {type(checkpoint).__name__}")
     state = checkpoint.get("state_dict", checkpoint)
+    odd = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)) if isinstance(state, dict) \
+        else [type(state).__name__]
+    if odd:
+        raise ValueError(f"{source}not a state dict of tensors (names to weights): {', '.join(odd[:3])}"
+                         f"{', ...' if len(odd) > 3 else ''} {'are' if len(odd) > 1 else 'is'} not a tensor")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

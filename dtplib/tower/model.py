@@ -57,6 +57,7 @@ from .boundaries import (
     upsample,
 )
 from .config import DTPConfig
+from .cost import linear_macs_per_token
 from .intermediates import Tap, TimmIntermediates
 from .order import patch_order
 from .packed import (
@@ -113,6 +114,12 @@ class BoundaryPredictor(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.norm(tokens)))).squeeze(-1)  # B x N x D -> B x N
+
+    @classmethod
+    def macs_per_token(cls, width: int, hidden: int) -> int:
+        """MACs per patch of a predictor of these sizes, read from one built on the meta device (no memory)."""
+        with torch.device("meta"):
+            return linear_macs_per_token(cls(width, hidden))
 
     def track_threshold(self, logits: torch.Tensor, segments: int) -> None:
         """Move `threshold` towards the batch's clean-logit quantile that batch-topk cuts at: midway between the
@@ -186,12 +193,14 @@ class DTPVisionTransformer(TimmIntermediates, VisionTransformer):
                          pre_norm=True, act_layer=act_layer, **kwargs)
         self.dtp = dtp
         self.set_pool({"tok": "token", "avg": "avg"}[dtp.pool] if global_pool is None else global_pool)
-        self.predictor = (BoundaryPredictor(embed_dim, dtp.predictor_hidden or embed_dim)
+        hidden = dtp.predictor_hidden or embed_dim
+        self.predictor = (BoundaryPredictor(embed_dim, hidden)
                           if dtp.compresses and dtp.forced_boundaries is None and dtp.reduction == "dtp" else None)
         self.default_cfg = self.pretrained_cfg = clip_pretrained_cfg(img_size, num_classes)  # as timm's builder
         self.set_grid()
+        predictor_macs = self.num_patches * BoundaryPredictor.macs_per_token(embed_dim, hidden)  # ToMe matches it
         self.reducer = (build_reducer(dtp.reduction, embed_dim, self.topk_segments, self.grid,  # `.reductions`
-                                      self.stages[1], dtp.predictor_hidden)
+                                      self.stages[1], predictor_macs)
                         if dtp.compresses and dtp.reduction != "dtp" else None)
         self.forced: torch.Tensor | str | int | None = None  # set by `forced_boundaries`
         self.tracers: list[list[TraceRecord]] = []  # set by `trace`
@@ -428,7 +437,7 @@ class DTPVisionTransformer(TimmIntermediates, VisionTransformer):
             return x, None
         self.last_boundary_loss = x.new_zeros(())
         self.last_segments = x.new_full((x.shape[0],), float(self.topk_segments))  # B: the budget (ToMe: its MACs')
-        if getattr(self.reducer, "runs_blocks", False):
+        if self.reducer.runs_blocks:
             return self.forward_tome(x, tap), None
         last = self.stages[0][-1] if self.dtp.pre_layers else None
         short, groups, scores = self.reducer(x, self.topk_segments, self.grid, block_input, last)  # B x (1+K) x D
@@ -452,11 +461,7 @@ class DTPVisionTransformer(TimmIntermediates, VisionTransformer):
     def short_layer_tokens(self) -> list[int] | None:
         """Tokens (CLS included) per shortened layer, every image, with a reducer (for `dtplib.measure.flops`; ToMe:
         what each layer's attention sees); None for DTP, whose count is per image."""
-        if self.reducer is None:
-            return None
-        if getattr(self.reducer, "runs_blocks", False):
-            return self.reducer.layer_tokens()
-        return [1 + self.topk_segments] * len(self.stages[1])
+        return None if self.reducer is None else self.reducer.layer_tokens(self.topk_segments, len(self.stages[1]))
 
     def reduction_macs(self) -> int:
         """The reducer's own multiply-accumulates per image (0 without one)."""

@@ -15,11 +15,14 @@ the host, one graph under torch.compile. A reducer is an nn.Module called as
 - scores: B x N in [0, 1], the method's score or attention per patch, scaled to its image's largest (the trace's
   `probs`; ones where the method has none).
 
-and `reducer.macs(num_patches, tokens, block)` is its own multiply-accumulates per image (matrix products only,
-as `dtplib.measure.flops` counts), which the analytic FLOP model adds to the layers'.
+Every reducer also states its cost, so that the tower and the analytic FLOP model (`dtplib.measure.flops`, matrix
+products only) treat all methods alike: `macs(num_patches, tokens, block)` is its own multiply-accumulates per image,
+`layer_tokens(tokens, layers)` the tokens (CLS included) each shortened layer's attention sees, and
+`short_macs(blocks, tokens)` the shortened layers' (linear, attention) MACs per image. The one-shot reducers here
+share the last two (`OneShotReducer`: every layer at CLS + K).
 
-ToMe's reducer (`ToMeReduction`, `runs_blocks`) is handed the shortened layers and runs them itself, merging as it
-goes; the tower then sees its last layer's tokens.
+ToMe's reducer (`ToMeReduction`, `runs_blocks = True`) is handed the shortened layers and runs them itself,
+merging as it goes; the tower then sees its last layer's tokens.
 
 Read top to bottom: the shared helpers, then one class per method, then `build_reducer`.
 """
@@ -32,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cost import block_macs
 from .tome import ToMeReduction
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,6 +70,19 @@ def trace_fields(groups: torch.Tensor, scores: torch.Tensor, tokens: int) -> dic
             "compression": groups.shape[1] / counts.float()}
 
 
+class OneShotReducer(nn.Module):
+    """A reducer that maps the pre-layers' output to CLS + K tokens once, before the shortened layers, which the
+    tower then runs densely: every shortened layer sees 1 + K tokens."""
+
+    runs_blocks = False
+
+    def layer_tokens(self, tokens: int, layers: int) -> list[int]:
+        return [1 + tokens] * layers
+
+    def short_macs(self, blocks, tokens: int) -> tuple[int, int]:
+        return block_macs(blocks, 1 + tokens)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # EViT
 
@@ -88,7 +105,7 @@ def cls_attention(block: nn.Module, block_input: torch.Tensor) -> torch.Tensor:
     return logits.softmax(-1)[:, :, 0, 1:].mean(1)  # B x N
 
 
-class EViT(nn.Module):
+class EViT(OneShotReducer):
     """EViT (Liang et al. 2022, "Not All Patches are What You Need: Expediting Vision Transformers via Token
     Reorganizations", ICLR): keep the K - 1 patches with the highest CLS attention, fuse the rest into one token.
 
@@ -124,7 +141,7 @@ class EViT(nn.Module):
 # TokenLearner
 
 
-class TokenLearner(nn.Module):
+class TokenLearner(OneShotReducer):
     """TokenLearner (Ryoo et al. 2021, "TokenLearner: What Can 8 Learned Tokens Do for Images and Videos?",
     NeurIPS), v1.1 as in google-research/scenic: LayerNorm -> MLP (GELU, bottleneck 64) -> K maps over the
     patches, softmax over the patches, each token the map-weighted sum of the patches.
@@ -177,7 +194,7 @@ def grid_centres(grid: tuple[int, int], tokens: int) -> torch.Tensor:
     return torch.tensor(positions, dtype=torch.float64)  # K x 2
 
 
-class KMeansGrouping(nn.Module):
+class KMeansGrouping(OneShotReducer):
     """k-means grouping of patches (the NativeSegViT family of clustering tokenisers): K centres initialised on a
     regular grid of the patch grid, `iterations` soft k-means updates over the pre-layer features with their
     positions, then each patch in its nearest centre's group, each group's mean patch as its token. The 2-D
@@ -253,7 +270,7 @@ class KMeansGrouping(nn.Module):
 # Learned pruning
 
 
-class LearnedPruning(nn.Module):
+class LearnedPruning(OneShotReducer):
     """Learned pruning with DynamicViT's keep score (Rao et al. 2021, "DynamicViT: Efficient Vision Transformers with
     Dynamic Token Sparsification", NeurIPS): its predictor (LayerNorm -> Linear D -> GELU, a local half of the
     features beside the mean of the global half, then an MLP D -> D/2 -> D/4 -> score), exactly K patches kept
@@ -307,11 +324,12 @@ class LearnedPruning(nn.Module):
 
 
 def build_reducer(reduction: str, width: int, tokens: int, grid: tuple[int, int], blocks=None,
-                  predictor_hidden: int | None = None) -> nn.Module:
+                  predictor_macs: int = 0) -> nn.Module:
     """The reducer of `DTPConfig.reduction` for a tower of width D that keeps K = `tokens` per image of a `grid` of
-    patches (ToMe: its merge schedule for the shortened `blocks`, `dtplib.tower.tome.ToMeReduction`)."""
+    patches (ToMe: its merge schedule for the shortened `blocks`, meeting the MACs of DTP's shortened layers plus
+    `predictor_macs`, DTP's boundary predictor per image; `dtplib.tower.tome.ToMeReduction`)."""
     if reduction == "tome":
-        return ToMeReduction(blocks, grid[0] * grid[1], tokens, predictor_hidden or width)
+        return ToMeReduction(blocks, grid[0] * grid[1], tokens, predictor_macs)
     if reduction == "evit":
         return EViT()
     if reduction == "tokenlearner":

@@ -39,11 +39,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .cost import attention_width, block_macs, linear_macs_per_token
 
 # ----------------------------------------------------------------------------------------------------------
 # Matching
@@ -221,10 +224,6 @@ def run_tome(blocks: Sequence[nn.Module], x: torch.Tensor, schedule: Sequence[in
 # Cost and schedule
 
 
-def _linear_macs(module: nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-
 @dataclass(frozen=True)
 class BlockCost:
     """Per-image MAC rates of one block, read from its modules."""
@@ -238,15 +237,11 @@ class BlockCost:
     @classmethod
     def of(cls, block: nn.Module) -> BlockCost:
         attn = _timm_block_parts(block)
-        attention_side, mlp_side = _linear_macs(attn), _linear_macs(block.mlp)
-        if attention_side + mlp_side != _linear_macs(block):
+        attention_side, mlp_side = linear_macs_per_token(attn), linear_macs_per_token(block.mlp)
+        if attention_side + mlp_side != linear_macs_per_token(block):
             raise ValueError(f"{type(block).__name__} has linear maps outside attn and mlp; ToMe's cost model does "
                              "not place them")
-        return cls(attention_side, mlp_side, attn.num_heads * attn.head_dim, attn.head_dim, attn.qkv.in_features)
-
-    def dense(self, tokens: float) -> float:
-        """MACs of the block on `tokens` tokens without merging."""
-        return (self.attention_side + self.mlp_side) * tokens + 2 * self.attn_dim * tokens * tokens
+        return cls(attention_side, mlp_side, attention_width(block), attn.head_dim, attn.qkv.in_features)
 
 
 def matching_macs(tokens: int, width: int) -> int:
@@ -263,7 +258,7 @@ def tome_layer_tokens(num_patches: int, schedule: Sequence[int]) -> list[int]:
     return seen
 
 
-def _stage_macs(costs: Sequence[BlockCost], num_patches: int, schedule: Sequence[int]) -> dict[str, int]:
+def _schedule_macs(costs: Sequence[BlockCost], num_patches: int, schedule: Sequence[int]) -> dict[str, int]:
     tokens, matching = 1 + num_patches, 0
     for r in entrance_rounds(tokens, schedule[0]):
         matching += matching_macs(tokens, costs[0].width)
@@ -282,7 +277,7 @@ def tome_stage_macs(blocks: Sequence[nn.Module], num_patches: int, schedule: Seq
     (the similarity products of the entrance rounds and of each layer with r > 0). Elementwise work (norms,
     softmax, the merge's scatter-add, sorting) is 0 MACs, as in `dtplib.measure.flops`."""
     check_schedule(num_patches, schedule, len(blocks))
-    return _stage_macs([BlockCost.of(block) for block in blocks], num_patches, schedule)
+    return _schedule_macs([BlockCost.of(block) for block in blocks], num_patches, schedule)
 
 
 def tome_macs(blocks: Sequence[nn.Module], num_patches: int, schedule: Sequence[int]) -> int:
@@ -292,7 +287,7 @@ def tome_macs(blocks: Sequence[nn.Module], num_patches: int, schedule: Sequence[
 
 def dense_macs(blocks: Sequence[nn.Module], tokens: float) -> float:
     """MACs per image of `blocks` on `tokens` tokens each: DTP's shortened layers at 1 + ceil(N / c)."""
-    return sum(BlockCost.of(block).dense(tokens) for block in blocks)
+    return sum(block_macs(blocks, tokens))
 
 
 SHAPES = ("constant", "decreasing")  # ToMe's schedules: constant r, and r falling linearly to 0 (its inflect -1)
@@ -310,12 +305,8 @@ def shape_weights(shape: str, layers: int) -> list[float]:
 def shaped_schedule(rbar: float, weights: Sequence[float]) -> list[int]:
     """r per layer for a mean of `rbar` in the shape `weights`: round(rbar x (w_1 + ... + w_i)) merges after layer
     i, so that a real rbar gives integer counts and the cost can fall between two integer r."""
-    done = [math.floor(rbar * cumulative + 0.5) for cumulative in _cumsum(weights)]
+    done = [math.floor(rbar * cumulative + 0.5) for cumulative in accumulate(weights)]
     return [b - a for a, b in zip([0, *done[:-1]], done, strict=True)]
-
-
-def _cumsum(values: Sequence[float]) -> list[float]:
-    return [sum(values[: i + 1]) for i in range(len(values))]
 
 
 def _closest(costs: Sequence[BlockCost], num_patches: int, entrance: int, weights: Sequence[float],
@@ -323,7 +314,7 @@ def _closest(costs: Sequence[BlockCost], num_patches: int, entrance: int, weight
     """(relative error, schedule) of the feasible schedule `[entrance, *shaped_schedule(rbar, weights)]` whose MACs
     come closest to `target`, over every rbar at which a count changes; None if none is feasible. Vectorised over
     those rbar (K of them) in float64, exact for these integer sizes."""
-    tokens0, cumulative = 1 + num_patches - entrance, torch.tensor(_cumsum(weights), dtype=torch.float64)  # L
+    tokens0, cumulative = 1 + num_patches - entrance, torch.tensor(list(accumulate(weights)), dtype=torch.float64)  # L
     steps = sorted({0.0} | {(k + 0.5) / w for w in cumulative.tolist() if w > 0 for k in range(tokens0)})
     rbar = torch.tensor(steps, dtype=torch.float64)  # K
     done = (rbar[:, None] * cumulative + 0.5).long()  # K x L merges after each layer (floor: all >= 0)
@@ -335,7 +326,7 @@ def _closest(costs: Sequence[BlockCost], num_patches: int, entrance: int, weight
     tokens, r, pairs = tokens.double(), r.double(), ((tokens + 1) // 2 * (tokens // 2)).double()  # K x L
     macs = (rate["attention_side"] * tokens + rate["mlp_side"] * (tokens - r) + 2 * rate["attn_dim"] * tokens ** 2
             + (r > 0) * pairs * rate["head_dim"]).sum(dim=1)  # K
-    macs = macs + _stage_macs(costs, num_patches, [entrance] + [0] * len(costs))["matching"]
+    macs = macs + _schedule_macs(costs, num_patches, [entrance] + [0] * len(costs))["matching"]
     error = torch.where(feasible, macs / target - 1, torch.inf)  # K
     best = int(error.abs().argmin())
     if not feasible[best]:
@@ -386,20 +377,19 @@ def merge_schedule(blocks: Sequence[nn.Module], num_patches: int, target_macs: f
 
 class ToMeReduction(nn.Module):
     """`DTPConfig.reduction = "tome"`: the shortened layers merge as they run (`run_tome`), on a schedule fixed when
-    the tower is built. Parameter-free (a module only so that it sits where the other reductions' reducers do).
+    the tower is built. Parameter-free (a module only so that it sits where the other reductions' reducers do, with
+    their interface: `dtplib.tower.reductions`).
 
     The schedule meets the MACs of DTP's tower at the same compression: its shortened layers at 1 + ceil(N / c)
-    tokens plus its boundary predictor (a D -> hidden -> 1 MLP on every patch), which ToMe does not have; so the
-    two towers' forward MACs agree, matching included (`merge_schedule`'s rule, within 1%)."""
+    tokens plus `extra_macs`, the MACs of DTP's boundary predictor, which ToMe does not have; so the two towers'
+    forward MACs agree, matching included (`merge_schedule`'s rule, within 1%)."""
 
     runs_blocks = True  # the tower hands it the shortened layers instead of running them itself
 
-    def __init__(self, blocks: Sequence[nn.Module], num_patches: int, tokens: int, predictor_hidden: int):
+    def __init__(self, blocks: Sequence[nn.Module], num_patches: int, tokens: int, extra_macs: int = 0):
         super().__init__()
-        width = BlockCost.of(blocks[0]).width
-        predictor = num_patches * (width * predictor_hidden + predictor_hidden)  # DTP's MLP, per image
         self.num_patches = num_patches
-        self.schedule = merge_schedule(blocks, num_patches, dense_macs(blocks, 1 + tokens) + predictor)
+        self.schedule = merge_schedule(blocks, num_patches, dense_macs(blocks, 1 + tokens) + extra_macs)
         self.stage_macs = tome_stage_macs(blocks, num_patches, self.schedule)  # linear, attention, matching
 
     def forward(self, blocks: Sequence[nn.Module], x: torch.Tensor, source: bool = False,
@@ -410,10 +400,16 @@ class ToMeReduction(nn.Module):
                              "(a new input size needs a new tower)")
         return run_tome(blocks, x, self.schedule, source=source, record=record)
 
-    def layer_tokens(self) -> list[int]:
-        """Tokens (CLS included) each shortened layer's attention sees."""
+    def layer_tokens(self, tokens: int, layers: int) -> list[int]:
+        """Tokens (CLS included) each shortened layer's attention sees, from the schedule (the budget `tokens` is
+        what the schedule was fixed for)."""
         return tome_layer_tokens(self.num_patches, self.schedule)
 
+    def short_macs(self, blocks: Sequence[nn.Module], tokens: int) -> tuple[int, int]:
+        """(linear, attention) MACs per image of the shortened layers as they merge: attention before each merge,
+        the MLP after it."""
+        return self.stage_macs["linear"], self.stage_macs["attention"]
+
     def macs(self, num_patches: int, tokens: int, block: nn.Module | None = None) -> int:
-        """The reduction's own MACs per image: the matching (the layers' are `stage_macs`)."""
+        """The reduction's own MACs per image: the matching."""
         return self.stage_macs["matching"]

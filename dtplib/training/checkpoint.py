@@ -89,12 +89,30 @@ def _resampled(embedding: torch.Tensor, shape: torch.Size, key: str) -> torch.Te
     return resampled.to(embedding.dtype).reshape(shape)
 
 
+def state_mismatch(model: torch.nn.Module, state: dict) -> str | None:
+    """How `state` misses a strict load into `model`, in one line (None when it fits): the counts of missing keys,
+    unexpected keys and shape mismatches, each with its first two names."""
+    target = model.state_dict()
+    missing = [key for key in target if key not in state]
+    unexpected = [key for key in state if key not in target]
+    shapes = [f"{key} {tuple(getattr(state[key], 'shape', ()))} vs {tuple(target[key].shape)}" for key in state
+              if key in target and tuple(getattr(state[key], "shape", ())) != tuple(target[key].shape)]
+    parts = [f"{len(keys)} {what} ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})"
+             for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                ("shape mismatches", shapes)) if keys]
+    return "; ".join(parts) or None
+
+
 def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, name: str) -> None:
-    """`model.load_state_dict(state)` with an error that names the file and the model."""
+    """`model.load_state_dict(state)`, strict; a checkpoint of another model is a ValueError in one line that names
+    the file, the model and the mismatch (`state_mismatch`); torch's own message is its cause (--debug)."""
+    mismatch = state_mismatch(model, state)
+    if mismatch:
+        raise ValueError(f"checkpoint {source} does not fit model {name}: {mismatch}")
     try:
         model.load_state_dict(state)
     except RuntimeError as exn:
-        raise RuntimeError(f"checkpoint {source} does not fit model {name}: {exn}") from None
+        raise ValueError(f"checkpoint {source} does not fit model {name}: {str(exn).splitlines()[0]}") from exn
 
 
 def export_weights(checkpoint: str | Path, out: str | Path, fp16: bool = False, overwrite: bool = False) -> Path:

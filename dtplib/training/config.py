@@ -10,17 +10,22 @@ the same; DTP's own flags are in the "model" group.
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import logging
 import math
+import os
+import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import open_clip
 
+from ..common.images import open_rgb
 from ..common.runtime import check_precision, default_device
 from ..data.imagefolder import zeroshot_classes
-from ..data.loader import dataset_size, expand_shards
+from ..data.loader import DECODE_ERRORS, IMAGE_KEYS, dataset_size, expand_shards
 from ..tower.clip import ARCHS, dtp_name, parse_dtp_name, resolve_model, tower_config
 from ..tower.config import DTPConfig
 
@@ -35,6 +40,44 @@ REPORTERS = ("tensorboard", "wandb")  # --report-to's backends (open_clip_train'
 LEGACY_DEFAULTS = {"adamw_impl": "torch", "execution": "packed", "capacity": 0.0}
 FLOAT_FLAGS = ("force_patch_dropout", "lr", "wd", "beta1", "beta2", "eps", "grad_clip_norm")  # must be finite
 DTP_FLAGS = tuple(f.name for f in DTPConfig.settings())  # the tower's flags, from DTPConfig's settings
+# the range of each number flag (the tower's own: DTPConfig.validate): (lowest, highest, whether the lowest itself is
+# allowed); None where a side has no bound. Checked all together, one line per bad flag, before the run folder exists
+RANGES = {
+    "train_num_samples": (1, None, True), "zeroshot_max_per_class": (1, None, True),
+    "val_max_images": (1, None, True), "workers": (0, None, True),  # --force-image-size: check_image_size
+    "batch_size": (1, None, True), "epochs": (1, None, True), "lr": (0, None, False), "wd": (0, None, True),
+    "beta1": (0, 1, True), "beta2": (0, 1, True), "eps": (0, None, False), "warmup": (0, None, True),
+    "grad_clip_norm": (0, None, False), "seed": (0, 2**32 - 1, True),  # numpy's seeds: 0 .. 2**32 - 1
+    "force_patch_dropout": (0, 1, True), "save_frequency": (1, None, True), "zeroshot_frequency": (0, None, True),
+    "val_frequency": (0, None, True), "log_every_n_steps": (1, None, True), "timing_warmup": (0, None, True),
+    "threads": (1, None, True), "max_steps": (1, None, True),
+}
+RANGE_UPPER_OPEN = ("beta1", "beta2", "force_patch_dropout")  # below 1, not 1 itself
+# flags a resumed run may change (`--resume latest`, or `--resume PATH` into its own folder): they change where and
+# how fast a run trains, where it logs and which checkpoints stay, not the weights it trains towards or its
+# schedule. Every other flag given differently is refused (`changed_flags`) unless --allow-changed-flags, which
+# records the change in params.json's history. --precision and the data and evaluation paths are not here: they
+# change the arithmetic, the samples, or what epochs.csv measures.
+RESUME_RUNTIME_FLAGS = {
+    "workers": "loader processes on this machine", "threads": "CPU threads on this machine",
+    "device": "the run may move to another machine", "dist_backend": "the run may move to another machine",
+    "logs": "where the run folder is found", "name": "where the run folder is found",
+    "resume": "what to continue from", "allow_changed_flags": "this process's consent, not the run's",
+    "report_to": "where scalars go besides the CSV files", "wandb_project_name": "where scalars go",
+    "log_every_n_steps": "how often values are read and logged", "timing_warmup": "which steps are timed apart",
+    "max_steps": "where this process stops; the schedule follows --epochs",
+    "save_frequency": "which checkpoints are kept", "save_most_recent": "which checkpoints are kept",
+    "delete_previous_checkpoint": "which checkpoints are kept",
+    "pretrained": "the weights a run starts from: a resume continues from its own checkpoint instead",
+}
+
+
+class FlagErrors(ValueError):
+    """Several bad flags at once: `messages` holds one line per flag (the command line prints each)."""
+
+    def __init__(self, messages: Sequence[str]):
+        super().__init__("; ".join(messages))
+        self.messages = list(messages)
 
 
 def _tower_for(model: str, settings: Mapping) -> DTPConfig | None:
@@ -174,6 +217,10 @@ class TrainConfig:
     dist_backend: str | None = flag(None, "default: nccl on cuda, gloo on cpu", "run", type=str)
     threads: int | None = flag(None, "CPU intra-op threads (torch.set_num_threads)", "run", type=int)
     max_steps: int | None = flag(None, "stop after this many steps in total (smoke runs)", "run", type=int)
+    allow_changed_flags: bool = flag(False, "with --resume into an existing run: accept flags other than the run's "
+                                     "(beyond the runtime ones: --workers, --threads, --device, ...), recorded in its "
+                                     "params.json history with the step; without it such a resume is refused",
+                                     "run")
 
     @classmethod
     def parser(cls, prog: str = "python -m dtplib.train", description: str = "") -> argparse.ArgumentParser:
@@ -191,6 +238,8 @@ class TrainConfig:
                     _add_flag(group, setting.name, setting.default, setting.metadata, argparse.SUPPRESS)
                 continue
             _add_flag(group, f.name, f.default, meta, f.default)
+        groups["run"].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                   help="on an error, the traceback (and torch's full message) instead of one line")
         return parser
 
     @classmethod
@@ -202,7 +251,9 @@ class TrainConfig:
     @classmethod
     def parse(cls, argv: Sequence[str] | None = None, **parser_options) -> TrainConfig:
         """A config from command-line flags (bad flags: argparse's usage error; contradictions: ValueError)."""
-        return cls.from_options(**vars(cls.parser(**parser_options).parse_args(argv)))
+        options = vars(cls.parser(**parser_options).parse_args(argv))
+        options.pop("debug", None)  # the command line's (`run_cli`), not the run's
+        return cls.from_options(**options)
 
     @classmethod
     def from_options(cls, **options) -> TrainConfig:
@@ -283,16 +334,9 @@ class TrainConfig:
             except ValueError as error:  # the tower's field names are its flags' names
                 raise ValueError(f"--{str(error).replace('_', '-')}") from None
         _ = self.reporters  # an unknown --report-to name is a ValueError here
-        for name in ("batch_size", "epochs", "save_frequency", "log_every_n_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        self.check_ranges()
         if self.batch_size * world_size < 2:
             raise ValueError("the contrastive loss needs at least 2 pairs per global batch (--batch-size)")
-        if self.lr <= 0 or self.wd < 0 or self.warmup < 0 or self.workers < 0:
-            raise ValueError(f"need --lr > 0, --wd >= 0, --warmup >= 0, --workers >= 0; got {self.lr}, {self.wd}, "
-                             f"{self.warmup}, {self.workers}")
-        if self.force_patch_dropout is not None and not 0 <= self.force_patch_dropout < 1:
-            raise ValueError(f"--force-patch-dropout must be in [0, 1), got {self.force_patch_dropout}")
         if self.force_image_size is not None:
             check_image_size(self.force_image_size, self.model)
         if self.pretrained and not Path(self.pretrained).is_file():
@@ -304,8 +348,27 @@ class TrainConfig:
         if self.resume and self.resume != "latest" and not Path(self.resume).is_file():
             raise FileNotFoundError(f"--resume {self.resume}: no such checkpoint file")
 
+    def check_ranges(self) -> None:
+        """Every number flag inside its range (RANGES), all of them at once: a FlagErrors with one line per bad
+        flag, e.g. "--train-num-samples must be >= 1, got -5"."""
+        errors = []
+        for name, (low, high, low_allowed) in RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            below = value < low if low_allowed else value <= low
+            above = high is not None and (value >= high if name in RANGE_UPPER_OPEN else value > high)
+            if below or above:
+                wanted = (f"in [{low}, {high})" if name in RANGE_UPPER_OPEN else f"in [{low}, {high}]" if high
+                          else f">= {low}" if low_allowed else f"> {low}")
+                errors.append(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
+        if errors:
+            raise FlagErrors(errors)
+
     def check_data(self, world_size: int) -> None:
-        """The data flags point at data: shards that exist, an epoch size, one global batch, class folders."""
+        """The data flags point at data: shards that exist, an epoch size, one global batch, enough shards for the
+        loader workers, a first shard with a usable sample (`first_look`), class folders. A --train-num-samples
+        beyond the shards' declared size is a warning (an epoch then passes over the data more than once)."""
         shards = expand_shards(self.train_data)  # missing shards fail here
         available = dataset_size(shards)
         if not self.train_num_samples and not available:
@@ -313,6 +376,15 @@ class TrainConfig:
         if available is not None and available < self.batch_size * world_size and not self.dataset_resampled:
             raise ValueError(f"--train-data holds {available} samples, fewer than one global batch of "
                              f"{self.batch_size} x {world_size} processes; lower --batch-size")
+        if not self.dataset_resampled and len(shards) < max(1, self.workers) * world_size:
+            raise ValueError(f"--train-data has {len(shards)} shards, too few to feed {max(1, self.workers)} loader "
+                             f"workers x {world_size} processes (each reads whole shards): lower --workers, use "
+                             "smaller shards, or --dataset-resampled")
+        if available and self.train_num_samples and self.train_num_samples > available:
+            log.warning("--train-num-samples %d exceeds the %d samples the shards' sizes.json declares: an epoch "
+                        "passes over the data %.1f times", self.train_num_samples, available,
+                        self.train_num_samples / available)
+        first_look(shards[0], dataset_size(shards[:1]))
         if self.val_data:
             expand_shards(self.val_data)
         for name in ("zeroshot_data", "imagenet_val"):
@@ -334,6 +406,95 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"not TrainConfig fields: {sorted(unknown)}")
         return replace(self, **changes)
+
+
+def first_look(shard: str, declared: int | None = None) -> None:
+    """A local training shard holds at least one usable sample (an image that decodes and a caption, as the loader
+    needs), read from its start; else a ValueError naming the file and the reason: empty (0 bytes, though sizes.json
+    declares `declared`), not a tar, or N samples none of them usable (no caption, no image, undecodable). Remote
+    shards (`://`, `pipe:`) are not opened here."""
+    if "://" in shard or shard.startswith("pipe:"):
+        return
+    said = f" (its sizes.json declares {declared} samples)" if declared else ""
+    if os.path.getsize(shard) == 0:
+        raise ValueError(f"training shard {shard} is empty (0 bytes){said}")
+    counts = {"no caption": 0, "no image": 0, "undecodable image": 0}
+    try:
+        with tarfile.open(shard) as tar:
+            samples = _tar_samples(tar)
+            for sample in samples:
+                image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+                if image is None:
+                    counts["no image"] += 1
+                elif not _caption(sample):
+                    counts["no caption"] += 1
+                elif not _decodes(image):
+                    counts["undecodable image"] += 1
+                else:
+                    return
+    except (tarfile.TarError, OSError) as exn:
+        raise ValueError(f"training shard {shard} cannot be read as a tar ({exn}){said}") from exn
+    found = sum(counts.values())
+    reasons = ", ".join(f"{count} with {reason}" for reason, count in counts.items() if count)
+    raise ValueError(f"training shard {shard} has no usable sample (an image and a caption): "
+                     + (f"{found} samples, {reasons}" if found else f"it holds no samples{said}"))
+
+
+def _tar_samples(tar: tarfile.TarFile):
+    """The samples of a webdataset tar in order, as {extension: bytes}, grouped by key (webdataset's rule: the path
+    up to the first dot of the file name)."""
+    key, sample = None, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        folder, _, name = member.name.rpartition("/")
+        stem, _, extension = name.partition(".")
+        if f"{folder}/{stem}" != key:
+            if sample:
+                yield sample
+            key, sample = f"{folder}/{stem}", {}
+        sample[extension.lower()] = tar.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def _caption(sample: dict) -> str:
+    """The sample's caption as the loader picks it: the json's captions, else txt ("" when neither)."""
+    try:
+        captions = json.loads(sample["json"]).get("captions") if "json" in sample else None
+    except (ValueError, AttributeError):
+        captions = None
+    if captions and isinstance(captions, list) and any(str(c).strip() for c in captions):
+        return str(captions[0])
+    return sample.get("txt", b"").decode("utf-8", "replace").strip()
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        open_rgb(io.BytesIO(data))
+    except DECODE_ERRORS:
+        return False
+    return True
+
+
+def run_flags(params: Mapping) -> dict:
+    """{flag: value} a run trains with now, from its params.json: the flags it started with, then each change of its
+    `history` (what --allow-changed-flags accepted on a resume) in order."""
+    values = TrainConfig.from_dict(params).flag_values()
+    for entry in params.get("history", []):
+        values |= {name: change["new"] for name, change in entry.get("changed", {}).items()}
+    return values
+
+
+def changed_flags(stored: Mapping, given: TrainConfig) -> dict[str, tuple]:
+    """{flag: (stored value, given value)} for each flag whose value differs between a run's flags (`run_flags`)
+    and the config a resume gives, RESUME_RUNTIME_FLAGS left out; values compared as params.json stores them."""
+    def plain(value):
+        return json.loads(json.dumps(value, default=str))
+
+    new = given.flag_values()
+    return {name: (stored.get(name), new[name]) for name in new
+            if name not in RESUME_RUNTIME_FLAGS and plain(stored.get(name)) != plain(new[name])}
 
 
 def _add_flag(group, name: str, default, meta: Mapping, parsed_default) -> None:

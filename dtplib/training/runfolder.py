@@ -203,6 +203,17 @@ def format_value(value):
     return f"{value:.6g}" if isinstance(value, float) else ("" if value is None else value)
 
 
+def restore_row(path: Path, row: dict, key: str) -> None:
+    """Append `row` to a CSV unless a row with its `key` is there: the epochs.csv row a checkpoint carries, when the
+    process was killed after writing the checkpoint and before the row."""
+    if path.is_file():
+        with path.open(newline="") as f:
+            if any(r.get(key) == str(format_value(row[key])) for r in csv.DictReader(f)):
+                return
+    append_csv(path, {k: format_value(v) for k, v in row.items()})
+    log.info("%s: restored the row of %s %s from its checkpoint", path, key, row[key])
+
+
 def truncate_csv(path: Path, keep) -> None:
     """Drop rows a resumed run will write again (steps after the checkpoint), so the CSV has no duplicates."""
     if not path.is_file():
