@@ -115,11 +115,22 @@ def pytest_addoption(parser):
                           "(make test-demo); without it, with the small parameters of test_notebooks.SMOKE")
 
 
+# The longest units of work (a minute or more on 2 cores), longest first: handed out first, they end early, and the
+# two workers finish close together (longest-processing-time-first scheduling)
+LONGEST_FIRST = ("test_demo.py::test_make_demo", "test_gpu_check.py::test_every_piece",
+                 "test_experiment.py::TestTheTrainedGrid", "test_train.py::test_two_gloo_processes_of_the_packed")
+
+
+def _longest_first(item) -> int:
+    return next((rank for rank, prefix in enumerate(LONGEST_FIRST) if prefix in item.nodeid), len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist: the slow tests first, so that the long ones start early and the short ones fill the
-    workers' gaps at the end (the units of work go out in the order of their first test)."""
+    """Under pytest-xdist: the slow tests first, the longest of them first of all (LONGEST_FIRST), so that the long
+    ones start early and the short ones fill the workers' gaps at the end (the units of work go out in the order of
+    their first test)."""
     if XDIST_WORKER:
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+        items.sort(key=lambda item: (item.get_closest_marker("slow") is None, _longest_first(item)))
 
 
 @pytest.hookimpl(optionalhook=True)
