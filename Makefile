@@ -44,8 +44,8 @@ lint: install
 	$(VENV)/bin/ruff check dtplib tests
 
 # Two pytest-xdist workers of one thread each; a test class (tests that share a fixture) or any other test is a unit
-# of work (tests/conftest.py). The whole suite: about 17 minutes on 2 cores, both busy throughout (much of it the
-# imports of the ~75 Python processes the tests start); one process took 40-45 minutes.
+# of work (tests/conftest.py). The whole suite: about 14 minutes on 2 cores, both busy throughout (much of it the
+# imports of the ~60 Python processes the tests start, about 10 s each); one process took 40-45 minutes.
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
