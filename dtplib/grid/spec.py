@@ -314,16 +314,22 @@ def load_grid(path: str | Path) -> Grid:
     return grid
 
 
+def _keyed_table(where: str, name: str, table, keys: dict) -> dict:
+    """A [name] table whose keys are among `keys` (each with its default): the defaults with the table over them;
+    one line for a value that is no table or an unknown key (with the close name)."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: [{name}] must be a table ({', '.join(keys)}), got {table!r}")
+    for key in table:
+        if key not in keys:
+            raise ValueError(f"{where}: [{name}] unknown key {key!r}{close_names(key, list(keys))}; it takes "
+                             f"{', '.join(keys)}")
+    return {**keys, **table}
+
+
 def _check_protocol(where: str, table, arms: dict) -> dict:
     """A [protocol] table (`PROTOCOL_KEYS`): metric names among the evaluations' (`EVALUATED`, with final_ for the
     test split; choose_on a validation metric, without it), family pairs of arms or "best", best_of arms."""
-    if not isinstance(table, dict):
-        raise ValueError(f"{where}: [protocol] must be a table ({', '.join(PROTOCOL_KEYS)}), got {table!r}")
-    for key in table:
-        if key not in PROTOCOL_KEYS:
-            raise ValueError(f"{where}: [protocol] unknown key {key!r}{close_names(key, list(PROTOCOL_KEYS))}; it "
-                             f"takes {', '.join(PROTOCOL_KEYS)}")
-    spec = {**PROTOCOL_KEYS, **table}
+    spec = _keyed_table(where, "protocol", table, PROTOCOL_KEYS)
     for key in ("primary_metric", "family"):
         if spec[key] is None:
             raise ValueError(f"{where}: [protocol] needs {key}")
@@ -417,13 +423,7 @@ def _learned_arms(grid: Grid) -> list[str]:
 def _check_alignment(where: str, table, grid: Grid) -> dict:
     """An [alignment] table: arms (default: every learned-boundary arm), coco, num_images, draws, batch_size,
     overlays (arms whose overlay_seed run gets overlay figures), overlay_seed, overlay_images."""
-    if not isinstance(table, dict):
-        raise ValueError(f"{where}: [alignment] must be a table ({', '.join(ALIGNMENT_KEYS)}), got {table!r}")
-    for key in table:
-        if key not in ALIGNMENT_KEYS:
-            raise ValueError(f"{where}: [alignment] unknown key {key!r}{close_names(key, list(ALIGNMENT_KEYS))}; it "
-                             f"takes {', '.join(ALIGNMENT_KEYS)}")
-    spec = {**ALIGNMENT_KEYS, **table}
+    spec = _keyed_table(where, "alignment", table, ALIGNMENT_KEYS)
     dtp = pooling_arms(grid)
     if spec["arms"] is None:
         spec["arms"] = _learned_arms(grid)
@@ -476,16 +476,12 @@ def _check_final(where: str, final) -> dict:
 
 def _check_timing(where: str, timing) -> dict:
     """A [timing] table: seed (whose runs are timed), warmup (>= 0), steps and batch_size (>= 1), integers."""
-    if not isinstance(timing, dict):
-        raise ValueError(f"{where}: [timing] must be a table ({', '.join(TIMING_KEYS)}), got {timing!r}")
+    spec = _keyed_table(where, "timing", timing, TIMING_KEYS)
     for key, value in timing.items():
-        if key not in TIMING_KEYS:
-            raise ValueError(f"{where}: [timing] unknown key {key!r}{close_names(key, list(TIMING_KEYS))}; it takes "
-                             f"{', '.join(TIMING_KEYS)}")
         least = 0 if key in ("seed", "warmup") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{where}: [timing] {key} must be an integer >= {least}, got {value!r}")
-    return {**TIMING_KEYS, **timing}
+    return spec
 
 
 def final_argv(final: dict, checkpoint: str | Path, output: str | Path, items: str | Path | None = None) -> list[str]:
